@@ -1,0 +1,84 @@
+"""The engine core: one device's scheduler + model runner. `step()` runs one batch and reports new tokens.
+
+It speaks only in token ids and msgspec messages, so it runs the same in-process (`LLM`) or behind a
+socket in its own process (the server).
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from elastic.config import EngineConfig
+from elastic.engine.block_manager import BlockManager
+from elastic.engine.request import Request
+from elastic.engine.scheduler import Scheduler
+from elastic.executor.model_runner import ModelRunner
+from elastic.protocol.from_engine import EngineCoreOutput
+from elastic.protocol.to_engine import EngineCoreRequest
+
+logger = logging.getLogger(__name__)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        start = time.perf_counter()
+        self.runner = ModelRunner(config)
+        num_blocks = self.runner.determine_num_blocks()
+        self.runner.allocate_kv_cache(num_blocks)
+        self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.block_manager)
+        logger.info("engine ready in %.1fs: %d KV blocks of %d tokens (%d tokens)", time.perf_counter() - start,
+                    num_blocks, config.cache.block_size, num_blocks * config.cache.block_size)
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.block_manager.num_blocks
+
+    def validate(self, req: EngineCoreRequest) -> None:
+        """Raise ValueError for a request this engine could never finish."""
+        max_len = self.config.model.max_model_len
+        n_prompt = len(req.prompt_token_ids)
+        if n_prompt == 0:
+            raise ValueError("the prompt is empty")
+        if n_prompt >= max_len:
+            raise ValueError(f"the prompt has {n_prompt} tokens; max_model_len is {max_len}, "
+                             "which must leave room for at least one generated token")
+        vocab = self.config.model.arch.vocab_size
+        if min(req.prompt_token_ids) < 0 or max(req.prompt_token_ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        params = req.sampling_params
+        if params.logit_bias and any(not 0 <= t < vocab for t in params.logit_bias):
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
+        total = min(max_len, n_prompt + (params.max_tokens or max_len))
+        if self.block_manager.blocks_needed(total) > self.block_manager.num_blocks:
+            raise ValueError(f"the request may need {total} tokens of KV cache; the cache holds only "
+                             f"{self.block_manager.num_blocks * self.config.cache.block_size}")
+
+    def add_request(self, req: EngineCoreRequest) -> None:
+        self.validate(req)
+        self.scheduler.add(Request(req, self.runner.device))
+
+    def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]:
+        return [EngineCoreOutput(r.request_id, [], finish_reason="abort") for r in self.scheduler.abort(request_ids)]
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[EngineCoreOutput]:
+        out = self.scheduler.schedule()
+        if not out:
+            return []
+        sampled, logprobs = self.runner.execute(out)
+        outputs = []
+        for req in self.scheduler.postprocess(out, sampled):
+            lp = logprobs.get(req.request_id)
+            outputs.append(EngineCoreOutput(
+                request_id=req.request_id,
+                new_token_ids=[req.all_token_ids[-1]],
+                new_logprobs=[lp] if lp is not None else None,
+                finish_reason=req.finish_reason,
+                stop_reason=req.stop_reason,
+                num_cached_tokens=req.num_cached_tokens,
+            ))
+        return outputs

@@ -1,0 +1,61 @@
+"""Front-end side of a request before it reaches an engine: tokenize, apply defaults, validate, fan out n."""
+from __future__ import annotations
+
+import time
+from typing import Any, Union
+
+import msgspec
+
+from elastic.config import ModelConfig
+from elastic.protocol.to_engine import EngineCoreRequest
+from elastic.sampling_params import SamplingParams
+from elastic.tokenizer import generation_defaults
+
+# A prompt is text, token ids, or {"prompt": str} / {"prompt_token_ids": [...]} (vLLM's forms).
+PromptType = Union[str, list[int], dict[str, Any]]
+
+
+class InputProcessor:
+    def __init__(self, tokenizer: Any, model_config: ModelConfig) -> None:
+        self.tokenizer = tokenizer
+        self.model_config = model_config
+        defaults = generation_defaults(model_config.model)
+        self.extra_eos_ids: list[int] = [t for t in defaults.pop("eos_token_ids", [])
+                                         if t != tokenizer.eos_token_id]
+        self.sampling_defaults: dict[str, Any] = defaults
+
+    def default_sampling_params(self) -> SamplingParams:
+        return SamplingParams(**self.sampling_defaults)
+
+    def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                return self.tokenize(prompt["prompt"])
+            raise ValueError("a dict prompt needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise ValueError(f"a prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
+
+    def check_length(self, num_prompt_tokens: int, params: SamplingParams) -> None:
+        """The server's rule: prompt plus max_tokens must fit in max_model_len."""
+        max_len = self.model_config.max_model_len
+        if num_prompt_tokens + (params.max_tokens or 1) > max_len:
+            raise ValueError(f"This model's maximum context length is {max_len} tokens. However, you requested "
+                             f"{num_prompt_tokens + (params.max_tokens or 1)} tokens ({num_prompt_tokens} in the "
+                             f"prompt, {params.max_tokens} for the completion). Reduce the prompt or max_tokens.")
+
+    def make_requests(self, request_id: str, prompt_token_ids: list[int],
+                      params: SamplingParams) -> list[EngineCoreRequest]:
+        """One engine request per sample; ids are request_id itself for n == 1, else 'request_id/i'."""
+        if not params.ignore_eos and self.extra_eos_ids:
+            params = msgspec.structs.replace(
+                params, stop_token_ids=sorted(set(params.stop_token_ids or []) | set(self.extra_eos_ids)))
+        now = time.time()
+        children = [params] if params.n == 1 else [params.child(i) for i in range(params.n)]
+        return [EngineCoreRequest(request_id if params.n == 1 else f"{request_id}/{i}", prompt_token_ids, p,
+                                  eos_token_id=self.tokenizer.eos_token_id, arrival_time=now)
+                for i, p in enumerate(children)]

@@ -1,0 +1,71 @@
+"""A request's state inside the engine core: tokens, progress, KV blocks, sampling state."""
+from __future__ import annotations
+
+import enum
+
+import torch
+
+from elastic.protocol.from_engine import TokenLogprobs
+from elastic.protocol.to_engine import EngineCoreRequest
+from elastic.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED = enum.auto()
+
+
+class Request:
+    def __init__(self, req: EngineCoreRequest, device: torch.device) -> None:
+        self.request_id = req.request_id
+        self.prompt_token_ids = list(req.prompt_token_ids)
+        self.all_token_ids = list(req.prompt_token_ids)  # prompt + generated
+        self.num_prompt_tokens = len(req.prompt_token_ids)
+        self.params: SamplingParams = req.sampling_params
+        self.eos_token_id = req.eos_token_id
+        self.arrival_time = req.arrival_time
+        self.status = RequestStatus.WAITING
+        self.num_computed_tokens = 0  # tokens whose K/V are in the cache
+        self.num_cached_tokens = 0  # of the prompt, found in the prefix cache on admission
+        self.block_table: list[int] = []
+        self.num_hashed_blocks = 0  # leading full blocks already registered in the prefix cache
+        self.block_hashes: list[int] = []
+        self.finish_reason: str | None = None
+        self.stop_reason: int | None = None
+        self.pending_logprobs: list[TokenLogprobs] = []
+        self.num_emitted_tokens = 0
+        # A seeded request draws from its own generator, so its samples don't depend on the batch.
+        self.generator: torch.Generator | None = None
+        if self.params.seed is not None:
+            self.generator = torch.Generator(device=device).manual_seed(self.params.seed)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.all_token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.all_token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == RequestStatus.FINISHED
+
+    def append_token(self, token_id: int, max_model_len: int) -> None:
+        """Add a sampled token and decide whether the request is done."""
+        self.all_token_ids.append(token_id)
+        params = self.params
+        n_out = self.num_output_tokens
+        if n_out >= params.min_tokens:
+            if not params.ignore_eos and token_id == self.eos_token_id:
+                self.finish_reason = "stop"
+            elif params.stop_token_ids and token_id in params.stop_token_ids:
+                self.finish_reason, self.stop_reason = "stop", token_id
+        if self.finish_reason is None and (
+                (params.max_tokens is not None and n_out >= params.max_tokens) or self.num_tokens >= max_model_len):
+            self.finish_reason = "length"

@@ -1,0 +1,109 @@
+"""Offline batch inference, shaped like vLLM's `LLM` so scripts can switch engines."""
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any, Sequence
+
+from tqdm.auto import tqdm
+
+from elastic.config import create_engine_config
+from elastic.engine.core import EngineCore
+from elastic.engine.input_processor import InputProcessor, PromptType
+from elastic.engine.output_processor import OutputProcessor
+from elastic.outputs import RequestOutput
+from elastic.sampling_params import SamplingParams
+from elastic.tokenizer import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+ChatMessages = list[dict[str, Any]]
+
+
+class LLM:
+    """`LLM(model, dtype=..., device=..., max_model_len=..., load_format=..., **engine_args)`.
+
+    With no model, the built-in demo checkpoint is created (once) and used.
+    """
+
+    def __init__(self, model: str | None = None, **engine_args: Any) -> None:
+        if model is None:
+            from elastic.demo import ensure_demo_model
+
+            model = str(ensure_demo_model())
+        self.config = create_engine_config(model, **engine_args)
+        self.tokenizer = load_tokenizer(self.config.model.tokenizer)
+        self.engine = EngineCore(self.config)
+        self.input_processor = InputProcessor(self.tokenizer, self.config.model)
+        self._ids = itertools.count()
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        return self.input_processor.default_sampling_params()
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in input order."""
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
+                                                and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)  # type: ignore[arg-type]
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
+        params_list = (list(sampling_params) if isinstance(sampling_params, Sequence)
+                       else [sampling_params] * len(prompts))
+        if len(params_list) != len(prompts):
+            raise ValueError(f"got {len(params_list)} sampling params for {len(prompts)} prompts")
+        # Tokenize and validate everything before anything is queued, so a bad prompt loses nothing.
+        encoded = [self.input_processor.tokenize(p) for p in prompts]
+        outputs = OutputProcessor(self.tokenizer)
+        order: list[str] = []
+        for (text, token_ids), params in zip(encoded, params_list):
+            rid = str(next(self._ids))
+            reqs = self.input_processor.make_requests(rid, token_ids, params)
+            for req in reqs:
+                self.engine.validate(req)
+            outputs.add_request(rid, text, token_ids, [r.request_id for r in reqs],
+                                [r.sampling_params for r in reqs])
+            order.append(rid)
+            for req in reqs:
+                self.engine.add_request(req)
+        return self._run(outputs, order, use_tqdm)
+
+    def _run(self, outputs: OutputProcessor, order: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(order), desc="Generating", unit="req", disable=not use_tqdm, leave=False)
+        num_generated = 0
+        try:
+            while outputs.has_unfinished():
+                engine_outputs = self.engine.step()
+                num_generated += sum(len(o.new_token_ids) for o in engine_outputs)
+                snapshots, to_abort = outputs.process(engine_outputs)
+                if to_abort:
+                    self.engine.abort_requests(to_abort)
+                for snap in snapshots:
+                    if snap.finished:
+                        finished[snap.request_id] = snap
+                        bar.update(1)
+                bar.set_postfix(tokens=num_generated, refresh=False)
+        except BaseException:
+            # Leave the engine clean (KeyboardInterrupt included) so the LLM stays usable.
+            self.engine.abort_requests(list(self.engine.scheduler.requests))
+            raise
+        finally:
+            bar.close()
+        return [finished[rid] for rid in order]
+
+    def chat(self, messages: ChatMessages | list[ChatMessages],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True,
+             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of them, using the tokenizer's chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts: list[PromptType] = []
+        for conversation in conversations:
+            token_ids = self.tokenizer.apply_chat_template(
+                conversation, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False,
+                **(chat_template_kwargs or {}))
+            prompts.append({"prompt_token_ids": list(token_ids)})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)

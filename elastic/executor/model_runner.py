@@ -1,0 +1,140 @@
+"""Owns the model, its KV cache and the sampler on one device; turns a scheduled batch into tokens."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from elastic.config import EngineConfig
+from elastic.engine.request import Request
+from elastic.engine.scheduler import SchedulerOutput
+from elastic.forward_context import AttentionMetadata, ForwardContext, set_forward_context
+from elastic.layers.attention import Attention
+from elastic.layers.sampler import Sampler
+from elastic.models.loader import load_model
+from elastic.protocol.from_engine import TokenLogprobs
+
+logger = logging.getLogger(__name__)
+
+_CPU_DEFAULT_KV_BYTES = 1 << 30
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = config.torch_device
+        torch.manual_seed(config.model.seed)
+        self.model = load_model(config.model, self.device)
+        self.sampler = Sampler(self.device, config.model.seed)
+        self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.block_size = config.cache.block_size
+        self.num_blocks = 0
+
+    # ---- KV cache -------------------------------------------------------------------------------------
+    def kv_bytes_per_block(self) -> int:
+        arch = self.config.model.arch
+        elem = torch.empty(0, dtype=self.config.model.dtype).element_size()
+        return 2 * arch.num_layers * self.block_size * arch.num_kv_heads * arch.head_dim * elem
+
+    def determine_num_blocks(self) -> int:
+        cache = self.config.cache
+        if cache.num_kv_blocks is not None:
+            return cache.num_kv_blocks
+        per_block = self.kv_bytes_per_block()
+        if self.device.type == "cuda":
+            budget = cache.kv_cache_memory if cache.kv_cache_memory is not None else self._profile_free_memory()
+        else:
+            # Enough for every sequence at full length, but no more than the default budget.
+            full = self.config.scheduler.max_num_seqs * self.config.model.max_model_len // self.block_size + 1
+            budget = cache.kv_cache_memory or min(_CPU_DEFAULT_KV_BYTES, full * per_block)
+        num_blocks = int(budget // per_block)
+        if num_blocks < 2:
+            raise RuntimeError(f"not enough memory for the KV cache: {budget / 2**20:.0f} MiB available, "
+                               f"{per_block / 2**20:.2f} MiB per block; lower max_num_batched_tokens or raise "
+                               "gpu_memory_utilization / kv_cache_memory")
+        return num_blocks
+
+    def _profile_free_memory(self) -> int:
+        """Run the largest batch once without a cache; what is left under the utilisation cap is the KV budget."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        num_tokens = self.config.scheduler.max_num_batched_tokens
+        self.dummy_run(num_tokens, num_logits=min(self.config.scheduler.max_num_seqs, num_tokens))
+        torch.cuda.synchronize(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        peak_extra = torch.cuda.max_memory_allocated(self.device) - torch.cuda.memory_allocated(self.device)
+        used = total - free
+        budget = total * self.config.cache.gpu_memory_utilization - used - peak_extra
+        logger.info("GPU memory: %.1f GiB total, %.1f GiB in use, activation peak %.2f GiB -> KV budget %.1f GiB",
+                    total / 2**30, used / 2**30, peak_extra / 2**30, budget / 2**30)
+        return max(int(budget), 0)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        arch = self.config.model.arch
+        shape = (num_blocks, self.block_size, arch.num_kv_heads, arch.head_dim)
+        for layer in self.attention_layers:
+            # Zeroed: masked positions still multiply cache values, and garbage could hold NaN.
+            layer.k_cache = torch.zeros(shape, dtype=self.config.model.dtype, device=self.device)
+            layer.v_cache = torch.zeros(shape, dtype=self.config.model.dtype, device=self.device)
+        self.num_blocks = num_blocks
+
+    # ---- execution ------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def dummy_run(self, num_tokens: int, num_logits: int = 1) -> None:
+        """A forward with no KV cache (memory profiling; later, idle ranks keeping MoE collectives in step)."""
+        input_ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        positions = torch.arange(num_tokens, device=self.device) % self.config.model.max_model_len
+        with set_forward_context(ForwardContext(attn=None, record_expert_load=False)):
+            hidden = self.model(input_ids, positions)
+        self.model.compute_logits(hidden[:num_logits])
+
+    def _prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        query_start_loc = [0]
+        seq_lens: list[int] = []
+        logit_rows: list[int] = []  # rows whose hidden state yields a next token
+        bs = self.block_size
+        for req, num_new in out.scheduled:
+            start, end = req.num_computed_tokens, req.num_computed_tokens + num_new
+            input_ids += req.all_token_ids[start:end]
+            positions += range(start, end)
+            slot_mapping += [req.block_table[p // bs] * bs + p % bs for p in range(start, end)]
+            query_start_loc.append(query_start_loc[-1] + num_new)
+            seq_lens.append(end)
+            if end == req.num_tokens:
+                logit_rows.append(query_start_loc[-1] - 1)
+        max_blocks = max(len(req.block_table) for req, _ in out.scheduled)
+        block_tables = [req.block_table + [0] * (max_blocks - len(req.block_table)) for req, _ in out.scheduled]
+        dev = self.device
+
+        def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, pin_memory=dev.type == "cuda").to(dev, non_blocking=True)
+
+        md = AttentionMetadata(
+            slot_mapping=tensor(slot_mapping, torch.long),
+            block_tables=tensor(block_tables, torch.int32),
+            query_start_loc=tensor(query_start_loc, torch.int32),
+            seq_lens=tensor(seq_lens, torch.int32),
+            max_query_len=max(n for _, n in out.scheduled),
+            max_seq_len=max(seq_lens),
+            query_start_loc_cpu=query_start_loc,
+            seq_lens_cpu=seq_lens,
+        )
+        return tensor(input_ids, torch.long), tensor(positions, torch.long), md, logit_rows
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> tuple[dict[str, int], dict[str, TokenLogprobs]]:
+        """Run one step; returns the sampled token (and logprobs) of each request that reached its end."""
+        input_ids, positions, md, logit_rows = self._prepare(out)
+        with set_forward_context(ForwardContext(attn=md)):
+            hidden = self.model(input_ids, positions)  # [T, hidden]
+        sampling_reqs = [req for req, n in out.scheduled if req.num_computed_tokens + n == req.num_tokens]
+        if not sampling_reqs:
+            return {}, {}
+        logits = self.model.compute_logits(hidden[logit_rows])  # [B, vocab]
+        tokens, logprobs = self.sampler(logits, sampling_reqs)
+        sampled = {req.request_id: tok for req, tok in zip(sampling_reqs, tokens)}
+        sampled_logprobs = {req.request_id: lp for req, lp in zip(sampling_reqs, logprobs) if lp is not None}
+        return sampled, sampled_logprobs

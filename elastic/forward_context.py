@@ -1,0 +1,53 @@
+"""The one piece of global state: metadata of the batch being run, set around each forward.
+
+Layers read it instead of taking it as arguments, so model code reads like single-sequence code.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] int64: cache slot of each new token (-1: don't store)
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    query_start_loc: torch.Tensor  # [B + 1] int32: request b owns query rows [q[b], q[b+1])
+    seq_lens: torch.Tensor  # [B] int32: context length including the new tokens
+    max_query_len: int
+    max_seq_len: int
+    # Host copies, so the CPU reference path never syncs on device tensors.
+    query_start_loc_cpu: list[int]
+    seq_lens_cpu: list[int]
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.max_query_len == 1
+
+
+@dataclass
+class ForwardContext:
+    attn: AttentionMetadata | None  # None: a profiling/dummy run with no KV cache
+    record_expert_load: bool = True
+
+
+_context: ForwardContext | None = None
+
+
+def get_forward_context() -> ForwardContext:
+    if _context is None:
+        raise RuntimeError("model forward called outside set_forward_context()")
+    return _context
+
+
+@contextmanager
+def set_forward_context(ctx: ForwardContext) -> Iterator[None]:
+    global _context
+    prev, _context = _context, ctx
+    try:
+        yield
+    finally:
+        _context = prev

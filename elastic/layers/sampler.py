@@ -1,0 +1,106 @@
+"""Turns the last-position logits of a batch into next tokens (and their logprobs).
+
+Order, as in vLLM: penalties, logit bias and min_tokens masking on the raw logits; greedy rows take the
+argmax; other rows are scaled by temperature, truncated by top-k / top-p / min-p and sampled with the
+exponential race (argmax p / q, q ~ Exp(1)), which lets each seeded request draw from its own generator.
+Logprobs are the log-softmax of the distribution actually sampled from.
+"""
+from __future__ import annotations
+
+import torch
+
+from elastic.engine.request import Request
+from elastic.protocol.from_engine import TokenLogprobs
+
+
+def _apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> None:
+    for row, req in enumerate(reqs):
+        p = req.params
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(req.all_token_ids)), device=logits.device, dtype=torch.long)
+            vals = logits[row, seen]
+            logits[row, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and req.num_output_tokens:
+            out = torch.tensor(req.output_token_ids, device=logits.device, dtype=torch.long)
+            counts = torch.bincount(out, minlength=logits.shape[1]).to(logits.dtype)
+            logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), device=logits.device, dtype=torch.long)
+            logits[row, ids] += torch.tensor(list(p.logit_bias.values()), device=logits.device, dtype=logits.dtype)
+        if req.num_output_tokens < p.min_tokens:
+            banned = list(p.stop_token_ids or [])
+            if req.eos_token_id is not None:
+                banned.append(req.eos_token_id)
+            if banned:
+                logits[row, banned] = float("-inf")
+
+
+def _truncate(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    # logits [B, V]; top_k [B] (0 = off); top_p, min_p [B]
+    vocab = logits.shape[1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
+    positions = torch.arange(vocab, device=logits.device)[None, :]
+    drop = positions >= k[:, None]
+    probs = sorted_logits.softmax(dim=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the token that crosses it stays).
+    drop |= (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
+    drop |= probs < min_p[:, None] * probs[:, :1]
+    drop[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int) -> None:
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[TokenLogprobs | None]]:
+        # logits [B, V] float32, one row per request in `reqs`
+        _apply_penalties(logits, reqs)
+        device = logits.device
+        greedy = torch.tensor([r.params.greedy for r in reqs], device=device)
+        temperature = torch.tensor([1.0 if r.params.greedy else r.params.temperature for r in reqs], device=device)
+        top_k = torch.tensor([r.params.top_k for r in reqs], device=device)
+        top_p = torch.tensor([r.params.top_p for r in reqs], device=device)
+        min_p = torch.tensor([r.params.min_p for r in reqs], device=device)
+        processed = logits / temperature[:, None]
+        if not bool(greedy.all()):
+            needs_truncation = (top_k > 0) | (top_p < 1.0) | (min_p > 0.0)
+            if bool(needs_truncation.any()):
+                truncated = _truncate(processed, top_k, top_p, min_p)
+                processed = torch.where((needs_truncation & ~greedy)[:, None], truncated, processed)
+        logprobs = torch.log_softmax(processed, dim=-1)
+        sampled = logprobs.argmax(dim=-1)
+        if not bool(greedy.all()):
+            race = logprobs.exp() / self._exponentials(reqs, logprobs.shape, device)
+            sampled = torch.where(greedy, sampled, race.argmax(dim=-1))
+        tokens = sampled.tolist()
+        return tokens, self._gather_logprobs(logprobs, sampled, reqs)
+
+    def _exponentials(self, reqs: list[Request], shape: torch.Size, device: torch.device) -> torch.Tensor:
+        q = torch.empty(shape, device=device).exponential_(generator=self.generator)
+        for row, req in enumerate(reqs):
+            if req.generator is not None:
+                q[row].exponential_(generator=req.generator)
+        return q
+
+    @staticmethod
+    def _gather_logprobs(logprobs: torch.Tensor, sampled: torch.Tensor,
+                         reqs: list[Request]) -> list[TokenLogprobs | None]:
+        wanted = [r.params.logprobs for r in reqs]
+        if all(n is None for n in wanted):
+            return [None] * len(reqs)
+        max_n = max(n or 0 for n in wanted)
+        sampled_lp = logprobs.gather(1, sampled[:, None]).squeeze(1)  # [B]
+        ranks = (logprobs > sampled_lp[:, None]).sum(dim=-1) + 1  # [B]
+        top_lp, top_ids = logprobs.topk(max_n, dim=-1) if max_n else (None, None)
+        result: list[TokenLogprobs | None] = []
+        for row, n in enumerate(wanted):
+            if n is None:
+                result.append(None)
+                continue
+            ids = [int(sampled[row])] + (top_ids[row, :n].tolist() if n else [])
+            lps = [float(sampled_lp[row])] + (top_lp[row, :n].tolist() if n else [])
+            result.append(TokenLogprobs(token_ids=ids, logprobs=lps, sampled_rank=int(ranks[row])))
+        return result

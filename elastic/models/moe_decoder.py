@@ -1,0 +1,123 @@
+"""One decoder for every supported MoE family; `ModelArch` switches the few places they differ."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from elastic.layers.attention import Attention
+from elastic.layers.linear import Linear, MergedLinear, default_weight_loader
+from elastic.layers.moe import FusedMoE
+from elastic.layers.norm import RMSNorm
+from elastic.layers.rotary import RotaryEmbedding
+from elastic.models.arch import ModelArch
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, arch: ModelArch) -> None:
+        super().__init__()
+        self.arch = arch
+        self.qkv_proj = MergedLinear(arch.hidden_size, [arch.q_size, arch.kv_size, arch.kv_size], bias=arch.qkv_bias)
+        self.o_proj = Linear(arch.q_size, arch.hidden_size)
+        if arch.qk_norm == "per_head":
+            self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps)
+            self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps)
+        elif arch.qk_norm == "full":
+            self.q_norm = RMSNorm(arch.q_size, arch.rms_norm_eps)
+            self.k_norm = RMSNorm(arch.kv_size, arch.rms_norm_eps)
+        self.rotary = RotaryEmbedding(arch.head_dim, arch.max_position_embeddings, arch.rope_theta)
+        self.attn = Attention(arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.head_dim ** -0.5)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        # x [T, hidden] -> [T, hidden]
+        arch = self.arch
+        q, k, v = self.qkv_proj(x).split([arch.q_size, arch.kv_size, arch.kv_size], dim=-1)
+        if arch.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if arch.clip_qkv is not None:
+            q, k, v = (t.clamp(-arch.clip_qkv, arch.clip_qkv) for t in (q, k, v))
+        q = q.view(-1, arch.num_heads, arch.head_dim)  # [T, Hq, D]
+        k = k.view(-1, arch.num_kv_heads, arch.head_dim)  # [T, Hkv, D]
+        v = v.view(-1, arch.num_kv_heads, arch.head_dim)
+        if arch.qk_norm == "per_head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        return self.o_proj(self.attn(q, k, v).flatten(1))
+
+
+class DenseMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size] * 2)
+        self.down_proj = Linear(intermediate_size, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class SparseMoeBlock(nn.Module):
+    def __init__(self, arch: ModelArch, ep_size: int = 1, ep_rank: int = 0) -> None:
+        super().__init__()
+        self.gate = Linear(arch.hidden_size, arch.num_experts)  # the router
+        self.experts = FusedMoE(arch.num_experts, arch.top_k, arch.hidden_size, arch.moe_intermediate_size,
+                                renormalize=arch.norm_topk_prob, ep_size=ep_size, ep_rank=ep_rank)
+        self.shared_expert: DenseMLP | None = None
+        if arch.shared_expert_intermediate_size:
+            self.shared_expert = DenseMLP(arch.hidden_size, arch.shared_expert_intermediate_size)
+            self.shared_expert_gate = Linear(arch.hidden_size, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.experts(x, self.gate(x))
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, arch: ModelArch, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.self_attn = SelfAttention(arch)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.mlp: nn.Module = (SparseMoeBlock(arch) if arch.sparse_layers[layer_idx]
+                               else DenseMLP(arch.hidden_size, arch.intermediate_size))
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(positions, self.input_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, arch: ModelArch) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.embed_tokens.weight.weight_loader = default_weight_loader
+        self.layers = nn.ModuleList(DecoderLayer(arch, i) for i in range(arch.num_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)  # [T, hidden]
+        for layer in self.layers:
+            x = layer(positions, x)
+        return self.norm(x)
+
+
+class MoeForCausalLM(nn.Module):
+    def __init__(self, arch: ModelArch) -> None:
+        super().__init__()
+        self.arch = arch
+        self.model = DecoderModel(arch)
+        self.lm_head = Linear(arch.hidden_size, arch.vocab_size)
+        if arch.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, positions)  # hidden states [T, hidden]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()  # [N, vocab]
+
+    def moe_layers(self) -> list[FusedMoE]:
+        return [m for m in self.modules() if isinstance(m, FusedMoE)]
