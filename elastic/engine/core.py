@@ -13,7 +13,7 @@ from elastic.engine.block_manager import BlockManager
 from elastic.engine.request import Request
 from elastic.engine.scheduler import Scheduler
 from elastic.executor.model_runner import ModelRunner
-from elastic.protocol.from_engine import EngineCoreOutput
+from elastic.protocol.from_engine import EngineCoreOutput, SchedulerStats
 from elastic.protocol.to_engine import EngineCoreRequest
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,10 @@ class EngineCore:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def stats(self) -> SchedulerStats:
+        s = self.scheduler
+        return SchedulerStats(len(s.running), len(s.waiting), s.kv_cache_usage, s.num_preemptions)
 
     def step(self) -> list[EngineCoreOutput]:
         out = self.scheduler.schedule()

@@ -26,3 +26,12 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+class SchedulerStats(msgspec.Struct, array_like=True):
+    """Load of one engine, for metrics and (with data parallelism) routing."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # 0..1
+    num_preemptions: int  # cumulative
