@@ -37,8 +37,8 @@ class BlockManager:
     def allocate_cached_prefix(self, req: Request) -> None:
         """Reuse cached blocks for the leading full blocks of a new request; at least one token stays
         to compute, so the last prompt position still yields logits."""
-        if not self.enable_prefix_caching:
-            return
+        if not self.enable_prefix_caching or req.params.prompt_logprobs is not None:
+            return  # prompt logprobs need every prompt position computed
         bs = self.block_size
         for index in range((req.num_tokens - 1) // bs):
             h = self._full_block_hash(req, index)

@@ -8,13 +8,16 @@ from __future__ import annotations
 import logging
 import time
 
+import torch
+
 from elastic.config import EngineConfig
 from elastic.engine.block_manager import BlockManager
 from elastic.engine.request import Request
-from elastic.engine.scheduler import Scheduler
+from elastic.engine.scheduler import Scheduler, SchedulerOutput
 from elastic.executor.model_runner import ModelRunner
 from elastic.protocol.from_engine import EngineCoreOutput, SchedulerStats
 from elastic.protocol.to_engine import EngineCoreRequest
+from elastic.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +68,17 @@ class EngineCore:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits at every position of `token_ids` (float32 [T, vocab]), using spare KV blocks briefly."""
+        req = Request(EngineCoreRequest("__prompt_logits__", token_ids, SamplingParams(max_tokens=1)),
+                      self.runner.device)
+        if not self.block_manager.allocate_slots(req, len(token_ids)):
+            raise RuntimeError("not enough free KV blocks to score the prompt now")
+        try:
+            return self.runner.forward_logits(SchedulerOutput([(req, len(token_ids))]))
+        finally:
+            self.block_manager.free(req)
+
     def stats(self) -> SchedulerStats:
         s = self.scheduler
         return SchedulerStats(len(s.running), len(s.waiting), s.kv_cache_usage, s.num_preemptions)
@@ -77,10 +91,12 @@ class EngineCore:
         outputs = []
         for req in self.scheduler.postprocess(out, sampled):
             lp = logprobs.get(req.request_id)
+            prompt_logprobs, req.prompt_logprobs = req.prompt_logprobs, None  # sent once, with the first token
             outputs.append(EngineCoreOutput(
                 request_id=req.request_id,
                 new_token_ids=[req.all_token_ids[-1]],
                 new_logprobs=[lp] if lp is not None else None,
+                prompt_logprobs=prompt_logprobs,
                 finish_reason=req.finish_reason,
                 stop_reason=req.stop_reason,
                 num_cached_tokens=req.num_cached_tokens,

@@ -26,10 +26,12 @@ class _Request:
     prompt_token_ids: list[int]
     samples: list[_Sample] = field(default_factory=list)
     num_cached_tokens: int = 0
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     def snapshot(self) -> RequestOutput:
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
-                             [s.output for s in self.samples], finished=self.finished,
+                             [s.output for s in self.samples], prompt_logprobs=self.prompt_logprobs,
+                             finished=self.finished,
                              num_cached_tokens=self.num_cached_tokens)
 
     @property
@@ -82,6 +84,9 @@ class OutputProcessor:
             if self._update(sample, eo):
                 to_abort.append(eo.request_id)
             state.num_cached_tokens = max(state.num_cached_tokens, eo.num_cached_tokens)
+            if eo.prompt_logprobs is not None and state.prompt_logprobs is None:
+                state.prompt_logprobs = [None if lp is None else dict(zip(lp.token_ids, lp.logprobs))
+                                         for lp in eo.prompt_logprobs]
             if sample.output.finished:
                 del self.sample_of[eo.request_id]
             changed[state.request_id] = state

@@ -33,8 +33,7 @@ class Request:
         self.block_hashes: list[int] = []
         self.finish_reason: str | None = None
         self.stop_reason: int | None = None
-        self.pending_logprobs: list[TokenLogprobs] = []
-        self.num_emitted_tokens = 0
+        self.prompt_logprobs: list[TokenLogprobs | None] | None = None  # filled while the prompt is computed
         # A seeded request draws from its own generator, so its samples don't depend on the batch.
         self.generator: torch.Generator | None = None
         if self.params.seed is not None:

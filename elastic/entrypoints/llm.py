@@ -55,16 +55,18 @@ class LLM:
         if len(params_list) != len(prompts):
             raise ValueError(f"got {len(params_list)} sampling params for {len(prompts)} prompts")
         # Tokenize and validate everything before anything is queued, so a bad prompt loses nothing.
-        encoded = [self.input_processor.tokenize(p) for p in prompts]
-        outputs = OutputProcessor(self.tokenizer)
-        order: list[str] = []
-        for (text, token_ids), params in zip(encoded, params_list):
+        batch = []
+        for prompt, params in zip(prompts, params_list):
+            text, token_ids = self.input_processor.tokenize(prompt)
             rid = str(next(self._ids))
             reqs = self.input_processor.make_requests(rid, token_ids, params)
             for req in reqs:
                 self.engine.validate(req)
-            outputs.add_request(rid, text, token_ids, [r.request_id for r in reqs],
-                                [r.sampling_params for r in reqs])
+            batch.append((rid, text, token_ids, reqs))
+        outputs = OutputProcessor(self.tokenizer)
+        order: list[str] = []
+        for rid, text, token_ids, reqs in batch:
+            outputs.add_request(rid, text, token_ids, [r.request_id for r in reqs], [r.sampling_params for r in reqs])
             order.append(rid)
             for req in reqs:
                 self.engine.add_request(req)

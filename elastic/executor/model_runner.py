@@ -125,11 +125,19 @@ class ModelRunner:
         return tensor(input_ids, torch.long), tensor(positions, torch.long), md, logit_rows
 
     @torch.inference_mode()
+    def forward_logits(self, out: SchedulerOutput) -> torch.Tensor:
+        """Logits at every scheduled position (float32 [T, vocab]): scoring and reference checks."""
+        input_ids, positions, md, _ = self._prepare(out)
+        with set_forward_context(ForwardContext(attn=md, record_expert_load=False)):
+            return self.model.compute_logits(self.model(input_ids, positions))
+
+    @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> tuple[dict[str, int], dict[str, TokenLogprobs]]:
         """Run one step; returns the sampled token (and logprobs) of each request that reached its end."""
         input_ids, positions, md, logit_rows = self._prepare(out)
         with set_forward_context(ForwardContext(attn=md)):
             hidden = self.model(input_ids, positions)  # [T, hidden]
+        self._prompt_logprobs(out, hidden, md.query_start_loc_cpu)
         sampling_reqs = [req for req, n in out.scheduled if req.num_computed_tokens + n == req.num_tokens]
         if not sampling_reqs:
             return {}, {}
@@ -138,3 +146,25 @@ class ModelRunner:
         sampled = {req.request_id: tok for req, tok in zip(sampling_reqs, tokens)}
         sampled_logprobs = {req.request_id: lp for req, lp in zip(sampling_reqs, logprobs) if lp is not None}
         return sampled, sampled_logprobs
+
+    def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor, query_start_loc: list[int]) -> None:
+        """For requests that asked for prompt_logprobs: logprobs of each next prompt token in this chunk."""
+        for b, (req, num_new) in enumerate(out.scheduled):
+            n = req.params.prompt_logprobs
+            start = req.num_computed_tokens
+            if n is None or start >= req.num_prompt_tokens - 1:
+                continue
+            if start == 0:
+                req.prompt_logprobs = [None]
+            # Position p predicts prompt token p + 1; the last prompt position predicts the first output.
+            end = min(start + num_new, req.num_prompt_tokens - 1)
+            rows = hidden[query_start_loc[b]:query_start_loc[b] + end - start]
+            logprobs = torch.log_softmax(self.model.compute_logits(rows), dim=-1)  # [R, vocab]
+            targets = torch.tensor(req.prompt_token_ids[start + 1:end + 1], device=logprobs.device)
+            target_lp = logprobs.gather(1, targets[:, None]).squeeze(1)
+            ranks = (logprobs > target_lp[:, None]).sum(dim=-1) + 1
+            top_lp, top_ids = logprobs.topk(n, dim=-1)
+            for i in range(end - start):
+                req.prompt_logprobs.append(TokenLogprobs(
+                    [int(targets[i])] + top_ids[i].tolist(), [float(target_lp[i])] + top_lp[i].tolist(),
+                    int(ranks[i])))

@@ -1,5 +1,11 @@
-"""Engine core -> front end messages."""
+"""Engine core -> front end messages.
+
+Two channels: the handshake (HELLO, READY or a start-up failure; dict-encoded) and the output queue
+(per-engine batches, array-encoded tagged union).
+"""
 from __future__ import annotations
+
+from typing import Any, Union
 
 import msgspec
 
@@ -35,3 +41,63 @@ class SchedulerStats(msgspec.Struct, array_like=True):
     num_waiting: int
     kv_cache_usage: float  # 0..1
     num_preemptions: int  # cumulative
+
+
+# ---- output queue ---------------------------------------------------------------------------------------
+class RejectedRequest(msgspec.Struct, array_like=True):
+    """A request the engine refused (it validates again; the front end should have caught it)."""
+
+    request_id: str
+    error: str
+
+
+class UtilityResult(msgspec.Struct, array_like=True, omit_defaults=True):
+    call_id: int
+    result: Any = None
+    error: str | None = None
+
+
+class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True, tag=True):
+    """Everything one engine has to say after a step (or an idle tick): one message per step."""
+
+    engine_index: int
+    timestamp: float  # engine's time.time() when the batch was sent
+    outputs: list[EngineCoreOutput] = []
+    scheduler_stats: SchedulerStats | None = None
+    # request id -> seconds it waited in the engine before its first step (engine clock only: no skew)
+    queue_times: dict[str, float] | None = None
+    rejected: list[RejectedRequest] | None = None
+    utility_results: list[UtilityResult] | None = None
+
+
+class EngineDead(msgspec.Struct, array_like=True, tag=True):
+    """Last words of an engine whose busy loop crashed; the process exits right after."""
+
+    engine_index: int
+    error: str
+
+
+EngineCoreOutputMessage = Union[EngineCoreOutputs, EngineDead]
+
+
+# ---- handshake ------------------------------------------------------------------------------------------
+class EngineHello(msgspec.Struct, tag=True):
+    engine_index: int
+    pid: int
+    local: bool = True  # same host as the front end (ipc is possible)
+    headless: bool = False  # started without an API server of its own
+
+
+class EngineReady(msgspec.Struct, tag=True):
+    engine_index: int
+    num_kv_blocks: int
+    block_size: int
+    max_model_len: int
+
+
+class EngineStartupFailed(msgspec.Struct, tag=True):
+    engine_index: int
+    error: str
+
+
+EngineHandshakeMessage = Union[EngineHello, EngineReady, EngineStartupFailed]

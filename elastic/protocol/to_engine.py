@@ -1,12 +1,19 @@
-"""Front end -> engine core messages."""
+"""Front end -> engine core messages.
+
+Two channels: the handshake (rare, dict-encoded so it can grow fields freely) and the input queue (hot,
+array-encoded, one tagged union so one decoder reads every message).
+"""
 from __future__ import annotations
+
+from typing import Any, Union
 
 import msgspec
 
 from elastic.sampling_params import SamplingParams
 
 
-class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True):
+# ---- input queue ---------------------------------------------------------------------------------------
+class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True, tag=True):
     """One sequence to generate (n > 1 is fanned out into n of these by the front end)."""
 
     request_id: str
@@ -18,3 +25,38 @@ class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True):
 
 class AbortRequests(msgspec.Struct, array_like=True, tag=True):
     request_ids: list[str]
+
+
+class UtilityCall(msgspec.Struct, array_like=True, tag=True):
+    """Call an allow-listed engine method; the result comes back in an output batch under `call_id`."""
+
+    call_id: int
+    method: str
+    args: list[Any] = []
+
+
+class ShutdownEngine(msgspec.Struct, array_like=True, tag=True):
+    """Finish the current step, close the sockets and exit 0 (works for remote engines too)."""
+
+
+EngineCoreInput = Union[EngineCoreRequest, AbortRequests, UtilityCall, ShutdownEngine]
+
+
+# ---- handshake ------------------------------------------------------------------------------------------
+class ParallelHandshake(msgspec.Struct):
+    """The parallel layout an engine joins (the data-parallel group is used once DP > 1 lands)."""
+
+    data_parallel_size: int = 1
+    data_parallel_rank: int = 0
+    data_parallel_master_ip: str = "127.0.0.1"
+    data_parallel_master_port: int = 0
+
+
+class HandshakeAddresses(msgspec.Struct, tag=True):
+    """Front end's answer to HELLO: where to connect, and the parallel config."""
+
+    input_address: str  # engine connects a DEALER (identity = its index) to the front end's ROUTER
+    output_address: str  # engine connects a PUSH to the front end's PULL
+    parallel: ParallelHandshake
+    coordinator_address: str | None = None
+    stats_interval_s: float = 5.0  # how often an idle engine re-sends its stats (also a liveness signal)

@@ -1,0 +1,132 @@
+"""Engine core behaviour: errors that lose nothing, aborts, dummy weights, loading failures."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import random_prompts
+from elastic import LLM, SamplingParams
+from elastic.engine.core import EngineCore
+from elastic.protocol.to_engine import EngineCoreRequest
+
+
+@pytest.fixture(scope="module")
+def llm(checkpoint_dir) -> LLM:
+    return LLM(str(checkpoint_dir("qwen3_moe")), max_model_len=64)
+
+
+def test_bad_prompts_raise_and_lose_nothing(llm: LLM):
+    good = {"prompt_token_ids": random_prompts((5,))[0]}
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    expected = llm.generate([good], params, use_tqdm=False)[0].outputs[0].token_ids
+    for bad, match in [({"prompt_token_ids": [5] * 64}, "max_model_len"), ({"prompt_token_ids": []}, "empty"),
+                       ({"prompt_token_ids": [10**7]}, "token ids"), (3.5, "prompt must be")]:
+        with pytest.raises(ValueError, match=match):
+            llm.generate([good, bad], params, use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.generate([good], params, use_tqdm=False)[0].outputs[0].token_ids == expected
+
+
+def test_abort_frees_blocks(llm: LLM):
+    engine: EngineCore = llm.engine
+    free = engine.block_manager.num_free_blocks
+    for i, p in enumerate(random_prompts((20, 30))):
+        engine.add_request(EngineCoreRequest(f"abort-{i}", p, SamplingParams(max_tokens=30, ignore_eos=True)))
+    engine.step()
+    engine.step()
+    assert engine.block_manager.num_free_blocks < free
+    outs = engine.abort_requests(["abort-0", "abort-1", "unknown"])
+    assert [o.finish_reason for o in outs] == ["abort", "abort"]
+    assert not engine.has_unfinished_requests()
+    assert engine.block_manager.num_free_blocks == free
+
+
+def test_duplicate_request_id_rejected(llm: LLM):
+    engine = llm.engine
+    req = EngineCoreRequest("dup", [11, 12], SamplingParams(max_tokens=1))
+    engine.add_request(req)
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request(req)
+    engine.abort_requests(["dup"])
+
+
+def test_request_larger_than_cache_rejected(checkpoint_dir):
+    llm = LLM(str(checkpoint_dir("qwen3_moe")), max_model_len=256, num_kv_blocks=4, block_size=8)
+    with pytest.raises(ValueError, match="KV cache"):
+        llm.generate([{"prompt_token_ids": [11] * 20}], SamplingParams(max_tokens=100), use_tqdm=False)
+
+
+def test_dummy_weights_run_without_reading_tensors(checkpoint_dir, tmp_path):
+    src = checkpoint_dir("mixtral")
+    only_config = tmp_path / "cfg"
+    only_config.mkdir()
+    for f in src.iterdir():
+        if not f.name.endswith(".safetensors"):
+            shutil.copy(f, only_config / f.name)
+    llm = LLM(str(only_config), load_format="dummy", max_model_len=64)
+    out = llm.generate(["hello"], SamplingParams(max_tokens=5, ignore_eos=True), use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 5
+
+
+def test_loading_errors_are_clear(checkpoint_dir, tmp_path):
+    src = checkpoint_dir("olmoe")
+    with pytest.raises(FileNotFoundError, match="not a local checkpoint directory"):
+        LLM(str(tmp_path / "nope"))
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(ValueError, match="not supported.*Qwen3MoeForCausalLM"):
+        LLM(str(bad))
+    (bad / "config.json").write_text(json.dumps(cfg))
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated download
+    with pytest.raises(ValueError, match="cannot read"):
+        LLM(str(bad))
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
+        LLM(str(bad))
+
+
+def test_engine_arg_errors(checkpoint_dir):
+    path = str(checkpoint_dir("qwen3_moe"))
+    for kwargs, match in [(dict(dtype="int8"), "dtype"), (dict(load_format="pt"), "load_format"),
+                          (dict(block_size=7), "block_size"), (dict(gpu_memory_utilization=1.5), "gpu_memory"),
+                          (dict(device="tpu"), "device")]:
+        with pytest.raises(ValueError, match=match):
+            LLM(path, **kwargs)
+
+
+def test_expert_load_is_recorded(llm: LLM):
+    moe = llm.engine.runner.model.moe_layers()[0]
+    before = moe.expert_load.clone()
+    prompt = random_prompts((10,))[0]
+    llm.generate([{"prompt_token_ids": prompt}], SamplingParams(max_tokens=1), use_tqdm=False)
+    routed = moe.expert_load - before
+    assert int(routed.sum()) == 10 * moe.top_k  # every (token, k) pair counted once
+
+
+def test_replicated_expert_placement_keeps_outputs(checkpoint_dir):
+    """Slots are a placement detail: replicating experts into extra slots must not change greedy output."""
+    path = str(checkpoint_dir("qwen3_moe"))
+    prompts = [{"prompt_token_ids": p} for p in random_prompts((7, 19))]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    llm = LLM(path, max_model_len=64)
+    expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    for moe in llm.engine.runner.model.moe_layers():
+        # Swap the first two slots' contents and maps: same function, different layout.
+        perm = torch.arange(moe.num_physical)
+        perm[[0, 1]] = perm[[1, 0]]
+        moe.w13.data = moe.w13.data[perm]
+        moe.w2.data = moe.w2.data[perm]
+        moe.set_placement(moe.physical_to_logical[perm])
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected
+
+
+def test_transformers_does_not_see_hf_kernels():
+    import transformers.utils.import_utils as iu
+
+    assert not iu.is_kernels_available()
