@@ -25,6 +25,7 @@ class ModelConfig:
     max_model_len: int
     load_format: str = "auto"
     seed: int = 0
+    skip_tokenizer_init: bool = False  # token ids in and out, no text (benchmarks of dummy models)
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ def create_engine_config(
     max_model_len: int | None = None,
     load_format: str = "auto",
     seed: int = 0,
+    skip_tokenizer_init: bool = False,
     block_size: int = 16,
     gpu_memory_utilization: float = 0.9,
     kv_cache_memory: int | None = None,
@@ -128,7 +130,7 @@ def create_engine_config(
             model=str(model), tokenizer=str(tokenizer or model),
             served_model_name=served_model_name or str(model), arch=arch,
             dtype=resolve_dtype(dtype, device), max_model_len=max_model_len,
-            load_format=load_format, seed=seed),
+            load_format=load_format, seed=seed, skip_tokenizer_init=skip_tokenizer_init),
         cache=CacheConfig(block_size=block_size, gpu_memory_utilization=gpu_memory_utilization,
                           kv_cache_memory=kv_cache_memory, num_kv_blocks=num_kv_blocks,
                           enable_prefix_caching=enable_prefix_caching),

@@ -23,6 +23,8 @@ class IncrementalDetokenizer:
     def add(self, token_ids: list[int]) -> str:
         """Append tokens; return the text they completed (may be empty while a character is incomplete)."""
         new = ""
+        if self.tokenizer is None:  # skip_tokenizer_init: token ids only
+            return new
         for token in token_ids:
             self.tokens.append(token)
             prefix = self._decode(self.tokens[self.prefix_offset:self.read_offset])
@@ -35,6 +37,8 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """At the end, emit whatever is still held back (e.g. an incomplete trailing byte sequence)."""
+        if self.tokenizer is None:
+            return ""
         full = self._decode(self.tokens[self.prefix_offset:])
         prefix = self._decode(self.tokens[self.prefix_offset:self.read_offset])
         tail = full[len(prefix):] if len(full) > len(prefix) else ""

@@ -20,8 +20,10 @@ class InputProcessor:
         self.tokenizer = tokenizer
         self.model_config = model_config
         defaults = generation_defaults(model_config.model)
-        self.extra_eos_ids: list[int] = [t for t in defaults.pop("eos_token_ids", [])
-                                         if t != tokenizer.eos_token_id]
+        arch_eos = model_config.arch.eos_token_ids
+        self.eos_token_id: int | None = (tokenizer.eos_token_id if tokenizer is not None
+                                         else (arch_eos[0] if arch_eos else None))
+        self.extra_eos_ids: list[int] = [t for t in defaults.pop("eos_token_ids", []) if t != self.eos_token_id]
         self.sampling_defaults: dict[str, Any] = defaults
 
     def default_sampling_params(self) -> SamplingParams:
@@ -29,6 +31,8 @@ class InputProcessor:
 
     def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer: pass token ids, or don't set skip_tokenizer_init")
             return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
@@ -57,5 +61,5 @@ class InputProcessor:
         now = time.time()
         children = [params] if params.n == 1 else [params.child(i) for i in range(params.n)]
         return [EngineCoreRequest(request_id if params.n == 1 else f"{request_id}/{i}", prompt_token_ids, p,
-                                  eos_token_id=self.tokenizer.eos_token_id, arrival_time=now)
+                                  eos_token_id=self.eos_token_id, arrival_time=now)
                 for i, p in enumerate(children)]

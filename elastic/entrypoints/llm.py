@@ -32,7 +32,7 @@ class LLM:
 
             model = str(ensure_demo_model())
         self.config = create_engine_config(model, **engine_args)
-        self.tokenizer = load_tokenizer(self.config.model.tokenizer)
+        self.tokenizer = None if self.config.model.skip_tokenizer_init else load_tokenizer(self.config.model.tokenizer)
         self.engine = EngineCore(self.config)
         self.input_processor = InputProcessor(self.tokenizer, self.config.model)
         self._ids = itertools.count()
