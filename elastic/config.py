@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -43,10 +42,30 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192
 
 
+EP_DISPATCH_MODES = ("alltoall", "allgather")
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
+    """Attention is data-parallel over `data_parallel_size` ranks; MoE layers are expert-parallel over
+    all of them. `data_parallel_rank` is set per engine process when it starts."""
+
     data_parallel_size: int = 1
     data_parallel_rank: int = 0
+    ep_dispatch: str = "alltoall"  # how tokens reach their experts' ranks: "alltoall" | "allgather"
+    num_redundant_experts: int = 0  # extra physical slots per layer, holding replicas (EPLB)
+    # The rendezvous store of the stateless groups, hosted by whoever launches the ranks.
+    store_host: str = "127.0.0.1"
+    store_port: int = 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.data_parallel_size > 1
+
+    def for_rank(self, rank: int) -> ParallelConfig:
+        if not 0 <= rank < self.data_parallel_size:
+            raise ValueError(f"data_parallel_rank {rank} outside [0, {self.data_parallel_size})")
+        return dataclasses.replace(self, data_parallel_rank=rank)
 
 
 @dataclass(frozen=True)
@@ -101,6 +120,8 @@ def create_engine_config(
     max_num_seqs: int = 256,
     max_num_batched_tokens: int | None = None,
     data_parallel_size: int = 1,
+    ep_dispatch: str = "alltoall",
+    num_redundant_experts: int = 0,
 ) -> EngineConfig:
     """Validate engine arguments once; every error names the argument."""
     if not Path(model).is_dir():
@@ -123,8 +144,13 @@ def create_engine_config(
         raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128; got {block_size}")
     if num_kv_blocks is not None and num_kv_blocks * block_size < 2 * block_size:
         raise ValueError(f"num_kv_blocks={num_kv_blocks} is too small")
-    if data_parallel_size != 1:
-        raise ValueError("data_parallel_size > 1 is not supported yet")
+    if data_parallel_size < 1:
+        raise ValueError(f"data_parallel_size must be at least 1, got {data_parallel_size}")
+    if ep_dispatch not in EP_DISPATCH_MODES:
+        raise ValueError(f"ep_dispatch must be one of {EP_DISPATCH_MODES}, got {ep_dispatch!r}")
+    if (arch.num_experts + num_redundant_experts) % data_parallel_size:
+        raise ValueError(f"{arch.num_experts} experts + {num_redundant_experts} redundant do not split evenly "
+                         f"over data_parallel_size={data_parallel_size}; set num_redundant_experts so they do")
     return EngineConfig(
         model=ModelConfig(
             model=str(model), tokenizer=str(tokenizer or model),
@@ -135,13 +161,10 @@ def create_engine_config(
                           kv_cache_memory=kv_cache_memory, num_kv_blocks=num_kv_blocks,
                           enable_prefix_caching=enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
-        parallel=ParallelConfig(data_parallel_size=data_parallel_size),
+        parallel=ParallelConfig(data_parallel_size=data_parallel_size, ep_dispatch=ep_dispatch,
+                                num_redundant_experts=num_redundant_experts),
         device=device,
     )
 
 
 ENGINE_ARG_NAMES = tuple(p for p in create_engine_config.__kwdefaults__)  # type: ignore[union-attr]
-
-
-def replace(config: Any, **changes: Any) -> Any:
-    return dataclasses.replace(config, **changes)

@@ -32,6 +32,7 @@ class AttentionMetadata:
 class ForwardContext:
     attn: AttentionMetadata | None  # None: a profiling/dummy run with no KV cache
     record_expert_load: bool = True
+    dp_num_tokens: list[int] | None = None  # tokens each DP rank runs this step (expert parallelism)
 
 
 _context: ForwardContext | None = None

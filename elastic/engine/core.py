@@ -9,8 +9,11 @@ import logging
 import time
 
 import torch
+import torch.distributed as dist
 
 from elastic.config import EngineConfig
+from elastic.distributed.expert_parallel import apply_expert_parallel
+from elastic.distributed.parallel_state import ParallelState
 from elastic.engine.block_manager import BlockManager
 from elastic.engine.request import Request
 from elastic.engine.scheduler import Scheduler, SchedulerOutput
@@ -26,8 +29,17 @@ class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         start = time.perf_counter()
+        self.parallel: ParallelState | None = None
+        if config.parallel.is_distributed:
+            self.parallel = ParallelState(config.parallel, config.torch_device)
         self.runner = ModelRunner(config)
+        if self.parallel is not None:
+            apply_expert_parallel(self.runner.model, self.parallel.ep, config.parallel.ep_dispatch)
         num_blocks = self.runner.determine_num_blocks()
+        if self.parallel is not None:  # every rank gets the same capacity: the smallest one measured
+            num_blocks = int(self.parallel.dp.all_reduce(torch.tensor([num_blocks]), dist.ReduceOp.MIN))
+        # In a DP group: whether any rank has unfinished requests (the current request wave goes on).
+        self._wave_running = False
         self.runner.allocate_kv_cache(num_blocks)
         self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
@@ -61,6 +73,18 @@ class EngineCore:
     def add_request(self, req: EngineCoreRequest) -> None:
         self.validate(req)
         self.scheduler.add(Request(req, self.runner.device))
+        self._wave_running = True
+
+    def start_wave(self) -> None:
+        """Another rank got work: step (with dummy batches if need be) until the wave completes."""
+        self._wave_running = True
+
+    @property
+    def global_unfinished(self) -> bool:
+        """Whether this rank must keep stepping: it has work, or (with DP) another rank of its wave does."""
+        if self.parallel is None:
+            return self.scheduler.has_unfinished()
+        return self._wave_running
 
     def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]:
         return [EngineCoreOutput(r.request_id, [], finish_reason="abort") for r in self.scheduler.abort(request_ids)]
@@ -68,8 +92,16 @@ class EngineCore:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def shutdown(self) -> None:
+        if self.parallel is not None:
+            self.parallel.destroy()
+            self.parallel = None
+
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
-        """Logits at every position of `token_ids` (float32 [T, vocab]), using spare KV blocks briefly."""
+        """Logits at every position of `token_ids` (float32 [T, vocab]), using spare KV blocks briefly.
+        Single-rank only: with expert parallelism every rank would have to join the forward."""
+        if self.parallel is not None:
+            raise RuntimeError("prompt_logits is not available with data_parallel_size > 1")
         req = Request(EngineCoreRequest("__prompt_logits__", token_ids, SamplingParams(max_tokens=1)),
                       self.runner.device)
         if not self.block_manager.allocate_slots(req, len(token_ids)):
@@ -84,10 +116,21 @@ class EngineCore:
         return SchedulerStats(len(s.running), len(s.waiting), s.kv_cache_usage, s.num_preemptions)
 
     def step(self) -> list[EngineCoreOutput]:
+        """One step. With data parallelism every rank must call this while `global_unfinished`: a rank
+        without work runs a dummy batch so that the MoE collectives of all ranks match."""
         out = self.scheduler.schedule()
-        if not out:
+        dp_num_tokens = None
+        if self.parallel is not None:
+            dp_num_tokens, self._wave_running = self.parallel.exchange_step(
+                out.num_tokens or 1, self.scheduler.has_unfinished())
+            if not self._wave_running:
+                return []
+            if not out:
+                self.runner.dummy_run(1, dp_num_tokens=dp_num_tokens)
+                return []
+        elif not out:
             return []
-        sampled, logprobs = self.runner.execute(out)
+        sampled, logprobs = self.runner.execute(out, dp_num_tokens)
         outputs = []
         for req in self.scheduler.postprocess(out, sampled):
             lp = logprobs.get(req.request_id)

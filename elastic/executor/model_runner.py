@@ -24,7 +24,7 @@ class ModelRunner:
         self.config = config
         self.device = config.torch_device
         torch.manual_seed(config.model.seed)
-        self.model = load_model(config.model, self.device)
+        self.model = load_model(config.model, config.parallel, self.device)
         self.sampler = Sampler(self.device, config.model.seed)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.block_size = config.cache.block_size
@@ -80,11 +80,13 @@ class ModelRunner:
 
     # ---- execution ------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def dummy_run(self, num_tokens: int, num_logits: int = 1) -> None:
-        """A forward with no KV cache (memory profiling; later, idle ranks keeping MoE collectives in step)."""
+    def dummy_run(self, num_tokens: int, num_logits: int = 1, dp_num_tokens: list[int] | None = None) -> None:
+        """A forward with no KV cache: memory profiling, and idle DP ranks keeping MoE collectives in step."""
         input_ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         positions = torch.arange(num_tokens, device=self.device) % self.config.model.max_model_len
-        with set_forward_context(ForwardContext(attn=None, record_expert_load=False)):
+        if dp_num_tokens is None and self.config.parallel.is_distributed:
+            dp_num_tokens = [num_tokens] * self.config.parallel.data_parallel_size  # profiling: all ranks alike
+        with set_forward_context(ForwardContext(attn=None, record_expert_load=False, dp_num_tokens=dp_num_tokens)):
             hidden = self.model(input_ids, positions)
         self.model.compute_logits(hidden[:num_logits])
 
@@ -132,10 +134,11 @@ class ModelRunner:
             return self.model.compute_logits(self.model(input_ids, positions))
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> tuple[dict[str, int], dict[str, TokenLogprobs]]:
+    def execute(self, out: SchedulerOutput, dp_num_tokens: list[int] | None = None
+                ) -> tuple[dict[str, int], dict[str, TokenLogprobs]]:
         """Run one step; returns the sampled token (and logprobs) of each request that reached its end."""
         input_ids, positions, md, logit_rows = self._prepare(out)
-        with set_forward_context(ForwardContext(attn=md)):
+        with set_forward_context(ForwardContext(attn=md, dp_num_tokens=dp_num_tokens)):
             hidden = self.model(input_ids, positions)  # [T, hidden]
         self._prompt_logprobs(out, hidden, md.query_start_loc_cpu)
         sampling_reqs = [req for req, n in out.scheduled if req.num_computed_tokens + n == req.num_tokens]

@@ -78,6 +78,8 @@ class FusedMoE(nn.Module):
         self.set_placement(physical_to_logical)
         # Tokens routed to each physical slot, accumulated on device (no host sync) for EPLB.
         self.register_buffer("expert_load", torch.zeros(self.num_physical, dtype=torch.long), persistent=False)
+        # Set by elastic.distributed.expert_parallel when experts are spread over several ranks.
+        self.ep_comm: Callable[[FusedMoE, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def set_placement(self, physical_to_logical: torch.Tensor) -> None:
         """Rebuild the logical->physical maps from a slot assignment [num_physical]."""
@@ -124,6 +126,12 @@ class FusedMoE(nn.Module):
         physical = self.logical_to_physical[topk_ids, replica]  # [T, K]
         if get_forward_context().record_expert_load:
             self.expert_load.index_add_(0, physical.flatten(), torch.ones_like(physical.flatten()))
+        if self.ep_comm is not None:
+            return self.ep_comm(self, hidden, topk_weights, physical)
+        return self.compute_local(hidden, topk_weights, physical)
+
+    def compute_local(self, hidden: torch.Tensor, topk_weights: torch.Tensor, physical: torch.Tensor) -> torch.Tensor:
+        """Contributions of this rank's slots only. physical [N, K] global slot ids (-1: none)."""
         local = physical - self.first_slot
-        local = torch.where((local >= 0) & (local < self.slots_per_rank), local, -1).to(torch.int32)
-        return self.backend(hidden, self.w13, self.w2, topk_weights, local)
+        local = torch.where((physical >= 0) & (local >= 0) & (local < self.slots_per_rank), local, -1)
+        return self.backend(hidden, self.w13, self.w2, topk_weights, local.to(torch.int32))

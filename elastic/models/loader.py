@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from elastic.config import ModelConfig
+from elastic.config import ModelConfig, ParallelConfig
 from elastic.layers.moe import FusedMoE
 from elastic.models.arch import ModelArch
 from elastic.models.moe_decoder import MoeForCausalLM
@@ -137,12 +137,12 @@ def init_dummy_weights(model: MoeForCausalLM, seed: int) -> None:
             param.data.uniform_(-0.02, 0.02, generator=gen)
 
 
-def load_model(config: ModelConfig, device: torch.device) -> MoeForCausalLM:
+def load_model(config: ModelConfig, parallel: ParallelConfig, device: torch.device) -> MoeForCausalLM:
     prev_dtype = torch.get_default_dtype()
     torch.set_default_dtype(config.dtype)
     try:
         with torch.device(device):
-            model = MoeForCausalLM(config.arch)
+            model = MoeForCausalLM(config.arch, parallel)
     finally:
         torch.set_default_dtype(prev_dtype)
     if config.load_format == "dummy":

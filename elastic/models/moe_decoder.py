@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from elastic.config import ParallelConfig
 from elastic.layers.attention import Attention
 from elastic.layers.linear import Linear, MergedLinear, default_weight_loader
 from elastic.layers.moe import FusedMoE
@@ -57,11 +58,13 @@ class DenseMLP(nn.Module):
 
 
 class SparseMoeBlock(nn.Module):
-    def __init__(self, arch: ModelArch, ep_size: int = 1, ep_rank: int = 0) -> None:
+    def __init__(self, arch: ModelArch, parallel: ParallelConfig) -> None:
         super().__init__()
         self.gate = Linear(arch.hidden_size, arch.num_experts)  # the router
         self.experts = FusedMoE(arch.num_experts, arch.top_k, arch.hidden_size, arch.moe_intermediate_size,
-                                renormalize=arch.norm_topk_prob, ep_size=ep_size, ep_rank=ep_rank)
+                                renormalize=arch.norm_topk_prob, ep_size=parallel.data_parallel_size,
+                                ep_rank=parallel.data_parallel_rank,
+                                num_redundant=parallel.num_redundant_experts)
         self.shared_expert: DenseMLP | None = None
         if arch.shared_expert_intermediate_size:
             self.shared_expert = DenseMLP(arch.hidden_size, arch.shared_expert_intermediate_size)
@@ -75,12 +78,12 @@ class SparseMoeBlock(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch, layer_idx: int) -> None:
+    def __init__(self, arch: ModelArch, layer_idx: int, parallel: ParallelConfig) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.self_attn = SelfAttention(arch)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.mlp: nn.Module = (SparseMoeBlock(arch) if arch.sparse_layers[layer_idx]
+        self.mlp: nn.Module = (SparseMoeBlock(arch, parallel) if arch.sparse_layers[layer_idx]
                                else DenseMLP(arch.hidden_size, arch.intermediate_size))
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -89,12 +92,12 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, arch: ModelArch) -> None:
+    def __init__(self, arch: ModelArch, parallel: ParallelConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
         self.embed_tokens.weight.weight_loader = default_weight_loader
-        self.layers = nn.ModuleList(DecoderLayer(arch, i) for i in range(arch.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(arch, i, parallel) for i in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -105,10 +108,13 @@ class DecoderModel(nn.Module):
 
 
 class MoeForCausalLM(nn.Module):
-    def __init__(self, arch: ModelArch) -> None:
+    """Written as single-device code; expert parallelism only changes which expert slots a rank holds
+    (`parallel`) and how FusedMoE reaches the others (`elastic.distributed.expert_parallel`)."""
+
+    def __init__(self, arch: ModelArch, parallel: ParallelConfig = ParallelConfig()) -> None:
         super().__init__()
         self.arch = arch
-        self.model = DecoderModel(arch)
+        self.model = DecoderModel(arch, parallel)
         self.lm_head = Linear(arch.hidden_size, arch.vocab_size)
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -1,0 +1,73 @@
+"""Expert parallelism as a transform: each FusedMoE layer's experts are spread over the EP group, and
+tokens reach the ranks holding their experts by one of two exact paths:
+
+- all-to-all: each (token, k) pair goes to the rank owning its physical slot (variable split sizes),
+  the owner applies the expert and the routing weight, results come back and are summed per token;
+- all-gather / reduce-scatter: every rank sees every rank's tokens (padded to the step's largest
+  rank), computes its own slots' contributions, and a reduce-scatter sums them back to the owners.
+  Fixed shapes per step, so it stays capturable in a CUDA graph.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from elastic.distributed.group import StatelessGroup
+from elastic.forward_context import get_forward_context
+from elastic.layers.moe import FusedMoE
+
+
+class ExpertParallelComm:
+    def __init__(self, group: StatelessGroup, mode: str) -> None:
+        if mode not in ("alltoall", "allgather"):
+            raise ValueError(f"unknown expert-parallel dispatch mode {mode!r}")
+        self.group, self.mode = group, mode
+
+    def __call__(self, moe: FusedMoE, hidden: torch.Tensor, topk_weights: torch.Tensor,
+                 physical: torch.Tensor) -> torch.Tensor:
+        if self.mode == "allgather":
+            return self._allgather(moe, hidden, topk_weights, physical)
+        return self._alltoall(moe, hidden, topk_weights, physical)
+
+    def _allgather(self, moe: FusedMoE, hidden: torch.Tensor, weights: torch.Tensor,
+                   physical: torch.Tensor) -> torch.Tensor:
+        # hidden [T, H]; weights [T, K] f32; physical [T, K] global slot ids
+        sizes = get_forward_context().dp_num_tokens
+        if sizes is None:
+            raise RuntimeError("allgather dispatch needs dp_num_tokens in the forward context")
+        num_tokens, top_k = physical.shape
+        pad = max(sizes) - num_tokens
+        hidden_p = F.pad(hidden, (0, 0, 0, pad))  # [T_max, H]
+        # Slot ids travel as float32 beside the weights: exact below 2**24 slots, one collective fewer.
+        meta = F.pad(torch.cat([physical.float(), weights], dim=1), (0, 0, 0, pad), value=-1.0)  # [T_max, 2K]
+        all_hidden = self.group.all_gather(hidden_p)  # [W * T_max, H]
+        all_meta = self.group.all_gather(meta)
+        partial = moe.compute_local(all_hidden, all_meta[:, top_k:], all_meta[:, :top_k].long())
+        return self.group.reduce_scatter(partial)[:num_tokens]
+
+    def _alltoall(self, moe: FusedMoE, hidden: torch.Tensor, weights: torch.Tensor,
+                  physical: torch.Tensor) -> torch.Tensor:
+        world, top_k = self.group.world_size, physical.shape[1]
+        flat = physical.flatten()  # [P = T*K]
+        dest = flat // moe.slots_per_rank  # owning rank of each pair
+        order = torch.argsort(dest, stable=True)
+        send_counts = torch.bincount(dest, minlength=world)  # [W]
+        recv_counts = self.group.all_to_all(send_counts, [1] * world, [1] * world)
+        counts = torch.stack([send_counts, recv_counts]).tolist()  # the one host sync of this path
+        send_splits, recv_splits = counts[0], counts[1]
+        token_of_pair = order // top_k
+        send_meta = torch.stack([flat[order].float(), weights.flatten()[order]], dim=1)  # [P, 2]
+        recv_hidden = self.group.all_to_all(hidden[token_of_pair], send_splits, recv_splits)  # [R, H]
+        recv_meta = self.group.all_to_all(send_meta, send_splits, recv_splits)  # [R, 2]
+        expert_out = moe.compute_local(recv_hidden, recv_meta[:, 1:], recv_meta[:, :1].long())  # [R, H]
+        back = self.group.all_to_all(expert_out, recv_splits, send_splits)  # [P, H], in `order`
+        out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+        return out.index_add_(0, token_of_pair, back.float()).to(hidden.dtype)
+
+
+def apply_expert_parallel(model: torch.nn.Module, group: StatelessGroup, mode: str) -> None:
+    """Route every MoE layer of `model` through `group` (call again after the group is re-created)."""
+    comm = ExpertParallelComm(group, mode)
+    for module in model.modules():
+        if isinstance(module, FusedMoE):
+            module.ep_comm = comm

@@ -1,0 +1,108 @@
+"""Stateless process groups: built from a TCPStore rendezvous, outside torch.distributed's global
+state, so a process can destroy its groups and build new ones of another size and rank while it runs.
+
+One long-lived TCPStore (hosted by whoever launched the ranks) serves every generation of groups; each
+group takes its own key prefix (`name/generation`), so re-creation needs no new port.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+
+import torch
+import torch.distributed as dist
+from torch.distributed import PrefixStore, Store, TCPStore
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = datetime.timedelta(seconds=120)
+
+
+def create_store(host: str, port: int, is_master: bool,
+                 timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> TCPStore:
+    """The rendezvous store. The master passes port 0 and publishes `store.port` (no port race)."""
+    return TCPStore(host, port, is_master=is_master, timeout=timeout, wait_for_workers=False, use_libuv=True)
+
+
+class StatelessGroup:
+    """A process group over `world_size` ranks: gloo (CPU tensors) or NCCL (CUDA tensors)."""
+
+    def __init__(self, store: Store, name: str, rank: int, world_size: int, backend: str,
+                 device: torch.device | None = None, host: str = "127.0.0.1",
+                 timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside a group of {world_size}")
+        self.name, self.rank, self.world_size, self.backend = name, rank, world_size, backend
+        self.device = device or torch.device("cpu")
+        prefixed = PrefixStore(name, store)
+        if backend == "gloo":
+            opts = dist.ProcessGroupGloo._Options()
+            opts._timeout = timeout
+            # Bind to the rendezvous host's interface (loopback for local ranks), never a guessed one.
+            opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+            self.pg: dist.ProcessGroup = dist.ProcessGroupGloo(prefixed, rank, world_size, opts)
+        elif backend == "nccl":
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = timeout
+            self.pg = dist.ProcessGroupNCCL(prefixed, rank, world_size, opts)
+            self.pg._set_default_device(self.device) if hasattr(self.pg, "_set_default_device") else None
+        else:
+            raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+        self._destroyed = False
+
+    # ---- collectives (blocking on the host for gloo; stream-ordered for NCCL) --------------------------
+    def all_reduce(self, tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = op
+        self.pg.allreduce([tensor], opts).wait()
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """[n, ...] from every rank -> [world_size * n, ...] in rank order."""
+        out = tensor.new_empty((self.world_size * tensor.shape[0], *tensor.shape[1:]))
+        self.pg._allgather_base(out, tensor.contiguous()).wait()
+        return out
+
+    def reduce_scatter(self, tensor: torch.Tensor) -> torch.Tensor:
+        """[world_size * n, ...] summed over ranks; this rank keeps its n rows."""
+        out = tensor.new_empty((tensor.shape[0] // self.world_size, *tensor.shape[1:]))
+        opts = dist.ReduceScatterOptions()
+        opts.reduceOp = dist.ReduceOp.SUM
+        self.pg._reduce_scatter_base(out, tensor.contiguous(), opts).wait()
+        return out
+
+    def all_to_all(self, tensor: torch.Tensor, input_splits: list[int], output_splits: list[int]) -> torch.Tensor:
+        """Rows [sum(input_splits), ...] sent in rank-ordered chunks; returns the chunks received."""
+        out = tensor.new_empty((sum(output_splits), *tensor.shape[1:]))
+        self.pg.alltoall_base(out, tensor.contiguous(), output_splits, input_splits, dist.AllToAllOptions()).wait()
+        return out
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        opts = dist.BroadcastOptions()
+        opts.rootRank = src
+        self.pg.broadcast([tensor], opts).wait()
+        return tensor
+
+    def send(self, tensor: torch.Tensor, dst: int, tag: int = 0) -> dist.Work:
+        return self.pg.send([tensor], dst, tag)
+
+    def recv(self, tensor: torch.Tensor, src: int, tag: int = 0) -> dist.Work:
+        return self.pg.recv([tensor], src, tag)
+
+    def barrier(self) -> None:
+        # A tiny all-reduce rather than pg.barrier(): works the same on both backends.
+        self.all_reduce(torch.zeros(1, device=self.device))
+
+    def destroy(self) -> None:
+        """Release communicators, threads and sockets now (not at garbage collection)."""
+        if self._destroyed:
+            return
+        self._destroyed = True
+        try:
+            self.pg.shutdown()
+        except Exception as e:  # an aborted peer may already have torn the connection down
+            logger.debug("shutdown of group %s: %s", self.name, e)
+        del self.pg
+
+    def __repr__(self) -> str:
+        return f"StatelessGroup({self.name}, rank {self.rank}/{self.world_size}, {self.backend})"

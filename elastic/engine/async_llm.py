@@ -1,0 +1,285 @@
+"""The API server's engine: tokenize and validate in this process, generate in the engine core processes.
+
+`generate()` is an async iterator of cumulative `RequestOutput` snapshots (the shapes `LLM.generate`
+returns). Outputs arrive from the engine client's receive task, go through the same OutputProcessor as
+the offline `LLM` (detokenization, stop strings), and land in one collector per request. A consumer that
+stops iterating (client disconnect) aborts its request in the engine, which frees its KV blocks.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from elastic.config import EngineConfig
+from elastic.engine.core_client import EngineCoreClient, EngineDeadError, EngineHandle, EngineStartupError
+from elastic.engine.input_processor import InputProcessor
+from elastic.engine.output_processor import OutputProcessor
+from elastic.metrics import ServerMetrics
+from elastic.outputs import RequestOutput
+from elastic.protocol.from_engine import EngineCoreOutputs
+from elastic.sampling_params import SamplingParams
+from elastic.tokenizer import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AsyncLLM", "EngineDeadError", "EngineNotReadyError", "EngineStartupError", "RequestAbortedError",
+           "RequestRejectedError"]
+
+
+class EngineNotReadyError(RuntimeError):
+    """The engine is still starting (or has stopped)."""
+
+
+class RequestAbortedError(RuntimeError):
+    """`abort()` was called while a consumer was waiting for outputs."""
+
+
+class RequestRejectedError(ValueError):
+    """The engine core refused the request (it re-validates what the front end checked)."""
+
+
+class _Collector:
+    """Latest snapshot of one request. Snapshots are cumulative, so a slow reader just sees fewer, larger
+    steps, and memory stays bounded however far behind it falls."""
+
+    def __init__(self) -> None:
+        self.output: RequestOutput | None = None
+        self.error: BaseException | None = None
+        self.event = asyncio.Event()
+
+    def put(self, output: RequestOutput) -> None:
+        self.output = output
+        self.event.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.event.set()
+
+    async def get(self) -> RequestOutput:
+        while self.output is None:
+            if self.error is not None:
+                raise self.error
+            self.event.clear()
+            await self.event.wait()
+        output, self.output = self.output, None
+        return output
+
+
+@dataclass
+class _Sample:
+    """Timing of one engine request (one of the n samples), for TTFT / ITL metrics."""
+
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+
+
+@dataclass
+class _RequestState:
+    request_id: str
+    engine_index: int
+    num_prompt_tokens: int
+    arrival: float  # time.monotonic()
+    collector: _Collector = field(default_factory=_Collector)
+    samples: dict[str, _Sample] = field(default_factory=dict)  # engine request id -> timing
+    finished: bool = False
+
+
+class AsyncLLM:
+    def __init__(self, config: EngineConfig, *, metrics: ServerMetrics | None = None, address: str | None = None,
+                 handshake_port: int = 0, log_level: str = "INFO") -> None:
+        self.config = config
+        self.tokenizer = load_tokenizer(config.model.tokenizer)
+        self.input_processor = InputProcessor(self.tokenizer, config.model)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.metrics = metrics
+        self.client = EngineCoreClient(config, on_outputs=self._on_outputs, on_engine_dead=self._on_engine_dead,
+                                       address=address, handshake_port=handshake_port, log_level=log_level)
+        self.requests: dict[str, _RequestState] = {}
+        self.sample_owner: dict[str, _RequestState] = {}  # engine request id -> its request
+        self.startup_error: str | None = None
+
+    # ---- lifecycle ------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        try:
+            await self.client.start()
+        except EngineStartupError as e:
+            self.startup_error = str(e)
+            raise
+
+    async def shutdown(self) -> None:
+        await self.client.shutdown()
+        self._fail_all(EngineNotReadyError("the server is shutting down"))
+
+    @property
+    def is_ready(self) -> bool:
+        return self.client.is_ready and self.client.dead_reason is None
+
+    def status(self) -> str | None:
+        """None when serving, else why not (for /health and 503 bodies)."""
+        if self.client.dead_reason is not None:
+            return f"the engine is dead: {self.client.dead_reason}"
+        if self.startup_error is not None:
+            return f"the engine failed to start: {self.startup_error}"
+        if self.client.closed:
+            return "the server is shutting down"
+        if not self.client.is_ready:
+            return "the engine is starting; retry shortly"
+        return None
+
+    def check_ready(self) -> None:
+        reason = self.status()
+        if reason is None:
+            return
+        raise EngineDeadError(reason) if self.client.dead_reason else EngineNotReadyError(reason)
+
+    # ---- requests -------------------------------------------------------------------------------------
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """The engine core's own checks, done here so the client gets a 400 before anything is queued."""
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.config.model.arch.vocab_size
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if params.logit_bias and any(not 0 <= t < vocab for t in params.logit_bias):
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
+        if params.stop_token_ids and any(t >= vocab for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be in [0, {vocab})")
+        self.input_processor.check_length(len(prompt_token_ids), params)
+        engines = [e for e in self.client.engines if e.ready]
+        if engines:
+            max_len = self.config.model.max_model_len
+            total = min(max_len, len(prompt_token_ids) + (params.max_tokens or max_len))
+            block_size = self.config.cache.block_size
+            capacity = min(e.num_kv_blocks for e in engines) * block_size
+            if -(-total // block_size) * block_size > capacity:
+                raise ValueError(f"the request may need {total} tokens of KV cache; the cache holds only "
+                                 f"{capacity}")
+
+    async def generate(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Yield cumulative snapshots until the request finishes. Closing the iterator early aborts it."""
+        self.check_ready()
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        engine = self.client.pick_engine()
+        reqs = self.input_processor.make_requests(request_id, prompt_token_ids, params)
+        state = _RequestState(request_id, engine.index, len(prompt_token_ids), time.monotonic(),
+                              samples={r.request_id: _Sample() for r in reqs})
+        self.output_processor.add_request(request_id, prompt, prompt_token_ids, [r.request_id for r in reqs],
+                                          [r.sampling_params for r in reqs])
+        self.requests[request_id] = state
+        for rid in state.samples:
+            self.sample_owner[rid] = state
+        try:
+            self._send(engine, state, reqs)
+            while True:
+                output = await state.collector.get()
+                yield output
+                if output.finished:
+                    return
+        finally:
+            if not state.finished:  # the consumer went away (or failed): free the engine's resources
+                self._abort(state)
+
+    def _send(self, engine: EngineHandle, state: _RequestState, reqs: list) -> None:
+        try:
+            self.client.add_requests(engine, reqs)
+        except EngineDeadError:
+            self._forget(state)
+            state.finished = True
+            raise
+
+    def abort(self, request_id: str) -> None:
+        state = self.requests.get(request_id)
+        if state is not None and not state.finished:
+            self._abort(state)
+            state.collector.fail(RequestAbortedError(f"request {request_id} was aborted"))
+
+    def _abort(self, state: _RequestState) -> None:
+        child_ids = self.output_processor.remove(state.request_id)
+        self.client.abort(state.engine_index, child_ids)
+        if self.metrics is not None:
+            now = time.monotonic()
+            for _ in child_ids:
+                self.metrics.record_finished(state.engine_index, "abort", now - state.arrival,
+                                             state.num_prompt_tokens, 0)
+        self._forget(state)
+        state.finished = True
+
+    def _forget(self, state: _RequestState) -> None:
+        self.requests.pop(state.request_id, None)
+        for rid in state.samples:
+            self.sample_owner.pop(rid, None)
+        self.client.release(state.engine_index, len(state.samples))
+
+    # ---- outputs (called by the engine client's receive task) ------------------------------------------
+    def _on_outputs(self, batch: EngineCoreOutputs) -> None:
+        now = time.monotonic()
+        engine = batch.engine_index
+        metrics = self.metrics
+        if metrics is not None:
+            if batch.scheduler_stats is not None:
+                metrics.record_scheduler_stats(engine, batch.scheduler_stats)
+            for seconds in (batch.queue_times or {}).values():
+                metrics.record_queue_time(engine, seconds)
+        for rejected in batch.rejected or ():
+            state = self.sample_owner.get(rejected.request_id)
+            if state is not None and not state.finished:
+                logger.warning("engine core %d rejected request %s: %s", engine, rejected.request_id,
+                               rejected.error)
+                self.client.abort(engine, self.output_processor.remove(state.request_id))
+                self._forget(state)
+                state.finished = True
+                state.collector.fail(RequestRejectedError(rejected.error))
+        if not batch.outputs:
+            return
+        if metrics is not None:
+            self._record_token_timing(batch, now)
+        snapshots, to_abort = self.output_processor.process(batch.outputs)
+        if to_abort:  # stop strings, found here, end requests the engine would otherwise continue
+            self.client.abort(engine, to_abort)
+        for snapshot in snapshots:
+            state = self.requests.get(snapshot.request_id)
+            if state is None:
+                continue
+            if snapshot.finished:
+                self._finish(state, snapshot, now)
+            state.collector.put(snapshot)
+
+    def _record_token_timing(self, batch: EngineCoreOutputs, now: float) -> None:
+        assert self.metrics is not None
+        for eo in batch.outputs:
+            state = self.sample_owner.get(eo.request_id)
+            if state is None or not eo.new_token_ids:
+                continue
+            sample = state.samples[eo.request_id]
+            if sample.first_token_time is None:
+                sample.first_token_time = now
+                self.metrics.record_first_token(batch.engine_index, now - state.arrival, state.num_prompt_tokens)
+                self.metrics.record_tokens(batch.engine_index, len(eo.new_token_ids), None)
+            else:
+                self.metrics.record_tokens(batch.engine_index, len(eo.new_token_ids),
+                                           now - (sample.last_token_time or now))
+            sample.last_token_time = now
+
+    def _finish(self, state: _RequestState, snapshot: RequestOutput, now: float) -> None:
+        self._forget(state)
+        state.finished = True
+        if self.metrics is not None:
+            for out in snapshot.outputs:
+                self.metrics.record_finished(state.engine_index, out.finish_reason or "stop", now - state.arrival,
+                                             state.num_prompt_tokens, len(out.token_ids))
+
+    def _on_engine_dead(self, engine_index: int, reason: str) -> None:
+        self._fail_all(EngineDeadError(reason), engine_index)
+
+    def _fail_all(self, error: BaseException, engine_index: int | None = None) -> None:
+        for state in list(self.requests.values()):
+            if engine_index is None or state.engine_index == engine_index:
+                self.output_processor.remove(state.request_id)
+                self._forget(state)
+                state.finished = True
+                state.collector.fail(error)
