@@ -340,9 +340,10 @@ def ensure_demo_model(cache_dir: str | Path | None = None) -> Path:
 
     Location: ``<cache_dir>/demo-qwen3-moe-v1`` where ``cache_dir`` defaults to
     :func:`default_cache_dir`. Safe against concurrent callers (threads or
-    processes, also on a shared filesystem): each builds into a private temp
-    dir next to the target and publishes it with an atomic rename; losers of
-    the race discard their copy and return the winner's.
+    processes): each builds into a private temp dir next to the target and
+    publishes it with an atomic rename; losers of the race discard their copy
+    and return the winner's. An incomplete directory left at the target (no
+    completion marker or missing files) is replaced.
     """
     root = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()).absolute()
     final = root / DEMO_MODEL_DIRNAME
