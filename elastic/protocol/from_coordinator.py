@@ -1,0 +1,19 @@
+"""DP coordinator -> engines (START_DP_WAVE) and -> front ends (load snapshots)."""
+from __future__ import annotations
+
+import msgspec
+
+
+class StartDPWave(msgspec.Struct, array_like=True, tag=True):
+    """Engines paused at `wave` (except `exclude_engine`, which woke first) start stepping."""
+
+    wave: int
+    exclude_engine: int
+
+
+class LoadSnapshot(msgspec.Struct, array_like=True, tag=True):
+    """Per-engine [waiting, running] counts for routing, plus the wave state."""
+
+    counts: list[list[int]]
+    wave: int
+    running: bool
