@@ -1,0 +1,46 @@
+"""Backend selection shared by the kernel modules.
+
+Importing this package must stay cheap and must work on machines without Triton or CUDA
+(the CPU engine path only uses the torch references), so Triton is never imported here:
+`HAS_TRITON` only says whether the package is installed, and the Triton kernel modules are
+imported lazily by the dispatching functions the first time a Triton path is taken.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+HAS_TRITON: bool = importlib.util.find_spec("triton") is not None
+
+
+def interpret_mode() -> bool:
+    """True when Triton runs kernels on the CPU through its interpreter (tests only)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    if not HAS_TRITON:
+        return False
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # a broken install must degrade to the references, not crash serving
+        return False
+    return True
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels should run for tensors living where `t` lives."""
+    return (t.is_cuda or interpret_mode()) and _triton_importable()
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)

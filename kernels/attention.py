@@ -1,0 +1,184 @@
+"""Paged KV cache writes and paged attention: public API and torch references.
+
+KV cache per layer: k_cache, v_cache [num_blocks, block_size, Hkv, D]; a token's slot is
+block_id * block_size + offset. Request b owns query rows query_start_loc[b]:query_start_loc[b+1]
+(q_len_b tokens): the LAST q_len_b positions of its seq_lens[b]-token context, whose K/V are
+already in the cache. Each query attends causally to keys 0..its own position, read through
+block_tables[b]. Query head h uses kv head h // (Hq // Hkv). Prefill, chunked prefill and decode
+(q_len 1) all go through the same call. Output rows outside
+query_start_loc[0]:query_start_loc[B] are not written by the Triton path (zeros in the reference).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+from ._backend import cdiv, next_pow2, use_triton
+
+_TRITON_DTYPES = (torch.bfloat16, torch.float16)
+# Buffer allocator; tests swap in a NaN-filling one to prove no unwritten element is consumed.
+_alloc = torch.empty
+LOG2E = 1.4426950408889634
+_MAX_GRID_Y = 65535          # CUDA limit of grid dimension 1
+
+# Launch parameters, chosen from sweeps on an H200 (docs/kernels-notes.md). Decode is bandwidth
+# bound: one kv head per program, its G query heads stacked as rows; enough programs come from
+# splitting the context ("waves" = programs wanted per SM). two_phase: an unmasked loop over
+# the keys every row sees, then a masked loop over the rest (pays in prefill, neutral in
+# decode); kv_fastest: grid order with the kv head varying fastest (slightly better).
+DECODE_CFG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "max_splits": 64,
+              "min_tiles_per_split": 2, "waves": 4, "two_phase": False, "kv_fastest": True}
+PREFILL_CFG = {"BLOCK_R": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3,
+               "two_phase": True, "kv_fastest": True}
+
+
+def store_kvcache_reference(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
+                            v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """key/value [T, Hkv, D] -> cache rows at slot_mapping[T] (int64); slot -1 is skipped."""
+    block_size = k_cache.shape[1]
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    blk, off = slots // block_size, slots % block_size
+    k_cache[blk, off] = key[keep].to(k_cache.dtype)
+    v_cache[blk, off] = value[keep].to(v_cache.dtype)
+
+
+def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """key/value [T, Hkv, D] -> cache rows at slot_mapping[T] (int64); slot -1 is skipped.
+    Sync-free and graph-capturable on the Triton path."""
+    T, Hkv, D = key.shape
+    if T == 0:
+        return
+    if not use_triton(key):
+        store_kvcache_reference(key, value, k_cache, v_cache, slot_mapping)
+        return
+    from .attention_triton import _store_kv_kernel
+
+    assert key.stride(-1) == 1 and value.stride(-1) == 1 and k_cache.stride(-1) == 1
+    assert k_cache.stride() == v_cache.stride(), "k_cache and v_cache must share a layout"
+    _store_kv_kernel[(T,)](key, value, k_cache, v_cache, slot_mapping,
+                           key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+                           k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), Hkv, D,
+                           BLOCK_SIZE=k_cache.shape[1], BLOCK_H=next_pow2(Hkv),
+                           BLOCK_D=next_pow2(D), num_warps=4)
+
+
+def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              block_tables: torch.Tensor, query_start_loc: torch.Tensor,
+                              seq_lens: torch.Tensor, scale: float, max_query_len: int,
+                              max_seq_len: int) -> torch.Tensor:
+    """float32 math per request; q [T, Hq, D] -> [T, Hq, D] in q's dtype."""
+    T, Hq, D = q.shape
+    block_size, Hkv = k_cache.shape[1], k_cache.shape[2]
+    group = Hq // Hkv
+    out = torch.zeros_like(q)
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    for b, seq_len in enumerate(lens):
+        q0, q1 = starts[b], starts[b + 1]
+        n = q1 - q0
+        if n == 0 or seq_len == 0:
+            continue
+        pos = torch.arange(seq_len, device=q.device)                       # [L]
+        pages = block_tables[b, pos // block_size].long()
+        k = k_cache[pages, pos % block_size].float().repeat_interleave(group, dim=1)  # [L,Hq,D]
+        v = v_cache[pages, pos % block_size].float().repeat_interleave(group, dim=1)
+        s = torch.einsum("qhd,khd->hqk", q[q0:q1].float(), k) * scale          # [Hq, n, L]
+        q_pos = seq_len - n + torch.arange(n, device=q.device)                 # [n]
+        s = s.masked_fill((pos[None, :] > q_pos[:, None])[None], float("-inf"))
+        p = torch.softmax(s, dim=-1).nan_to_num(0.0)    # a row without keys yields zeros
+        out[q0:q1] = torch.einsum("hqk,khd->qhd", p, v).to(q.dtype)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4                                  # interpreter runs: keep grids tiny
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def decode_split(num_reqs: int, num_kv_heads: int, max_seq_len: int,
+                 device: torch.device) -> tuple[int, int]:
+    """-> (num_splits, partition tokens). Host arithmetic on host ints only (graph-safe)."""
+    cfg = DECODE_CFG
+    tiles = max(1, cdiv(max_seq_len, cfg["BLOCK_N"]))
+    want = cdiv(cfg["waves"] * _num_sms(device), max(1, num_reqs * num_kv_heads))
+    splits = max(1, min(want, cfg["max_splits"], cdiv(tiles, cfg["min_tiles_per_split"])))
+    partition = cdiv(tiles, splits) * cfg["BLOCK_N"]
+    return cdiv(max(1, max_seq_len), partition), partition
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_tables: torch.Tensor, query_start_loc: torch.Tensor,
+                    seq_lens: torch.Tensor, scale: float, max_query_len: int,
+                    max_seq_len: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """q [T, Hq, D], caches [num_blocks, block_size, Hkv, D], block_tables [B, max_blocks]
+    int32, query_start_loc [B+1] int32, seq_lens [B] int32 -> [T, Hq, D] in q's dtype.
+
+    max_query_len / max_seq_len are host-side upper bounds (>= every q_len / seq_len): they
+    size the grids, so no device value is read on the host. max_query_len == 1 selects the
+    split-KV decode kernels (graph-capturable); otherwise the tiled prefill kernel runs.
+    """
+    T, Hq, D = q.shape
+    B = seq_lens.shape[0]
+    if not use_triton(q) or q.dtype not in _TRITON_DTYPES:
+        ref = paged_attention_reference(q, k_cache, v_cache, block_tables, query_start_loc,
+                                        seq_lens, scale, max_query_len, max_seq_len)
+        return ref if out is None else out.copy_(ref)
+    from .attention_triton import _attn_fwd_kernel, _attn_merge_kernel
+
+    Hkv = k_cache.shape[2]
+    group = Hq // Hkv
+    assert Hq % Hkv == 0 and k_cache.stride() == v_cache.stride()
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if out is None:
+        out = torch.empty_like(q)
+    if T == 0 or B == 0 or max_query_len == 0:
+        return out
+    g_pad = next_pow2(group)
+    common = dict(BLOCK_SIZE=k_cache.shape[1], G_PAD=g_pad, BLOCK_D=next_pow2(D),
+                  EVEN_D=next_pow2(D) == D)
+    strides = (q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0),
+               k_cache.stride(1), k_cache.stride(2), block_tables.stride(0))
+    qk_scale = scale * LOG2E
+    if max_query_len == 1:
+        cfg = DECODE_CFG
+        num_splits, partition = decode_split(B, Hkv, max_seq_len, q.device)
+        split = num_splits > 1
+        if split:
+            part_acc = _alloc(B * Hq * num_splits, D, dtype=torch.float32, device=q.device)
+            part_ml = _alloc(B * Hq * num_splits, 2, dtype=torch.float32, device=q.device)
+        else:
+            part_acc = part_ml = out                      # unused
+        kv_fastest = cfg["kv_fastest"] and B <= _MAX_GRID_Y
+        grid = (Hkv, B, num_splits) if kv_fastest else (B, Hkv, num_splits)
+        _attn_fwd_kernel[grid](
+            q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out, part_acc, part_ml,
+            qk_scale, 1, partition, num_splits, Hq, group, D, *strides,
+            BLOCK_Q=1, BLOCK_R=max(16, g_pad), BLOCK_N=cfg["BLOCK_N"], SPLIT=split,
+            TWO_PHASE=cfg["two_phase"], KV_FASTEST=kv_fastest,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
+        if split:
+            _attn_merge_kernel[(B, Hq)](part_acc, part_ml, out, query_start_loc, Hq, num_splits,
+                                        D, out.stride(0), out.stride(1),
+                                        BLOCK_S=next_pow2(num_splits), BLOCK_D=next_pow2(D),
+                                        num_warps=4)
+        return out
+    cfg = PREFILL_CFG
+    block_r = max(cfg["BLOCK_R"], g_pad)
+    block_q = block_r // g_pad
+    tiles = cdiv(max_query_len, block_q)
+    kv_fastest = cfg["kv_fastest"] and B * tiles <= _MAX_GRID_Y
+    grid = (Hkv, B * tiles, 1) if kv_fastest else (B * tiles, Hkv, 1)
+    _attn_fwd_kernel[grid](
+        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out, out, out,
+        qk_scale, tiles, 1 << 30, 1, Hq, group, D, *strides,  # one split: whole context
+        BLOCK_Q=block_q, BLOCK_R=block_r, BLOCK_N=cfg["BLOCK_N"], SPLIT=False,
+        TWO_PHASE=cfg["two_phase"], KV_FASTEST=kv_fastest,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
+    return out
