@@ -19,9 +19,7 @@ class AttentionMetadata:
     seq_lens: torch.Tensor  # [B] int32: context length including the new tokens
     max_query_len: int
     max_seq_len: int
-    # Host copies, so the CPU reference path never syncs on device tensors.
-    query_start_loc_cpu: list[int]
-    seq_lens_cpu: list[int]
+    query_start_loc_cpu: list[int]  # host copy, for host-side bookkeeping without a device sync
 
     @property
     def is_decode_only(self) -> bool:

@@ -122,7 +122,6 @@ class ModelRunner:
             max_query_len=max(n for _, n in out.scheduled),
             max_seq_len=max(seq_lens),
             query_start_loc_cpu=query_start_loc,
-            seq_lens_cpu=seq_lens,
         )
         return tensor(input_ids, torch.long), tensor(positions, torch.long), md, logit_rows
 

@@ -9,53 +9,19 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from elastic.forward_context import get_forward_context
+from elastic.kernels import fused_moe, topk_route
 
 # (hidden [T, H], w13 [S, 2I, H], w2 [S, H, I], topk_weights [T, K] f32, topk_slots [T, K] int32) -> [T, H]
 ExpertBackend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    # router_logits [T, E] -> weights [T, K] f32, logical expert ids [T, K] int64
-    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
-    weights, ids = torch.topk(probs, top_k, dim=-1)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, ids
-
-
-def moe_torch(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_slots: torch.Tensor) -> torch.Tensor:
-    """Reference expert compute: (token, k) pairs sorted by slot, one matmul pair per slot that got tokens."""
-    num_tokens, top_k = topk_slots.shape
-    pair_slots = topk_slots.flatten().long()  # [T*K]
-    pairs = torch.nonzero(pair_slots >= 0).flatten()  # pairs whose slot is on this rank
-    pairs = pairs[torch.argsort(pair_slots[pairs], stable=True)]
-    counts = torch.bincount(pair_slots[pairs], minlength=w13.shape[0]).tolist()
-    pair_weights = topk_weights.flatten()
-    inter = w2.shape[2]
-    out = torch.zeros(num_tokens, hidden.shape[1], dtype=torch.float32, device=hidden.device)
-    start = 0
-    for slot, count in enumerate(counts):
-        if count == 0:
-            continue
-        chunk = pairs[start:start + count]
-        tokens = chunk // top_k
-        gate_up = hidden[tokens] @ w13[slot].t()  # [n, 2I]
-        act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-        y = (act @ w2[slot].t()).float() * pair_weights[chunk, None]  # [n, H]
-        out.index_add_(0, tokens, y)
-        start += count
-    return out.to(hidden.dtype)
-
-
 class FusedMoE(nn.Module):
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
                  renormalize: bool, ep_size: int = 1, ep_rank: int = 0, num_redundant: int = 0,
-                 backend: ExpertBackend = moe_torch) -> None:
+                 backend: ExpertBackend = fused_moe) -> None:
         super().__init__()
         self.num_logical = num_experts
         self.num_physical = num_experts + num_redundant
@@ -119,7 +85,8 @@ class FusedMoE(nn.Module):
 
     def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         # hidden [T, H]; router_logits [T, E] -> [T, H]
-        topk_weights, topk_ids = route(router_logits, self.top_k, self.renormalize)
+        topk_weights, topk_ids = topk_route(router_logits, self.top_k, self.renormalize)
+        topk_ids = topk_ids.long()
         # Replicas of one expert take tokens in turn (token index modulo replica count).
         token_index = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
         replica = token_index % self.logical_replica_count[topk_ids]
