@@ -34,6 +34,7 @@ class CacheConfig:
     kv_cache_memory: int | None = None  # bytes; the budget on CPU (and an override on GPU)
     num_kv_blocks: int | None = None  # exact count, overrides both budgets (tests force preemption)
     enable_prefix_caching: bool = True
+    enforce_eager: bool = False  # no CUDA graphs
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,7 @@ def create_engine_config(
     kv_cache_memory: int | None = None,
     num_kv_blocks: int | None = None,
     enable_prefix_caching: bool = True,
+    enforce_eager: bool = False,
     max_num_seqs: int = 256,
     max_num_batched_tokens: int | None = None,
     data_parallel_size: int = 1,
@@ -159,7 +161,7 @@ def create_engine_config(
             load_format=load_format, seed=seed, skip_tokenizer_init=skip_tokenizer_init),
         cache=CacheConfig(block_size=block_size, gpu_memory_utilization=gpu_memory_utilization,
                           kv_cache_memory=kv_cache_memory, num_kv_blocks=num_kv_blocks,
-                          enable_prefix_caching=enable_prefix_caching),
+                          enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
         parallel=ParallelConfig(data_parallel_size=data_parallel_size, ep_dispatch=ep_dispatch,
                                 num_redundant_experts=num_redundant_experts),

@@ -111,6 +111,13 @@ class ServerMetrics:
             s.preemptions.inc(stats.num_preemptions - s.last_preemptions)
         s.last_preemptions = stats.num_preemptions
 
+    def record_engine_gone(self, engine: int) -> None:
+        """A dead engine runs nothing: stale gauges would keep autoscalers and routers counting on it."""
+        s = self.engine(engine)
+        s.running.set(0)
+        s.waiting.set(0)
+        s.kv_usage.set(0)
+
     def record_queue_time(self, engine: int, seconds: float) -> None:
         self.engine(engine).queue_time.observe(seconds)
 

@@ -91,7 +91,8 @@ class AsyncLLM:
     def __init__(self, config: EngineConfig, *, metrics: ServerMetrics | None = None, address: str | None = None,
                  handshake_port: int = 0, log_level: str = "INFO") -> None:
         self.config = config
-        self.tokenizer = load_tokenizer(config.model.tokenizer)
+        # skip_tokenizer_init: token ids in and out (e.g. benchmarks of dummy-weight models without a tokenizer)
+        self.tokenizer = None if config.model.skip_tokenizer_init else load_tokenizer(config.model.tokenizer)
         self.input_processor = InputProcessor(self.tokenizer, config.model)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.metrics = metrics
@@ -108,6 +109,9 @@ class AsyncLLM:
         except EngineStartupError as e:
             self.startup_error = str(e)
             raise
+        if self.metrics is not None:  # every series exists (at 0) from the start, for scrapers and autoscalers
+            for engine in self.client.engines:
+                self.metrics.engine(engine.index)
 
     async def shutdown(self) -> None:
         await self.client.shutdown()
@@ -275,6 +279,8 @@ class AsyncLLM:
 
     def _on_engine_dead(self, engine_index: int, reason: str) -> None:
         self._fail_all(EngineDeadError(reason), engine_index)
+        if self.metrics is not None:
+            self.metrics.record_engine_gone(engine_index)
 
     def _fail_all(self, error: BaseException, engine_index: int | None = None) -> None:
         for state in list(self.requests.values()):

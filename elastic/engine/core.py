@@ -41,6 +41,7 @@ class EngineCore:
         # In a DP group: whether any rank has unfinished requests (the current request wave goes on).
         self._wave_running = False
         self.runner.allocate_kv_cache(num_blocks)
+        self.runner.capture_cuda_graphs()
         self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
         logger.info("engine ready in %.1fs: %d KV blocks of %d tokens (%d tokens)", time.perf_counter() - start,

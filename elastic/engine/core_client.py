@@ -8,6 +8,7 @@ sentinel, or an EngineDead message) is reported to `on_engine_dead` at once.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import multiprocessing
@@ -85,6 +86,9 @@ class EngineCoreClient:
         self.log_level = log_level
         self.stats_interval_s = stats_interval_s
         n = config.parallel.data_parallel_size
+        if n != 1:  # DP ranks step in lockstep; serving them needs the DP coordinator's request waves
+            raise NotImplementedError("the server runs one engine core; data_parallel_size > 1 needs the DP "
+                                      "coordinator wired into the front end")
         self.engines = [EngineHandle(i, engine_identity(i)) for i in range(n)]
         self.encoder = msgspec.msgpack.Encoder()
         self.output_decoder = msgspec.msgpack.Decoder(EngineCoreOutputMessage)
@@ -132,8 +136,9 @@ class EngineCoreClient:
         # spawn, not fork: torch (CUDA, OpenMP threads) is not fork-safe.
         mp = multiprocessing.get_context("spawn")
         reader, writer = mp.Pipe(duplex=False)
+        config = dataclasses.replace(self.config, parallel=self.config.parallel.for_rank(engine.index))
         proc = mp.Process(target=run_engine_core, name=f"EngineCore_{engine.index}",
-                          args=(self.config, engine.index, self.handshake_address, reader, self.log_level))
+                          args=(config, engine.index, self.handshake_address, reader, self.log_level))
         proc.start()
         reader.close()  # only the child keeps the read end: our exit then closes the pipe
         engine.proc, engine.death_writer, engine.pid = proc, writer, proc.pid

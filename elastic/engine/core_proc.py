@@ -71,7 +71,7 @@ class EngineCoreProc:
 
     def run(self) -> None:
         while not self.shutdown_requested:
-            if not self.core.has_unfinished_requests():
+            if not self.core.global_unfinished:
                 # Idle: block in poll (no CPU), waking only to re-send stats now and then (liveness).
                 wait_s = max(0.0, self.stats_interval_s - (time.monotonic() - self.last_send))
                 if not self.poller.poll(int(wait_s * 1000)):
@@ -80,7 +80,7 @@ class EngineCoreProc:
             self.drain_inputs()
             if self.shutdown_requested:
                 break
-            outputs = self.step() if self.core.has_unfinished_requests() else []
+            outputs = self.step() if self.core.global_unfinished else []
             self.send_batch(outputs)
 
     # ---- inputs ---------------------------------------------------------------------------------------
@@ -203,6 +203,7 @@ def run_engine_core(config: EngineConfig, engine_index: int, handshake_address: 
     handshake.connect(handshake_address)
     sockets = [handshake]
     output: zmq.Socket | None = None
+    core: Any = None
     exit_code = 0
     try:
         handshake.send(encoder.encode(EngineHello(engine_index, os.getpid(), local=local, headless=headless)))
@@ -244,6 +245,8 @@ def run_engine_core(config: EngineConfig, engine_index: int, handshake_address: 
     except SystemExit as e:
         exit_code = e.code if isinstance(e.code, int) else 0
     finally:
+        if core is not None:
+            core.shutdown()  # process groups, when there are any
         for sock in sockets:
             sock.close()
         ctx.term()

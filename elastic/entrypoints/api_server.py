@@ -164,6 +164,7 @@ def build_app(engine: AsyncLLM, metrics: ServerMetrics, args: ServerArgs) -> Fas
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
         ctx.check_model(req.model)
+        tokenizer = ctx.require_tokenizer("prompt")
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
         if req.messages is not None:
@@ -174,17 +175,18 @@ def build_app(engine: AsyncLLM, metrics: ServerMetrics, args: ServerArgs) -> Fas
         else:
             text = req.prompt or ""
             add_special = req.add_special_tokens is not False
-        ids = ctx.tokenizer.encode(text, add_special_tokens=add_special)
+        ids = tokenizer.encode(text, add_special_tokens=add_special)
         return {"count": len(ids), "max_model_len": config.model.max_model_len, "tokens": ids,
-                "token_strs": ctx.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None}
+                "token_strs": tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None}
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest) -> dict[str, str]:
         ctx.check_model(req.model)
+        tokenizer = ctx.require_tokenizer("tokens")
         vocab = config.model.arch.vocab_size
         if any(not 0 <= t < vocab for t in req.tokens):
             raise APIError(400, f"token ids must be in [0, {vocab})", param="tokens")
-        return {"prompt": ctx.tokenizer.decode(req.tokens)}
+        return {"prompt": tokenizer.decode(req.tokens)}
 
     return app
 

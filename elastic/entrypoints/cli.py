@@ -78,6 +78,8 @@ def _add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     model.add_argument("--max-model-len", type=_tokens, default=None,
                        help="context length in tokens, e.g. 4096 or 32k (default: the model's, at most 32k)")
     model.add_argument("--seed", type=int, default=0, help="seed of the engine's sampler")
+    model.add_argument("--skip-tokenizer-init", action="store_true",
+                       help="no tokenizer: token-id prompts only, outputs carry token_ids (dummy-weight benchmarks)")
 
     engine = p.add_argument_group("engine")
     engine.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -139,6 +141,7 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         config = create_engine_config(
             model, tokenizer=args.tokenizer, served_model_name=served or args.model, dtype=args.dtype,
             device=args.device, max_model_len=args.max_model_len, load_format=args.load_format, seed=args.seed,
+            skip_tokenizer_init=args.skip_tokenizer_init,
             block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
             kv_cache_memory=args.kv_cache_memory, num_kv_blocks=args.num_kv_blocks,
             enable_prefix_caching=args.enable_prefix_caching, max_num_seqs=args.max_num_seqs,

@@ -46,11 +46,11 @@ class StreamOptions(OpenAIModel):
     continuous_usage_stats: bool | None = False
 
 
-class _SamplingFields(OpenAIModel):
+class SamplingFields(OpenAIModel):
     """Fields shared by completions and chat completions (None: the model's or SamplingParams' default)."""
 
     model: str | None = None
-    n: int = 1
+    n: int | None = 1
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
@@ -72,10 +72,11 @@ class _SamplingFields(OpenAIModel):
     skip_special_tokens: bool | None = True
     prompt_logprobs: int | None = None
     return_tokens_as_token_ids: bool | None = False
+    return_token_ids: bool | None = False  # add token_ids (and prompt_token_ids) to each choice
     truncate_prompt_tokens: int | None = Field(default=None, ge=1)
 
 
-class CompletionRequest(_SamplingFields):
+class CompletionRequest(SamplingFields):
     prompt: Union[list[int], list[list[int]], str, list[str]]
     max_tokens: int | None = 16
     echo: bool | None = False
@@ -104,7 +105,7 @@ class ChatMessage(OpenAIModel):
         return "\n".join(part.text for part in self.content)
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None  # deprecated by OpenAI, still what most clients send
     max_completion_tokens: int | None = None

@@ -15,7 +15,7 @@ import msgspec
 from fastapi import Request
 
 from elastic.engine.async_llm import (AsyncLLM, EngineDeadError, EngineNotReadyError, RequestRejectedError)
-from elastic.entrypoints.openai_protocol import APIError, _SamplingFields, error_body
+from elastic.entrypoints.openai_protocol import APIError, SamplingFields, error_body
 from elastic.outputs import RequestOutput
 from elastic.sampling_params import SamplingParams
 
@@ -60,8 +60,19 @@ class ServingContext:
         except (EngineNotReadyError, EngineDeadError) as e:
             raise APIError(503, str(e)) from None
 
+    def require_tokenizer(self, param: str) -> Any:
+        if self.tokenizer is None:
+            raise APIError(400, "this server runs without a tokenizer (--skip-tokenizer-init): send token ids",
+                           param=param)
+        return self.tokenizer
+
     def token_str(self, token_id: int, as_ids: bool) -> str:
-        return f"token_id:{token_id}" if as_ids else self.tokenizer.decode([token_id])
+        if as_ids or self.tokenizer is None:
+            return f"token_id:{token_id}"
+        return self.tokenizer.decode([token_id])
+
+    def decode(self, token_ids: list[int]) -> str:
+        return "" if self.tokenizer is None else self.tokenizer.decode(token_ids)
 
 
 def param_error(e: ValueError, default_param: str | None = None) -> APIError:
@@ -71,7 +82,7 @@ def param_error(e: ValueError, default_param: str | None = None) -> APIError:
     return APIError(400, str(e), param=param)
 
 
-def build_sampling_params(ctx: ServingContext, req: _SamplingFields, *, max_tokens: int | None,
+def build_sampling_params(ctx: ServingContext, req: SamplingFields, *, max_tokens: int | None,
                           logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
     """Request fields over the model's generation_config defaults over SamplingParams' own defaults."""
     if req.stream_options is not None and not req.stream:
@@ -90,7 +101,7 @@ def build_sampling_params(ctx: ServingContext, req: _SamplingFields, *, max_toke
             kwargs["logit_bias"] = {int(t): max(-100.0, min(100.0, float(b))) for t, b in req.logit_bias.items()}
         except ValueError:
             raise APIError(400, "logit_bias keys must be token ids", param="logit_bias") from None
-    kwargs.update(n=req.n, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+    kwargs.update(n=1 if req.n is None else req.n, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
     try:
         return SamplingParams(**kwargs)
     except ValueError as e:

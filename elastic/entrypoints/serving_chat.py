@@ -18,7 +18,7 @@ from elastic.sampling_params import SamplingParams
 def render_chat(ctx: ServingContext, messages: list[ChatMessage], *, add_generation_prompt: bool = True,
                 continue_final_message: bool = False, chat_template_kwargs: dict[str, Any] | None = None) -> str:
     """The prompt text for a conversation. Content is flattened to a string, which every template accepts."""
-    tokenizer = ctx.tokenizer
+    tokenizer = ctx.require_tokenizer("messages")
     if not getattr(tokenizer, "chat_template", None):
         raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")
     if add_generation_prompt and continue_final_message:
@@ -92,6 +92,9 @@ class ChatHandler:
         choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
                     "logprobs": self._logprobs(req, o.token_ids, list(o.logprobs or [])),
                     "finish_reason": o.finish_reason, "stop_reason": o.stop_reason} for o in out.outputs]
+        if req.return_token_ids:
+            for choice, o in zip(choices, out.outputs):
+                choice.update(prompt_token_ids=out.prompt_token_ids, token_ids=o.token_ids)
         return {"id": request_id, "object": "chat.completion", "created": now(), "model": self.ctx.served_model_name,
                 "choices": choices, "system_fingerprint": None,
                 "usage": usage(len(out.prompt_token_ids), sum(len(o.token_ids) for o in out.outputs),
@@ -131,8 +134,11 @@ class ChatHandler:
                         if not text and o.finish_reason is None:
                             continue  # half a UTF-8 character, or text held back for a stop string
                         cursor.commit(o)
-                        yield chunk(o.index, {"content": text}, self._logprobs(req, token_ids, entries),
-                                    o.finish_reason, o.stop_reason)
+                        delta: dict[str, Any] = {"content": text}
+                        if req.return_token_ids:
+                            delta["token_ids"] = token_ids
+                        yield chunk(o.index, delta, self._logprobs(req, token_ids, entries), o.finish_reason,
+                                    o.stop_reason)
             if include_usage:
                 yield sse({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
                            "choices": [], "usage": usage(num_prompt, sum(completion_tokens))})

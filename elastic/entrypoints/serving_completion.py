@@ -30,7 +30,7 @@ def _prompts(ctx: ServingContext, req: CompletionRequest) -> list[tuple[str | No
     out = []
     for item in items:
         if isinstance(item, str):
-            ids = ctx.tokenizer.encode(item, add_special_tokens=bool(req.add_special_tokens))
+            ids = ctx.require_tokenizer("prompt").encode(item, add_special_tokens=bool(req.add_special_tokens))
             out.append((item, truncate(ids, req.truncate_prompt_tokens)))
         else:
             out.append((None, truncate(list(item), req.truncate_prompt_tokens)))
@@ -42,7 +42,7 @@ def _prompt_logprobs_field(ctx: ServingContext, out: RequestOutput) -> list[Any]
     if out.prompt_logprobs is None:
         return None
     return [None if entry is None else
-            {str(t): {"logprob": lp, "decoded_token": ctx.tokenizer.decode([t])} for t, lp in entry.items()}
+            {str(t): {"logprob": lp, "decoded_token": ctx.decode([t])} for t, lp in entry.items()}
             for entry in out.prompt_logprobs]
 
 
@@ -55,7 +55,7 @@ class CompletionHandler:
         ctx.check_model(req.model)
         if req.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
-        if req.best_of is not None and req.best_of != req.n:
+        if req.best_of is not None and req.best_of != (req.n or 1):
             raise APIError(400, "best_of other than n is not supported", param="best_of")
         prompts = _prompts(ctx, req)
         echo_logprobs = bool(req.echo) and req.logprobs is not None
@@ -87,10 +87,10 @@ class CompletionHandler:
         return finals
 
     def _prompt_text(self, out: RequestOutput) -> str:
-        return out.prompt if out.prompt is not None else self.ctx.tokenizer.decode(out.prompt_token_ids)
+        return out.prompt if out.prompt is not None else self.ctx.decode(out.prompt_token_ids)
 
     def _response(self, req: CompletionRequest, request_id: str, finals: list[RequestOutput]) -> dict[str, Any]:
-        ctx, as_ids = self.ctx, bool(req.return_tokens_as_token_ids)
+        ctx, as_ids, n = self.ctx, bool(req.return_tokens_as_token_ids), req.n or 1
         choices = []
         for i, out in enumerate(finals):
             prompt_text = self._prompt_text(out) if req.echo else ""
@@ -102,11 +102,13 @@ class CompletionHandler:
                         prompt_entries = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
                         token_ids, entries = out.prompt_token_ids + token_ids, list(prompt_entries) + entries
                     logprobs = completion_logprobs(ctx, token_ids, entries, 0, as_ids)
-                choice: dict[str, Any] = {"index": i * req.n + o.index, "text": prompt_text + o.text,
+                choice: dict[str, Any] = {"index": i * n + o.index, "text": prompt_text + o.text,
                                           "logprobs": logprobs, "finish_reason": o.finish_reason,
                                           "stop_reason": o.stop_reason}
                 if req.prompt_logprobs is not None:
                     choice["prompt_logprobs"] = _prompt_logprobs_field(ctx, out)
+                if req.return_token_ids or ctx.tokenizer is None:
+                    choice.update(prompt_token_ids=out.prompt_token_ids, token_ids=o.token_ids)
                 choices.append(choice)
         num_prompt = sum(len(out.prompt_token_ids) for out in finals)
         num_completion = sum(len(o.token_ids) for out in finals for o in out.outputs)
@@ -121,6 +123,7 @@ class CompletionHandler:
         options = req.stream_options
         include_usage = bool(options and options.include_usage)
         continuous = include_usage and bool(options and options.continuous_usage_stats)
+        with_ids = bool(req.return_token_ids) or ctx.tokenizer is None  # without text, ids are the progress
         cursors: dict[int, ChoiceCursor] = {}
         prompt_tokens: dict[int, int] = {}
         completion_tokens: dict[int, int] = {}
@@ -137,23 +140,27 @@ class CompletionHandler:
                             cursor = cursors[index] = ChoiceCursor()
                         if cursor.finished:
                             continue
-                        text, token_ids, entries = cursor.delta(o)
-                        if not text and o.finish_reason is None and not (first and req.echo):
+                        text, new_ids, entries = cursor.delta(o)
+                        if not (text or o.finish_reason or (first and req.echo) or (with_ids and new_ids)):
                             continue  # e.g. half a UTF-8 character, or text held back for a stop string
-                        offset = cursor.text_len + cursor.echo_len
+                        offset, token_ids = cursor.text_len + cursor.echo_len, new_ids
                         if first and req.echo:
                             prompt_text = self._prompt_text(out)
                             cursor.echo_len = len(prompt_text)
                             text = prompt_text + text
                             prompt_entries = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
-                            token_ids, entries = out.prompt_token_ids + token_ids, list(prompt_entries) + entries
+                            token_ids, entries = out.prompt_token_ids + new_ids, list(prompt_entries) + entries
                         cursor.commit(o)
                         logprobs = (completion_logprobs(ctx, token_ids, entries, offset, as_ids)
                                     if req.logprobs is not None else None)
-                        chunk: dict[str, Any] = {
-                            "id": request_id, "object": "text_completion", "created": created, "model": model,
-                            "choices": [{"index": index, "text": text, "logprobs": logprobs,
-                                         "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}]}
+                        choice: dict[str, Any] = {"index": index, "text": text, "logprobs": logprobs,
+                                                  "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}
+                        if with_ids:
+                            choice["token_ids"] = new_ids
+                            if first:
+                                choice["prompt_token_ids"] = out.prompt_token_ids
+                        chunk: dict[str, Any] = {"id": request_id, "object": "text_completion", "created": created,
+                                                 "model": model, "choices": [choice]}
                         if continuous:
                             chunk["usage"] = usage(prompt_tokens[i], completion_tokens[index])
                         yield sse(chunk)

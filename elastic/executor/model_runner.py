@@ -7,6 +7,7 @@ import torch
 
 from elastic.config import EngineConfig
 from elastic.engine.request import Request
+from elastic.executor.cuda_graphs import DecodeGraphs
 from elastic.engine.scheduler import SchedulerOutput
 from elastic.forward_context import AttentionMetadata, ForwardContext, set_forward_context
 from elastic.layers.attention import Attention
@@ -29,6 +30,7 @@ class ModelRunner:
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.block_size = config.cache.block_size
         self.num_blocks = 0
+        self.graphs: DecodeGraphs | None = None
 
     # ---- KV cache -------------------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -77,6 +79,18 @@ class ModelRunner:
             layer.k_cache = torch.zeros(shape, dtype=self.config.model.dtype, device=self.device)
             layer.v_cache = torch.zeros(shape, dtype=self.config.model.dtype, device=self.device)
         self.num_blocks = num_blocks
+
+    def capture_cuda_graphs(self) -> None:
+        """Capture decode graphs (CUDA, single rank; expert-parallel steps run eagerly for now)."""
+        if self.device.type != "cuda" or self.config.cache.enforce_eager or self.config.parallel.is_distributed:
+            return
+        if self.graphs is not None:
+            self.graphs.release()
+        arch, max_len = self.config.model.arch, self.config.model.max_model_len
+        self.graphs = DecodeGraphs(self.model, min(self.config.scheduler.max_num_seqs, 512),
+                                   -(-max_len // self.block_size), max_len, arch.hidden_size,
+                                   self.config.model.dtype, self.device)
+        self.graphs.capture()
 
     # ---- execution ------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -137,8 +151,11 @@ class ModelRunner:
                 ) -> tuple[dict[str, int], dict[str, TokenLogprobs]]:
         """Run one step; returns the sampled token (and logprobs) of each request that reached its end."""
         input_ids, positions, md, logit_rows = self._prepare(out)
-        with set_forward_context(ForwardContext(attn=md, dp_num_tokens=dp_num_tokens)):
-            hidden = self.model(input_ids, positions)  # [T, hidden]
+        if self.graphs is not None and dp_num_tokens is None and self.graphs.can_run(len(input_ids), md.max_query_len):
+            hidden = self.graphs.run(input_ids, positions, md)
+        else:
+            with set_forward_context(ForwardContext(attn=md, dp_num_tokens=dp_num_tokens)):
+                hidden = self.model(input_ids, positions)  # [T, hidden]
         self._prompt_logprobs(out, hidden, md.query_start_loc_cpu)
         sampling_reqs = [req for req, n in out.scheduled if req.num_computed_tokens + n == req.num_tokens]
         if not sampling_reqs:

@@ -13,6 +13,12 @@ from elastic.engine.request import Request
 from elastic.protocol.from_engine import TokenLogprobs
 
 
+def _needs_processing(req: Request) -> bool:
+    p = req.params
+    return bool(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty or p.logit_bias
+                or req.num_output_tokens < p.min_tokens)
+
+
 def _apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> None:
     for row, req in enumerate(reqs):
         p = req.params
@@ -57,7 +63,13 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[TokenLogprobs | None]]:
         # logits [B, V] float32, one row per request in `reqs`
-        _apply_penalties(logits, reqs)
+        if any(_needs_processing(r) for r in reqs):
+            _apply_penalties(logits, reqs)
+        want_logprobs = any(r.params.logprobs is not None for r in reqs)
+        if all(r.params.greedy for r in reqs):  # the common serving case: no extra passes over the vocab
+            sampled = logits.argmax(dim=-1)
+            logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+            return sampled.tolist(), self._gather_logprobs(logprobs, sampled, reqs)
         device = logits.device
         greedy = torch.tensor([r.params.greedy for r in reqs], device=device)
         temperature = torch.tensor([1.0 if r.params.greedy else r.params.temperature for r in reqs], device=device)
@@ -86,10 +98,10 @@ class Sampler:
         return q
 
     @staticmethod
-    def _gather_logprobs(logprobs: torch.Tensor, sampled: torch.Tensor,
+    def _gather_logprobs(logprobs: torch.Tensor | None, sampled: torch.Tensor,
                          reqs: list[Request]) -> list[TokenLogprobs | None]:
         wanted = [r.params.logprobs for r in reqs]
-        if all(n is None for n in wanted):
+        if logprobs is None or all(n is None for n in wanted):
             return [None] * len(reqs)
         max_n = max(n or 0 for n in wanted)
         sampled_lp = logprobs.gather(1, sampled[:, None]).squeeze(1)  # [B]

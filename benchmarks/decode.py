@@ -1,0 +1,127 @@
+"""Decode step time against the memory-bandwidth floor, for a real model shape with dummy weights.
+
+    python benchmarks/decode.py --shape qwen3-30b-a3b --batch-sizes 1,8,64,128 --context 1024
+
+The floor of one decode step is the bytes it must read over the copy bandwidth measured in the same run:
+non-expert weights (lm_head included, embedding rows excluded) + the distinct experts the step's tokens
+touch (counted per layer from the router's choices) + the KV cache read by attention.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from shapes import SHAPES, dummy_model_dir  # noqa: E402
+
+from elastic import LLM, SamplingParams  # noqa: E402
+from elastic.layers.moe import FusedMoE  # noqa: E402
+from elastic.protocol.to_engine import EngineCoreRequest  # noqa: E402
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30) -> float:
+    """Bytes/s of a device-to-device copy, counting bytes read plus written."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).uniform_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(10):
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * nbytes / statistics.median(times)
+
+
+def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(bytes read by every step outside the experts, bytes of one expert)."""
+    expert_bytes, fixed = 0, 0
+    for name, p in model.named_parameters():
+        if "embed_tokens" in name:
+            continue
+        if name.endswith("experts.w13") or name.endswith("experts.w2"):
+            expert_bytes += p[0].numel() * p.element_size()
+        else:
+            fixed += p.numel() * p.element_size()
+    num_moe = sum(isinstance(m, FusedMoE) for m in model.modules())
+    return fixed, expert_bytes // max(num_moe, 1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="qwen3-30b-a3b", choices=sorted(SHAPES))
+    ap.add_argument("--batch-sizes", default="1,8,64,128")
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    device = torch.device("cuda")
+    llm = LLM(str(dummy_model_dir(args.shape)), load_format="dummy", device="cuda", skip_tokenizer_init=True,
+              max_model_len=args.context + args.steps + 16, max_num_seqs=max(batch_sizes),
+              enforce_eager=args.enforce_eager)
+    engine, model = llm.engine, llm.engine.runner.model
+    arch = llm.config.model.arch
+    bandwidth = copy_bandwidth(device)
+    fixed, per_expert = weight_bytes(model)
+    moe_layers = model.moe_layers()
+    kv_per_token = 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * llm.config.model.dtype.itemsize
+    rng = random.Random(0)
+    rows = []
+    for bs in batch_sizes:
+        ids = [f"b{bs}-{i}" for i in range(bs)]
+        for rid in ids:
+            prompt = [rng.randrange(arch.vocab_size) for _ in range(args.context)]
+            engine.add_request(EngineCoreRequest(rid, prompt, SamplingParams(temperature=0, max_tokens=args.steps + 8,
+                                                                             ignore_eos=True)))
+        started: set[str] = set()
+        while len(started) < bs:  # prefill everything first
+            started.update(o.request_id for o in engine.step())
+        for _ in range(3):  # warm-up decode steps
+            engine.step()
+        before = [m.expert_load.clone() for m in moe_layers]
+        engine.step()
+        touched = sum(int(((m.expert_load - b) > 0).sum()) for m, b in zip(moe_layers, before))
+        times = []
+        for _ in range(args.steps):
+            torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            engine.step()  # ends with the sampled tokens on the host
+            times.append(time.perf_counter() - t0)
+        engine.abort_requests(ids)
+        step = statistics.median(times)
+        kv_bytes = bs * (args.context + 6 + args.steps // 2) * kv_per_token
+        floor_bytes = fixed + touched * per_expert + kv_bytes
+        floor = floor_bytes / bandwidth
+        rows.append(dict(batch=bs, step_ms=step * 1e3, floor_ms=floor * 1e3, ratio=step / floor,
+                         experts_touched_per_layer=touched / len(moe_layers), floor_gb=floor_bytes / 1e9,
+                         tokens_per_s=bs / step))
+        print(json.dumps(rows[-1]), flush=True)
+    result = dict(shape=args.shape, gpu=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"),
+                  context=args.context, cuda_graphs=not args.enforce_eager, bandwidth_gbs=bandwidth / 1e9,
+                  rows=rows)
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+    print(f"\n{args.shape} on {result['gpu']}, context {args.context}, copy bandwidth {bandwidth / 1e9:.0f} GB/s, "
+          f"CUDA graphs {'on' if result['cuda_graphs'] else 'off'}")
+    print(f"{'batch':>5} {'step ms':>8} {'floor ms':>9} {'x floor':>8} {'experts/layer':>14} {'tok/s':>8}")
+    for r in rows:
+        print(f"{r['batch']:>5} {r['step_ms']:8.2f} {r['floor_ms']:9.2f} {r['ratio']:8.2f} "
+              f"{r['experts_touched_per_layer']:14.1f} {r['tokens_per_s']:8.0f}")
+
+
+if __name__ == "__main__":
+    main()

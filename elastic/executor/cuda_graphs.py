@@ -1,0 +1,86 @@
+"""CUDA graphs for decode steps: one graph per batch size, captured at start-up, replayed each step.
+
+Decode runs tiny kernels per layer, so launch overhead rivals the work; a graph replays a whole forward
+with one launch. A batch is padded up to the next captured size (padded rows write no KV: slot -1).
+Graphs can be released and captured again at run time (after experts move or groups are rebuilt).
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from elastic.forward_context import AttentionMetadata, ForwardContext, set_forward_context
+
+logger = logging.getLogger(__name__)
+
+
+def capture_sizes(max_batch_size: int) -> list[int]:
+    sizes = [1, 2, 4, 8] + list(range(16, max_batch_size + 1, 16))
+    return sorted({s for s in sizes if s <= max_batch_size} | {max_batch_size})
+
+
+class DecodeGraphs:
+    def __init__(self, model: torch.nn.Module, max_batch_size: int, max_blocks_per_seq: int,
+                 max_seq_len: int, hidden_size: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.model, self.device, self.max_seq_len = model, device, max_seq_len
+        self.sizes = capture_sizes(max_batch_size)
+        n = self.sizes[-1]
+        # Static buffers: every graph reads its inputs from (prefixes of) these.
+        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
+        self.positions = torch.zeros(n, dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.long, device=device)
+        self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
+        self.hidden = torch.zeros(n, hidden_size, dtype=dtype, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.pool: object | None = None
+
+    def _metadata(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:bs], block_tables=self.block_tables[:bs],
+            query_start_loc=self.query_start_loc[:bs + 1], seq_lens=self.seq_lens[:bs],
+            max_query_len=1, max_seq_len=self.max_seq_len, query_start_loc_cpu=list(range(bs + 1)))
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        start = time.perf_counter()
+        self.pool = torch.cuda.graph_pool_handle()
+        for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
+            ctx = ForwardContext(attn=self._metadata(bs))
+            with set_forward_context(ctx):
+                self.hidden[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])  # warm-up, autotune
+                torch.cuda.synchronize(self.device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    self.hidden[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])
+            self.graphs[bs] = graph
+        torch.cuda.synchronize(self.device)
+        logger.info("captured %d decode CUDA graphs (batch 1..%d) in %.1fs", len(self.graphs), self.sizes[-1],
+                    time.perf_counter() - start)
+
+    def release(self) -> None:
+        self.graphs.clear()
+        self.pool = None
+        torch.cuda.empty_cache()
+
+    def can_run(self, num_tokens: int, max_query_len: int) -> bool:
+        return bool(self.graphs) and max_query_len == 1 and num_tokens <= self.sizes[-1]
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
+        """Decode forward of n requests (one token each) -> hidden [n, H] (a view of a static buffer)."""
+        n = input_ids.shape[0]
+        bs = next(s for s in self.sizes if s >= n)
+        self.input_ids[:n] = input_ids
+        self.positions[:n] = positions
+        self.slot_mapping[:n] = md.slot_mapping
+        self.slot_mapping[n:bs] = -1
+        self.seq_lens[:n] = md.seq_lens
+        self.seq_lens[n:bs] = 1  # padded rows attend to one (garbage but finite) cached token
+        width = md.block_tables.shape[1]
+        self.block_tables[:n, :width] = md.block_tables
+        self.block_tables[n:bs, 0] = 0
+        self.graphs[bs].replay()
+        return self.hidden[:n]
