@@ -8,6 +8,7 @@ import torch
 from elastic.config import EngineConfig
 from elastic.engine.request import Request
 from elastic.executor.cuda_graphs import DecodeGraphs
+from elastic.kernels import HAS_TRITON
 from elastic.engine.scheduler import SchedulerOutput
 from elastic.forward_context import AttentionMetadata, ForwardContext, set_forward_context
 from elastic.layers.attention import Attention
@@ -83,6 +84,9 @@ class ModelRunner:
     def capture_cuda_graphs(self) -> None:
         """Capture decode graphs (CUDA, single rank; expert-parallel steps run eagerly for now)."""
         if self.device.type != "cuda" or self.config.cache.enforce_eager or self.config.parallel.is_distributed:
+            return
+        if not HAS_TRITON or self.config.model.dtype not in (torch.bfloat16, torch.float16):
+            logger.info("no CUDA graphs: the Triton kernels need bf16/fp16 (the fp32 reference path syncs)")
             return
         if self.graphs is not None:
             self.graphs.release()
