@@ -205,6 +205,7 @@ class AsyncLLM:
     def _abort(self, state: _RequestState) -> None:
         child_ids = self.output_processor.remove(state.request_id)
         self.client.abort(state.engine_index, child_ids)
+        logger.info("aborted request %s (its client went away)", state.request_id)
         if self.metrics is not None:
             now = time.monotonic()
             for _ in child_ids:

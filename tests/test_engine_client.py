@@ -1,0 +1,106 @@
+"""The API process's engine (AsyncLLM + EngineCoreClient) against a real engine core process, without HTTP;
+and the wire format of every message type."""
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from checkpoints import make_checkpoint
+from elastic.config import create_engine_config
+from elastic.engine.async_llm import AsyncLLM, RequestRejectedError
+from elastic.metrics import ServerMetrics
+from elastic.protocol import from_engine, to_engine
+from elastic.sampling_params import SamplingParams
+from server_fixtures import parse_metrics
+
+
+def test_every_message_round_trips_through_msgspec() -> None:
+    enc = msgspec.msgpack.Encoder()
+    params = SamplingParams(temperature=0.5, stop=["x"], logit_bias={3: 1.0}, seed=7)
+    inputs = [to_engine.EngineCoreRequest("r", [1, 2], params, eos_token_id=2, arrival_time=1.5),
+              to_engine.AbortRequests(["r", "s"]), to_engine.UtilityCall(3, "ping", [1, "a"]),
+              to_engine.ShutdownEngine()]
+    dec = msgspec.msgpack.Decoder(to_engine.EngineCoreInput)
+    assert [dec.decode(enc.encode(m)) for m in inputs] == inputs
+
+    lp = from_engine.TokenLogprobs([5, 6], [-0.1, -2.0], 1)
+    outputs = [from_engine.EngineCoreOutputs(
+        engine_index=1, timestamp=2.5,
+        outputs=[from_engine.EngineCoreOutput("r", [5], new_logprobs=[lp], finish_reason="stop", stop_reason=5)],
+        scheduler_stats=from_engine.SchedulerStats(1, 2, 0.25, 3), queue_times={"r": 0.01},
+        rejected=[from_engine.RejectedRequest("s", "bad")],
+        utility_results=[from_engine.UtilityResult(3, result="pong")]),
+        from_engine.EngineDead(0, "boom")]
+    dec = msgspec.msgpack.Decoder(from_engine.EngineCoreOutputMessage)
+    assert [dec.decode(enc.encode(m)) for m in outputs] == outputs
+
+    handshake = [from_engine.EngineHello(0, 123), from_engine.EngineReady(0, 10, 16, 256),
+                 from_engine.EngineStartupFailed(0, "no")]
+    dec = msgspec.msgpack.Decoder(from_engine.EngineHandshakeMessage)
+    assert [dec.decode(enc.encode(m)) for m in handshake] == handshake
+    addresses = to_engine.HandshakeAddresses("ipc:///a", "ipc:///b", to_engine.ParallelHandshake(2, 1))
+    assert msgspec.msgpack.decode(enc.encode(addresses), type=to_engine.HandshakeAddresses) == addresses
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint("qwen3_moe", tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.mark.parametrize("transport", ["ipc", "tcp"])
+def test_async_llm_against_an_engine_process(checkpoint: Path, transport: str) -> None:
+    config = create_engine_config(str(checkpoint), device="cpu", dtype="float32", max_model_len=256,
+                                  max_num_seqs=8, served_model_name="m")
+    metrics = ServerMetrics("m", 256)
+
+    async def main() -> None:
+        engine = AsyncLLM(config, metrics=metrics, address="127.0.0.1" if transport == "tcp" else None)
+        assert engine.status() is not None and "starting" in engine.status()
+        await engine.start()
+        client = engine.client
+        proc = client.engines[0].proc
+        assert client.input_address.startswith(f"{transport}://")
+        try:
+            assert engine.status() is None
+            assert await client.call_utility(0, "ping") == "pong"
+            assert (await client.call_utility(0, "stats"))["num_running"] == 0
+            with pytest.raises(RuntimeError, match="unknown utility"):
+                await client.call_utility(0, "exec")
+
+            greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+            outs = [o async for o in engine.generate("a", None, [10, 11, 12, 13], greedy)]
+            assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 8
+            assert [len(o.outputs[0].token_ids) for o in outs] == sorted(len(o.outputs[0].token_ids) for o in outs)
+
+            # Closing the iterator early aborts the request in the engine.
+            gen = engine.generate("b", None, [20, 21, 22], SamplingParams(max_tokens=200, ignore_eos=True))
+            await gen.__anext__()
+            await gen.aclose()
+            assert "b" not in engine.requests
+
+            async def engine_idle() -> None:
+                while (await client.call_utility(0, "stats"))["num_running"]:
+                    await asyncio.sleep(0.02)
+
+            await asyncio.wait_for(engine_idle(), 10)
+
+            # The engine re-validates: what slips past the front end is rejected, not fatal.
+            with pytest.raises(RequestRejectedError, match="token ids"):
+                async for _ in engine.generate("c", None, [10**6], greedy):
+                    pass
+            assert await client.call_utility(0, "ping") == "pong"
+        finally:
+            await engine.shutdown()
+        assert proc is not None and not proc.is_alive() and proc.exitcode == 0
+        if transport == "ipc":  # the socket files' private directory is gone
+            assert client.tmpdir is not None and not os.path.exists(client.tmpdir)
+
+    asyncio.run(main())
+    values = parse_metrics(metrics.render().decode())
+    labels = (("engine", "0"), ("model_name", "m"))
+    assert values[("vllm:request_success_total", tuple(sorted(labels + (("finished_reason", "length"),))))] == 1
+    assert values[("vllm:request_success_total", tuple(sorted(labels + (("finished_reason", "abort"),))))] == 1
