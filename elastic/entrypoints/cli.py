@@ -95,6 +95,7 @@ def _add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="tokens per KV cache block")
     engine.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
                         help="disable reuse of cached prompt prefixes")
+    engine.add_argument("--enforce-eager", action="store_true", help="never use CUDA graphs")
 
     dp = p.add_argument_group("engine transport")
     dp.add_argument("--data-parallel-address", default=None,
@@ -144,7 +145,8 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             skip_tokenizer_init=args.skip_tokenizer_init,
             block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
             kv_cache_memory=args.kv_cache_memory, num_kv_blocks=args.num_kv_blocks,
-            enable_prefix_caching=args.enable_prefix_caching, max_num_seqs=args.max_num_seqs,
+            enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
+            max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens)
     except (ValueError, FileNotFoundError, OSError) as e:
         parser.error(str(e))  # exits 2 with the usage line
