@@ -1,9 +1,13 @@
-"""Top-k routing: softmax over experts in fp32, top-k, optional renormalisation."""
+"""Top-k routing: softmax over experts in fp32, top-k, optional renormalisation; and the mapping of
+the chosen logical experts to physical expert slots (replicas, this rank's local slots)."""
 from __future__ import annotations
 
 import torch
 
 from ._backend import cdiv, next_pow2, use_triton
+
+# Output allocator of route_to_slots; tests swap in a NaN/huge-filling one.
+_alloc = torch.empty
 
 
 def topk_route_reference(router_logits: torch.Tensor, top_k: int,
@@ -14,6 +18,10 @@ def topk_route_reference(router_logits: torch.Tensor, top_k: int,
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, ids.to(torch.int32)
+
+
+def _block_t(T: int, E: int) -> int:
+    return max(1, min(16, 4096 // next_pow2(E), next_pow2(T)))
 
 
 def topk_route(router_logits: torch.Tensor, top_k: int,
@@ -30,10 +38,74 @@ def topk_route(router_logits: torch.Tensor, top_k: int,
     dev = router_logits.device
     weights = torch.empty(T, top_k, dtype=torch.float32, device=dev)
     ids = torch.empty(T, top_k, dtype=torch.int32, device=dev)
-    block_e = next_pow2(E)
-    block_t = max(1, min(16, 4096 // block_e, next_pow2(T)))
+    block_t = _block_t(T, E)
     _topk_route_kernel[(cdiv(T, block_t),)](
         router_logits, weights, ids, T, E, router_logits.stride(0), TOP_K=top_k,
-        RENORM=renormalize, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=next_pow2(top_k),
+        RENORM=renormalize, BLOCK_T=block_t, BLOCK_E=next_pow2(E), BLOCK_K=next_pow2(top_k),
         num_warps=4)
     return weights, ids
+
+
+def slots_to_local(physical: torch.Tensor, first_slot: int, slots_per_rank: int) -> torch.Tensor:
+    """Global slot ids [N, K] (-1: none) -> this rank's slot index [N, K] int32, -1 where the slot
+    is not in [first_slot, first_slot + slots_per_rank)."""
+    local = physical - first_slot
+    local = torch.where((physical >= 0) & (local >= 0) & (local < slots_per_rank), local, -1)
+    return local.to(torch.int32)
+
+
+def route_to_slots_reference(router_logits: torch.Tensor, top_k: int, renormalize: bool,
+                             logical_to_physical: torch.Tensor, logical_replica_count: torch.Tensor,
+                             expert_load: torch.Tensor | None, first_slot: int,
+                             slots_per_rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """See route_to_slots."""
+    weights, ids = topk_route_reference(router_logits, top_k, renormalize)
+    ids = ids.long()
+    # Replicas of one expert take tokens in turn (token index modulo replica count).
+    token_index = torch.arange(router_logits.shape[0], device=router_logits.device)[:, None]
+    replica = token_index % logical_replica_count[ids]
+    physical = logical_to_physical[ids, replica]                  # [T, K]
+    if expert_load is not None:
+        expert_load.index_add_(0, physical.flatten(), torch.ones_like(physical.flatten()))
+    return weights, physical, slots_to_local(physical, first_slot, slots_per_rank)
+
+
+def route_to_slots(router_logits: torch.Tensor, top_k: int, renormalize: bool,
+                   logical_to_physical: torch.Tensor, logical_replica_count: torch.Tensor,
+                   expert_load: torch.Tensor | None, first_slot: int,
+                   slots_per_rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Route tokens to physical expert slots.
+
+    router_logits [T, E]; logical_to_physical [E, R] int64 (replica r of expert e; -1 padding);
+    logical_replica_count [E] int64; expert_load [num_physical] int64 or None.
+    -> (weights [T, K] f32 (topk_route's), physical [T, K] int64 global slot ids
+        = logical_to_physical[e, t % logical_replica_count[e]],
+        local [T, K] int32 = physical - first_slot inside this rank's slots, else -1).
+    When expert_load is given, 1 is added to expert_load[physical] per (token, k) (atomics on CUDA).
+    One Triton kernel on CUDA (graph-capturable), the torch reference elsewhere.
+    """
+    T, E = router_logits.shape
+    if not use_triton(router_logits) or E > 4096 or T == 0:
+        return route_to_slots_reference(router_logits, top_k, renormalize, logical_to_physical,
+                                        logical_replica_count, expert_load, first_slot, slots_per_rank)
+    from .routing_triton import _route_to_slots_kernel
+
+    assert logical_to_physical.dim() == 2 and logical_to_physical.shape[0] == E
+    assert logical_to_physical.dtype == logical_replica_count.dtype == torch.int64
+    assert expert_load is None or (expert_load.dtype == torch.int64 and expert_load.is_contiguous())
+    if router_logits.stride(-1) != 1:
+        router_logits = router_logits.contiguous()
+    l2p = logical_to_physical if logical_to_physical.stride(-1) == 1 else logical_to_physical.contiguous()
+    counts = logical_replica_count.contiguous()
+    dev = router_logits.device
+    weights = _alloc(T, top_k, dtype=torch.float32, device=dev)
+    physical = _alloc(T, top_k, dtype=torch.int64, device=dev)
+    local = _alloc(T, top_k, dtype=torch.int32, device=dev)
+    block_t = _block_t(T, E)
+    _route_to_slots_kernel[(cdiv(T, block_t),)](
+        router_logits, weights, physical, local, l2p, counts,
+        expert_load if expert_load is not None else physical,      # dummy: never touched unless RECORD
+        T, E, router_logits.stride(0), l2p.stride(0), first_slot, slots_per_rank,
+        TOP_K=top_k, RENORM=renormalize, RECORD=expert_load is not None, BLOCK_T=block_t,
+        BLOCK_E=next_pow2(E), BLOCK_K=next_pow2(top_k), num_warps=4)
+    return weights, physical, local

@@ -1,17 +1,14 @@
-"""Triton kernel for top-k routing (imported lazily: needs triton)."""
+"""Triton kernels for top-k routing and logical->physical slot mapping (imported lazily: needs triton)."""
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def _topk_route_kernel(logits_ptr, w_ptr, ids_ptr, T, E, stride_t,
-                       TOP_K: tl.constexpr, RENORM: tl.constexpr,
-                       BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
-    # One fused pass replaces softmax + topk + sum + div + cast (5 launches at decode).
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+def _softmax_topk(logits_ptr, offs_t, t_ok, E, stride_t, TOP_K: tl.constexpr, RENORM: tl.constexpr,
+                  BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    # -> (weights [BLOCK_T, BLOCK_K] f32, ids [BLOCK_T, BLOCK_K] int32), descending weights.
     offs_e = tl.arange(0, BLOCK_E)
     offs_k = tl.arange(0, BLOCK_K)
-    t_ok = offs_t < T
     x = tl.load(logits_ptr + offs_t[:, None].to(tl.int64) * stride_t + offs_e[None, :],
                 mask=t_ok[:, None] & (offs_e < E)[None, :], other=float("-inf"))
     x = tl.where(t_ok[:, None], x.to(tl.float32), 0.0)            # [BLOCK_T, BLOCK_E]
@@ -28,7 +25,47 @@ def _topk_route_kernel(logits_ptr, w_ptr, ids_ptr, T, E, stride_t,
         p = tl.where(offs_e[None, :] == arg[:, None], -1.0, p)     # remove the winner
     if RENORM:
         w = w / tl.sum(w, axis=1)[:, None]
+    return w, ids
+
+
+@triton.jit
+def _topk_route_kernel(logits_ptr, w_ptr, ids_ptr, T, E, stride_t,
+                       TOP_K: tl.constexpr, RENORM: tl.constexpr,
+                       BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    # One fused pass replaces softmax + topk + sum + div + cast (5 launches at decode).
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_k = tl.arange(0, BLOCK_K)
+    t_ok = offs_t < T
+    w, ids = _softmax_topk(logits_ptr, offs_t, t_ok, E, stride_t, TOP_K, RENORM, BLOCK_T, BLOCK_E, BLOCK_K)
     out_off = offs_t[:, None] * TOP_K + offs_k[None, :]
     out_mask = t_ok[:, None] & (offs_k < TOP_K)[None, :]
     tl.store(w_ptr + out_off, w, mask=out_mask)
     tl.store(ids_ptr + out_off, ids, mask=out_mask)
+
+
+@triton.jit
+def _route_to_slots_kernel(logits_ptr, w_ptr, phys_ptr, local_ptr, l2p_ptr, count_ptr, load_ptr,
+                           T, E, stride_t, stride_l2p, first_slot, slots_per_rank,
+                           TOP_K: tl.constexpr, RENORM: tl.constexpr, RECORD: tl.constexpr,
+                           BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Routing plus the replica choice, the slot gather, the load count and the local-slot mask:
+    # ~20 small torch launches at decode become this one.
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_k = tl.arange(0, BLOCK_K)
+    t_ok = offs_t < T
+    w, ids = _softmax_topk(logits_ptr, offs_t, t_ok, E, stride_t, TOP_K, RENORM, BLOCK_T, BLOCK_E, BLOCK_K)
+    out_mask = t_ok[:, None] & (offs_k < TOP_K)[None, :]
+    ids = ids.to(tl.int64)
+    # Replicas of one expert take tokens in turn: replica = token index % replica count.
+    count = tl.load(count_ptr + ids, mask=out_mask, other=1)
+    replica = offs_t[:, None].to(tl.int64) % count
+    phys = tl.load(l2p_ptr + ids * stride_l2p + replica, mask=out_mask, other=-1).to(tl.int64)
+    local = phys - first_slot
+    local = tl.where((phys >= 0) & (local >= 0) & (local < slots_per_rank), local, -1)
+    if RECORD:
+        ones = tl.full((BLOCK_T, BLOCK_K), 1, dtype=tl.int64)
+        tl.atomic_add(load_ptr + phys, ones, mask=out_mask & (phys >= 0))
+    out_off = offs_t[:, None] * TOP_K + offs_k[None, :]
+    tl.store(w_ptr + out_off, w, mask=out_mask)
+    tl.store(phys_ptr + out_off, phys, mask=out_mask)
+    tl.store(local_ptr + out_off, local.to(tl.int32), mask=out_mask)

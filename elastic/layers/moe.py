@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from elastic.forward_context import get_forward_context
-from elastic.kernels import fused_moe, topk_route
+from elastic.kernels import fused_moe
+from elastic.kernels.routing import route_to_slots, slots_to_local
 
 # (hidden [T, H], w13 [S, 2I, H], w2 [S, H, I], topk_weights [T, K] f32, topk_slots [T, K] int32) -> [T, H]
 ExpertBackend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -85,20 +86,17 @@ class FusedMoE(nn.Module):
 
     def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         # hidden [T, H]; router_logits [T, E] -> [T, H]
-        topk_weights, topk_ids = topk_route(router_logits, self.top_k, self.renormalize)
-        topk_ids = topk_ids.long()
-        # Replicas of one expert take tokens in turn (token index modulo replica count).
-        token_index = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
-        replica = token_index % self.logical_replica_count[topk_ids]
-        physical = self.logical_to_physical[topk_ids, replica]  # [T, K]
-        if get_forward_context().record_expert_load:
-            self.expert_load.index_add_(0, physical.flatten(), torch.ones_like(physical.flatten()))
+        # One kernel on CUDA: softmax/top-k, replica choice (token index % replica count), the
+        # logical->physical gather, the expert-load count and the local-slot mask.
+        load = self.expert_load if get_forward_context().record_expert_load else None
+        topk_weights, physical, local = route_to_slots(
+            router_logits, self.top_k, self.renormalize, self.logical_to_physical, self.logical_replica_count,
+            load, self.first_slot, self.slots_per_rank)  # [T, K] f32, [T, K] int64 global, [T, K] int32
         if self.ep_comm is not None:
             return self.ep_comm(self, hidden, topk_weights, physical)
-        return self.compute_local(hidden, topk_weights, physical)
+        return self.backend(hidden, self.w13, self.w2, topk_weights, local)
 
     def compute_local(self, hidden: torch.Tensor, topk_weights: torch.Tensor, physical: torch.Tensor) -> torch.Tensor:
         """Contributions of this rank's slots only. physical [N, K] global slot ids (-1: none)."""
-        local = physical - self.first_slot
-        local = torch.where((physical >= 0) & (local >= 0) & (local < self.slots_per_rank), local, -1)
-        return self.backend(hidden, self.w13, self.w2, topk_weights, local.to(torch.int32))
+        return self.backend(hidden, self.w13, self.w2, topk_weights,
+                            slots_to_local(physical, self.first_slot, self.slots_per_rank))

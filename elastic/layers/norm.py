@@ -3,6 +3,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from elastic.kernels.norm import fused_add_rms_norm, rms_norm
 from elastic.layers.linear import default_weight_loader
 
 
@@ -13,9 +14,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
         self.weight.weight_loader = default_weight_loader
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 and cast back before the scale, as the reference implementations do.
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+    def forward(self, x: torch.Tensor,
+                residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """x [T, N] (or [T, heads, N] for per-head norms) -> normed x.
+        With `residual` [T, N]: -> (normed(residual + x), residual + x), the fused pre-norm style.
+        Normalises in fp32 and casts back before the scale, as the reference implementations do;
+        one Triton kernel on CUDA (see elastic.kernels.norm)."""
+        if residual is None:
+            return rms_norm(x, self.weight, self.eps)
+        return fused_add_rms_norm(x, residual, self.weight, self.eps)

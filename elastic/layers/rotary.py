@@ -3,6 +3,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from elastic.kernels.rotary import apply_rotary, qk_norm_rotary
+from elastic.layers.norm import RMSNorm
+
 
 class RotaryEmbedding(nn.Module):
     """Neox-style rotary embedding (rotate halves) with a precomputed cos/sin table."""
@@ -15,14 +18,13 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions [T]; q [T, Hq, D]; k [T, Hkv, D]
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D/2]
-        sin = self.sin[positions].unsqueeze(1)
-        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
-
-    @staticmethod
-    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x.float().chunk(2, dim=-1)
-        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-        return out.to(x.dtype)
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions [T]; q [T, Hq, D]; k [T, Hkv, D] -> rotated (q, k), in fp32 math.
+        # With q_norm/k_norm (per-head RMSNorms, weight [D]): normalise each head first, fused into
+        # the same kernel on CUDA (Qwen3).
+        if q_norm is None or k_norm is None:
+            assert q_norm is None and k_norm is None, "pass both per-head norms or neither"
+            return apply_rotary(positions, q, k, self.cos, self.sin)
+        assert q_norm.eps == k_norm.eps, "the fused q/k norm uses one eps"
+        return qk_norm_rotary(positions, q, k, q_norm.weight, k_norm.weight, q_norm.eps, self.cos, self.sin)

@@ -40,9 +40,10 @@ class SelfAttention(nn.Module):
         q = q.view(-1, arch.num_heads, arch.head_dim)  # [T, Hq, D]
         k = k.view(-1, arch.num_kv_heads, arch.head_dim)  # [T, Hkv, D]
         v = v.view(-1, arch.num_kv_heads, arch.head_dim)
-        if arch.qk_norm == "per_head":
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        if arch.qk_norm == "per_head":  # per-head RMSNorm then rotary: one fused kernel on CUDA
+            q, k = self.rotary(positions, q, k, self.q_norm, self.k_norm)
+        else:
+            q, k = self.rotary(positions, q, k)
         return self.o_proj(self.attn(q, k, v).flatten(1))
 
 
@@ -86,9 +87,19 @@ class DecoderLayer(nn.Module):
         self.mlp: nn.Module = (SparseMoeBlock(arch, parallel) if arch.sparse_layers[layer_idx]
                                else DenseMLP(arch.hidden_size, arch.intermediate_size))
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x))
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, positions: torch.Tensor, x: torch.Tensor,
+                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-norm block in the fused-residual style: x [T, hidden] is the previous block's output
+        not yet added to `residual` (None for the first layer, whose x is the embedding).
+        Returns (this block's MLP output, residual stream before it); the caller's next norm adds
+        them. Same math as  h = r + attn(norm(r));  out = h + mlp(norm(h)),  with each add fused into
+        the norm that follows it (one kernel on CUDA)."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(positions, h), residual)
+        return self.mlp(h), residual
 
 
 class DecoderModel(nn.Module):
@@ -102,9 +113,12 @@ class DecoderModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [T, hidden]
+        residual: torch.Tensor | None = None
         for layer in self.layers:
-            x = layer(positions, x)
-        return self.norm(x)
+            x, residual = layer(positions, x, residual)
+        if residual is None:
+            return self.norm(x)
+        return self.norm(x, residual)[0]
 
 
 class MoeForCausalLM(nn.Module):
