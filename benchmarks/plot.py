@@ -36,7 +36,7 @@ def main() -> None:
     left.legend(fontsize=7)
     for path in args.decode:
         dec = json.loads(path.read_text())
-        label = f"{dec['shape']} ({'graphs' if dec.get('cuda_graphs') else 'eager'})"
+        label = f"{dec['shape']}: {path.stem}"
         right.plot([r["batch"] for r in dec["rows"]], [r["ratio"] for r in dec["rows"]], marker="o", label=label)
     right.axhline(1.0, color="k", lw=0.8)
     right.axhline(1.25, color="k", lw=0.8, ls=":", label="target 1.25x")
