@@ -66,6 +66,8 @@ class EngineCore:
         params = req.sampling_params
         if params.logit_bias and any(not 0 <= t < vocab for t in params.logit_bias):
             raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
+        if params.stop_token_ids and any(not 0 <= t < vocab for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be in [0, {vocab})")
         total = min(max_len, n_prompt + (params.max_tokens or max_len))
         if self.block_manager.blocks_needed(total) > self.block_manager.num_blocks:
             raise ValueError(f"the request may need {total} tokens of KV cache; the cache holds only "

@@ -47,9 +47,14 @@ class InputProcessor:
     def check_length(self, num_prompt_tokens: int, params: SamplingParams) -> None:
         """The server's rule: prompt plus max_tokens must fit in max_model_len."""
         max_len = self.model_config.max_model_len
-        if num_prompt_tokens + (params.max_tokens or 1) > max_len:
+        if params.max_tokens is None:  # generate up to max_model_len: the prompt must leave room for one token
+            if num_prompt_tokens >= max_len:
+                raise ValueError(f"This model's maximum context length is {max_len} tokens. However, the prompt "
+                                 f"has {num_prompt_tokens} tokens, leaving no room for a completion.")
+            return
+        if num_prompt_tokens + params.max_tokens > max_len:
             raise ValueError(f"This model's maximum context length is {max_len} tokens. However, you requested "
-                             f"{num_prompt_tokens + (params.max_tokens or 1)} tokens ({num_prompt_tokens} in the "
+                             f"{num_prompt_tokens + params.max_tokens} tokens ({num_prompt_tokens} in the "
                              f"prompt, {params.max_tokens} for the completion). Reduce the prompt or max_tokens.")
 
     def make_requests(self, request_id: str, prompt_token_ids: list[int],
