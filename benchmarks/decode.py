@@ -92,6 +92,12 @@ def main() -> None:
             started.update(o.request_id for o in engine.step())
         for _ in range(3):  # warm-up decode steps
             engine.step()
+        running = len(engine.scheduler.running)
+        if running < bs:  # the KV cache cannot hold them all: the row would time a smaller batch
+            print(f"batch {bs}: only {running} requests fit in the KV cache ({engine.num_kv_blocks} blocks); skipped",
+                  flush=True)
+            engine.abort_requests(ids)
+            continue
         before = [m.expert_load.clone() for m in moe_layers]
         engine.step()
         touched = sum(int(((m.expert_load - b) > 0).sum()) for m, b in zip(moe_layers, before))
