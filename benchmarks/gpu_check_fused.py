@@ -24,6 +24,7 @@ from pathlib import Path
 
 if "--smoke" in sys.argv:                 # the interpreter must be on before Triton modules load
     os.environ["TRITON_INTERPRET"] = "1"
+    os.environ["ELASTIC_TRITON_ON_CPU"] = "1"
 
 import torch  # noqa: E402
 

@@ -1,7 +1,14 @@
 """Shared fixtures: tiny random checkpoints of every family (built once per session) and engines on them."""
 from __future__ import annotations
 
-import random
+import os
+
+# Triton (when installed) runs in interpreter mode in the test process: it must be set before anything
+# imports triton (torch and transformers may). CPU tensors still take the torch references unless a
+# kernel test also sets ELASTIC_TRITON_ON_CPU=1.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import random  # noqa: E402
 from pathlib import Path
 
 import pytest

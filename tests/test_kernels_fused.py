@@ -25,7 +25,7 @@ import torch
 KERNELS_DIR = Path(__file__).resolve().parents[1] / "kernels"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: interpreter checks skipped")
-INTERPRET_ENV = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRET_ENV = os.environ.get("ELASTIC_TRITON_ON_CPU", "0") == "1"
 
 
 def _load_kernels(name: str = "_elastic_kernels_under_test"):
@@ -59,6 +59,7 @@ def _poisoned(*shape, dtype, device=None):
 def interp(monkeypatch):
     """Triton interpreter on (before the Triton modules are first imported), poisoned outputs."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("ELASTIC_TRITON_ON_CPU", "1")
     for mod in (norm, rotary, routing):
         monkeypatch.setattr(mod, "_alloc", _poisoned)
 
