@@ -1,0 +1,116 @@
+"""Expert-parallel dispatch + combine per MoE layer, both paths, against the bytes-over-the-link floor.
+
+    python benchmarks/ep_comm.py --world 2 --out ep_comm.json      # one process per GPU, NCCL
+
+Per rank: T tokens (1..256), hidden 2048 bf16, top-8 of 128 experts (uniform routing). The expert
+compute is replaced by the identity so only communication is timed. The floor is the bytes a rank must
+send to other ranks (dispatch + combine) over the per-rank bandwidth of a large NCCL all-to-all measured
+in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from elastic.distributed.expert_parallel import ExpertParallelComm  # noqa: E402
+from elastic.distributed.group import StatelessGroup, create_store  # noqa: E402
+from elastic.forward_context import ForwardContext, set_forward_context  # noqa: E402
+
+HIDDEN, EXPERTS, TOP_K = 2048, 128, 8
+TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+
+
+class IdentityExperts:
+    """Stands in for FusedMoE: same slot layout, no expert math (communication only)."""
+
+    def __init__(self, world: int) -> None:
+        self.slots_per_rank = EXPERTS // world
+
+    def compute_local(self, hidden: torch.Tensor, weights: torch.Tensor, physical: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+
+def time_cuda(fn, iters: int = 50) -> float:
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(times)  # microseconds
+
+
+def worker(rank: int, world: int, port: int, out_path: str | None) -> None:
+    torch.cuda.set_device(rank)
+    device = torch.device("cuda", rank)
+    store = create_store("127.0.0.1", port, is_master=False)
+    group = StatelessGroup(store, "ep-bench", rank, world, "nccl", device)
+    # Link bandwidth as NCCL sees it: a 256 MiB all-to-all, bytes each rank sends to others per second.
+    big = torch.empty(128 << 20, dtype=torch.bfloat16, device=device)
+    split = [big.shape[0] // world] * world
+    a2a_us = time_cuda(lambda: group.all_to_all(big, split, split), iters=10)
+    link_bps = big.numel() * 2 * (world - 1) / world / (a2a_us * 1e-6)
+    moe = IdentityExperts(world)
+    gen = torch.Generator(device=device).manual_seed(rank)
+    rows = []
+    for tokens in TOKENS:
+        hidden = torch.randn(tokens, HIDDEN, dtype=torch.bfloat16, device=device, generator=gen)
+        physical = torch.rand(tokens, EXPERTS, device=device, generator=gen).topk(TOP_K, dim=-1).indices
+        weights = torch.rand(tokens, TOP_K, device=device, generator=gen)
+        remote = float((physical // moe.slots_per_rank != rank).float().sum())  # pairs leaving this rank
+        result = {"tokens_per_rank": tokens}
+        for mode in ("alltoall", "allgather"):
+            comm = ExpertParallelComm(group, mode)
+            with set_forward_context(ForwardContext(attn=None, dp_num_tokens=[tokens] * world)):
+                result[f"{mode}_us"] = time_cuda(lambda: comm(moe, hidden, weights, physical))
+        # alltoall sends each remote (token, k) pair's hidden row out and its result back
+        a2a_bytes = 2 * remote * HIDDEN * 2
+        # allgather sends this rank's rows to every other rank, reduce-scatter sends the others' sums back
+        ag_bytes = 2 * (world - 1) * tokens * HIDDEN * 2
+        result["alltoall_floor_us"] = a2a_bytes / link_bps * 1e6
+        result["allgather_floor_us"] = ag_bytes / link_bps * 1e6
+        rows.append(result)
+    group.barrier()
+    if rank == 0:
+        report = dict(gpu=torch.cuda.get_device_name(device), world=world, date=time.strftime("%Y-%m-%d"),
+                      hidden=HIDDEN, experts=EXPERTS, top_k=TOP_K, link_gbs_per_rank=link_bps / 1e9,
+                      big_all_to_all_us=a2a_us, rows=rows)
+        print(f"{report['gpu']} x{world}: 256 MiB all-to-all {a2a_us:.0f} us -> {link_bps / 1e9:.0f} GB/s per rank")
+        print(f"{'tok/rank':>8} {'a2a us':>8} {'a2a floor':>9} {'ag us':>8} {'ag floor':>9}")
+        for r in rows:
+            print(f"{r['tokens_per_rank']:>8} {r['alltoall_us']:8.1f} {r['alltoall_floor_us']:9.1f} "
+                  f"{r['allgather_us']:8.1f} {r['allgather_floor_us']:9.1f}")
+        if out_path:
+            Path(out_path).write_text(json.dumps(report, indent=1))
+    group.destroy()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--world", type=int, default=torch.cuda.device_count())
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.world < 2:
+        raise SystemExit("needs at least 2 GPUs")
+    store = create_store("127.0.0.1", 0, is_master=True)
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    mp.start_processes(worker, args=(args.world, store.port, args.out), nprocs=args.world, start_method="spawn")
+
+
+if __name__ == "__main__":
+    main()
