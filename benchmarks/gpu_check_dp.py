@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import random
 import sys
@@ -95,6 +96,9 @@ def single_gpu(path: str, engine_args: dict, prompts: list[list[int]], max_token
     llm = LLM(path, device=device, **engine_args)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)
+    del llm  # this process shares GPU 0 with rank 0 of the DP runs: give its memory back
+    gc.collect()
+    torch.cuda.empty_cache()
     return [o.outputs[0].token_ids for o in outs]
 
 
@@ -116,7 +120,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for family in ("qwen3_moe", "qwen2_moe"):
             path = str(make_checkpoint(family, Path(tmp) / family))
-            base = dict(max_model_len=256)
+            base = dict(max_model_len=256, kv_cache_memory=1 << 30)
             cpu_ref = single_gpu(path, dict(base, dtype="float32"), prompts, 24, device="cpu")
             for dtype in ("float32", "bfloat16"):
                 one = single_gpu(path, dict(base, dtype=dtype), prompts, 24)
