@@ -18,7 +18,6 @@ import importlib
 import importlib.util
 import json
 import math
-import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor

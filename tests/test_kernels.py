@@ -14,41 +14,17 @@ so that Triton's interpreter mode is in force when the Triton modules are first 
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import sys
-import zlib
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-KERNELS_DIR = Path(__file__).resolve().parents[1] / "kernels"
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-needs_triton = pytest.mark.skipif(
-    not HAS_TRITON, reason="triton is not installed: Triton interpreter checks skipped "
-                           "(the torch reference tests still run)")
+from kernel_testing import HAS_TRITON, KERNELS_DIR, gen as _gen, load_kernels, needs_triton, poisoned  # noqa: E402
 
-
-def _load_kernels(name: str = "_elastic_kernels_under_test"):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(
-        name, KERNELS_DIR / "__init__.py", submodule_search_locations=[str(KERNELS_DIR)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-ek = _load_kernels()
-
-
-def _gen(*key) -> torch.Generator:
-    """A fresh, reproducible random stream per check."""
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+ek = load_kernels()
 
 
 def _distinct_logits(T: int, E: int, g: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
@@ -65,10 +41,6 @@ def interp(monkeypatch):
     from importlib import import_module
     moe_triton = import_module(ek.__name__ + ".moe_triton")
     attention = import_module(ek.__name__ + ".attention")
-
-    def poisoned(*shape, dtype, device=None):
-        t = torch.empty(*shape, dtype=dtype, device=device)
-        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(2**30)
 
     monkeypatch.setattr(moe_triton, "_alloc", poisoned)
     monkeypatch.setattr(attention, "_alloc", poisoned)

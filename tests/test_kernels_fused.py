@@ -15,44 +15,17 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-import sys
-import zlib
-from pathlib import Path
 
 import pytest
 import torch
 
-KERNELS_DIR = Path(__file__).resolve().parents[1] / "kernels"
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: interpreter checks skipped")
+from kernel_testing import gen as _gen, load_kernels, needs_triton, poisoned as _poisoned  # noqa: E402
+
 INTERPRET_ENV = os.environ.get("ELASTIC_TRITON_ON_CPU", "0") == "1"
-
-
-def _load_kernels(name: str = "_elastic_kernels_under_test"):
-    """This checkout's kernels/ under a private name (shared with tests/test_kernels.py)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(
-        name, KERNELS_DIR / "__init__.py", submodule_search_locations=[str(KERNELS_DIR)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-ek = _load_kernels()
+ek = load_kernels()
 norm = importlib.import_module(ek.__name__ + ".norm")
 rotary = importlib.import_module(ek.__name__ + ".rotary")
 routing = importlib.import_module(ek.__name__ + ".routing")
-
-
-def _gen(*key) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
-
-
-def _poisoned(*shape, dtype, device=None):
-    t = torch.empty(*shape, dtype=dtype, device=device)
-    return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(2**30)
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import logging
 import torch
 
 from elastic.config import EngineConfig
-from elastic.engine.request import Request
 from elastic.executor.cuda_graphs import DecodeGraphs
 from elastic.kernels import HAS_TRITON
 from elastic.engine.scheduler import SchedulerOutput
