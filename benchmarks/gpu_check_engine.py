@@ -46,9 +46,15 @@ def compare_family(family: str, root: Path) -> list[dict]:
                                                                use_tqdm=False)]
         prefix = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), GREEDY_LEN)
                   for a, b in zip(tokens, ref_tokens)]
-        rows.append(dict(family=family, dtype=dtype, logit_rel_err=num / den, prefill_top1_agree=float(top1),
-                         greedy_identical=sum(p == GREEDY_LEN for p in prefix) / len(prefix),
-                         greedy_mean_matching_prefix=sum(prefix) / len(prefix)))
+        row = dict(family=family, dtype=dtype, logit_rel_err=num / den, prefill_top1_agree=float(top1),
+                   greedy_identical=sum(p == GREEDY_LEN for p in prefix) / len(prefix),
+                   greedy_mean_matching_prefix=sum(prefix) / len(prefix))
+        if gpu.engine.runner.graphs is not None:  # release and re-capture at run time: same outputs
+            gpu.engine.runner.capture_cuda_graphs()
+            again = [o.outputs[0].token_ids for o in gpu.generate([{"prompt_token_ids": p} for p in prompts],
+                                                                  greedy, use_tqdm=False)]
+            row["same_after_graph_recapture"] = again == tokens
+        rows.append(row)
         del gpu
         torch.cuda.empty_cache()
     return rows
@@ -92,10 +98,11 @@ def main() -> None:
             result["qwen3_30b_a3b"] = dummy_30b(Path(tmp), args.num_prompts, args.input_len, args.output_len)
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
-    print(f"\n{'family':<10} {'dtype':<9} {'rel err':>9} {'top1':>6} {'greedy=':>8} {'prefix':>7}")
+    print(f"\n{'family':<10} {'dtype':<9} {'rel err':>9} {'top1':>6} {'greedy=':>8} {'prefix':>7} {'recapture':>9}")
     for r in result["families"]:
         print(f"{r['family']:<10} {r['dtype']:<9} {r['logit_rel_err']:9.2e} {r['prefill_top1_agree']:6.3f} "
-              f"{r['greedy_identical']:8.2f} {r['greedy_mean_matching_prefix']:7.1f}")
+              f"{r['greedy_identical']:8.2f} {r['greedy_mean_matching_prefix']:7.1f} "
+              f"{str(r.get('same_after_graph_recapture', '-')):>9}")
     if "qwen3_30b_a3b" in result:
         print(json.dumps(result["qwen3_30b_a3b"], indent=1))
 
