@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from elastic.config import EngineConfig
-from elastic.engine.core_client import EngineCoreClient, EngineDeadError, EngineHandle, EngineStartupError
+from elastic.engine.core_client import (EngineCoreClient, EngineDeadError, EngineHandle, EngineStartupError,
+                                        FrontendAddresses)
 from elastic.engine.input_processor import InputProcessor
 from elastic.engine.output_processor import OutputProcessor
 from elastic.metrics import ServerMetrics
@@ -89,7 +90,7 @@ class _RequestState:
 
 class AsyncLLM:
     def __init__(self, config: EngineConfig, *, metrics: ServerMetrics | None = None, address: str | None = None,
-                 handshake_port: int = 0, log_level: str = "INFO") -> None:
+                 handshake_port: int = 0, log_level: str = "INFO", frontend: FrontendAddresses | None = None) -> None:
         self.config = config
         # skip_tokenizer_init: token ids in and out (e.g. benchmarks of dummy-weight models without a tokenizer)
         self.tokenizer = None if config.model.skip_tokenizer_init else load_tokenizer(config.model.tokenizer)
@@ -97,7 +98,8 @@ class AsyncLLM:
         self.output_processor = OutputProcessor(self.tokenizer)
         self.metrics = metrics
         self.client = EngineCoreClient(config, on_outputs=self._on_outputs, on_engine_dead=self._on_engine_dead,
-                                       address=address, handshake_port=handshake_port, log_level=log_level)
+                                       address=address, handshake_port=handshake_port, log_level=log_level,
+                                       frontend=frontend)
         self.requests: dict[str, _RequestState] = {}
         self.sample_owner: dict[str, _RequestState] = {}  # engine request id -> its request
         self.startup_error: str | None = None
@@ -114,6 +116,10 @@ class AsyncLLM:
                 self.metrics.engine(engine.index)
 
     async def shutdown(self) -> None:
+        # Free the engines first: with several API servers they outlive this one, and a DP rank can only
+        # leave between request waves.
+        for state in list(self.requests.values()):
+            self.client.abort(state.engine_index, list(state.samples))
         await self.client.shutdown()
         self._fail_all(EngineNotReadyError("the server is shutting down"))
 

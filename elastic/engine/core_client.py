@@ -1,23 +1,27 @@
-"""Front-end side of the engine cores: start the processes, run the handshake, move msgspec messages.
+"""Front-end side of the engine cores: connect the queues, route requests, move msgspec messages.
 
-The front end binds every socket and engines connect (ipc:// in a private temp dir for local engines,
-tcp:// when an address is configured), so adding engine processes later needs no new listener. A
-background task receives output batches and hands them to `on_outputs`; engine death (process
-sentinel, or an EngineDead message) is reported to `on_engine_dead` at once.
+The front end binds its input (ROUTER) and output (PULL) sockets and engines connect (ipc:// in a private
+temp dir for local engines, tcp:// when an address is configured), so any number of engines can join. A
+background task receives output batches and hands them to `on_outputs`; engine death (process sentinel,
+an EngineDead message, or a death relayed by the launcher of several API servers) is reported to
+`on_engine_dead` at once.
+
+With data parallelism (N engines), requests go to the live engine with the lowest load score
+(waiting * 4 + running, as vLLM): the DP coordinator's last LoadSnapshot plus what this front end routed
+since. The ranks step in lockstep, so one dead rank stops them all: every in-flight request fails at once
+and the remaining ranks are terminated rather than left hanging in a collective.
+
+Two ways to run: owning the engines (one API server: an EngineLauncher spawns them and the coordinator
+here), or attached (one of several API servers: `frontend` names this server's queues, the parent
+process launched the engines, and they register on our input socket with their READY).
 """
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import logging
-import multiprocessing
-import os
 import shutil
-import signal
-import tempfile
-from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
+from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from typing import Any, Callable
 
@@ -26,217 +30,221 @@ import zmq
 import zmq.asyncio
 
 from elastic.config import EngineConfig
-from elastic.engine.core_proc import engine_identity, run_engine_core
-from elastic.protocol.from_engine import (EngineCoreOutputMessage, EngineCoreOutputs, EngineDead,
-                                          EngineHandshakeMessage, EngineHello, EngineReady, EngineStartupFailed,
-                                          SchedulerStats)
-from elastic.protocol.to_engine import (AbortRequests, EngineCoreInput, EngineCoreRequest, HandshakeAddresses,
-                                        ParallelHandshake, ShutdownEngine, UtilityCall)
+from elastic.engine.core_proc import engine_identity
+from elastic.engine.launcher import EngineLauncher, EngineStartupError, describe_exit, make_socket_dir
+from elastic.protocol.from_coordinator import LoadSnapshot
+from elastic.protocol.from_engine import EngineCoreOutputMessage, EngineCoreOutputs, EngineDead, EngineReady, \
+    SchedulerStats
+from elastic.protocol.to_engine import AbortRequests, EngineCoreInput, EngineCoreRequest, ShutdownEngine, UtilityCall
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["EngineCoreClient", "EngineDeadError", "EngineHandle", "EngineStartupError", "FrontendAddresses",
+           "describe_exit"]
+
 _REGISTRATION_TIMEOUT_S = 30.0
-_MAX_IPC_PATH = 100  # sun_path is 108 bytes on Linux; keep a margin for the socket name
-
-
-class EngineStartupError(RuntimeError):
-    """An engine core could not start (bad checkpoint, out of memory, died during start-up)."""
+_ATTACHED_REGISTRATION_TIMEOUT_S = 900.0  # attached: engines may still be loading weights
+WAITING_WEIGHT = 4  # a waiting request costs more than a running one (vLLM's routing score)
 
 
 class EngineDeadError(RuntimeError):
     """The engine core serving a request is gone."""
 
 
-def describe_exit(exitcode: int | None) -> str:
-    if exitcode is None:
-        return "exited"
-    if exitcode < 0:
-        name = signal.Signals(-exitcode).name if -exitcode in signal.valid_signals() else str(-exitcode)
-        hint = " (possibly the out-of-memory killer; see dmesg)" if -exitcode == signal.SIGKILL else ""
-        return f"was killed by {name}{hint}"
-    return f"exited with code {exitcode}"
+class FrontendAddresses(msgspec.Struct, frozen=True):
+    """One API server's share of a many-to-many layout: its queues and the coordinator's front-end PUB."""
+
+    client_index: int
+    input_address: str
+    output_address: str
+    coordinator_frontend_pub: str | None = None
 
 
 @dataclass
 class EngineHandle:
     index: int
     identity: bytes
-    proc: BaseProcess | None = None  # None for an engine started elsewhere (headless, remote)
-    death_writer: Connection | None = None  # held open for the engine's lifetime; closing it stops the engine
     pid: int | None = None
     num_kv_blocks: int = 0
     ready: bool = False
     dead_reason: str | None = None
     stats: SchedulerStats | None = None
-    num_in_flight: int = 0  # engine requests routed here and not finished
-    exited: asyncio.Future | None = field(default=None, repr=False)
+    num_in_flight: int = 0  # engine requests routed here by this front end and not finished
+    proc: BaseProcess | None = None  # when this front end launched it
 
 
 class EngineCoreClient:
-    """asyncio client for one front end and `data_parallel_size` engine cores (1 until DP lands)."""
+    """asyncio client for one front end and `data_parallel_size` engine cores."""
 
     def __init__(self, config: EngineConfig, *, on_outputs: Callable[[EngineCoreOutputs], None],
                  on_engine_dead: Callable[[int, str], None], address: str | None = None,
-                 handshake_port: int = 0, log_level: str = "INFO", stats_interval_s: float = 5.0) -> None:
+                 handshake_port: int = 0, log_level: str = "INFO", stats_interval_s: float = 5.0,
+                 frontend: FrontendAddresses | None = None) -> None:
         self.config = config
         self.on_outputs = on_outputs
         self.on_engine_dead = on_engine_dead
         self.address = address  # None: ipc (all engines local)
-        self.handshake_port = handshake_port
-        self.log_level = log_level
-        self.stats_interval_s = stats_interval_s
+        self.frontend = frontend
         n = config.parallel.data_parallel_size
-        if n != 1:  # DP ranks step in lockstep; serving them needs the DP coordinator's request waves
-            raise NotImplementedError("the server runs one engine core; data_parallel_size > 1 needs the DP "
-                                      "coordinator wired into the front end")
         self.engines = [EngineHandle(i, engine_identity(i)) for i in range(n)]
+        # Routing table: [waiting, running] per engine, from the coordinator plus our own routing since.
+        self.lb_counts: list[list[int]] = [[0, 0] for _ in range(n)]
         self.encoder = msgspec.msgpack.Encoder()
         self.output_decoder = msgspec.msgpack.Decoder(EngineCoreOutputMessage)
         self.ctx = zmq.Context()
         self.actx = zmq.asyncio.Context.shadow(self.ctx)
         self.tmpdir: str | None = None
-        self.handshake_address = self.input_address = self.output_address = ""
+        self.launcher: EngineLauncher | None = None  # created by start() unless attached
+        self._launcher_args = dict(address=address, handshake_port=handshake_port, log_level=log_level,
+                                   stats_interval_s=stats_interval_s)
+        self.input_address = self.output_address = ""
         self.sockets: list[Any] = []
-        self.recv_task: asyncio.Task | None = None
+        self.tasks: list[asyncio.Task] = []
         self.utility_calls: dict[int, tuple[int, asyncio.Future]] = {}
         self.call_ids = itertools.count()
+        self.lockstep_broken = False
+        self._startup_failure: asyncio.Future | None = None  # while waiting for registrations
         self.closing = False
         self.closed = False
 
+    @property
+    def handshake_address(self) -> str:
+        handshake = self.launcher.handshake if self.launcher is not None else None
+        return handshake.getsockopt_string(zmq.LAST_ENDPOINT) if handshake is not None else ""
+
     # ---- start-up -------------------------------------------------------------------------------------
     def _bind(self) -> None:
-        if self.address is None:
-            base = tempfile.gettempdir()
-            if len(base) > _MAX_IPC_PATH - 30:
-                base = "/tmp"  # ipc paths are limited to ~107 bytes
-            self.tmpdir = tempfile.mkdtemp(prefix="elastic-", dir=base)
-            addr = {name: f"ipc://{self.tmpdir}/{name}" for name in ("handshake", "input", "output")}
+        if self.frontend is None:
+            self.tmpdir = make_socket_dir() if self.address is None else None
+            self.launcher = EngineLauncher(self.config, on_exit=self._on_launcher_exit, socket_dir=self.tmpdir,
+                                           **self._launcher_args)  # type: ignore[arg-type]
+        if self.frontend is not None:
+            input_addr, output_addr = self.frontend.input_address, self.frontend.output_address
+        elif self.tmpdir is not None:
+            input_addr, output_addr = f"ipc://{self.tmpdir}/input", f"ipc://{self.tmpdir}/output"
         else:
-            addr = {name: f"tcp://{self.address}:0" for name in ("handshake", "input", "output")}
-            if self.handshake_port:
-                addr["handshake"] = f"tcp://{self.address}:{self.handshake_port}"
-        self.handshake = self.actx.socket(zmq.ROUTER)
+            input_addr = output_addr = f"tcp://{self.address}:0"
         self.input = self.ctx.socket(zmq.ROUTER)
         self.output = self.actx.socket(zmq.PULL)
-        self.sockets = [self.handshake, self.input, self.output]
+        self.sockets = [self.input, self.output]
         self.input.setsockopt(zmq.ROUTER_MANDATORY, 1)  # raise on an unknown/vanished engine, never drop
         self.input.setsockopt(zmq.SNDHWM, 0)  # sends never block the event loop
         self.output.setsockopt(zmq.RCVHWM, 0)
         for sock in self.sockets:
             sock.setsockopt(zmq.LINGER, 0)
-        self.handshake.bind(addr["handshake"])
-        self.input.bind(addr["input"])
-        self.output.bind(addr["output"])
+        self.input.bind(input_addr)
+        self.output.bind(output_addr)
         # With tcp port 0, the real ports are only known now.
-        self.handshake_address = self.handshake.getsockopt_string(zmq.LAST_ENDPOINT)
         self.input_address = self.input.getsockopt_string(zmq.LAST_ENDPOINT)
         self.output_address = self.output.getsockopt_string(zmq.LAST_ENDPOINT)
 
-    def _spawn(self, engine: EngineHandle) -> None:
-        # spawn, not fork: torch (CUDA, OpenMP threads) is not fork-safe.
-        mp = multiprocessing.get_context("spawn")
-        reader, writer = mp.Pipe(duplex=False)
-        config = dataclasses.replace(self.config, parallel=self.config.parallel.for_rank(engine.index))
-        proc = mp.Process(target=run_engine_core, name=f"EngineCore_{engine.index}",
-                          args=(config, engine.index, self.handshake_address, reader, self.log_level))
-        proc.start()
-        reader.close()  # only the child keeps the read end: our exit then closes the pipe
-        engine.proc, engine.death_writer, engine.pid = proc, writer, proc.pid
-        loop = asyncio.get_running_loop()
-        engine.exited = loop.create_future()
-        loop.add_reader(proc.sentinel, self._on_process_exit, engine)
-        logger.info("started engine core %d (pid %d)", engine.index, proc.pid)
+    def _subscribe_coordinator(self, address: str) -> None:
+        sub = self.actx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(address)
+        self.sockets.append(sub)
+        self.tasks.append(asyncio.get_running_loop().create_task(self._snapshot_loop(sub), name="dp-load"))
 
     async def start(self) -> None:
-        """Spawn the engines and wait until every one is READY; raises EngineStartupError otherwise."""
+        """Start (or, attached, wait for) the engines until every one is READY; raises EngineStartupError."""
         try:
             self._bind()
-            for engine in self.engines:
-                self._spawn(engine)
-            await self._handshake()
-            await self._await_registrations()
+            if self.launcher is not None:
+                coordinator = await self.launcher.start_coordinator()
+                if coordinator is not None:
+                    self._subscribe_coordinator(coordinator.frontend_pub)
+                await self.launcher.start([self.input_address], [self.output_address])
+                for engine, proc in zip(self.engines, self.launcher.engines):
+                    engine.pid, engine.num_kv_blocks, engine.proc = proc.pid, proc.num_kv_blocks, proc.proc
+                await self._await_registrations(_REGISTRATION_TIMEOUT_S)
+            else:
+                assert self.frontend is not None
+                if self.frontend.coordinator_frontend_pub:
+                    self._subscribe_coordinator(self.frontend.coordinator_frontend_pub)
+                await self._await_registrations(_ATTACHED_REGISTRATION_TIMEOUT_S)
         except BaseException:
             self.close()
             raise
-        self.recv_task = asyncio.get_running_loop().create_task(self._recv_loop(), name="engine-outputs")
+        self.tasks.append(asyncio.get_running_loop().create_task(self._recv_loop(), name="engine-outputs"))
 
-    async def _handshake(self) -> None:
-        decoder = msgspec.msgpack.Decoder(EngineHandshakeMessage)
-        by_identity = {e.identity: e for e in self.engines}
-        while not all(e.ready for e in self.engines):
-            recv = asyncio.ensure_future(self.handshake.recv_multipart())
-            exits = [e.exited for e in self.engines if e.exited is not None]
-            try:
-                await asyncio.wait([recv, *exits], return_when=asyncio.FIRST_COMPLETED)
-                if not recv.done():  # an engine exited: its last words (why) may still be on the way
-                    await asyncio.wait([recv], timeout=0.5)
-            finally:
-                if not recv.done():
-                    recv.cancel()
-            if recv.cancelled():
-                dead = next(e for e in self.engines if e.dead_reason is not None)
-                raise EngineStartupError(f"engine core {dead.index} {dead.dead_reason} during start-up")
-            identity, payload = recv.result()
-            engine = by_identity.get(identity)
-            msg = decoder.decode(payload)
-            if engine is None or msg.engine_index != engine.index:
-                logger.warning("ignoring a handshake message from an unexpected engine: %r", msg)
-                continue
-            if isinstance(msg, EngineHello):
-                engine.pid = msg.pid
-                parallel = ParallelHandshake(
-                    data_parallel_size=self.config.parallel.data_parallel_size, data_parallel_rank=engine.index,
-                    data_parallel_master_ip=self.address or "127.0.0.1")
-                reply = HandshakeAddresses(self.input_address, self.output_address, parallel,
-                                           stats_interval_s=self.stats_interval_s)
-                await self.handshake.send_multipart([identity, self.encoder.encode(reply)])
-                logger.info("engine core %d (pid %d) said hello; loading the model", engine.index, msg.pid)
-            elif isinstance(msg, EngineReady):
-                engine.num_kv_blocks, engine.ready = msg.num_kv_blocks, True
-                logger.info("engine core %d ready: %d KV blocks of %d tokens", engine.index, msg.num_kv_blocks,
-                            msg.block_size)
-            elif isinstance(msg, EngineStartupFailed):
-                raise EngineStartupError(f"engine core {engine.index} failed to start: {msg.error}")
-
-    async def _await_registrations(self) -> None:
-        """Each engine sends one empty frame on the input socket; until then our ROUTER cannot address it."""
-        pending = {e.identity for e in self.engines}
+    async def _await_registrations(self, timeout: float) -> None:
+        """Each engine sends its READY on our input socket; until then our ROUTER cannot address it."""
+        pending = {e.identity: e for e in self.engines}
         inbox = zmq.asyncio.Socket.from_socket(self.input)
+        decoder = msgspec.msgpack.Decoder(EngineReady)
 
         async def receive_all() -> None:
             while pending:
-                identity, _ = await inbox.recv_multipart()
-                pending.discard(identity)
+                identity, payload = await inbox.recv_multipart()
+                engine = pending.pop(identity, None)
+                if engine is None:
+                    continue
+                engine.ready = True
+                try:
+                    ready = decoder.decode(payload)
+                    engine.num_kv_blocks, engine.pid = ready.num_kv_blocks, ready.pid or engine.pid
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    pass  # an engine that registers with an empty frame (older protocol)
 
+        # An engine that dies in between (READY on the handshake, not yet registered here) ends the wait.
+        self._startup_failure = asyncio.get_running_loop().create_future()
+        receiving = asyncio.ensure_future(receive_all())
         try:
-            await asyncio.wait_for(receive_all(), _REGISTRATION_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            raise EngineStartupError("engine cores said READY but never connected to the input queue") from None
+            done, _ = await asyncio.wait([receiving, self._startup_failure], timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            receiving.cancel()
+        if self._startup_failure.done():
+            raise self._startup_failure.exception() or EngineStartupError("an engine core died during start-up")
+        if not done:
+            raise EngineStartupError("engine cores said READY but never connected to the input queue")
+        self._startup_failure = None
 
     # ---- steady state ---------------------------------------------------------------------------------
-    def _on_process_exit(self, engine: EngineHandle) -> None:
-        assert engine.proc is not None
-        asyncio.get_running_loop().remove_reader(engine.proc.sentinel)
-        engine.proc.join(timeout=1.0)  # the sentinel fires as the process exits; reap it for its exit code
-        self._mark_dead(engine, describe_exit(engine.proc.exitcode))
-        if engine.exited is not None and not engine.exited.done():
-            engine.exited.set_result(engine.proc.exitcode)
+    def _on_launcher_exit(self, index: int, reason: str) -> None:
+        if index < 0:  # the DP coordinator: without it no rank can wake the others
+            logger.error("%s; stopping every engine core", reason)
+            for engine in self.engines:
+                self._mark_dead(engine, f"was stopped: {reason}", root_cause=reason)
+            return
+        self._mark_dead(self.engines[index], reason)
 
-    def _mark_dead(self, engine: EngineHandle, reason: str) -> None:
+    def _mark_dead(self, engine: EngineHandle, reason: str, root_cause: str | None = None) -> None:
         if engine.dead_reason is not None:
             return
         engine.dead_reason = reason
+        cause = root_cause or f"engine core {engine.index} {reason}"
         for call_id, (index, fut) in list(self.utility_calls.items()):
             if index == engine.index and not fut.done():
-                fut.set_exception(EngineDeadError(f"engine core {engine.index} {reason}"))
+                fut.set_exception(EngineDeadError(cause))
                 del self.utility_calls[call_id]
         if self.closing:
             logger.info("engine core %d (pid %s) %s", engine.index, engine.pid, reason)
             return
-        if engine.ready:
+        if not engine.ready:  # still starting: start() reports it (EngineStartupError)
+            if self._startup_failure is not None and not self._startup_failure.done():
+                self._startup_failure.set_exception(
+                    EngineStartupError(f"engine core {engine.index} {reason} during start-up"))
+            return
+        if root_cause is None:
             logger.error("engine core %d (pid %s) died: it %s; failing its in-flight requests",
                          engine.index, engine.pid, reason)
-            self.on_engine_dead(engine.index, f"engine core {engine.index} {reason}")
+        self.on_engine_dead(engine.index, cause)
+        if len(self.engines) > 1 and not self.lockstep_broken:
+            self._break_lockstep(cause)
+
+    def _break_lockstep(self, cause: str) -> None:
+        """DP ranks step together: without one of them the others can only hang in their next collective."""
+        self.lockstep_broken = True
+        survivors = [e for e in self.engines if e.dead_reason is None]
+        if survivors:
+            logger.error("%s: stopping the other %d data-parallel rank(s), whose collectives cannot complete "
+                         "without it", cause, len(survivors))
+        for other in survivors:
+            self._mark_dead(other, f"was stopped: {cause}", root_cause=cause)
+        if self.launcher is not None:
+            self.launcher.terminate_soon()
 
     async def _recv_loop(self) -> None:
         while True:
@@ -247,7 +255,8 @@ class EngineCoreClient:
                 logger.error("dropping an undecodable engine output: %s", e)
                 continue
             if isinstance(msg, EngineDead):
-                self._mark_dead(self.engines[msg.engine_index], f"crashed: {msg.error}")
+                reason = msg.error if msg.relayed else f"crashed: {msg.error}"
+                self._mark_dead(self.engines[msg.engine_index], reason)
                 continue
             engine = self.engines[msg.engine_index]
             if msg.scheduler_stats is not None:
@@ -264,6 +273,19 @@ class EngineCoreClient:
             except Exception:  # a bug in output handling must not stop the loop that serves everyone
                 logger.exception("error while processing engine outputs")
 
+    async def _snapshot_loop(self, sub: Any) -> None:
+        decoder = msgspec.msgpack.Decoder(LoadSnapshot)
+        while True:
+            raw = await sub.recv()
+            try:
+                snapshot = decoder.decode(raw)
+            except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                logger.error("dropping an undecodable load snapshot: %s", e)
+                continue
+            if len(snapshot.counts) == len(self.engines):
+                # Replaces what we added since the last one: the engines now count those requests themselves.
+                self.lb_counts = [list(c) for c in snapshot.counts]
+
     @property
     def is_ready(self) -> bool:
         return bool(self.engines) and all(e.ready for e in self.engines) and not self.closed
@@ -274,11 +296,12 @@ class EngineCoreClient:
         return "; ".join(reasons) or None
 
     def pick_engine(self) -> EngineHandle:
-        """The live engine with the fewest requests in flight (our own count: stats lag a step)."""
+        """The live engine with the lowest load score; ties go to the lowest index."""
         live = [e for e in self.engines if e.ready and e.dead_reason is None]
         if not live:
             raise EngineDeadError(self.dead_reason or "no engine core is ready")
-        return min(live, key=lambda e: (e.num_in_flight, e.index))
+        counts = self.lb_counts
+        return min(live, key=lambda e: (counts[e.index][0] * WAITING_WEIGHT + counts[e.index][1], e.index))
 
     def _send(self, engine: EngineHandle, msg: EngineCoreInput) -> None:
         if engine.dead_reason is not None:
@@ -292,6 +315,7 @@ class EngineCoreClient:
         for req in requests:
             self._send(engine, req)
         engine.num_in_flight += len(requests)
+        self.lb_counts[engine.index][0] += len(requests)  # waiting there until the next snapshot says otherwise
 
     def release(self, engine_index: int, num_requests: int) -> None:
         engine = self.engines[engine_index]
@@ -317,19 +341,19 @@ class EngineCoreClient:
 
     # ---- shutdown -------------------------------------------------------------------------------------
     async def shutdown(self, timeout: float = 5.0) -> None:
-        """Ask every engine to exit, wait a little, then make sure (terminate, kill) and clean up."""
+        """Ask every engine to exit, wait a little, then make sure (terminate, kill) and clean up. Attached
+        to engines another process launched, only our own sockets close: the launcher stops the engines."""
         if self.closed:
             return
         self.closing = True
-        for engine in self.engines:
-            if engine.ready and engine.dead_reason is None:
-                try:
-                    self._send(engine, ShutdownEngine())
-                except EngineDeadError:
-                    pass
-        exits = [e.exited for e in self.engines if e.exited is not None and not e.exited.done()]
-        if exits:
-            await asyncio.wait(exits, timeout=timeout)
+        if self.launcher is not None:
+            for engine in self.engines:
+                if engine.ready and engine.dead_reason is None:
+                    try:
+                        self._send(engine, ShutdownEngine())
+                    except EngineDeadError:
+                        pass
+            await self.launcher.wait_exited(timeout)
         self.close()
 
     def close(self) -> None:
@@ -337,25 +361,10 @@ class EngineCoreClient:
         if self.closed:
             return
         self.closing = self.closed = True
-        if self.recv_task is not None:
-            self.recv_task.cancel()
-        for engine in self.engines:
-            proc = engine.proc
-            if proc is None:
-                continue
-            try:
-                asyncio.get_running_loop().remove_reader(proc.sentinel)
-            except (RuntimeError, ValueError, OSError):
-                pass  # no running loop (atexit) or already removed
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(timeout=5.0)
-            if proc.is_alive():
-                logger.warning("engine core %d did not exit on SIGTERM; killing it", engine.index)
-                proc.kill()
-                proc.join(timeout=5.0)
-            if engine.death_writer is not None:
-                engine.death_writer.close()
+        for task in self.tasks:
+            task.cancel()
+        if self.launcher is not None:
+            self.launcher.close()
         for fut in [fut for _, fut in self.utility_calls.values()]:
             if not fut.done():
                 fut.set_exception(EngineDeadError("the engine client is shut down"))
@@ -365,6 +374,3 @@ class EngineCoreClient:
         self.ctx.term()
         if self.tmpdir is not None:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
-        for engine in self.engines:
-            if engine.exited is not None and not engine.exited.done():
-                engine.exited.cancel()

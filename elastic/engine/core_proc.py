@@ -4,6 +4,10 @@ Sockets (the front end binds, engines connect, so one front end can accept any n
   handshake  DEALER -> front end ROUTER   HELLO, then (after the model is loaded) READY or a start-up failure
   input      DEALER -> front end ROUTER   the front end addresses this engine by its identity (its index)
   output     PUSH   -> front end PULL     one EngineCoreOutputs batch per step
+With several API servers there is one input and one output socket per front end: a request's outputs go
+back to the front end it came from. With data parallelism (see dp_engine.py) also:
+  coordinator PUSH -> DP coordinator PULL  EngineLoad, StartWaveRequest, WaveComplete
+  coordinator SUB  <- DP coordinator XPUB  StartDPWave
 Every message is msgspec (msgpack); nothing is ever pickled on a socket.
 
 The process ends when the front end sends ShutdownEngine, on SIGTERM, or when its parent dies (the
@@ -12,12 +16,14 @@ decides the order of shutdown.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
 import threading
 import time
 import traceback
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, Callable
 
@@ -25,6 +31,7 @@ import msgspec
 import zmq
 
 from elastic.config import EngineConfig
+from elastic.engine.dp_engine import DPWaves
 from elastic.protocol.from_engine import (EngineCoreOutput, EngineCoreOutputs, EngineDead, EngineHello, EngineReady,
                                           EngineStartupFailed, RejectedRequest, SchedulerStats, UtilityResult)
 from elastic.protocol.to_engine import (AbortRequests, EngineCoreInput, EngineCoreRequest, HandshakeAddresses,
@@ -34,43 +41,66 @@ logger = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT_S = 300.0  # waiting for the front end's addresses after HELLO
 _OUTPUT_LINGER_MS = 2000  # let the last batch (or last words) reach the front end on close
+_ORPHAN_EXIT_GRACE_S = 5.0
 
 
 def engine_identity(engine_index: int) -> bytes:
     return engine_index.to_bytes(2, "little")
 
 
-class EngineCoreProc:
-    """Owns an EngineCore and its two queue sockets; `run()` is the busy loop."""
+@dataclass
+class _Pending:
+    """What the next batch to one front end carries besides step outputs."""
 
-    def __init__(self, core: Any, engine_index: int, input_socket: zmq.Socket, output_socket: zmq.Socket,
-                 stats_interval_s: float) -> None:
+    outputs: list[EngineCoreOutput] = field(default_factory=list)
+    rejected: list[RejectedRequest] = field(default_factory=list)
+    utility_results: list[UtilityResult] = field(default_factory=list)
+    queue_times: dict[str, float] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.outputs or self.rejected or self.utility_results or self.queue_times)
+
+
+class EngineCoreProc:
+    """Owns an EngineCore and its queue sockets (one input and one output per front end); `run()` is the
+    busy loop."""
+
+    def __init__(self, core: Any, engine_index: int, input_sockets: list[zmq.Socket],
+                 output_sockets: list[zmq.Socket], stats_interval_s: float, dp: DPWaves | None = None) -> None:
         self.core = core
         self.engine_index = engine_index
-        self.input = input_socket
-        self.output = output_socket
+        self.inputs = input_sockets
+        self.outputs = output_sockets
         self.stats_interval_s = stats_interval_s
+        self.dp = dp
         self.decoder = msgspec.msgpack.Decoder(EngineCoreInput)
         self.encoder = msgspec.msgpack.Encoder()
         self.poller = zmq.Poller()
-        self.poller.register(self.input, zmq.POLLIN)
+        for sock in self.inputs:
+            self.poller.register(sock, zmq.POLLIN)
+        if dp is not None:
+            self.poller.register(dp.sub, zmq.POLLIN)  # a paused rank also wakes for START_DP_WAVE
         self.shutdown_requested = False
-        # What the next batch carries besides step outputs.
-        self.pending_outputs: list[EngineCoreOutput] = []
-        self.rejected: list[RejectedRequest] = []
-        self.utility_results: list[UtilityResult] = []
-        self.queue_times: dict[str, float] = {}
+        self.pending = [_Pending() for _ in self.outputs]
+        self.owner: dict[str, int] = {}  # request id -> index of the front end it came from
         self.waiting_since: dict[str, float] = {}  # request id -> when it arrived, until its first step
         self.last_stats: SchedulerStats | None = None
         self.last_send = time.monotonic()
+        self.num_steps = 0  # EngineCore.step() calls (dummy steps of an idle DP rank included)
+        self.num_requests = 0  # requests accepted
         self.utilities: dict[str, Callable[..., Any]] = {
             "ping": lambda: "pong",
             "stats": lambda: msgspec.structs.asdict(self.core.stats()),
             "num_kv_blocks": lambda: self.core.num_kv_blocks,
+            "counters": lambda: {"steps": self.num_steps, "requests": self.num_requests,
+                                 "wave": self.dp.wave if self.dp is not None else 0,
+                                 "running": bool(self.core.global_unfinished)},
         }
 
     def run(self) -> None:
-        while not self.shutdown_requested:
+        while True:
+            if self.shutdown_requested and not self._must_finish_wave():
+                break
             if not self.core.global_unfinished:
                 # Idle: block in poll (no CPU), waking only to re-send stats now and then (liveness).
                 wait_s = max(0.0, self.stats_interval_s - (time.monotonic() - self.last_send))
@@ -78,43 +108,70 @@ class EngineCoreProc:
                     self.send_batch([], force=True)
                     continue
             self.drain_inputs()
-            if self.shutdown_requested:
+            if self.shutdown_requested and not self._must_finish_wave():
                 break
-            outputs = self.step() if self.core.global_unfinished else []
+            outputs: list[EngineCoreOutput] = []
+            if self.core.global_unfinished:
+                outputs = self.step()
+                if self.dp is not None and not self.core.global_unfinished:
+                    self.dp.wave_over()  # every rank saw the same 'nobody has work' at this step
             self.send_batch(outputs)
+            if self.dp is not None:
+                self.dp.report_load(self.last_stats or self.core.stats())
+
+    def _must_finish_wave(self) -> bool:
+        """A DP rank leaving mid-wave would hang its peers in the next collective: it drops its own requests
+        (the front end is shutting down) and steps until the wave ends, on every rank at the same step."""
+        if self.dp is None or not self.core.global_unfinished:
+            return False
+        if self.core.has_unfinished_requests():
+            self._abort(list(self.core.scheduler.requests))
+        return True
 
     # ---- inputs ---------------------------------------------------------------------------------------
     def drain_inputs(self) -> None:
-        while True:
-            try:
-                frame = self.input.recv(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            try:
-                msg = self.decoder.decode(frame.buffer)
-            except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
-                # Without a decodable request id there is nobody to answer; the front end validates anyway.
-                logger.error("dropping an undecodable input message: %s", e)
-                continue
-            self.handle(msg)
+        for client, sock in enumerate(self.inputs):
+            while True:
+                try:
+                    frame = sock.recv(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                try:
+                    msg = self.decoder.decode(frame.buffer)
+                except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
+                    # Without a decodable request id there is nobody to answer; the front end validates anyway.
+                    logger.error("dropping an undecodable input message: %s", e)
+                    continue
+                self.handle(msg, client)
+        if self.dp is not None:
+            self.dp.drain(self.core)
 
-    def handle(self, msg: Any) -> None:
+    def handle(self, msg: Any, client: int = 0) -> None:
         if isinstance(msg, EngineCoreRequest):
+            was_running = self.core.global_unfinished
             try:
                 self.core.add_request(msg)
             except ValueError as e:  # bad input must never kill the engine
-                self.rejected.append(RejectedRequest(msg.request_id, str(e)))
+                self.pending[client].rejected.append(RejectedRequest(msg.request_id, str(e)))
                 return
+            self.num_requests += 1
+            self.owner[msg.request_id] = client
             self.waiting_since[msg.request_id] = time.monotonic()
+            if self.dp is not None and not was_running:
+                self.dp.request_wave()
         elif isinstance(msg, AbortRequests):
-            self.pending_outputs.extend(self.core.abort_requests(msg.request_ids))
-            for rid in msg.request_ids:
-                self.waiting_since.pop(rid, None)
+            self._abort(msg.request_ids)
         elif isinstance(msg, UtilityCall):
-            self.utility_results.append(self.call_utility(msg))
+            self.pending[client].utility_results.append(self.call_utility(msg))
         elif isinstance(msg, ShutdownEngine):
             logger.info("shutdown requested by the front end")
             self.shutdown_requested = True
+
+    def _abort(self, request_ids: list[str]) -> None:
+        for out in self.core.abort_requests(request_ids):
+            self.pending[self.owner.pop(out.request_id, 0)].outputs.append(out)
+        for rid in request_ids:
+            self.waiting_since.pop(rid, None)
 
     def call_utility(self, call: UtilityCall) -> UtilityResult:
         fn = self.utilities.get(call.method)
@@ -130,6 +187,7 @@ class EngineCoreProc:
     def step(self) -> list[EngineCoreOutput]:
         started = time.monotonic()
         outputs = self.core.step()
+        self.num_steps += 1
         if self.waiting_since:
             self.record_queue_times(started)
         return outputs
@@ -140,25 +198,30 @@ class EngineCoreProc:
         for rid, arrived in list(self.waiting_since.items()):
             req = requests.get(rid)
             if req is None or req.num_computed_tokens > 0:
-                self.queue_times[rid] = max(0.0, step_start - arrived)
+                self.pending[self.owner.get(rid, 0)].queue_times[rid] = max(0.0, step_start - arrived)
                 del self.waiting_since[rid]
 
     def send_batch(self, outputs: list[EngineCoreOutput], force: bool = False) -> None:
+        """One batch per front end that has something to hear; every front end gets changed stats."""
         stats = self.core.stats()
-        if self.pending_outputs:
-            outputs = self.pending_outputs + outputs
-            self.pending_outputs = []
-        if not (force or outputs or self.rejected or self.utility_results or self.queue_times
-                or stats != self.last_stats):
-            return
-        batch = EngineCoreOutputs(
-            engine_index=self.engine_index, timestamp=time.time(), outputs=outputs, scheduler_stats=stats,
-            queue_times=self.queue_times or None, rejected=self.rejected or None,
-            utility_results=self.utility_results or None)
-        self.output.send(self.encoder.encode(batch), copy=False)
-        self.rejected, self.utility_results, self.queue_times = [], [], {}
-        self.last_stats = stats
-        self.last_send = time.monotonic()
+        for out in outputs:
+            client = self.owner.pop(out.request_id, 0) if out.finished else self.owner.get(out.request_id, 0)
+            self.pending[client].outputs.append(out)
+        stats_changed = stats != self.last_stats
+        sent = False
+        for client, pending in enumerate(self.pending):
+            if not (force or stats_changed or pending):
+                continue
+            batch = EngineCoreOutputs(
+                engine_index=self.engine_index, timestamp=time.time(), outputs=pending.outputs,
+                scheduler_stats=stats, queue_times=pending.queue_times or None, rejected=pending.rejected or None,
+                utility_results=pending.utility_results or None)
+            self.outputs[client].send(self.encoder.encode(batch), copy=False)
+            self.pending[client] = _Pending()
+            sent = True
+        if sent:
+            self.last_stats = stats
+            self.last_send = time.monotonic()
 
 
 # ---- process entry point ------------------------------------------------------------------------------
@@ -174,6 +237,32 @@ def _watch_parent(pipe: Connection) -> None:
         pass
     logger.warning("the front end process is gone; engine core exiting")
     os.kill(os.getpid(), signal.SIGTERM)
+    # SIGTERM is handled between Python bytecodes: a rank blocked in a collective with a dead peer would
+    # only get there at the group's timeout. Give the clean exit a moment, then go regardless.
+    time.sleep(_ORPHAN_EXIT_GRACE_S)
+    os._exit(1)
+
+
+def _apply_parallel_handshake(config: EngineConfig, addresses: HandshakeAddresses) -> EngineConfig:
+    """The front end has the last word on the parallel layout and the group rendezvous (a headless engine
+    started elsewhere learns them only here)."""
+    hs = addresses.parallel
+    if hs.data_parallel_size <= 1:
+        return config
+    parallel = dataclasses.replace(config.parallel, data_parallel_size=hs.data_parallel_size,
+                                   data_parallel_rank=hs.data_parallel_rank, store_host=hs.data_parallel_master_ip,
+                                   store_port=hs.data_parallel_master_port)
+    return dataclasses.replace(config, parallel=parallel)
+
+
+def _set_device_and_threads(config: EngineConfig) -> None:
+    import torch
+
+    if config.torch_device.type == "cuda" and config.torch_device.index is not None:
+        torch.cuda.set_device(config.torch_device)  # NCCL and the allocator then use this rank's GPU
+    elif config.torch_device.type == "cpu" and config.parallel.is_distributed:
+        # Ranks on one host share its cores: oversubscribed OpenMP threads make every collective wait.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.parallel.data_parallel_size))
 
 
 def _handshake(sock: zmq.Socket, decoder: msgspec.msgpack.Decoder) -> HandshakeAddresses:
@@ -202,17 +291,27 @@ def run_engine_core(config: EngineConfig, engine_index: int, handshake_address: 
     handshake.setsockopt(zmq.LINGER, _OUTPUT_LINGER_MS)
     handshake.connect(handshake_address)
     sockets = [handshake]
-    output: zmq.Socket | None = None
     core: Any = None
     exit_code = 0
     try:
         handshake.send(encoder.encode(EngineHello(engine_index, os.getpid(), local=local, headless=headless)))
         addresses = _handshake(handshake, msgspec.msgpack.Decoder(HandshakeAddresses))
+        config = _apply_parallel_handshake(config, addresses)
+        dp: DPWaves | None = None
+        if config.parallel.is_distributed:
+            if addresses.coordinator_address is None or addresses.coordinator_pub_address is None:
+                raise RuntimeError("data_parallel_size > 1 but the front end named no DP coordinator")
+            # Subscribe now: the coordinator's hello is long there when the model is loaded.
+            dp = DPWaves(ctx, engine_index, addresses.coordinator_address, addresses.coordinator_pub_address)
+            sockets += dp.sockets
         try:
             from elastic.engine.core import EngineCore
 
             warn_if_hub_kernels_active(logger)
-            core = EngineCore(config)  # loads weights (progress bar), sizes the KV cache
+            _set_device_and_threads(config)
+            core = EngineCore(config)  # loads weights (progress bar), joins the DP/EP groups, sizes the KV cache
+            if dp is not None:
+                dp.wait_subscribed(HANDSHAKE_TIMEOUT_S)
         except (SystemExit, KeyboardInterrupt):
             raise
         except BaseException as e:  # bad checkpoint, OOM, ...: tell the front end why, then exit non-zero
@@ -220,18 +319,28 @@ def run_engine_core(config: EngineConfig, engine_index: int, handshake_address: 
             handshake.send(encoder.encode(EngineStartupFailed(engine_index, f"{type(e).__name__}: {e}")))
             raise SystemExit(1) from None
 
-        input_socket = ctx.socket(zmq.DEALER)
-        input_socket.setsockopt(zmq.IDENTITY, identity)
-        input_socket.setsockopt(zmq.LINGER, 0)
-        input_socket.connect(addresses.input_address)
-        output = ctx.socket(zmq.PUSH)
-        output.setsockopt(zmq.LINGER, _OUTPUT_LINGER_MS)
-        output.connect(addresses.output_address)
-        sockets += [input_socket, output]
-        input_socket.send(b"")  # registers our identity with the front end's ROUTER before READY
-        handshake.send(encoder.encode(EngineReady(engine_index, core.num_kv_blocks, config.cache.block_size,
-                                                  config.model.max_model_len)))
-        proc = EngineCoreProc(core, engine_index, input_socket, output, addresses.stats_interval_s)
+        # One input and one output queue per front end (API server); requests are answered where they came from.
+        input_addresses = addresses.frontend_input_addresses or [addresses.input_address]
+        output_addresses = addresses.frontend_output_addresses or [addresses.output_address]
+        inputs, outputs = [], []
+        for address in input_addresses:
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.IDENTITY, identity)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(address)
+            inputs.append(sock)
+        for address in output_addresses:
+            sock = ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, _OUTPUT_LINGER_MS)
+            sock.connect(address)
+            outputs.append(sock)
+        sockets += inputs + outputs
+        ready = encoder.encode(EngineReady(engine_index, core.num_kv_blocks, config.cache.block_size,
+                                           config.model.max_model_len, pid=os.getpid()))
+        for sock in inputs:
+            sock.send(ready)  # registers our identity with each front end's ROUTER (and says READY to it)
+        handshake.send(ready)
+        proc = EngineCoreProc(core, engine_index, inputs, outputs, addresses.stats_interval_s, dp)
         logger.info("engine core %d ready: %d KV blocks", engine_index, core.num_kv_blocks)
         try:
             proc.run()
@@ -240,7 +349,8 @@ def run_engine_core(config: EngineConfig, engine_index: int, handshake_address: 
         except BaseException as e:
             logger.exception("engine core %d crashed", engine_index)
             error = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}"
-            output.send(encoder.encode(EngineDead(engine_index, error)))
+            for sock in outputs:
+                sock.send(encoder.encode(EngineDead(engine_index, error)))
             exit_code = 1
     except SystemExit as e:
         exit_code = e.code if isinstance(e.code, int) else 0

@@ -48,6 +48,7 @@ class ServerArgs:
     shutdown_timeout: float = 10.0  # seconds in-flight requests get to finish on SIGTERM / Ctrl-C
     data_parallel_address: str | None = None  # None: ipc sockets; else tcp on this address
     data_parallel_rpc_port: int = 0  # handshake port with tcp (0: any free one)
+    api_server_count: int = 1  # API server processes sharing the port (many-to-many with the engines)
 
 
 class APIKeyMiddleware:
@@ -233,8 +234,10 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def run_server(config: EngineConfig, args: ServerArgs) -> int:
     """Serve until SIGTERM / SIGINT (exit 0) or an engine start-up failure (exit 1)."""
-    import uvicorn
+    if args.api_server_count > 1:
+        from elastic.entrypoints.multi_server import run_multi_server
 
+        return run_multi_server(config, args)
     warn_if_hub_kernels_active(logger)
     metrics = ServerMetrics(config.model.served_model_name, config.model.max_model_len)
     try:
@@ -248,6 +251,13 @@ def run_server(config: EngineConfig, args: ServerArgs) -> int:
     except OSError as e:
         logger.error("cannot listen on %s:%d: %s", args.host, args.port, e)
         return 1
+    return serve_http(engine, metrics, args, sock)
+
+
+def serve_http(engine: AsyncLLM, metrics: ServerMetrics, args: ServerArgs, sock: socket.socket) -> int:
+    """Run uvicorn on the bound socket `sock` until shut down; returns the exit code."""
+    import uvicorn
+
     app = build_app(engine, metrics, args)
     app.state.port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(

@@ -97,6 +97,18 @@ def _add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="disable reuse of cached prompt prefixes")
     engine.add_argument("--enforce-eager", action="store_true", help="never use CUDA graphs")
 
+    par = p.add_argument_group("data and expert parallelism")
+    par.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                     help="engine-core processes (ranks), one per GPU; attention is data-parallel over them and "
+                          "MoE layers expert-parallel")
+    par.add_argument("--ep-dispatch", default="alltoall", choices=["alltoall", "allgather"],
+                     help="how tokens reach their experts' ranks: all-to-all, or all-gather + reduce-scatter")
+    par.add_argument("--num-redundant-experts", type=int, default=0,
+                     help="extra expert slots per MoE layer holding replicas (experts + redundant must split "
+                          "evenly over the ranks)")
+    par.add_argument("--api-server-count", type=int, default=1,
+                     help="API server processes sharing the HTTP port, each connected to every engine")
+
     dp = p.add_argument_group("engine transport")
     dp.add_argument("--data-parallel-address", default=None,
                     help="use tcp:// on this address between API server and engines (default: ipc sockets)")
@@ -147,13 +159,17 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             kv_cache_memory=args.kv_cache_memory, num_kv_blocks=args.num_kv_blocks,
             enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
             max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens)
+            max_num_batched_tokens=args.max_num_batched_tokens, data_parallel_size=args.data_parallel_size,
+            ep_dispatch=args.ep_dispatch, num_redundant_experts=args.num_redundant_experts)
     except (ValueError, FileNotFoundError, OSError) as e:
         parser.error(str(e))  # exits 2 with the usage line
+    if args.api_server_count < 1:
+        parser.error(f"--api-server-count must be at least 1, got {args.api_server_count}")
     server_args = ServerArgs(
         host=args.host, port=args.port, api_key=args.api_key, log_level=args.log_level,
         access_log=not args.disable_uvicorn_access_log, shutdown_timeout=args.shutdown_timeout,
-        data_parallel_address=args.data_parallel_address, data_parallel_rpc_port=args.data_parallel_rpc_port)
+        data_parallel_address=args.data_parallel_address, data_parallel_rpc_port=args.data_parallel_rpc_port,
+        api_server_count=args.api_server_count)
     return run_server(config, server_args)
 
 

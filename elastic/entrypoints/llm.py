@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from tqdm.auto import tqdm
 
@@ -15,6 +15,9 @@ from elastic.outputs import RequestOutput
 from elastic.sampling_params import SamplingParams
 from elastic.tokenizer import load_tokenizer
 
+if TYPE_CHECKING:
+    from elastic.engine.sync_client import SyncEngineClient
+
 logger = logging.getLogger(__name__)
 
 ChatMessages = list[dict[str, Any]]
@@ -23,7 +26,11 @@ ChatMessages = list[dict[str, Any]]
 class LLM:
     """`LLM(model, dtype=..., device=..., max_model_len=..., load_format=..., **engine_args)`.
 
-    With no model, the built-in demo checkpoint is created (once) and used.
+    With no model, the built-in demo checkpoint is created (once) and used. With `data_parallel_size=N > 1`
+    the N ranks are engine-core processes (one per GPU) driven through the server's own client and DP
+    coordinator on a background thread (`self.dp`); `generate` and `chat` behave the same. Call
+    `shutdown()` (or use `with LLM(...) as llm:`) to stop them early; they also stop at exit. The processes
+    are spawned (CUDA is not fork-safe), so a script must create the LLM under `if __name__ == "__main__":`.
     """
 
     def __init__(self, model: str | None = None, **engine_args: Any) -> None:
@@ -32,10 +39,32 @@ class LLM:
 
             model = str(ensure_demo_model())
         self.config = create_engine_config(model, **engine_args)
+        self._ids = itertools.count()
+        self.dp: SyncEngineClient | None = None
+        self.engine: EngineCore | None = None
+        if self.config.parallel.is_distributed:
+            from elastic.engine.sync_client import SyncEngineClient
+
+            # The engine processes log at the level this process logs at (quiet unless asked).
+            level = logging.getLevelName(logging.getLogger("elastic").getEffectiveLevel())
+            self.dp = SyncEngineClient(self.config, log_level=level)
+            self.tokenizer = self.dp.engine.tokenizer
+            self.input_processor = self.dp.engine.input_processor
+            return
         self.tokenizer = None if self.config.model.skip_tokenizer_init else load_tokenizer(self.config.model.tokenizer)
         self.engine = EngineCore(self.config)
         self.input_processor = InputProcessor(self.tokenizer, self.config.model)
-        self._ids = itertools.count()
+
+    def shutdown(self) -> None:
+        """Stop the engine processes (data parallelism); the single-rank engine needs nothing."""
+        if self.dp is not None:
+            self.dp.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
 
     def get_default_sampling_params(self) -> SamplingParams:
         return self.input_processor.default_sampling_params()
@@ -60,9 +89,14 @@ class LLM:
             text, token_ids = self.input_processor.tokenize(prompt)
             rid = str(next(self._ids))
             reqs = self.input_processor.make_requests(rid, token_ids, params)
-            for req in reqs:
-                self.engine.validate(req)
+            if self.dp is not None:
+                self.dp.engine.validate(token_ids, params)
+            else:
+                for req in reqs:
+                    self.engine.validate(req)
             batch.append((rid, text, token_ids, reqs))
+        if self.dp is not None:
+            return self._run_dp(batch, params_list, use_tqdm)
         outputs = OutputProcessor(self.tokenizer)
         order: list[str] = []
         for rid, text, token_ids, reqs in batch:
@@ -71,6 +105,15 @@ class LLM:
             for req in reqs:
                 self.engine.add_request(req)
         return self._run(outputs, order, use_tqdm)
+
+    def _run_dp(self, batch: list, params_list: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+        assert self.dp is not None
+        bar = tqdm(total=len(batch), desc="Generating", unit="req", disable=not use_tqdm, leave=False)
+        try:
+            return self.dp.generate_batch([(rid, text, token_ids, params) for (rid, text, token_ids, _), params
+                                           in zip(batch, params_list)], on_finished=lambda _: bar.update(1))
+        finally:
+            bar.close()
 
     def _run(self, outputs: OutputProcessor, order: list[str], use_tqdm: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}

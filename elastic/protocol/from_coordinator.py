@@ -1,6 +1,8 @@
 """DP coordinator -> engines (START_DP_WAVE) and -> front ends (load snapshots)."""
 from __future__ import annotations
 
+from typing import Union
+
 import msgspec
 
 
@@ -9,6 +11,14 @@ class StartDPWave(msgspec.Struct, array_like=True, tag=True):
 
     wave: int
     exclude_engine: int
+
+
+class CoordinatorHello(msgspec.Struct, array_like=True, tag=True):
+    """Published when a subscriber joins: receiving it proves the subscription is live (PUB/SUB drops
+    whatever is published before a subscriber is connected, the 'slow joiner' problem)."""
+
+
+CoordinatorToEngine = Union[StartDPWave, CoordinatorHello]
 
 
 class LoadSnapshot(msgspec.Struct, array_like=True, tag=True):

@@ -71,10 +71,12 @@ class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True, tag
 
 
 class EngineDead(msgspec.Struct, array_like=True, tag=True):
-    """Last words of an engine whose busy loop crashed; the process exits right after."""
+    """Last words of an engine whose busy loop crashed; the process exits right after. Also relayed by the
+    launcher of several API servers (`relayed`, `error` then says how the process ended) to each of them."""
 
     engine_index: int
     error: str
+    relayed: bool = False
 
 
 EngineCoreOutputMessage = Union[EngineCoreOutputs, EngineDead]
@@ -89,10 +91,13 @@ class EngineHello(msgspec.Struct, tag=True):
 
 
 class EngineReady(msgspec.Struct, tag=True):
+    """Sent on the handshake and, as the registration, on the input queue of every front end."""
+
     engine_index: int
     num_kv_blocks: int
     block_size: int
     max_model_len: int
+    pid: int | None = None
 
 
 class EngineStartupFailed(msgspec.Struct, tag=True):

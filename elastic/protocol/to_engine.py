@@ -44,7 +44,8 @@ EngineCoreInput = Union[EngineCoreRequest, AbortRequests, UtilityCall, ShutdownE
 
 # ---- handshake ------------------------------------------------------------------------------------------
 class ParallelHandshake(msgspec.Struct):
-    """The parallel layout an engine joins (the data-parallel group is used once DP > 1 lands)."""
+    """The parallel layout an engine joins. With data_parallel_size > 1 the master ip/port are the TCPStore
+    rendezvous of the stateless DP/EP groups, hosted by the launcher (engines only connect to it)."""
 
     data_parallel_size: int = 1
     data_parallel_rank: int = 0
@@ -58,5 +59,10 @@ class HandshakeAddresses(msgspec.Struct, tag=True):
     input_address: str  # engine connects a DEALER (identity = its index) to the front end's ROUTER
     output_address: str  # engine connects a PUSH to the front end's PULL
     parallel: ParallelHandshake
-    coordinator_address: str | None = None
+    coordinator_address: str | None = None  # DP coordinator's input (engine connects a PUSH); None with DP=1
     stats_interval_s: float = 5.0  # how often an idle engine re-sends its stats (also a liveness signal)
+    coordinator_pub_address: str | None = None  # DP coordinator's engine PUB (START_DP_WAVE); engine SUBs
+    # Several API servers (--api-server-count): one input and one output queue per front end, in front-end
+    # order; when set they replace input_address / output_address (which stay those of front end 0).
+    frontend_input_addresses: list[str] = []
+    frontend_output_addresses: list[str] = []

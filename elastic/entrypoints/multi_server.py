@@ -1,0 +1,262 @@
+"""`elastic serve --api-server-count K`: K API server processes on one port, many-to-many with the engines.
+
+    parent (this module, no HTTP)        EngineLauncher: engines, DP coordinator, TCPStore; watches them all
+      ├─ API server 0 … K-1              each binds the HTTP port with SO_REUSEPORT (the kernel spreads
+      │    (api_server.serve_http)       connections) and its own input ROUTER / output PULL; every engine
+      │                                  connects to every API server and answers each request to the
+      │                                  server it came from; every server subscribes to the coordinator
+      ├─ engine core 0 … N-1
+      └─ DP coordinator (N > 1)
+
+The parent reserves the port (bound with SO_REUSEPORT, never listening), relays engine deaths to every API
+server (EngineDead, `relayed`), and owns the shutdown: SIGTERM / SIGINT -> SIGTERM to the API servers
+(graceful drain) -> engines and coordinator stopped -> socket files removed. An API server that dies on its
+own takes everything down (exit 1), as does an engine that fails to start.
+
+Metrics add up across the K processes with prometheus-client's multiprocess mode: counters and histograms
+are summed over the processes; each engine's gauges are exported once (every server receives the same
+engine stats; the most recent write wins), and cumulative engine counters (preemptions) are counted by
+API server 0 only.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+
+import msgspec
+import zmq
+
+from elastic.config import EngineConfig
+from elastic.engine.core_client import FrontendAddresses
+from elastic.engine.launcher import EngineLauncher, EngineStartupError, describe_exit, make_socket_dir
+from elastic.entrypoints.api_server import ServerArgs
+from elastic.metrics import ServerMetrics
+from elastic.protocol.from_engine import EngineDead, SchedulerStats
+
+logger = logging.getLogger(__name__)
+
+_API_SERVER_EXIT_MARGIN_S = 10.0  # on top of --shutdown-timeout
+
+
+def reuseport_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+# ---- metrics ------------------------------------------------------------------------------------------
+class MultiprocessServerMetrics(ServerMetrics):
+    """ServerMetrics whose values live in PROMETHEUS_MULTIPROC_DIR, rendered across every API server."""
+
+    _GAUGES = ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc")
+
+    def __init__(self, model_name: str, max_model_len: int, primary: bool) -> None:
+        from prometheus_client import CollectorRegistry, Gauge
+
+        super().__init__(model_name, max_model_len, registry=CollectorRegistry())
+        self.primary = primary
+        for name in self._GAUGES:  # engine gauges: one value per engine, not one per API server process
+            old = getattr(self, name)
+            setattr(self, name, Gauge(old._name, old._documentation, old._labelnames, registry=None,
+                                      multiprocess_mode="mostrecent"))
+
+    def record_scheduler_stats(self, engine: int, stats: SchedulerStats) -> None:
+        if self.primary:
+            super().record_scheduler_stats(engine, stats)
+            return
+        s = self.engine(engine)  # gauges only: every server hears the same cumulative preemption count
+        s.running.set(stats.num_running)
+        s.waiting.set(stats.num_waiting)
+        s.kv_usage.set(stats.kv_cache_usage)
+
+    def render(self) -> bytes:
+        from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+
+
+# ---- one API server process ---------------------------------------------------------------------------
+def _watch_parent(pipe: Connection) -> None:
+    try:
+        pipe.recv_bytes()
+    except (EOFError, OSError):
+        pass
+    logger.warning("the parent process is gone; API server exiting")
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def run_api_server_worker(config: EngineConfig, args: ServerArgs, frontend: FrontendAddresses, port: int,
+                          death_pipe: Connection) -> None:
+    from elastic.engine.async_llm import AsyncLLM
+    from elastic.entrypoints.api_server import serve_http
+    from elastic.logger import setup_logging
+
+    setup_logging(args.log_level)
+    threading.Thread(target=_watch_parent, args=(death_pipe,), name="parent-watch", daemon=True).start()
+    metrics = MultiprocessServerMetrics(config.model.served_model_name, config.model.max_model_len,
+                                        primary=frontend.client_index == 0)
+    engine = AsyncLLM(config, metrics=metrics, log_level=args.log_level.upper(), frontend=frontend)
+    raise SystemExit(serve_http(engine, metrics, args, reuseport_socket(args.host, port)))
+
+
+# ---- the parent -------------------------------------------------------------------------------------------
+def run_multi_server(config: EngineConfig, args: ServerArgs) -> int:
+    if args.data_parallel_address is not None:
+        logger.error("--api-server-count > 1 runs every engine on this host (ipc); it cannot be combined with "
+                     "--data-parallel-address yet")
+        return 1
+    try:
+        reserved = reuseport_socket(args.host, args.port)  # bound, never listening: holds the port for us
+    except OSError as e:
+        logger.error("cannot listen on %s:%d: %s", args.host, args.port, e)
+        return 1
+    multiprocessing.current_process().name = "Launcher"  # in the log lines of this process
+    socket_dir = make_socket_dir()
+    metrics_dir = tempfile.mkdtemp(prefix="elastic-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # inherited by the API server processes
+    try:
+        return asyncio.run(_Parent(config, args, reserved.getsockname()[1], socket_dir).run())
+    finally:
+        reserved.close()
+        shutil.rmtree(socket_dir, ignore_errors=True)
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+class _Parent:
+    def __init__(self, config: EngineConfig, args: ServerArgs, port: int, socket_dir: str) -> None:
+        self.config, self.args, self.port, self.socket_dir = config, args, port, socket_dir
+        self.count = args.api_server_count
+        self.frontends: list[FrontendAddresses] = []
+        self.servers: list[BaseProcess] = []
+        self.death_writers: list[Connection] = []
+        self.stop = asyncio.Event()
+        self.stopping = False
+        self.lockstep_broken = False
+        self.exit_code = 0
+        self.ctx = zmq.Context()
+        self.relays: list[zmq.Socket] = []
+        self.launcher = EngineLauncher(config, on_exit=self._on_engine_exit, socket_dir=socket_dir,
+                                       log_level=args.log_level.upper())
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._request_stop, 0)
+        try:
+            coordinator = await self.launcher.start_coordinator()
+            self.frontends = [FrontendAddresses(k, f"ipc://{self.socket_dir}/input-{k}",
+                                                f"ipc://{self.socket_dir}/output-{k}",
+                                                coordinator.frontend_pub if coordinator else None)
+                              for k in range(self.count)]
+            for frontend in self.frontends:
+                self._spawn_api_server(frontend)
+            logger.info("listening on %s:%d with %d API servers; starting the engines", self.args.host, self.port,
+                        self.count)
+            starting = asyncio.ensure_future(self.launcher.start([f.input_address for f in self.frontends],
+                                                                 [f.output_address for f in self.frontends]))
+            stopped = asyncio.ensure_future(self.stop.wait())
+            await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
+            if starting.done():
+                starting.result()  # raises EngineStartupError
+                logger.info("all %d engine core(s) ready", len(self.launcher.engines))
+                await stopped
+            else:
+                starting.cancel()
+        except EngineStartupError as e:
+            logger.error("%s", e)
+            self.exit_code = 1
+        finally:
+            await self._shutdown()
+        return self.exit_code
+
+    def _spawn_api_server(self, frontend: FrontendAddresses) -> None:
+        mp = multiprocessing.get_context("spawn")
+        reader, writer = mp.Pipe(duplex=False)
+        proc = mp.Process(target=run_api_server_worker, name=f"APIServer_{frontend.client_index}",
+                          args=(self.config, self.args, frontend, self.port, reader))
+        proc.start()
+        reader.close()
+        self.servers.append(proc)
+        self.death_writers.append(writer)
+        asyncio.get_running_loop().add_reader(proc.sentinel, self._on_api_server_exit, proc)
+        relay = self.ctx.socket(zmq.PUSH)
+        relay.setsockopt(zmq.LINGER, 0)
+        relay.setsockopt(zmq.SNDHWM, 0)
+        relay.connect(frontend.output_address)
+        self.relays.append(relay)
+
+    def _request_stop(self, code: int) -> None:
+        if not self.stop.is_set():
+            self.exit_code = max(self.exit_code, code)
+            self.stop.set()
+
+    def _on_api_server_exit(self, proc: BaseProcess) -> None:
+        asyncio.get_running_loop().remove_reader(proc.sentinel)
+        proc.join(1.0)
+        if not self.stopping:
+            logger.error("%s (pid %s) %s; shutting down", proc.name, proc.pid, describe_exit(proc.exitcode))
+            self._request_stop(1)
+
+    def _on_engine_exit(self, index: int, reason: str) -> None:
+        """Tell every API server (it fails the requests and, with DP, stops routing to every rank)."""
+        if self.stopping:
+            return
+        if self.lockstep_broken:  # a rank we stopped ourselves; every API server knows already
+            logger.info("engine core %d %s", index, reason)
+            return
+        engines = range(len(self.launcher.engines)) if index < 0 else [index]
+        encoder = msgspec.msgpack.Encoder()
+        for i in engines:
+            error = f"was stopped: {reason}" if index < 0 else reason
+            for relay in self.relays:
+                relay.send(encoder.encode(EngineDead(i, error, relayed=True)), zmq.NOBLOCK)
+        logger.error("%s%s; failing its requests in every API server", f"engine core {index} " if index >= 0 else "",
+                     reason)
+        if self.launcher.data_parallel:  # the ranks step together: the others cannot go on
+            self.lockstep_broken = True
+            self.launcher.terminate_soon()
+
+    async def _shutdown(self) -> None:
+        self.stopping = True
+        alive = [p for p in self.servers if p.is_alive()]
+        for proc in alive:
+            proc.terminate()  # uvicorn: stop accepting, drain for --shutdown-timeout, abort the rest
+        deadline = self.args.shutdown_timeout + _API_SERVER_EXIT_MARGIN_S
+        await asyncio.get_running_loop().run_in_executor(None, _join_all, alive, deadline)
+        for proc in alive:
+            if proc.is_alive():
+                logger.warning("%s did not exit; killing it", proc.name)
+                proc.kill()
+                proc.join(5.0)
+        for writer in self.death_writers:
+            writer.close()
+        self.launcher.close()
+        for relay in self.relays:
+            relay.close(linger=0)
+        self.ctx.term()
+
+
+def _join_all(procs: list[BaseProcess], timeout: float) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
