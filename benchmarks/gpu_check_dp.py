@@ -102,6 +102,29 @@ def single_gpu(path: str, engine_args: dict, prompts: list[list[int]], max_token
     return [o.outputs[0].token_ids for o in outs]
 
 
+def llm_check(world: int) -> None:
+    """`LLM(data_parallel_size=N)`: engine processes, ZMQ, coordinator waves, NCCL; fp32 must equal one GPU."""
+    from elastic import LLM
+
+    rng = random.Random(1)
+    prompts = [[rng.randrange(10, 1000) for _ in range(n)] for n in (5, 17, 40, 77, 120, 9, 33, 61)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for family in ("qwen3_moe", "qwen2_moe"):
+            path = str(make_checkpoint(family, Path(tmp) / family))
+            one = single_gpu(path, dict(max_model_len=256, dtype="float32", kv_cache_memory=1 << 30), prompts, 24)
+            for mode in ("alltoall", "allgather"):
+                llm = LLM(path, device="cuda", dtype="float32", max_model_len=256, kv_cache_memory=1 << 30,
+                          data_parallel_size=world, ep_dispatch=mode)
+                outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+                same = [o.outputs[0].token_ids for o in outs] == one
+                print(json.dumps(dict(check="LLM data_parallel_size", family=family, world=world, mode=mode,
+                                      dtype="float32", identical_to_one_gpu=same)), flush=True)
+                llm.shutdown()
+                del llm
+                gc.collect()
+
+
 def matching_prefix(a: list[list[int]], b: list[list[int]]) -> float:
     return sum(next((i for i, (x, y) in enumerate(zip(s, t)) if x != y), len(s)) for s, t in zip(a, b)) / len(a)
 
@@ -111,7 +134,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--skip-30b", action="store_true")
+    ap.add_argument("--llm-only", action="store_true", help="only the LLM(data_parallel_size=N) check")
     args = ap.parse_args()
+    if args.llm_only:
+        return llm_check(args.world)
     world = args.world
     rng = random.Random(0)
     prompts = [[rng.randrange(10, 1000) for _ in range(n)] for n in (5, 17, 40, 77, 120, 9)]

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # GPU serving benchmark (run on the device machine from the repo root): serve a Qwen3-30B-A3B-shaped
 # dummy model, drive it with benchmarks/serve.py, shut it down. Results go to ${OUT:-.}/serve_*.json.
+# Extra arguments go to `elastic serve`, e.g. `bash benchmarks/gpu_serve.sh --data-parallel-size 2`.
 set -uo pipefail
 out=${OUT:-.}
 model=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from shapes import dummy_model_dir; print(dummy_model_dir('qwen3-30b-a3b'))")
 python3 -m elastic serve "$model" --load-format dummy --skip-tokenizer-init --max-model-len 4096 \
-    --port 8011 --host 127.0.0.1 --served-model-name qwen3-30b-a3b-dummy --disable-uvicorn-access-log \
+    --port 8011 --host 127.0.0.1 --served-model-name qwen3-30b-a3b-dummy --disable-uvicorn-access-log "$@" \
     > "$out/serve_server.log" 2>&1 &
 server=$!
 trap 'kill -TERM $server 2>/dev/null; wait $server 2>/dev/null' EXIT
