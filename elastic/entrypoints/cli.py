@@ -101,6 +101,8 @@ def _add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     par.add_argument("--data-parallel-size", "-dp", type=int, default=1,
                      help="engine-core processes (ranks), one per GPU; attention is data-parallel over them and "
                           "MoE layers expert-parallel")
+    par.add_argument("--enable-expert-parallel", action="store_true",
+                     help="accepted for vLLM compatibility: MoE layers are always expert-parallel over the ranks")
     par.add_argument("--ep-dispatch", default="alltoall", choices=["alltoall", "allgather"],
                      help="how tokens reach their experts' ranks: all-to-all, or all-gather + reduce-scatter")
     par.add_argument("--num-redundant-experts", type=int, default=0,
