@@ -57,19 +57,28 @@ class _EngineSeries:
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str, max_model_len: int, registry: CollectorRegistry | None = None) -> None:
+    """One API server's metrics. With `multiprocess=True` (several API servers on one port) the values
+    live in PROMETHEUS_MULTIPROC_DIR and `render()` merges every server's: counters and histograms add up,
+    and the engine gauges (which every server hears alike) keep one value per engine ("mostrecent").
+    Only the `primary` server counts engine-side counters (preemptions), so they are not multiplied."""
+
+    def __init__(self, model_name: str, max_model_len: int, multiprocess: bool = False,
+                 primary: bool = True) -> None:
         self.model_name = model_name
-        self.registry = registry if registry is not None else CollectorRegistry()
-        for collector in (ProcessCollector, PlatformCollector, GCCollector):
-            collector(registry=self.registry)
+        self.multiprocess, self.primary = multiprocess, primary
+        self.registry = CollectorRegistry()
+        if not multiprocess:  # per-process collectors make no sense merged over processes
+            for collector in (ProcessCollector, PlatformCollector, GCCollector):
+                collector(registry=self.registry)
         labels = ["model_name", "engine"]
         r = self.registry
+        gauge_mode = {"multiprocess_mode": "mostrecent"} if multiprocess else {}
         self.num_requests_running = Gauge("vllm:num_requests_running", "Number of requests in model execution "
-                                          "batches.", labels, registry=r)
+                                          "batches.", labels, registry=r, **gauge_mode)
         self.num_requests_waiting = Gauge("vllm:num_requests_waiting", "Number of requests waiting to be "
-                                          "processed.", labels, registry=r)
+                                          "processed.", labels, registry=r, **gauge_mode)
         self.kv_cache_usage_perc = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent "
-                                         "usage.", labels, registry=r)
+                                         "usage.", labels, registry=r, **gauge_mode)
         self.num_preemptions = Counter("vllm:num_preemptions", "Cumulative number of preemptions from the "
                                        "engine.", labels, registry=r)
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Number of prefill tokens processed.", labels,
@@ -107,7 +116,7 @@ class ServerMetrics:
         s.running.set(stats.num_running)
         s.waiting.set(stats.num_waiting)
         s.kv_usage.set(stats.kv_cache_usage)
-        if stats.num_preemptions > s.last_preemptions:
+        if self.primary and stats.num_preemptions > s.last_preemptions:
             s.preemptions.inc(stats.num_preemptions - s.last_preemptions)
         s.last_preemptions = stats.num_preemptions
 
@@ -141,4 +150,10 @@ class ServerMetrics:
         s.request_generation_tokens.observe(num_generation_tokens)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged)
+        return generate_latest(merged)

@@ -40,7 +40,7 @@ from elastic.engine.core_client import FrontendAddresses
 from elastic.engine.launcher import EngineLauncher, EngineStartupError, describe_exit, make_socket_dir
 from elastic.entrypoints.api_server import ServerArgs
 from elastic.metrics import ServerMetrics
-from elastic.protocol.from_engine import EngineDead, SchedulerStats
+from elastic.protocol.from_engine import EngineDead
 
 logger = logging.getLogger(__name__)
 
@@ -61,38 +61,6 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
 
 
 # ---- metrics ------------------------------------------------------------------------------------------
-class MultiprocessServerMetrics(ServerMetrics):
-    """ServerMetrics whose values live in PROMETHEUS_MULTIPROC_DIR, rendered across every API server."""
-
-    _GAUGES = ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc")
-
-    def __init__(self, model_name: str, max_model_len: int, primary: bool) -> None:
-        from prometheus_client import CollectorRegistry, Gauge
-
-        super().__init__(model_name, max_model_len, registry=CollectorRegistry())
-        self.primary = primary
-        for name in self._GAUGES:  # engine gauges: one value per engine, not one per API server process
-            old = getattr(self, name)
-            setattr(self, name, Gauge(old._name, old._documentation, old._labelnames, registry=None,
-                                      multiprocess_mode="mostrecent"))
-
-    def record_scheduler_stats(self, engine: int, stats: SchedulerStats) -> None:
-        if self.primary:
-            super().record_scheduler_stats(engine, stats)
-            return
-        s = self.engine(engine)  # gauges only: every server hears the same cumulative preemption count
-        s.running.set(stats.num_running)
-        s.waiting.set(stats.num_waiting)
-        s.kv_usage.set(stats.kv_cache_usage)
-
-    def render(self) -> bytes:
-        from prometheus_client import CollectorRegistry, generate_latest, multiprocess
-
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry)
-
-
 # ---- one API server process ---------------------------------------------------------------------------
 def _watch_parent(pipe: Connection) -> None:
     try:
@@ -111,8 +79,8 @@ def run_api_server_worker(config: EngineConfig, args: ServerArgs, frontend: Fron
 
     setup_logging(args.log_level)
     threading.Thread(target=_watch_parent, args=(death_pipe,), name="parent-watch", daemon=True).start()
-    metrics = MultiprocessServerMetrics(config.model.served_model_name, config.model.max_model_len,
-                                        primary=frontend.client_index == 0)
+    metrics = ServerMetrics(config.model.served_model_name, config.model.max_model_len, multiprocess=True,
+                            primary=frontend.client_index == 0)
     engine = AsyncLLM(config, metrics=metrics, log_level=args.log_level.upper(), frontend=frontend)
     raise SystemExit(serve_http(engine, metrics, args, reuseport_socket(args.host, port)))
 
