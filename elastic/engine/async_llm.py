@@ -16,7 +16,7 @@ from typing import AsyncIterator
 from elastic.config import EngineConfig
 from elastic.engine.core_client import (EngineCoreClient, EngineDeadError, EngineHandle, EngineStartupError,
                                         FrontendAddresses)
-from elastic.engine.input_processor import InputProcessor
+from elastic.engine.input_processor import InputProcessor, validate_request
 from elastic.engine.output_processor import OutputProcessor
 from elastic.metrics import ServerMetrics
 from elastic.outputs import RequestOutput
@@ -148,25 +148,10 @@ class AsyncLLM:
     # ---- requests -------------------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """The engine core's own checks, done here so the client gets a 400 before anything is queued."""
-        if not prompt_token_ids:
-            raise ValueError("the prompt is empty")
-        vocab = self.config.model.arch.vocab_size
-        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        if params.logit_bias and any(not 0 <= t < vocab for t in params.logit_bias):
-            raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
-        if params.stop_token_ids and any(t >= vocab for t in params.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be in [0, {vocab})")
         self.input_processor.check_length(len(prompt_token_ids), params)
-        engines = [e for e in self.client.engines if e.ready]
-        if engines:
-            max_len = self.config.model.max_model_len
-            total = min(max_len, len(prompt_token_ids) + (params.max_tokens or max_len))
-            block_size = self.config.cache.block_size
-            capacity = min(e.num_kv_blocks for e in engines) * block_size
-            if -(-total // block_size) * block_size > capacity:
-                raise ValueError(f"the request may need {total} tokens of KV cache; the cache holds only "
-                                 f"{capacity}")
+        ready = [e.num_kv_blocks for e in self.client.engines if e.ready]
+        validate_request(prompt_token_ids, params, self.config.model, min(ready) if ready else None,
+                         self.config.cache.block_size)
 
     async def generate(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:

@@ -15,6 +15,7 @@ from elastic.config import EngineConfig
 from elastic.distributed.expert_parallel import apply_expert_parallel
 from elastic.distributed.parallel_state import ParallelState
 from elastic.engine.block_manager import BlockManager
+from elastic.engine.input_processor import validate_request
 from elastic.engine.request import Request
 from elastic.engine.scheduler import Scheduler, SchedulerOutput
 from elastic.executor.model_runner import ModelRunner
@@ -53,25 +54,8 @@ class EngineCore:
 
     def validate(self, req: EngineCoreRequest) -> None:
         """Raise ValueError for a request this engine could never finish."""
-        max_len = self.config.model.max_model_len
-        n_prompt = len(req.prompt_token_ids)
-        if n_prompt == 0:
-            raise ValueError("the prompt is empty")
-        if n_prompt >= max_len:
-            raise ValueError(f"the prompt has {n_prompt} tokens; max_model_len is {max_len}, "
-                             "which must leave room for at least one generated token")
-        vocab = self.config.model.arch.vocab_size
-        if min(req.prompt_token_ids) < 0 or max(req.prompt_token_ids) >= vocab:
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        params = req.sampling_params
-        if params.logit_bias and any(not 0 <= t < vocab for t in params.logit_bias):
-            raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
-        if params.stop_token_ids and any(not 0 <= t < vocab for t in params.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be in [0, {vocab})")
-        total = min(max_len, n_prompt + (params.max_tokens or max_len))
-        if self.block_manager.blocks_needed(total) > self.block_manager.num_blocks:
-            raise ValueError(f"the request may need {total} tokens of KV cache; the cache holds only "
-                             f"{self.block_manager.num_blocks * self.config.cache.block_size}")
+        validate_request(req.prompt_token_ids, req.sampling_params, self.config.model,
+                         self.block_manager.num_blocks, self.config.cache.block_size)
 
     def add_request(self, req: EngineCoreRequest) -> None:
         self.validate(req)
