@@ -1,0 +1,87 @@
+"""Where a data-parallel decode step spends its time: torch.profiler over a few lockstep steps on rank 0.
+
+    python benchmarks/profile_dp_step.py --world 2 --batch 8 --mode allgather
+
+Qwen3-30B-A3B shape, dummy weights, one engine core per GPU stepping in lockstep (as the engine
+processes of the server do). Prints the per-step wall time and the top operators by self CPU and CUDA time.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
+
+from shapes import dummy_model_dir  # noqa: E402
+
+from elastic.config import create_engine_config  # noqa: E402
+from elastic.distributed.group import create_store  # noqa: E402
+from elastic.sampling_params import SamplingParams  # noqa: E402
+
+
+def rank_main(rank: int, world: int, port: int, path: str, batch: int, mode: str, steps: int) -> None:
+    torch.cuda.set_device(rank)
+    from elastic.engine.core import EngineCore
+    from elastic.protocol.to_engine import EngineCoreRequest
+
+    config = create_engine_config(path, device="cuda", data_parallel_size=world, load_format="dummy",
+                                  skip_tokenizer_init=True, max_model_len=2048, ep_dispatch=mode)
+    config = dataclasses.replace(config, device=f"cuda:{rank}",
+                                 parallel=dataclasses.replace(config.parallel.for_rank(rank), store_port=port))
+    engine = EngineCore(config)
+    rng = random.Random(rank)
+    for i in range(batch):
+        prompt = [rng.randrange(151936) for _ in range(1024)]
+        engine.add_request(EngineCoreRequest(f"{rank}-{i}", prompt, SamplingParams(max_tokens=steps * 3,
+                                                                                   ignore_eos=True)))
+    engine.start_wave()
+    for _ in range(10):  # prefill and warm-up
+        engine.step()
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        engine.step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            engine.step()
+        torch.cuda.synchronize()
+    if rank == 0:
+        print(f"DP={world} {mode} batch {batch}/rank: median step {statistics.median(times) * 1e3:.2f} ms", flush=True)
+        table = prof.key_averages()
+        print(table.table(sort_by="self_cpu_time_total", row_limit=18), flush=True)
+        print(table.table(sort_by="self_cuda_time_total", row_limit=12), flush=True)
+    engine.abort_requests(list(engine.scheduler.requests))
+    while engine.global_unfinished:
+        engine.step()
+    engine.shutdown()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--world", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--mode", default="allgather", choices=["allgather", "alltoall"])
+    ap.add_argument("--steps", type=int, default=20)
+    args = ap.parse_args()
+    store = create_store("127.0.0.1", 0, is_master=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(dummy_model_dir("qwen3-30b-a3b", tmp))
+        mp.start_processes(rank_main, args=(args.world, store.port, path, args.batch, args.mode, args.steps),
+                           nprocs=args.world, start_method="spawn")
+
+
+if __name__ == "__main__":
+    main()
