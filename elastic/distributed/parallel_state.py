@@ -17,13 +17,13 @@ class ParallelState:
         self.ep = StatelessGroup(self.store, f"ep/{generation}", self.rank, self.world_size, backend, device,
                                  host=host)
 
-    def exchange_step(self, num_tokens: int, has_work: bool) -> tuple[list[int], bool]:
-        """Every rank's token count for this step, and whether any rank still has work (the
-        'anyone unfinished?' all-reduce of a request wave, done every step since it is one small
-        CPU collective that also sizes the step)."""
-        mine = torch.tensor([[num_tokens, int(has_work)]], dtype=torch.long)
-        everyone = self.dp.all_gather(mine)  # [W, 2]
-        return everyone[:, 0].tolist(), bool(everyone[:, 1].any())
+    def exchange_step(self, num_tokens: int, has_work: bool, decode_only: bool) -> tuple[list[int], bool, bool]:
+        """Every rank's token count for this step, whether any rank still has work (the 'anyone
+        unfinished?' all-reduce of a request wave, done every step since it is one small CPU collective
+        that also sizes the step), and whether every rank runs decode only (then all replay CUDA graphs)."""
+        mine = torch.tensor([[num_tokens, int(has_work), int(decode_only)]], dtype=torch.long)
+        everyone = self.dp.all_gather(mine)  # [W, 3]
+        return everyone[:, 0].tolist(), bool(everyone[:, 1].any()), bool(everyone[:, 2].all())
 
     def destroy(self) -> None:
         self.ep.destroy()

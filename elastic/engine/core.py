@@ -106,18 +106,20 @@ class EngineCore:
         """One step. With data parallelism every rank must call this while `global_unfinished`: a rank
         without work runs a dummy batch so that the MoE collectives of all ranks match."""
         out = self.scheduler.schedule()
-        dp_num_tokens = None
+        dp_num_tokens, graph_size = None, None
         if self.parallel is not None:
-            dp_num_tokens, self._wave_running = self.parallel.exchange_step(
-                out.num_tokens or 1, self.scheduler.has_unfinished())
+            decode_only = all(n == 1 for _, n in out.scheduled)
+            dp_num_tokens, self._wave_running, all_decode = self.parallel.exchange_step(
+                out.num_tokens or 1, self.scheduler.has_unfinished(), decode_only)
             if not self._wave_running:
                 return []
+            graph_size = self.runner.dp_graph_size(dp_num_tokens, all_decode)
             if not out:
-                self.runner.dummy_run(1, dp_num_tokens=dp_num_tokens)
+                self.runner.dummy_run(1, dp_num_tokens=dp_num_tokens, graph_size=graph_size)
                 return []
         elif not out:
             return []
-        sampled, logprobs = self.runner.execute(out, dp_num_tokens)
+        sampled, logprobs = self.runner.execute(out, dp_num_tokens, graph_size)
         outputs = []
         for req in self.scheduler.postprocess(out, sampled):
             lp = logprobs.get(req.request_id)

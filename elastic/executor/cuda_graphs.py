@@ -23,8 +23,11 @@ def capture_sizes(max_batch_size: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, max_batch_size: int, max_blocks_per_seq: int,
-                 max_seq_len: int, hidden_size: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.model, self.device, self.max_seq_len = model, device, max_seq_len
+                 max_seq_len: int, hidden_size: int, dtype: torch.dtype, device: torch.device,
+                 dp_size: int = 1) -> None:
+        # With data parallelism every rank captures and replays the same sizes, so the expert-parallel
+        # collectives inside the graphs pair up (each rank pads its batch to the common size).
+        self.model, self.device, self.max_seq_len, self.dp_size = model, device, max_seq_len, dp_size
         self.sizes = capture_sizes(max_batch_size)
         n = self.sizes[-1]
         # Static buffers: every graph reads its inputs from (prefixes of) these.
@@ -49,7 +52,8 @@ class DecodeGraphs:
         start = time.perf_counter()
         self.pool = torch.cuda.graph_pool_handle()
         for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
-            ctx = ForwardContext(attn=self._metadata(bs))
+            ctx = ForwardContext(attn=self._metadata(bs),
+                                 dp_num_tokens=[bs] * self.dp_size if self.dp_size > 1 else None)
             with set_forward_context(ctx):
                 self.hidden[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])  # warm-up, autotune
                 torch.cuda.synchronize(self.device)
@@ -69,18 +73,24 @@ class DecodeGraphs:
     def can_run(self, num_tokens: int, max_query_len: int) -> bool:
         return bool(self.graphs) and max_query_len == 1 and num_tokens <= self.sizes[-1]
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
-        """Decode forward of n requests (one token each) -> hidden [n, H] (a view of a static buffer)."""
+    def size_for(self, num_tokens: int) -> int:
+        return next(s for s in self.sizes if s >= num_tokens)
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata | None,
+            batch_size: int | None = None) -> torch.Tensor:
+        """Decode forward of n requests (one token each) -> hidden [n, H] (a view of a static buffer).
+        `batch_size` forces the graph (data parallelism: the size every rank agreed on); with md None
+        and no rows the replay only keeps this rank in step with the others."""
         n = input_ids.shape[0]
-        bs = next(s for s in self.sizes if s >= n)
-        self.input_ids[:n] = input_ids
-        self.positions[:n] = positions
-        self.slot_mapping[:n] = md.slot_mapping
+        bs = batch_size or self.size_for(n)
+        if md is not None:
+            self.input_ids[:n] = input_ids
+            self.positions[:n] = positions
+            self.slot_mapping[:n] = md.slot_mapping
+            self.seq_lens[:n] = md.seq_lens
+            self.block_tables[:n, :md.block_tables.shape[1]] = md.block_tables
         self.slot_mapping[n:bs] = -1
-        self.seq_lens[:n] = md.seq_lens
         self.seq_lens[n:bs] = 1  # padded rows attend to one (garbage but finite) cached token
-        width = md.block_tables.shape[1]
-        self.block_tables[:n, :width] = md.block_tables
         self.block_tables[n:bs, 0] = 0
         self.graphs[bs].replay()
         return self.hidden[:n]

@@ -81,8 +81,13 @@ class ModelRunner:
         self.num_blocks = num_blocks
 
     def capture_cuda_graphs(self) -> None:
-        """Capture decode graphs (CUDA, single rank; expert-parallel steps run eagerly for now)."""
-        if self.device.type != "cuda" or self.config.cache.enforce_eager or self.config.parallel.is_distributed:
+        """Capture decode graphs (CUDA). With expert parallelism only the all-gather dispatch can be
+        captured (all-to-all needs its split sizes on the host); every rank must call this together."""
+        parallel = self.config.parallel
+        if self.device.type != "cuda" or self.config.cache.enforce_eager:
+            return
+        if parallel.is_distributed and parallel.ep_dispatch != "allgather":
+            logger.info("no CUDA graphs: the all-to-all expert dispatch syncs with the host")
             return
         if not HAS_TRITON or self.config.model.dtype not in (torch.bfloat16, torch.float16):
             logger.info("no CUDA graphs: the Triton kernels need bf16/fp16 (the fp32 reference path syncs)")
@@ -92,13 +97,25 @@ class ModelRunner:
         arch, max_len = self.config.model.arch, self.config.model.max_model_len
         self.graphs = DecodeGraphs(self.model, min(self.config.scheduler.max_num_seqs, 512),
                                    -(-max_len // self.block_size), max_len, arch.hidden_size,
-                                   self.config.model.dtype, self.device)
+                                   self.config.model.dtype, self.device, parallel.data_parallel_size)
         self.graphs.capture()
 
     # ---- execution ------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def dummy_run(self, num_tokens: int, num_logits: int = 1, dp_num_tokens: list[int] | None = None) -> None:
+    def dp_graph_size(self, dp_num_tokens: list[int], all_decode: bool) -> int | None:
+        """The captured batch size every DP rank replays this step, or None to run eagerly."""
+        if self.graphs is None or not self.graphs.graphs or not all_decode:
+            return None
+        largest = max(dp_num_tokens)
+        return self.graphs.size_for(largest) if largest <= self.graphs.sizes[-1] else None
+
+    def dummy_run(self, num_tokens: int, num_logits: int = 1, dp_num_tokens: list[int] | None = None,
+                  graph_size: int | None = None) -> None:
         """A forward with no KV cache: memory profiling, and idle DP ranks keeping MoE collectives in step."""
+        if graph_size is not None:  # the other ranks replay graphs of this size: join them with padding only
+            empty = torch.empty(0, dtype=torch.long, device=self.device)
+            self.graphs.run(empty, empty, None, graph_size)  # type: ignore[union-attr]
+            return
         input_ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         positions = torch.arange(num_tokens, device=self.device) % self.config.model.max_model_len
         if dp_num_tokens is None and self.config.parallel.is_distributed:
@@ -150,11 +167,14 @@ class ModelRunner:
             return self.model.compute_logits(self.model(input_ids, positions))
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, dp_num_tokens: list[int] | None = None
+    def execute(self, out: SchedulerOutput, dp_num_tokens: list[int] | None = None, graph_size: int | None = None
                 ) -> tuple[dict[str, int], dict[str, TokenLogprobs]]:
         """Run one step; returns the sampled token (and logprobs) of each request that reached its end."""
         input_ids, positions, md, logit_rows = self._prepare(out)
-        if self.graphs is not None and dp_num_tokens is None and self.graphs.can_run(len(input_ids), md.max_query_len):
+        if graph_size is not None:
+            hidden = self.graphs.run(input_ids, positions, md, graph_size)  # type: ignore[union-attr]
+        elif self.graphs is not None and dp_num_tokens is None and self.graphs.can_run(len(input_ids),
+                                                                                         md.max_query_len):
             hidden = self.graphs.run(input_ids, positions, md)
         else:
             with set_forward_context(ForwardContext(attn=md, dp_num_tokens=dp_num_tokens)):
