@@ -80,6 +80,8 @@ class EngineCore:
         return self.scheduler.has_unfinished()
 
     def shutdown(self) -> None:
+        # Graphs first: captured collectives reference the communicators that destroy() tears down.
+        self.runner.release_cuda_graphs()
         if self.parallel is not None:
             self.parallel.destroy()
             self.parallel = None

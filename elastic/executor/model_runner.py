@@ -80,6 +80,12 @@ class ModelRunner:
             layer.v_cache = torch.zeros(shape, dtype=self.config.model.dtype, device=self.device)
         self.num_blocks = num_blocks
 
+    def release_cuda_graphs(self) -> None:
+        """Drop the graphs (they hold the expert-parallel communicators they were captured with)."""
+        if self.graphs is not None:
+            self.graphs.release()
+            self.graphs = None
+
     def capture_cuda_graphs(self) -> None:
         """Capture decode graphs (CUDA). With expert parallelism only the all-gather dispatch can be
         captured (all-to-all needs its split sizes on the host); every rank must call this together."""
@@ -92,8 +98,7 @@ class ModelRunner:
         if not HAS_TRITON or self.config.model.dtype not in (torch.bfloat16, torch.float16):
             logger.info("no CUDA graphs: the Triton kernels need bf16/fp16 (the fp32 reference path syncs)")
             return
-        if self.graphs is not None:
-            self.graphs.release()
+        self.release_cuda_graphs()
         arch, max_len = self.config.model.arch, self.config.model.max_model_len
         self.graphs = DecodeGraphs(self.model, min(self.config.scheduler.max_num_seqs, 512),
                                    -(-max_len // self.block_size), max_len, arch.hidden_size,
