@@ -168,5 +168,3 @@ def create_engine_config(
         device=device,
     )
 
-
-ENGINE_ARG_NAMES = tuple(p for p in create_engine_config.__kwdefaults__)  # type: ignore[union-attr]

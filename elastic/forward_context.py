@@ -21,10 +21,6 @@ class AttentionMetadata:
     max_seq_len: int
     query_start_loc_cpu: list[int]  # host copy, for host-side bookkeeping without a device sync
 
-    @property
-    def is_decode_only(self) -> bool:
-        return self.max_query_len == 1
-
 
 @dataclass
 class ForwardContext:
