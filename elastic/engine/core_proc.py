@@ -20,7 +20,6 @@ import dataclasses
 import logging
 import os
 import signal
-import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ import zmq
 
 from elastic.config import EngineConfig
 from elastic.engine.dp_engine import DPWaves
+from elastic.parent_watch import watch_parent
 from elastic.protocol.from_engine import (EngineCoreOutput, EngineCoreOutputs, EngineDead, EngineHello, EngineReady,
                                           EngineStartupFailed, RejectedRequest, SchedulerStats, UtilityResult)
 from elastic.protocol.to_engine import (AbortRequests, EngineCoreInput, EngineCoreRequest, HandshakeAddresses,
@@ -229,20 +229,6 @@ def _raise_system_exit(signum: int, frame: Any) -> None:
     raise SystemExit(0)
 
 
-def _watch_parent(pipe: Connection) -> None:
-    """The parent holds the write end and never writes: EOF means it is gone, and so should we be."""
-    try:
-        pipe.recv_bytes()
-    except (EOFError, OSError):
-        pass
-    logger.warning("the front end process is gone; engine core exiting")
-    os.kill(os.getpid(), signal.SIGTERM)
-    # SIGTERM is handled between Python bytecodes: a rank blocked in a collective with a dead peer would
-    # only get there at the group's timeout. Give the clean exit a moment, then go regardless.
-    time.sleep(_ORPHAN_EXIT_GRACE_S)
-    os._exit(1)
-
-
 def _apply_parallel_handshake(config: EngineConfig, addresses: HandshakeAddresses) -> EngineConfig:
     """The front end has the last word on the parallel layout and the group rendezvous (a headless engine
     started elsewhere learns them only here)."""
@@ -281,7 +267,7 @@ def run_engine_core(config: EngineConfig, engine_index: int, handshake_address: 
     signal.signal(signal.SIGTERM, _raise_system_exit)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if death_pipe is not None:
-        threading.Thread(target=_watch_parent, args=(death_pipe,), name="parent-watch", daemon=True).start()
+        watch_parent(death_pipe, "engine core", hard_exit_after_s=_ORPHAN_EXIT_GRACE_S)
 
     ctx = zmq.Context()
     encoder = msgspec.msgpack.Encoder()

@@ -28,7 +28,6 @@ import shutil
 import signal
 import socket
 import tempfile
-import threading
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
@@ -40,6 +39,7 @@ from elastic.engine.core_client import FrontendAddresses
 from elastic.engine.launcher import EngineLauncher, EngineStartupError, describe_exit, make_socket_dir
 from elastic.entrypoints.api_server import ServerArgs
 from elastic.metrics import ServerMetrics
+from elastic.parent_watch import watch_parent
 from elastic.protocol.from_engine import EngineDead
 
 logger = logging.getLogger(__name__)
@@ -62,15 +62,6 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
 
 # ---- metrics ------------------------------------------------------------------------------------------
 # ---- one API server process ---------------------------------------------------------------------------
-def _watch_parent(pipe: Connection) -> None:
-    try:
-        pipe.recv_bytes()
-    except (EOFError, OSError):
-        pass
-    logger.warning("the parent process is gone; API server exiting")
-    os.kill(os.getpid(), signal.SIGTERM)
-
-
 def run_api_server_worker(config: EngineConfig, args: ServerArgs, frontend: FrontendAddresses, port: int,
                           death_pipe: Connection) -> None:
     from elastic.engine.async_llm import AsyncLLM
@@ -78,7 +69,7 @@ def run_api_server_worker(config: EngineConfig, args: ServerArgs, frontend: Fron
     from elastic.logger import setup_logging
 
     setup_logging(args.log_level)
-    threading.Thread(target=_watch_parent, args=(death_pipe,), name="parent-watch", daemon=True).start()
+    watch_parent(death_pipe, "API server")
     metrics = ServerMetrics(config.model.served_model_name, config.model.max_model_len, multiprocess=True,
                             primary=frontend.client_index == 0)
     engine = AsyncLLM(config, metrics=metrics, log_level=args.log_level.upper(), frontend=frontend)
