@@ -255,29 +255,33 @@ def _is_complete(model_dir: Path) -> bool:
     )
 
 
-def _init_weights(model: torch.nn.Module, seed: int) -> None:
-    """Deterministic init, larger than HF's default (std 0.02).
+def init_random_weights(model: torch.nn.Module, seed: int, norm_std: float = 0.1, router_gain: float = 1.0,
+                        lm_head_gain: float = 3.0) -> None:
+    """Deterministic random init, larger than Hugging Face's default (std 0.02).
 
-    With std 0.02 the logits of a small random model are nearly flat, so greedy
-    decoding degenerates into one repeated token. Fan-in scaled weights keep
-    activations O(1) and make next-token choices depend on the context.
+    With std 0.02 the logits of a small random model are nearly flat, so greedy decoding degenerates
+    into one repeated token (and two implementations' rounding can flip the argmax). Fan-in scaled
+    weights keep activations O(1) and make next-token choices depend on the context; embeddings N(0, 1)
+    keep token identity visible through the residual stream.
     """
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        # Sorted names: the fill order (and so the values) must not depend on
-        # module registration order.
+        # Sorted names: the values must not depend on module registration order.
         for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
             if param.ndim == 1 and name.endswith("norm.weight"):
-                param.normal_(1.0, 0.1, generator=gen)
+                param.normal_(1.0, norm_std, generator=gen)
             elif param.ndim == 1:
                 param.normal_(0.0, 0.1, generator=gen)
             elif "embed_tokens" in name:
                 param.normal_(0.0, 1.0, generator=gen)
             else:
-                # nn.Linear layout [..., out, in] (also the fused 3-D expert
-                # tensors): the last dim is the fan-in. lm_head gets a larger
-                # gain so logits are well separated.
-                gain = 3.0 if name.startswith("lm_head") else 1.0
+                # nn.Linear layout [..., out, in] (also fused 3-D expert tensors): the last dim is the fan-in.
+                if name.startswith("lm_head"):
+                    gain = lm_head_gain
+                elif name.endswith("mlp.gate.weight"):  # the router (not an expert's gate_proj)
+                    gain = router_gain
+                else:
+                    gain = 1.0
                 param.normal_(0.0, gain / param.shape[-1] ** 0.5, generator=gen)
 
 
@@ -314,7 +318,7 @@ def _build_demo_model(out: Path, seed: int) -> None:
         pad_token_id=pad_id,
     )
     model = Qwen3MoeForCausalLM(config)
-    _init_weights(model, seed)
+    init_random_weights(model, seed)
     # bf16 on disk like real Qwen3 releases (and half the bytes).
     model = model.to(torch.bfloat16)
     model.generation_config = GenerationConfig(

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from elastic.demo import EOS_TOKEN, PAD_TOKEN, build_tokenizer
+from elastic.demo import EOS_TOKEN, PAD_TOKEN, build_tokenizer, init_random_weights
 
 __all__ = ["family_names", "hf_greedy", "hf_logits", "make_checkpoint"]
 
@@ -174,26 +174,7 @@ def _init_weights(model: torch.nn.Module, seed: int) -> None:
     * Norm weights ~ N(1, 0.2) (far enough from 1 that a dropped norm weight
       shows up in the logits); biases ~ N(0, 0.1).
     """
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        # Sorted names: values must not depend on module registration order.
-        for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
-            if param.ndim == 1 and name.endswith("norm.weight"):
-                param.normal_(1.0, 0.2, generator=gen)
-            elif param.ndim == 1:
-                param.normal_(0.0, 0.1, generator=gen)
-            elif "embed_tokens" in name:
-                param.normal_(0.0, 1.0, generator=gen)
-            else:
-                # nn.Linear layout [..., out, in] (also fused 3-D expert
-                # tensors [E, out, in]): the last dim is the fan-in.
-                if name.startswith("lm_head"):
-                    gain = 3.0
-                elif name.endswith("mlp.gate.weight"):  # the router (not an expert's gate_proj)
-                    gain = 2.0
-                else:
-                    gain = 1.0
-                param.normal_(0.0, gain / param.shape[-1] ** 0.5, generator=gen)
+    init_random_weights(model, seed, norm_std=0.2, router_gain=2.0, lm_head_gain=3.0)
 
 
 # ----------------------------------------------------------------------------
@@ -212,7 +193,7 @@ def make_checkpoint(
     """Write a tiny random ``family`` checkpoint (fp32 safetensors) to ``path``.
 
     Files: config.json, generation_config.json, model.safetensors (or several
-    ``model-XXXXX-of-YYYYY.safetensors`` + ``model.safetensors.index.json``
+    ``model-<i>-of-<n>.safetensors`` + ``model.safetensors.index.json``
     with ``shard=True``), tokenizer.json, tokenizer_config.json.
     ``config_overrides`` are passed to the family's config class last, e.g.
     ``make_checkpoint("qwen3_moe", p, num_hidden_layers=2, mlp_only_layers=[])``.
