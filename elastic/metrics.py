@@ -6,9 +6,8 @@ multiprocess mode so the numbers still add up.
 """
 from __future__ import annotations
 
-from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, GCCollector, PlatformCollector,
-                               ProcessCollector, generate_latest)
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, GCCollector, Histogram,
+                               PlatformCollector, ProcessCollector, generate_latest)
 
 from elastic.protocol.from_engine import SchedulerStats
 

@@ -6,8 +6,7 @@ tensors when Triton is installed and the reference otherwise (e.g. the CPU engin
 Importing this package never imports triton: the Triton modules load on first use.
 """
 from ._backend import HAS_TRITON, use_triton
-from .attention import (paged_attention, paged_attention_reference, store_kvcache,
-                        store_kvcache_reference)
+from .attention import paged_attention, paged_attention_reference, store_kvcache, store_kvcache_reference
 from .fused_moe import fused_moe, fused_moe_reference
 from .moe_config import get_moe_config, heuristic_config
 from .routing import topk_route, topk_route_reference

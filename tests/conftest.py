@@ -12,7 +12,6 @@ import random  # noqa: E402
 from pathlib import Path
 
 import pytest
-
 from checkpoints import family_names, make_checkpoint
 
 FAMILIES = family_names()

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoints import family_names, hf_greedy, hf_logits, make_checkpoint
 from safetensors import safe_open
 
 import elastic.demo as demo
-from checkpoints import family_names, hf_greedy, hf_logits, make_checkpoint
 
 FAMILIES = family_names()
 

@@ -10,8 +10,8 @@ import msgspec
 import pytest
 import zmq
 
-from elastic.engine.coordinator import (HEARTBEAT_INTERVAL_S, PUBLISH_MIN_INTERVAL_S, Coordinator,
-                                        CoordinatorAddresses, CoordinatorProcess)
+from elastic.cluster.coordinator import (HEARTBEAT_INTERVAL_S, PUBLISH_MIN_INTERVAL_S, Coordinator,
+                                         CoordinatorAddresses, CoordinatorProcess)
 from elastic.protocol.from_coordinator import CoordinatorHello, CoordinatorToEngine, LoadSnapshot, StartDPWave
 from elastic.protocol.to_coordinator import EngineLoad, ScaleElasticEP, StartWaveRequest, WaveComplete
 

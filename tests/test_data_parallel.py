@@ -6,11 +6,11 @@ from __future__ import annotations
 import time
 
 import pytest
-
 from checkpoints import hf_greedy
 from conftest import random_prompts
-from elastic import LLM, SamplingParams
 from server_fixtures import wait_until
+
+from elastic import LLM, SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 PROMPTS = random_prompts((4, 9, 15, 22, 31, 7), seed=5)

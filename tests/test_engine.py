@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import random_prompts
+
 from elastic import LLM, SamplingParams
 from elastic.engine.core import EngineCore
 from elastic.protocol.to_engine import EngineCoreRequest

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import msgspec
 import pytest
-
 from checkpoints import make_checkpoint
-from elastic.config import create_engine_config
-from elastic.engine.async_llm import AsyncLLM, RequestRejectedError
+from server_fixtures import parse_metrics
+
+from elastic.config import ParallelConfig, create_engine_config
+from elastic.frontend.async_llm import AsyncLLM, RequestRejectedError
 from elastic.metrics import ServerMetrics
 from elastic.protocol import from_engine, to_engine
 from elastic.sampling_params import SamplingParams
-from server_fixtures import parse_metrics
 
 
 def test_every_message_round_trips_through_msgspec() -> None:
@@ -42,7 +42,7 @@ def test_every_message_round_trips_through_msgspec() -> None:
                  from_engine.EngineStartupFailed(0, "no")]
     dec = msgspec.msgpack.Decoder(from_engine.EngineHandshakeMessage)
     assert [dec.decode(enc.encode(m)) for m in handshake] == handshake
-    addresses = to_engine.HandshakeAddresses("ipc:///a", "ipc:///b", to_engine.ParallelHandshake(2, 1))
+    addresses = to_engine.HandshakeAddresses("ipc:///a", "ipc:///b", ParallelConfig(2, 1))
     assert msgspec.msgpack.decode(enc.encode(addresses), type=to_engine.HandshakeAddresses) == addresses
 
 

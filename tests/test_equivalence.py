@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from checkpoints import hf_greedy, hf_logits
 from conftest import FAMILIES, random_prompts
+
 from elastic import LLM, SamplingParams
 
 MAX_NEW = 24

@@ -9,8 +9,8 @@ import traceback
 
 import pytest
 import torch
-
 from conftest import random_prompts
+
 from elastic import LLM, SamplingParams
 from elastic.config import create_engine_config
 from elastic.distributed.group import StatelessGroup, create_store

@@ -21,8 +21,9 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-
-from kernel_testing import HAS_TRITON, KERNELS_DIR, gen as _gen, load_kernels, needs_triton, poisoned  # noqa: E402
+from kernel_testing import HAS_TRITON, KERNELS_DIR
+from kernel_testing import gen as _gen  # noqa: E402
+from kernel_testing import load_kernels, needs_triton, poisoned
 
 ek = load_kernels()
 

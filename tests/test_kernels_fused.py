@@ -18,8 +18,9 @@ import os
 
 import pytest
 import torch
-
-from kernel_testing import gen as _gen, load_kernels, needs_triton, poisoned as _poisoned  # noqa: E402
+from kernel_testing import gen as _gen  # noqa: E402
+from kernel_testing import load_kernels, needs_triton
+from kernel_testing import poisoned as _poisoned
 
 INTERPRET_ENV = os.environ.get("ELASTIC_TRITON_ON_CPU", "0") == "1"
 ek = load_kernels()

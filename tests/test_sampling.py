@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import random_prompts
+
 from elastic import LLM, SamplingParams
 
 

@@ -10,7 +10,6 @@ import sys
 import httpx
 import openai
 import pytest
-
 from checkpoints import make_checkpoint
 from server_fixtures import REPO_ROOT, TEST_SERVER_ARGS, ServerProcess, wait_until
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import random_prompts
-from elastic import LLM, SamplingParams
 from server_fixtures import TEST_SERVER_ARGS, ServerProcess, process_group_pids, wait_until
+
+from elastic import LLM, SamplingParams
 
 PROMPTS = random_prompts((4, 9, 15, 22, 31, 7), seed=9)
 MAX_TOKENS = 10

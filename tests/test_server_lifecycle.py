@@ -14,7 +14,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from checkpoints import make_checkpoint
 from server_fixtures import REPO_ROOT, TEST_SERVER_ARGS, ServerProcess, process_group_pids, wait_until
 

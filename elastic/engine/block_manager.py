@@ -5,7 +5,7 @@ hash and stay findable until the allocator hands them out again (least recently 
 """
 from __future__ import annotations
 
-from elastic.engine.request import Request
+from elastic.request import Request
 
 
 class BlockManager:

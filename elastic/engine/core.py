@@ -15,20 +15,23 @@ from elastic.config import EngineConfig
 from elastic.distributed.expert_parallel import apply_expert_parallel
 from elastic.distributed.parallel_state import ParallelState
 from elastic.engine.block_manager import BlockManager
-from elastic.engine.input_processor import validate_request
-from elastic.engine.request import Request
-from elastic.engine.scheduler import Scheduler, SchedulerOutput
+from elastic.engine.scheduler import Scheduler
+from elastic.engine.waves import RequestWave
 from elastic.executor.model_runner import ModelRunner
 from elastic.protocol.from_engine import EngineCoreOutput, SchedulerStats
 from elastic.protocol.to_engine import EngineCoreRequest
+from elastic.request import Request, SchedulerOutput
 from elastic.sampling_params import SamplingParams
+from elastic.validation import validate_request
 
 logger = logging.getLogger(__name__)
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, wave: RequestWave | None = None) -> None:
         self.config = config
+        # With DP: whether any rank of this rank's request wave has unfinished requests (shared with DPWaves).
+        self.wave = wave if wave is not None else RequestWave()
         start = time.perf_counter()
         self.parallel: ParallelState | None = None
         if config.parallel.is_distributed:
@@ -39,8 +42,6 @@ class EngineCore:
         num_blocks = self.runner.determine_num_blocks()
         if self.parallel is not None:  # every rank gets the same capacity: the smallest one measured
             num_blocks = int(self.parallel.dp.all_reduce(torch.tensor([num_blocks]), dist.ReduceOp.MIN))
-        # In a DP group: whether any rank has unfinished requests (the current request wave goes on).
-        self._wave_running = False
         self.runner.allocate_kv_cache(num_blocks)
         self.runner.capture_cuda_graphs()
         self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
@@ -60,18 +61,18 @@ class EngineCore:
     def add_request(self, req: EngineCoreRequest) -> None:
         self.validate(req)
         self.scheduler.add(Request(req, self.runner.device))
-        self._wave_running = True
+        self.wave.running = True
 
     def start_wave(self) -> None:
         """Another rank got work: step (with dummy batches if need be) until the wave completes."""
-        self._wave_running = True
+        self.wave.running = True
 
     @property
     def global_unfinished(self) -> bool:
         """Whether this rank must keep stepping: it has work, or (with DP) another rank of its wave does."""
         if self.parallel is None:
             return self.scheduler.has_unfinished()
-        return self._wave_running
+        return self.wave.running
 
     def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]:
         return [EngineCoreOutput(r.request_id, [], finish_reason="abort") for r in self.scheduler.abort(request_ids)]
@@ -111,9 +112,9 @@ class EngineCore:
         dp_num_tokens, graph_size = None, None
         if self.parallel is not None:
             decode_only = all(n == 1 for _, n in out.scheduled)
-            dp_num_tokens, self._wave_running, all_decode = self.parallel.exchange_step(
+            dp_num_tokens, self.wave.running, all_decode = self.parallel.exchange_step(
                 out.num_tokens or 1, self.scheduler.has_unfinished(), decode_only)
-            if not self._wave_running:
+            if not self.wave.running:
                 return []
             graph_size = self.runner.dp_graph_size(dp_num_tokens, all_decode)
             if not out:

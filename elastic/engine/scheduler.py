@@ -4,24 +4,10 @@ the newest running request is preempted: its blocks are freed and it is recomput
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
 
 from elastic.config import EngineConfig
 from elastic.engine.block_manager import BlockManager
-from elastic.engine.request import Request, RequestStatus
-
-
-@dataclass
-class SchedulerOutput:
-    scheduled: list[tuple[Request, int]] = field(default_factory=list)  # (request, tokens to compute now)
-    num_preempted: int = 0
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(n for _, n in self.scheduled)
-
-    def __bool__(self) -> bool:
-        return bool(self.scheduled)
+from elastic.request import Request, RequestStatus, SchedulerOutput
 
 
 class Scheduler:

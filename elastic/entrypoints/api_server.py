@@ -13,7 +13,6 @@ import secrets
 import signal
 import socket
 import time
-from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -24,31 +23,17 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 import elastic
 from elastic.config import EngineConfig
-from elastic.engine.async_llm import AsyncLLM, EngineStartupError
-from elastic.entrypoints.openai_protocol import (APIError, ChatCompletionRequest, CompletionRequest,
-                                                 DetokenizeRequest, TokenizeRequest, error_body)
-from elastic.entrypoints.serving import ServingContext
-from elastic.entrypoints.serving_chat import ChatHandler, render_chat
-from elastic.entrypoints.serving_completion import CompletionHandler
+from elastic.config.server import ServerConfig
+from elastic.entrypoints.openai.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                                 TokenizeRequest, error_body)
+from elastic.entrypoints.openai.serving import ServingContext
+from elastic.entrypoints.openai.serving_chat import ChatHandler, render_chat
+from elastic.entrypoints.openai.serving_completion import CompletionHandler
+from elastic.frontend.async_llm import AsyncLLM, EngineStartupError
 from elastic.logger import warn_if_hub_kernels_active
 from elastic.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ServerArgs:
-    """HTTP-side settings (the engine's live in EngineConfig)."""
-
-    host: str = "0.0.0.0"
-    port: int = 8000
-    api_key: str | None = None
-    log_level: str = "info"
-    access_log: bool = True
-    shutdown_timeout: float = 10.0  # seconds in-flight requests get to finish on SIGTERM / Ctrl-C
-    data_parallel_address: str | None = None  # None: ipc sockets; else tcp on this address
-    data_parallel_rpc_port: int = 0  # handshake port with tcp (0: any free one)
-    api_server_count: int = 1  # API server processes sharing the port (many-to-many with the engines)
 
 
 class APIKeyMiddleware:
@@ -90,7 +75,7 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     return APIError(400, message, param=fields[0] if fields else None)
 
 
-def build_app(engine: AsyncLLM, metrics: ServerMetrics, args: ServerArgs) -> FastAPI:
+def build_app(engine: AsyncLLM, metrics: ServerMetrics, args: ServerConfig) -> FastAPI:
     config = engine.config
     ctx = ServingContext(engine, config.model.served_model_name)
     completions, chat = CompletionHandler(ctx), ChatHandler(ctx)
@@ -192,7 +177,7 @@ def build_app(engine: AsyncLLM, metrics: ServerMetrics, args: ServerArgs) -> Fas
     return app
 
 
-async def _start_engine(app: FastAPI, engine: AsyncLLM, args: ServerArgs) -> None:
+async def _start_engine(app: FastAPI, engine: AsyncLLM, args: ServerConfig) -> None:
     try:
         await engine.start()
     except asyncio.CancelledError:
@@ -232,12 +217,8 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run_server(config: EngineConfig, args: ServerArgs) -> int:
+def run_server(config: EngineConfig, args: ServerConfig) -> int:
     """Serve until SIGTERM / SIGINT (exit 0) or an engine start-up failure (exit 1)."""
-    if args.api_server_count > 1:
-        from elastic.entrypoints.multi_server import run_multi_server
-
-        return run_multi_server(config, args)
     warn_if_hub_kernels_active(logger)
     metrics = ServerMetrics(config.model.served_model_name, config.model.max_model_len)
     try:
@@ -254,7 +235,7 @@ def run_server(config: EngineConfig, args: ServerArgs) -> int:
     return serve_http(engine, metrics, args, sock)
 
 
-def serve_http(engine: AsyncLLM, metrics: ServerMetrics, args: ServerArgs, sock: socket.socket) -> int:
+def serve_http(engine: AsyncLLM, metrics: ServerMetrics, args: ServerConfig, sock: socket.socket) -> int:
     """Run uvicorn on the bound socket `sock` until shut down; returns the exit code."""
     import uvicorn
 

@@ -9,14 +9,14 @@ from tqdm.auto import tqdm
 
 from elastic.config import create_engine_config
 from elastic.engine.core import EngineCore
-from elastic.engine.input_processor import InputProcessor, PromptType
-from elastic.engine.output_processor import OutputProcessor
+from elastic.frontend.input_processor import InputProcessor, PromptType
+from elastic.frontend.output_processor import OutputProcessor
 from elastic.outputs import RequestOutput
 from elastic.sampling_params import SamplingParams
 from elastic.tokenizer import load_tokenizer
 
 if TYPE_CHECKING:
-    from elastic.engine.sync_client import SyncEngineClient
+    from elastic.frontend.sync_client import SyncEngineClient
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class LLM:
         self.dp: SyncEngineClient | None = None
         self.engine: EngineCore | None = None
         if self.config.parallel.is_distributed:
-            from elastic.engine.sync_client import SyncEngineClient
+            from elastic.frontend.sync_client import SyncEngineClient
 
             # The engine processes log at the level this process logs at (quiet unless asked).
             level = logging.getLevelName(logging.getLogger("elastic").getEffectiveLevel())

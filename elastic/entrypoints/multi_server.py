@@ -34,10 +34,10 @@ from multiprocessing.process import BaseProcess
 import msgspec
 import zmq
 
+from elastic.cluster.launcher import EngineLauncher, EngineStartupError, describe_exit, make_socket_dir
 from elastic.config import EngineConfig
-from elastic.engine.core_client import FrontendAddresses
-from elastic.engine.launcher import EngineLauncher, EngineStartupError, describe_exit, make_socket_dir
-from elastic.entrypoints.api_server import ServerArgs
+from elastic.config.server import ServerConfig
+from elastic.frontend.engine_client import FrontendAddresses
 from elastic.metrics import ServerMetrics
 from elastic.parent_watch import watch_parent
 from elastic.protocol.from_engine import EngineDead
@@ -62,10 +62,10 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
 
 # ---- metrics ------------------------------------------------------------------------------------------
 # ---- one API server process ---------------------------------------------------------------------------
-def run_api_server_worker(config: EngineConfig, args: ServerArgs, frontend: FrontendAddresses, port: int,
+def run_api_server_worker(config: EngineConfig, args: ServerConfig, frontend: FrontendAddresses, port: int,
                           death_pipe: Connection) -> None:
-    from elastic.engine.async_llm import AsyncLLM
     from elastic.entrypoints.api_server import serve_http
+    from elastic.frontend.async_llm import AsyncLLM
     from elastic.logger import setup_logging
 
     setup_logging(args.log_level)
@@ -77,7 +77,7 @@ def run_api_server_worker(config: EngineConfig, args: ServerArgs, frontend: Fron
 
 
 # ---- the parent -------------------------------------------------------------------------------------------
-def run_multi_server(config: EngineConfig, args: ServerArgs) -> int:
+def run_multi_server(config: EngineConfig, args: ServerConfig) -> int:
     if args.data_parallel_address is not None:
         logger.error("--api-server-count > 1 runs every engine on this host (ipc); it cannot be combined with "
                      "--data-parallel-address yet")
@@ -100,7 +100,7 @@ def run_multi_server(config: EngineConfig, args: ServerArgs) -> int:
 
 
 class _Parent:
-    def __init__(self, config: EngineConfig, args: ServerArgs, port: int, socket_dir: str) -> None:
+    def __init__(self, config: EngineConfig, args: ServerConfig, port: int, socket_dir: str) -> None:
         self.config, self.args, self.port, self.socket_dir = config, args, port, socket_dir
         self.count = args.api_server_count
         self.frontends: list[FrontendAddresses] = []

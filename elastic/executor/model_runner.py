@@ -7,13 +7,13 @@ import torch
 
 from elastic.config import EngineConfig
 from elastic.executor.cuda_graphs import DecodeGraphs
-from elastic.kernels import HAS_TRITON
-from elastic.engine.scheduler import SchedulerOutput
 from elastic.forward_context import AttentionMetadata, ForwardContext, set_forward_context
+from elastic.kernels import HAS_TRITON
 from elastic.layers.attention import Attention
 from elastic.layers.sampler import Sampler
 from elastic.models.loader import load_model
 from elastic.protocol.from_engine import TokenLogprobs
+from elastic.request import SchedulerOutput
 
 logger = logging.getLogger(__name__)
 

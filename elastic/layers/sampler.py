@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from elastic.engine.request import Request
 from elastic.protocol.from_engine import TokenLogprobs
+from elastic.request import Request
 
 
 def _needs_processing(req: Request) -> bool:

@@ -12,8 +12,8 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from elastic.config import ModelConfig, ParallelConfig
+from elastic.config.model_arch import ModelArch
 from elastic.layers.moe import FusedMoE
-from elastic.models.arch import ModelArch
 from elastic.models.moe_decoder import MoeForCausalLM
 
 logger = logging.getLogger(__name__)

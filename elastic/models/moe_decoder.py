@@ -6,12 +6,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from elastic.config import ParallelConfig
+from elastic.config.model_arch import ModelArch
 from elastic.layers.attention import Attention
 from elastic.layers.linear import Linear, MergedLinear, default_weight_loader
 from elastic.layers.moe import FusedMoE
 from elastic.layers.norm import RMSNorm
 from elastic.layers.rotary import RotaryEmbedding
-from elastic.models.arch import ModelArch
 
 
 class SelfAttention(nn.Module):

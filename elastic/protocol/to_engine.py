@@ -9,6 +9,7 @@ from typing import Any, Union
 
 import msgspec
 
+from elastic.config.engine import ParallelConfig
 from elastic.sampling_params import SamplingParams
 
 
@@ -43,22 +44,14 @@ EngineCoreInput = Union[EngineCoreRequest, AbortRequests, UtilityCall, ShutdownE
 
 
 # ---- handshake ------------------------------------------------------------------------------------------
-class ParallelHandshake(msgspec.Struct):
-    """The parallel layout an engine joins. With data_parallel_size > 1 the master ip/port are the TCPStore
-    rendezvous of the stateless DP/EP groups, hosted by the launcher (engines only connect to it)."""
-
-    data_parallel_size: int = 1
-    data_parallel_rank: int = 0
-    data_parallel_master_ip: str = "127.0.0.1"
-    data_parallel_master_port: int = 0
-
-
 class HandshakeAddresses(msgspec.Struct, tag=True):
-    """Front end's answer to HELLO: where to connect, and the parallel config."""
+    """Front end's answer to HELLO: where to connect, and the parallel layout to join (the same
+    ParallelConfig the engine's config carries; with data_parallel_size > 1 its store host/port are the
+    TCPStore rendezvous of the stateless DP/EP groups, hosted by the launcher)."""
 
     input_address: str  # engine connects a DEALER (identity = its index) to the front end's ROUTER
     output_address: str  # engine connects a PUSH to the front end's PULL
-    parallel: ParallelHandshake
+    parallel: ParallelConfig
     coordinator_address: str | None = None  # DP coordinator's input (engine connects a PUSH); None with DP=1
     stats_interval_s: float = 5.0  # how often an idle engine re-sends its stats (also a liveness signal)
     coordinator_pub_address: str | None = None  # DP coordinator's engine PUB (START_DP_WAVE); engine SUBs
@@ -66,3 +59,8 @@ class HandshakeAddresses(msgspec.Struct, tag=True):
     # order; when set they replace input_address / output_address (which stay those of front end 0).
     frontend_input_addresses: list[str] = []
     frontend_output_addresses: list[str] = []
+
+
+def engine_identity(engine_index: int) -> bytes:
+    """The ZMQ identity an engine uses on every socket to the front ends (its index, 2 bytes)."""
+    return engine_index.to_bytes(2, "little")

@@ -15,31 +15,6 @@ from elastic.tokenizer import generation_defaults
 PromptType = Union[str, list[int], dict[str, Any]]
 
 
-def validate_request(prompt_token_ids: list[int], params: SamplingParams, model: ModelConfig,
-                     num_kv_blocks: int | None, block_size: int) -> None:
-    """Raise ValueError for a request no engine could finish. The engine core checks this on every
-    request; front ends check it first, so a client gets its error before anything is queued."""
-    max_len = model.max_model_len
-    n_prompt = len(prompt_token_ids)
-    if n_prompt == 0:
-        raise ValueError("the prompt is empty")
-    if n_prompt >= max_len:
-        raise ValueError(f"the prompt has {n_prompt} tokens; max_model_len is {max_len}, "
-                         "which must leave room for at least one generated token")
-    vocab = model.arch.vocab_size
-    if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
-        raise ValueError(f"prompt token ids must be in [0, {vocab})")
-    if params.logit_bias and any(not 0 <= t < vocab for t in params.logit_bias):
-        raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
-    if params.stop_token_ids and any(not 0 <= t < vocab for t in params.stop_token_ids):
-        raise ValueError(f"stop_token_ids must be in [0, {vocab})")
-    if num_kv_blocks is not None:
-        total = min(max_len, n_prompt + (params.max_tokens or max_len))
-        if -(-total // block_size) > num_kv_blocks:
-            raise ValueError(f"the request may need {total} tokens of KV cache; the cache holds only "
-                             f"{num_kv_blocks * block_size}")
-
-
 class InputProcessor:
     def __init__(self, tokenizer: Any, model_config: ModelConfig) -> None:
         self.tokenizer = tokenizer

@@ -29,13 +29,13 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from elastic.cluster.launcher import EngineLauncher, EngineStartupError, describe_exit, make_socket_dir
 from elastic.config import EngineConfig
-from elastic.engine.core_proc import engine_identity
-from elastic.engine.launcher import EngineLauncher, EngineStartupError, describe_exit, make_socket_dir
 from elastic.protocol.from_coordinator import LoadSnapshot
-from elastic.protocol.from_engine import EngineCoreOutputMessage, EngineCoreOutputs, EngineDead, EngineReady, \
-    SchedulerStats
-from elastic.protocol.to_engine import AbortRequests, EngineCoreInput, EngineCoreRequest, ShutdownEngine, UtilityCall
+from elastic.protocol.from_engine import (EngineCoreOutputMessage, EngineCoreOutputs, EngineDead, EngineReady,
+                                          SchedulerStats)
+from elastic.protocol.to_engine import (AbortRequests, EngineCoreInput, EngineCoreRequest, ShutdownEngine, UtilityCall,
+                                        engine_identity)
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from typing import Any, AsyncIterator, Awaitable, TypeVar
 import msgspec
 from fastapi import Request
 
-from elastic.engine.async_llm import (AsyncLLM, EngineDeadError, EngineNotReadyError, RequestRejectedError)
-from elastic.entrypoints.openai_protocol import APIError, SamplingFields, error_body
+from elastic.entrypoints.openai.protocol import APIError, SamplingFields, error_body
+from elastic.frontend.async_llm import AsyncLLM, EngineDeadError, EngineNotReadyError, RequestRejectedError
 from elastic.outputs import RequestOutput
 from elastic.sampling_params import SamplingParams
 

@@ -30,22 +30,18 @@ import msgspec
 import zmq
 
 from elastic.config import EngineConfig
-from elastic.engine.dp_engine import DPWaves
+from elastic.engine.waves import DPWaves, RequestWave
 from elastic.parent_watch import watch_parent
 from elastic.protocol.from_engine import (EngineCoreOutput, EngineCoreOutputs, EngineDead, EngineHello, EngineReady,
                                           EngineStartupFailed, RejectedRequest, SchedulerStats, UtilityResult)
 from elastic.protocol.to_engine import (AbortRequests, EngineCoreInput, EngineCoreRequest, HandshakeAddresses,
-                                        ShutdownEngine, UtilityCall)
+                                        ShutdownEngine, UtilityCall, engine_identity)
 
 logger = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT_S = 300.0  # waiting for the front end's addresses after HELLO
 _OUTPUT_LINGER_MS = 2000  # let the last batch (or last words) reach the front end on close
 _ORPHAN_EXIT_GRACE_S = 5.0
-
-
-def engine_identity(engine_index: int) -> bytes:
-    return engine_index.to_bytes(2, "little")
 
 
 @dataclass
@@ -93,7 +89,7 @@ class EngineCoreProc:
             "stats": lambda: msgspec.structs.asdict(self.core.stats()),
             "num_kv_blocks": lambda: self.core.num_kv_blocks,
             "counters": lambda: {"steps": self.num_steps, "requests": self.num_requests,
-                                 "wave": self.dp.wave if self.dp is not None else 0,
+                                 "wave": self.core.wave.number,
                                  "running": bool(self.core.global_unfinished)},
         }
 
@@ -144,7 +140,7 @@ class EngineCoreProc:
                     continue
                 self.handle(msg, client)
         if self.dp is not None:
-            self.dp.drain(self.core)
+            self.dp.drain()
 
     def handle(self, msg: Any, client: int = 0) -> None:
         if isinstance(msg, EngineCoreRequest):
@@ -232,13 +228,7 @@ def _raise_system_exit(signum: int, frame: Any) -> None:
 def _apply_parallel_handshake(config: EngineConfig, addresses: HandshakeAddresses) -> EngineConfig:
     """The front end has the last word on the parallel layout and the group rendezvous (a headless engine
     started elsewhere learns them only here)."""
-    hs = addresses.parallel
-    if hs.data_parallel_size <= 1:
-        return config
-    parallel = dataclasses.replace(config.parallel, data_parallel_size=hs.data_parallel_size,
-                                   data_parallel_rank=hs.data_parallel_rank, store_host=hs.data_parallel_master_ip,
-                                   store_port=hs.data_parallel_master_port)
-    return dataclasses.replace(config, parallel=parallel)
+    return dataclasses.replace(config, parallel=addresses.parallel)
 
 
 def _set_device_and_threads(config: EngineConfig) -> None:
@@ -257,11 +247,66 @@ def _handshake(sock: zmq.Socket, decoder: msgspec.msgpack.Decoder) -> HandshakeA
     return decoder.decode(sock.recv())
 
 
+def _start_core(config: EngineConfig, engine_index: int, wave: RequestWave, dp: DPWaves | None,
+                handshake: zmq.Socket, encoder: msgspec.msgpack.Encoder) -> Any:
+    """Load the model, join the DP/EP groups, size the KV cache. A failure is told to the front end (why),
+    then the process exits non-zero."""
+    try:
+        from elastic.engine.core import EngineCore
+        from elastic.logger import warn_if_hub_kernels_active
+
+        warn_if_hub_kernels_active(logger)
+        _set_device_and_threads(config)
+        core = EngineCore(config, wave)  # loads weights (progress bar), joins the groups, sizes the KV cache
+        if dp is not None:
+            dp.wait_subscribed(HANDSHAKE_TIMEOUT_S)
+        return core
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except BaseException as e:  # bad checkpoint, OOM, ...
+        logger.exception("engine core %d failed to start", engine_index)
+        handshake.send(encoder.encode(EngineStartupFailed(engine_index, f"{type(e).__name__}: {e}")))
+        raise SystemExit(1) from None
+
+
+def _connect_queues(ctx: zmq.Context, identity: bytes,
+                    addresses: HandshakeAddresses) -> tuple[list[zmq.Socket], list[zmq.Socket]]:
+    """One input and one output queue per front end (API server); requests are answered where they came from."""
+    inputs, outputs = [], []
+    for address in addresses.frontend_input_addresses or [addresses.input_address]:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, identity)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(address)
+        inputs.append(sock)
+    for address in addresses.frontend_output_addresses or [addresses.output_address]:
+        sock = ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, _OUTPUT_LINGER_MS)
+        sock.connect(address)
+        outputs.append(sock)
+    return inputs, outputs
+
+
+def _serve(proc: EngineCoreProc, encoder: msgspec.msgpack.Encoder) -> int:
+    """The busy loop until shutdown; a crash is told to every front end (EngineDead) and exits 1."""
+    try:
+        proc.run()
+        return 0
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except BaseException as e:
+        logger.exception("engine core %d crashed", proc.engine_index)
+        error = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}"
+        for sock in proc.outputs:
+            sock.send(encoder.encode(EngineDead(proc.engine_index, error)))
+        return 1
+
+
 def run_engine_core(config: EngineConfig, engine_index: int, handshake_address: str,
                     death_pipe: Connection | None = None, log_level: str = "INFO", local: bool = True,
                     headless: bool = False) -> None:
     """Target of the engine core process (multiprocessing 'spawn', or a headless node's main)."""
-    from elastic.logger import setup_logging, warn_if_hub_kernels_active
+    from elastic.logger import setup_logging
 
     setup_logging(log_level)
     signal.signal(signal.SIGTERM, _raise_system_exit)
@@ -283,61 +328,24 @@ def run_engine_core(config: EngineConfig, engine_index: int, handshake_address: 
         handshake.send(encoder.encode(EngineHello(engine_index, os.getpid(), local=local, headless=headless)))
         addresses = _handshake(handshake, msgspec.msgpack.Decoder(HandshakeAddresses))
         config = _apply_parallel_handshake(config, addresses)
-        dp: DPWaves | None = None
+        wave, dp = RequestWave(), None
         if config.parallel.is_distributed:
             if addresses.coordinator_address is None or addresses.coordinator_pub_address is None:
                 raise RuntimeError("data_parallel_size > 1 but the front end named no DP coordinator")
             # Subscribe now: the coordinator's hello is long there when the model is loaded.
-            dp = DPWaves(ctx, engine_index, addresses.coordinator_address, addresses.coordinator_pub_address)
+            dp = DPWaves(ctx, engine_index, addresses.coordinator_address, addresses.coordinator_pub_address, wave)
             sockets += dp.sockets
-        try:
-            from elastic.engine.core import EngineCore
-
-            warn_if_hub_kernels_active(logger)
-            _set_device_and_threads(config)
-            core = EngineCore(config)  # loads weights (progress bar), joins the DP/EP groups, sizes the KV cache
-            if dp is not None:
-                dp.wait_subscribed(HANDSHAKE_TIMEOUT_S)
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as e:  # bad checkpoint, OOM, ...: tell the front end why, then exit non-zero
-            logger.exception("engine core %d failed to start", engine_index)
-            handshake.send(encoder.encode(EngineStartupFailed(engine_index, f"{type(e).__name__}: {e}")))
-            raise SystemExit(1) from None
-
-        # One input and one output queue per front end (API server); requests are answered where they came from.
-        input_addresses = addresses.frontend_input_addresses or [addresses.input_address]
-        output_addresses = addresses.frontend_output_addresses or [addresses.output_address]
-        inputs, outputs = [], []
-        for address in input_addresses:
-            sock = ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.IDENTITY, identity)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(address)
-            inputs.append(sock)
-        for address in output_addresses:
-            sock = ctx.socket(zmq.PUSH)
-            sock.setsockopt(zmq.LINGER, _OUTPUT_LINGER_MS)
-            sock.connect(address)
-            outputs.append(sock)
+        core = _start_core(config, engine_index, wave, dp, handshake, encoder)
+        inputs, outputs = _connect_queues(ctx, identity, addresses)
         sockets += inputs + outputs
         ready = encoder.encode(EngineReady(engine_index, core.num_kv_blocks, config.cache.block_size,
                                            config.model.max_model_len, pid=os.getpid()))
         for sock in inputs:
             sock.send(ready)  # registers our identity with each front end's ROUTER (and says READY to it)
         handshake.send(ready)
-        proc = EngineCoreProc(core, engine_index, inputs, outputs, addresses.stats_interval_s, dp)
         logger.info("engine core %d ready: %d KV blocks", engine_index, core.num_kv_blocks)
-        try:
-            proc.run()
-        except (SystemExit, KeyboardInterrupt):
-            raise
-        except BaseException as e:
-            logger.exception("engine core %d crashed", engine_index)
-            error = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}"
-            for sock in outputs:
-                sock.send(encoder.encode(EngineDead(engine_index, error)))
-            exit_code = 1
+        exit_code = _serve(EngineCoreProc(core, engine_index, inputs, outputs, addresses.stats_interval_s, dp),
+                           encoder)
     except SystemExit as e:
         exit_code = e.code if isinstance(e.code, int) else 0
     finally:

@@ -1,7 +1,9 @@
-"""A request's state inside the engine core: tokens, progress, KV blocks, sampling state."""
+"""A request's state inside the engine core (tokens, progress, KV blocks, sampling state) and the batch the
+scheduler hands the model runner. Plain data shared by the engine, the model runner and the sampler."""
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass, field
 
 import torch
 
@@ -68,3 +70,16 @@ class Request:
         if self.finish_reason is None and (
                 (params.max_tokens is not None and n_out >= params.max_tokens) or self.num_tokens >= max_model_len):
             self.finish_reason = "length"
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[tuple[Request, int]] = field(default_factory=list)  # (request, tokens to compute now)
+    num_preempted: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.scheduled)
+
+    def __bool__(self) -> bool:
+        return bool(self.scheduled)

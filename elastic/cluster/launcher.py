@@ -23,11 +23,11 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from elastic.config import EngineConfig
-from elastic.engine.coordinator import CoordinatorAddresses, CoordinatorProcess
-from elastic.engine.core_proc import engine_identity, run_engine_core
+from elastic.cluster.coordinator import CoordinatorAddresses, CoordinatorProcess
+from elastic.config import EngineConfig, ParallelConfig
+from elastic.engine.process import run_engine_core
 from elastic.protocol.from_engine import EngineHandshakeMessage, EngineHello, EngineReady, EngineStartupFailed
-from elastic.protocol.to_engine import HandshakeAddresses, ParallelHandshake
+from elastic.protocol.to_engine import HandshakeAddresses, engine_identity
 
 logger = logging.getLogger(__name__)
 
@@ -142,12 +142,9 @@ class EngineLauncher:
         # spawn, not fork: torch (CUDA, OpenMP threads) is not fork-safe.
         mp = multiprocessing.get_context("spawn")
         reader, writer = mp.Pipe(duplex=False)
-        world = len(self.engines)
-        parallel = self.config.parallel.for_rank(engine.index)
-        if self.store is not None:
-            parallel = dataclasses.replace(parallel, store_host=self.host, store_port=self.store.port)
-        config = dataclasses.replace(self.config, parallel=parallel,
-                                     device=rank_device(self.config.device, engine.index, world))
+        device = rank_device(self.config.device, engine.index, len(self.engines))
+        config = dataclasses.replace(self.config, parallel=self._rank_parallel(engine.index),
+                                     model=dataclasses.replace(self.config.model, device=device))
         proc = mp.Process(target=run_engine_core, name=f"EngineCore_{engine.index}",
                           args=(config, engine.index, handshake_address, reader, self.log_level))
         proc.start()
@@ -157,6 +154,15 @@ class EngineLauncher:
         engine.exited = loop.create_future()
         loop.add_reader(proc.sentinel, self._on_process_exit, engine)
         logger.info("started engine core %d (pid %d)", engine.index, proc.pid)
+
+    def _rank_parallel(self, rank: int) -> ParallelConfig:
+        """The parallel layout one engine joins: in its spawn arguments and again in the handshake (which
+        has the last word: a headless engine started elsewhere learns it only there)."""
+        parallel = dataclasses.replace(self.config.parallel, data_parallel_size=len(self.engines),
+                                       data_parallel_rank=rank)
+        if self.store is None:
+            return parallel
+        return dataclasses.replace(parallel, store_host=self.host, store_port=self.store.port)
 
     async def _handshake(self, frontend_inputs: list[str], frontend_outputs: list[str]) -> None:
         decoder = msgspec.msgpack.Decoder(EngineHandshakeMessage)
@@ -184,12 +190,8 @@ class EngineLauncher:
                 continue
             if isinstance(msg, EngineHello):
                 engine.pid = msg.pid
-                parallel = ParallelHandshake(
-                    data_parallel_size=len(self.engines), data_parallel_rank=engine.index,
-                    data_parallel_master_ip=self.host,
-                    data_parallel_master_port=self.store.port if self.store is not None else 0)
                 reply = HandshakeAddresses(
-                    frontend_inputs[0], frontend_outputs[0], parallel, stats_interval_s=self.stats_interval_s,
+                    frontend_inputs[0], frontend_outputs[0], self._rank_parallel(engine.index), stats_interval_s=self.stats_interval_s,
                     coordinator_address=coordinator.input if coordinator else None,
                     coordinator_pub_address=coordinator.engine_pub if coordinator else None,
                     frontend_input_addresses=frontend_inputs if len(frontend_inputs) > 1 else [],

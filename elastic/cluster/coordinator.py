@@ -24,12 +24,13 @@ import signal
 import time
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
+from typing import Any
+
 import msgspec
 import zmq
 
 from elastic.protocol.from_coordinator import CoordinatorHello, LoadSnapshot, StartDPWave
-from elastic.protocol.to_coordinator import (CoordinatorInput, EngineLoad, ScaleElasticEP, StartWaveRequest,
-                                             WaveComplete)
+from elastic.protocol.to_coordinator import CoordinatorInput, EngineLoad, ScaleElasticEP, StartWaveRequest, WaveComplete
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,70 @@ def _is_subscribe(frame: bytes) -> bool:
     return bool(frame) and frame[0] == 1  # XPUB delivers b"\x01topic" (subscribe) / b"\x00topic" (unsubscribe)
 
 
+class CoordinatorServer:
+    """The coordinator's sockets around its state: engines PUSH reports in, wave starts go out on one XPUB,
+    load snapshots to the front ends on another."""
+
+    def __init__(self, ctx: zmq.Context, addresses: CoordinatorAddresses, num_engines: int) -> None:
+        self.inbound = ctx.socket(zmq.PULL)
+        self.engine_pub = ctx.socket(zmq.XPUB)
+        self.frontend_pub = ctx.socket(zmq.XPUB)
+        for pub in (self.engine_pub, self.frontend_pub):
+            pub.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscription, not just the first of each topic
+            pub.setsockopt(zmq.SNDHWM, 0)
+        self.inbound.setsockopt(zmq.RCVHWM, 0)
+        self.sockets = (self.inbound, self.engine_pub, self.frontend_pub)
+        for sock in self.sockets:
+            sock.setsockopt(zmq.LINGER, 0)
+        self.inbound.bind(addresses.input)
+        self.engine_pub.bind(addresses.engine_pub)
+        self.frontend_pub.bind(addresses.frontend_pub)
+        self.bound = CoordinatorAddresses(*(s.getsockopt_string(zmq.LAST_ENDPOINT) for s in self.sockets))
+        self.encoder = msgspec.msgpack.Encoder()
+        self.decoder = msgspec.msgpack.Decoder(CoordinatorInput)
+        self.state = Coordinator(num_engines)
+        self.last_publish = time.monotonic()
+
+    def run(self, death_pipe: Connection | None) -> None:
+        poller = zmq.Poller()
+        for sock in self.sockets:
+            poller.register(sock, zmq.POLLIN)
+        if death_pipe is not None:
+            poller.register(death_pipe.fileno(), zmq.POLLIN)
+        while True:
+            timeout = self.state.next_publish_in(time.monotonic(), self.last_publish)
+            events = dict(poller.poll(int(timeout * 1000) + 1))
+            if death_pipe is not None and death_pipe.fileno() in events:
+                logger.info("the launcher is gone; DP coordinator exiting")
+                return
+            self.handle_events(events)
+
+    def handle_events(self, events: dict[Any, int]) -> None:
+        if self.engine_pub in events and any(_is_subscribe(f) for f in _drain(self.engine_pub)):
+            # Whoever just subscribed needs proof that its subscription is live; others ignore it.
+            self.engine_pub.send(self.encoder.encode(CoordinatorHello()))
+        if self.frontend_pub in events and any(_is_subscribe(f) for f in _drain(self.frontend_pub)):
+            self.state.changed = True
+            self.last_publish = 0.0  # a new front end gets the table now
+        if self.inbound in events:
+            for raw in _drain(self.inbound):
+                try:
+                    start = self.state.handle(self.decoder.decode(raw))
+                except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                    logger.error("dropping malformed coordinator message: %s", e)
+                    continue
+                if start is not None:
+                    self.engine_pub.send(self.encoder.encode(start))
+        now = time.monotonic()
+        if self.state.next_publish_in(now, self.last_publish) == 0.0:
+            self.frontend_pub.send(self.encoder.encode(self.state.snapshot()))
+            self.last_publish = now
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close(linger=0)
+
+
 def run_coordinator(addresses: CoordinatorAddresses, num_engines: int, ready_pipe: Connection | None = None,
                     death_pipe: Connection | None = None, log_level: str = "INFO") -> None:
     """Process entry point. Binds (tcp port 0 is fine), sends the bound addresses down `ready_pipe`
@@ -112,65 +177,17 @@ def run_coordinator(addresses: CoordinatorAddresses, num_engines: int, ready_pip
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the API server orders shutdown
     ctx = zmq.Context()
-    inbound = ctx.socket(zmq.PULL)
-    engine_pub = ctx.socket(zmq.XPUB)
-    frontend_pub = ctx.socket(zmq.XPUB)
-    for pub in (engine_pub, frontend_pub):
-        pub.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscription, not just the first of each topic
-        pub.setsockopt(zmq.SNDHWM, 0)
-    inbound.setsockopt(zmq.RCVHWM, 0)
-    sockets = (inbound, engine_pub, frontend_pub)
-    for sock in sockets:
-        sock.setsockopt(zmq.LINGER, 0)
-    inbound.bind(addresses.input)
-    engine_pub.bind(addresses.engine_pub)
-    frontend_pub.bind(addresses.frontend_pub)
-    bound = CoordinatorAddresses(*(s.getsockopt_string(zmq.LAST_ENDPOINT) for s in sockets))
-    encoder = msgspec.msgpack.Encoder()
+    server = CoordinatorServer(ctx, addresses, num_engines)
     if ready_pipe is not None:
-        ready_pipe.send_bytes(encoder.encode(bound))
+        ready_pipe.send_bytes(server.encoder.encode(server.bound))
         ready_pipe.close()
-    decoder = msgspec.msgpack.Decoder(CoordinatorInput)
-    state = Coordinator(num_engines)
-    poller = zmq.Poller()
-    for sock in sockets:
-        poller.register(sock, zmq.POLLIN)
-    if death_pipe is not None:
-        poller.register(death_pipe.fileno(), zmq.POLLIN)
-    last_publish = time.monotonic()
     logger.info("DP coordinator for %d engines (pid %d)", num_engines, os.getpid())
     try:
-        while True:
-            timeout = state.next_publish_in(time.monotonic(), last_publish)
-            events = dict(poller.poll(int(timeout * 1000) + 1))
-            if death_pipe is not None and death_pipe.fileno() in events:
-                logger.info("the launcher is gone; DP coordinator exiting")
-                break
-            if engine_pub in events and any(_is_subscribe(f) for f in _drain(engine_pub)):
-                # Whoever just subscribed needs proof that its subscription is live; others ignore it.
-                engine_pub.send(encoder.encode(CoordinatorHello()))
-            if frontend_pub in events:
-                if any(_is_subscribe(f) for f in _drain(frontend_pub)):
-                    state.changed = True
-                    last_publish = 0.0  # a new front end gets the table now
-            if inbound in events:
-                for raw in _drain(inbound):
-                    try:
-                        start = state.handle(decoder.decode(raw))
-                    except (msgspec.DecodeError, msgspec.ValidationError) as e:
-                        logger.error("dropping malformed coordinator message: %s", e)
-                        continue
-                    if start is not None:
-                        engine_pub.send(encoder.encode(start))
-            now = time.monotonic()
-            if state.next_publish_in(now, last_publish) == 0.0:
-                frontend_pub.send(encoder.encode(state.snapshot()))
-                last_publish = now
+        server.run(death_pipe)
     except SystemExit:
         pass
     finally:
-        for sock in sockets:
-            sock.close(linger=0)
+        server.close()
         ctx.term()
 
 

@@ -7,11 +7,11 @@ from typing import Any, AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from elastic.entrypoints.openai_protocol import APIError, CompletionRequest
-from elastic.entrypoints.serving import (SSE_DONE, ChoiceCursor, ServingContext, build_sampling_params,
-                                         completion_logprobs, engine_error, final_outputs, merge_generators, now,
-                                         random_id, run_with_disconnect, sse, stream_error, truncate, usage,
-                                         validate_prompt)
+from elastic.entrypoints.openai.protocol import APIError, CompletionRequest
+from elastic.entrypoints.openai.serving import (SSE_DONE, ChoiceCursor, ServingContext, build_sampling_params,
+                                                completion_logprobs, engine_error, final_outputs, merge_generators, now,
+                                                random_id, run_with_disconnect, sse, stream_error, truncate, usage,
+                                                validate_prompt)
 from elastic.outputs import RequestOutput
 from elastic.sampling_params import SamplingParams
 

@@ -14,15 +14,16 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from elastic.config import EngineConfig
-from elastic.engine.core_client import (EngineCoreClient, EngineDeadError, EngineHandle, EngineStartupError,
-                                        FrontendAddresses)
-from elastic.engine.input_processor import InputProcessor, validate_request
-from elastic.engine.output_processor import OutputProcessor
+from elastic.frontend.engine_client import (EngineCoreClient, EngineDeadError, EngineHandle, EngineStartupError,
+                                            FrontendAddresses)
+from elastic.frontend.input_processor import InputProcessor
+from elastic.frontend.output_processor import OutputProcessor
 from elastic.metrics import ServerMetrics
 from elastic.outputs import RequestOutput
 from elastic.protocol.from_engine import EngineCoreOutputs
 from elastic.sampling_params import SamplingParams
 from elastic.tokenizer import load_tokenizer
+from elastic.validation import validate_request
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from elastic.engine.detokenizer import IncrementalDetokenizer
+from elastic.frontend.detokenizer import IncrementalDetokenizer
 from elastic.outputs import CompletionOutput, RequestOutput
 from elastic.protocol.from_engine import EngineCoreOutput
 from elastic.sampling_params import SamplingParams

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -28,12 +29,23 @@ from elastic.protocol.to_coordinator import EngineLoad, StartWaveRequest, WaveCo
 logger = logging.getLogger(__name__)
 
 
+@dataclass
+class RequestWave:
+    """This rank's request wave, the one place its state lives on the engine side: EngineCore reads and
+    ends it (the per-step exchange says whether anyone has work), a new request starts it, and DPWaves
+    relays starts and ends to and from the coordinator (whose table mirrors every rank's)."""
+
+    number: int = 0
+    running: bool = False
+
+
 class DPWaves:
     """Owns this rank's coordinator sockets: a PUSH for reports and a SUB for wave starts."""
 
-    def __init__(self, ctx: zmq.Context, engine_index: int, input_address: str, pub_address: str) -> None:
+    def __init__(self, ctx: zmq.Context, engine_index: int, input_address: str, pub_address: str,
+                 wave: RequestWave) -> None:
         self.engine_index = engine_index
-        self.wave = 0
+        self.wave = wave
         self.push = ctx.socket(zmq.PUSH)
         self.push.setsockopt(zmq.LINGER, 1000)  # a last WaveComplete / load report still gets out on close
         self.push.setsockopt(zmq.SNDHWM, 0)  # never block the busy loop on the coordinator
@@ -61,7 +73,7 @@ class DPWaves:
             if isinstance(self.decoder.decode(self.sub.recv()), CoordinatorHello):
                 return
 
-    def drain(self, core: Any) -> None:
+    def drain(self) -> None:
         """Apply every queued coordinator message (non-blocking)."""
         while True:
             try:
@@ -70,26 +82,25 @@ class DPWaves:
                 return
             msg = self.decoder.decode(raw)
             if isinstance(msg, StartDPWave):
-                self.on_start_wave(msg, core)
+                self.on_start_wave(msg)
 
-    def on_start_wave(self, msg: StartDPWave, core: Any) -> None:
-        if msg.wave < self.wave:
+    def on_start_wave(self, msg: StartDPWave) -> None:
+        if msg.wave < self.wave.number:
             logger.debug("engine %d ignores stale START_DP_WAVE(%d) in wave %d", self.engine_index, msg.wave,
-                         self.wave)
+                         self.wave.number)
             return
-        self.wave = msg.wave
-        if not core.global_unfinished:
-            core.start_wave()
+        self.wave.number = msg.wave
+        self.wave.running = True
 
     def request_wave(self) -> None:
         """This paused rank just got work (and already runs): the others must wake into the same wave."""
-        self._send(StartWaveRequest(self.wave, self.engine_index))
+        self._send(StartWaveRequest(self.wave.number, self.engine_index))
 
     def wave_over(self) -> None:
         """Called once the step that ended the wave returned (on every rank at the same step)."""
         if self.engine_index == 0:
-            self._send(WaveComplete(self.wave))
-        self.wave += 1
+            self._send(WaveComplete(self.wave.number))
+        self.wave.number += 1
 
     def report_load(self, stats: SchedulerStats) -> None:
         load = (stats.num_waiting, stats.num_running)

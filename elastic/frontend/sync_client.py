@@ -17,7 +17,7 @@ import weakref
 from typing import Any, Callable, Coroutine, Sequence, TypeVar
 
 from elastic.config import EngineConfig
-from elastic.engine.async_llm import AsyncLLM
+from elastic.frontend.async_llm import AsyncLLM
 from elastic.outputs import RequestOutput
 from elastic.sampling_params import SamplingParams
 

@@ -1,0 +1,205 @@
+"""One frozen config tree, built once (from `LLM(**kwargs)` or the CLI) and passed down read-only.
+
+Every user option is a field of one section below, declared with `option(...)` (default, help, choices);
+its checks live in that section's `__post_init__`, and checks that span sections in `EngineConfig`'s.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from elastic.config.model_arch import ModelArch, load_arch
+from elastic.config.options import check_choice, option, option_names, parse_size, parse_tokens
+
+if TYPE_CHECKING:  # torch is imported where it is needed: parsing the CLI stays instant
+    import torch
+
+_DTYPES = {"float32": "float32", "float": "float32", "bfloat16": "bfloat16", "float16": "float16",
+           "half": "float16"}  # name -> torch attribute
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+EP_DISPATCH_MODES = ("alltoall", "allgather")
+BLOCK_SIZES = (8, 16, 32, 64, 128)
+
+
+def _set(obj: Any, name: str, value: Any) -> None:
+    object.__setattr__(obj, name, value)  # frozen dataclasses resolve their derived values once, here
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str  # local checkpoint directory (the CLI's positional MODEL)
+    tokenizer: str | None = option(None, "tokenizer directory (default: MODEL)")
+    served_model_name: str | None = option(
+        None, "model name in the API (default: MODEL, or 'elastic-demo' for the demo)")
+    dtype: str | torch.dtype = option(
+        "auto", "weight and activation dtype (auto: bfloat16 on GPU, float32 on CPU)",
+        choices=("auto", "bfloat16", "float16", "half", "float32", "float"))
+    load_format: str = option("auto", "'dummy': random weights at the real shapes (benchmarks)",
+                              choices=LOAD_FORMATS)
+    max_model_len: int | None = option(
+        None, "context length in tokens, e.g. 4096 or 32k (default: the model's, at most 32k)", parse=parse_tokens)
+    seed: int = option(0, "seed of the engine's sampler")
+    skip_tokenizer_init: bool = option(
+        False, "no tokenizer: token-id prompts only, outputs carry token_ids (dummy-weight benchmarks)")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    arch: ModelArch = field(init=False, repr=False)  # parsed from config.json
+
+    def __post_init__(self) -> None:
+        if not Path(self.model).is_dir():
+            raise FileNotFoundError(f"model {self.model!r} is not a local checkpoint directory")
+        check_choice("load_format", self.load_format, LOAD_FORMATS)
+        _set(self, "model", str(self.model))
+        _set(self, "device", resolve_device(self.device))
+        _set(self, "dtype", resolve_dtype(self.dtype, self.device))
+        _set(self, "arch", load_arch(self.model))
+        _set(self, "tokenizer", str(self.tokenizer or self.model))
+        _set(self, "served_model_name", self.served_model_name or self.model)
+        if self.max_model_len is None:
+            _set(self, "max_model_len", min(self.arch.max_position_embeddings, 32768))
+        if self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = option(16, "tokens per KV cache block", choices=BLOCK_SIZES)
+    gpu_memory_utilization: float = option(
+        0.9, "fraction of GPU memory the engine may use (weights, activations, KV cache)")
+    kv_cache_memory: int | None = option(
+        None, "KV cache budget in bytes, e.g. 4GiB (CPU default: up to 1GiB)", parse=parse_size)
+    num_kv_blocks: int | None = option(None, "exact KV block count (overrides budgets)")
+    enable_prefix_caching: bool = option(True, "disable reuse of cached prompt prefixes",
+                                         negative_flag="--no-enable-prefix-caching")
+    enforce_eager: bool = option(False, "never use CUDA graphs")
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        check_choice("block_size", self.block_size, BLOCK_SIZES)
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
+            raise ValueError(f"num_kv_blocks={self.num_kv_blocks} is too small")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = option(256, "most sequences in one batch")
+    max_num_batched_tokens: int | None = option(
+        None, "token budget of one step (default: max(8192, max-num-seqs))")
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens is None:
+            _set(self, "max_num_batched_tokens", max(8192, self.max_num_seqs))
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Attention is data-parallel over `data_parallel_size` ranks; MoE layers are expert-parallel over
+    all of them. `data_parallel_rank` and the store address are set per engine process when it starts (the
+    launcher hands this same object to each engine in the handshake)."""
+
+    data_parallel_size: int = option(
+        1, "engine-core processes (ranks), one per GPU; attention is data-parallel over them and MoE layers "
+           "expert-parallel", flags=("--data-parallel-size", "-dp"))
+    data_parallel_rank: int = 0
+    enable_expert_parallel: bool = option(
+        False, "accepted for vLLM compatibility: MoE layers are always expert-parallel over the ranks")
+    ep_dispatch: str = option(
+        "alltoall", "how tokens reach their experts' ranks: all-to-all, or all-gather + reduce-scatter",
+        choices=EP_DISPATCH_MODES)
+    num_redundant_experts: int = option(
+        0, "extra expert slots per MoE layer holding replicas (experts + redundant must split evenly over the "
+           "ranks)")
+    # The rendezvous store of the stateless groups, hosted by whoever launches the ranks.
+    store_host: str = "127.0.0.1"
+    store_port: int = 0
+
+    def __post_init__(self) -> None:
+        if self.data_parallel_size < 1:
+            raise ValueError(f"data_parallel_size must be at least 1, got {self.data_parallel_size}")
+        check_choice("ep_dispatch", self.ep_dispatch, EP_DISPATCH_MODES)
+        if self.num_redundant_experts < 0:
+            raise ValueError(f"num_redundant_experts must be >= 0, got {self.num_redundant_experts}")
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.data_parallel_size > 1
+
+    def for_rank(self, rank: int) -> ParallelConfig:
+        if not 0 <= rank < self.data_parallel_size:
+            raise ValueError(f"data_parallel_rank {rank} outside [0, {self.data_parallel_size})")
+        return dataclasses.replace(self, data_parallel_rank=rank)
+
+
+ENGINE_SECTIONS = (ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    parallel: ParallelConfig
+
+    def __post_init__(self) -> None:
+        experts, redundant = self.model.arch.num_experts, self.parallel.num_redundant_experts
+        if (experts + redundant) % self.parallel.data_parallel_size:
+            raise ValueError(f"{experts} experts + {redundant} redundant do not split evenly over "
+                             f"data_parallel_size={self.parallel.data_parallel_size}; set num_redundant_experts "
+                             "so they do")
+
+    @property
+    def device(self) -> str:  # "cpu" | "cuda" | "cuda:N"
+        return self.model.device
+
+    @property
+    def torch_device(self) -> torch.device:
+        import torch
+
+        return torch.device(self.device)
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} asked for, but no CUDA device is visible")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
+    return getattr(torch, _DTYPES[dtype])
+
+
+def engine_option_names() -> set[str]:
+    """Every keyword `LLM(...)` / `create_engine_config` accepts besides `model`."""
+    return option_names(*ENGINE_SECTIONS)
+
+
+def create_engine_config(model: str, **options: Any) -> EngineConfig:
+    """Build and validate the tree from option keywords; every error names the option."""
+    unknown = set(options) - engine_option_names()
+    if unknown:
+        raise TypeError(f"unknown engine option(s): {', '.join(sorted(unknown))}")
+
+    def pick(cls: type) -> dict[str, Any]:
+        return {k: v for k, v in options.items() if k in option_names(cls)}
+
+    return EngineConfig(model=ModelConfig(str(model), **pick(ModelConfig)), cache=CacheConfig(**pick(CacheConfig)),
+                        scheduler=SchedulerConfig(**pick(SchedulerConfig)),
+                        parallel=ParallelConfig(**pick(ParallelConfig)))
