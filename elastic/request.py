@@ -72,6 +72,20 @@ class Request:
             self.finish_reason = "length"
 
 
+def check_inputs(req: Request, num_new: int, vocab_size: int, max_model_len: int, block_size: int) -> None:
+    """Raise ValueError if the model runner could not build this request's part of the batch. The engine
+    validated the request on arrival; this catches what could still break one step for everyone (cheap: the
+    new tokens only)."""
+    start, end = req.num_computed_tokens, req.num_computed_tokens + num_new
+    if not (0 < num_new and end <= min(req.num_tokens, max_model_len)):
+        raise ValueError(f"cannot compute positions {start}..{end} of a {req.num_tokens}-token sequence")
+    if len(req.block_table) * block_size < end:
+        raise ValueError(f"{len(req.block_table)} KV blocks cannot hold {end} tokens")
+    new = req.all_token_ids[start:end]
+    if min(new) < 0 or max(new) >= vocab_size:
+        raise ValueError(f"token ids must be in [0, {vocab_size})")
+
+
 @dataclass
 class SchedulerOutput:
     scheduled: list[tuple[Request, int]] = field(default_factory=list)  # (request, tokens to compute now)

@@ -20,7 +20,7 @@ from elastic.engine.waves import RequestWave
 from elastic.executor.model_runner import ModelRunner
 from elastic.protocol.from_engine import EngineCoreOutput, SchedulerStats
 from elastic.protocol.to_engine import EngineCoreRequest
-from elastic.request import Request, SchedulerOutput
+from elastic.request import Request, SchedulerOutput, check_inputs
 from elastic.sampling_params import SamplingParams
 from elastic.validation import validate_request
 
@@ -32,6 +32,7 @@ class EngineCore:
         self.config = config
         # With DP: whether any rank of this rank's request wave has unfinished requests (shared with DPWaves).
         self.wave = wave if wave is not None else RequestWave()
+        self._failed: list[EngineCoreOutput] = []  # requests that failed alone, reported with the next step
         start = time.perf_counter()
         self.parallel: ParallelState | None = None
         if config.parallel.is_distributed:
@@ -56,7 +57,7 @@ class EngineCore:
     def validate(self, req: EngineCoreRequest) -> None:
         """Raise ValueError for a request this engine could never finish."""
         validate_request(req.prompt_token_ids, req.sampling_params, self.config.model,
-                         self.block_manager.num_blocks, self.config.cache.block_size)
+                         self.block_manager.num_blocks, self.config.cache.block_size, req.eos_token_id)
 
     def add_request(self, req: EngineCoreRequest) -> None:
         self.validate(req)
@@ -107,8 +108,35 @@ class EngineCore:
 
     def step(self) -> list[EngineCoreOutput]:
         """One step. With data parallelism every rank must call this while `global_unfinished`: a rank
-        without work runs a dummy batch so that the MoE collectives of all ranks match."""
+        without work runs a dummy batch so that the MoE collectives of all ranks match. A request whose
+        inputs or sampling break fails alone (finish_reason "error"); the step and the others go on."""
+        outputs = self._step()
+        if self._failed:
+            outputs, self._failed = self._failed + outputs, []
+        return outputs
+
+    def _fail(self, errors: dict[str, str]) -> None:
+        for req in self.scheduler.abort(list(errors)):
+            logger.error("request %s failed: %s", req.request_id, errors[req.request_id])
+            self._failed.append(EngineCoreOutput(req.request_id, [], finish_reason="error",
+                                                 error=errors[req.request_id]))
+
+    def _screen(self, out: SchedulerOutput) -> None:
+        """Drop (and fail) scheduled requests whose inputs cannot be built, before the DP exchange: every
+        rank's collectives then cover exactly what it runs."""
+        model, errors = self.config.model, {}
+        for req, num_new in out.scheduled:
+            try:
+                check_inputs(req, num_new, model.arch.vocab_size, model.max_model_len, self.config.cache.block_size)
+            except Exception as e:
+                errors[req.request_id] = f"the engine could not prepare this request: {e}"
+        if errors:
+            out.scheduled = [(r, n) for r, n in out.scheduled if r.request_id not in errors]
+            self._fail(errors)
+
+    def _step(self) -> list[EngineCoreOutput]:
         out = self.scheduler.schedule()
+        self._screen(out)
         dp_num_tokens, graph_size = None, None
         if self.parallel is not None:
             decode_only = all(n == 1 for _, n in out.scheduled)
@@ -122,7 +150,7 @@ class EngineCore:
                 return []
         elif not out:
             return []
-        sampled, logprobs = self.runner.execute(out, dp_num_tokens, graph_size)
+        sampled, logprobs, failed = self.runner.execute(out, dp_num_tokens, graph_size)
         outputs = []
         for req in self.scheduler.postprocess(out, sampled):
             lp = logprobs.get(req.request_id)
@@ -136,4 +164,6 @@ class EngineCore:
                 stop_reason=req.stop_reason,
                 num_cached_tokens=req.num_cached_tokens,
             ))
+        if failed:  # sampled nothing (postprocess skipped them): end them now
+            self._fail(failed)
         return outputs

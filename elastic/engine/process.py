@@ -21,7 +21,6 @@ import logging
 import os
 import signal
 import time
-import traceback
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, Callable
@@ -135,20 +134,34 @@ class EngineCoreProc:
                 try:
                     msg = self.decoder.decode(frame.buffer)
                 except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as e:
-                    # Without a decodable request id there is nobody to answer; the front end validates anyway.
-                    logger.error("dropping an undecodable input message: %s", e)
+                    self._reject_undecodable(frame.buffer, client, e)
                     continue
                 self.handle(msg, client)
         if self.dp is not None:
             self.dp.drain()
+
+    def _reject_undecodable(self, payload: Any, client: int, error: Exception) -> None:
+        """A request that does not decode (SamplingParams' checks run on decode) is answered, not dropped:
+        its front end would wait for it forever. Without a request id there is nobody to answer."""
+        try:
+            raw = msgspec.msgpack.decode(payload)
+        except (msgspec.DecodeError, ValueError):
+            raw = None
+        if isinstance(raw, list) and len(raw) > 1 and raw[0] == "EngineCoreRequest" and isinstance(raw[1], str):
+            self.pending[client].rejected.append(RejectedRequest(raw[1], f"invalid request: {error}"))
+        else:
+            logger.error("dropping an undecodable input message: %s", error)
 
     def handle(self, msg: Any, client: int = 0) -> None:
         if isinstance(msg, EngineCoreRequest):
             was_running = self.core.global_unfinished
             try:
                 self.core.add_request(msg)
-            except ValueError as e:  # bad input must never kill the engine
-                self.pending[client].rejected.append(RejectedRequest(msg.request_id, str(e)))
+            except Exception as e:  # bad input must never kill the engine
+                if not isinstance(e, ValueError):
+                    logger.exception("could not add request %s", msg.request_id)
+                why = str(e) if isinstance(e, ValueError) else "the engine could not accept this request"
+                self.pending[client].rejected.append(RejectedRequest(msg.request_id, why))
                 return
             self.num_requests += 1
             self.owner[msg.request_id] = client
@@ -296,7 +309,7 @@ def _serve(proc: EngineCoreProc, encoder: msgspec.msgpack.Encoder) -> int:
         raise
     except BaseException as e:
         logger.exception("engine core %d crashed", proc.engine_index)
-        error = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}"
+        error = f"{type(e).__name__}: {e}"  # one line for the front end; the traceback is in this log
         for sock in proc.outputs:
             sock.send(encoder.encode(EngineDead(proc.engine_index, error)))
         return 1

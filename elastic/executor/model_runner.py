@@ -173,8 +173,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, dp_num_tokens: list[int] | None = None, graph_size: int | None = None
-                ) -> tuple[dict[str, int], dict[str, TokenLogprobs]]:
-        """Run one step; returns the sampled token (and logprobs) of each request that reached its end."""
+                ) -> tuple[dict[str, int], dict[str, TokenLogprobs], dict[str, str]]:
+        """Run one step; returns the sampled token (and logprobs) of each request that reached its end, and
+        {request id: why} for requests whose sampling failed (they fail alone; see Sampler.sample)."""
         input_ids, positions, md, logit_rows = self._prepare(out)
         if graph_size is not None:
             hidden = self.graphs.run(input_ids, positions, md, graph_size)  # type: ignore[union-attr]
@@ -187,12 +188,12 @@ class ModelRunner:
         self._prompt_logprobs(out, hidden, md.query_start_loc_cpu)
         sampling_reqs = [req for req, n in out.scheduled if req.num_computed_tokens + n == req.num_tokens]
         if not sampling_reqs:
-            return {}, {}
+            return {}, {}, {}
         logits = self.model.compute_logits(hidden[logit_rows])  # [B, vocab]
-        tokens, logprobs = self.sampler(logits, sampling_reqs)
-        sampled = {req.request_id: tok for req, tok in zip(sampling_reqs, tokens)}
+        tokens, logprobs, errors = self.sampler.sample(logits, sampling_reqs)  # a failing row fails alone
+        sampled = {req.request_id: tok for req, tok in zip(sampling_reqs, tokens) if tok is not None}
         sampled_logprobs = {req.request_id: lp for req, lp in zip(sampling_reqs, logprobs) if lp is not None}
-        return sampled, sampled_logprobs
+        return sampled, sampled_logprobs, {sampling_reqs[row].request_id: why for row, why in errors.items()}
 
     def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor, query_start_loc: list[int]) -> None:
         """For requests that asked for prompt_logprobs: logprobs of each next prompt token in this chunk."""

@@ -4,13 +4,20 @@ Order, as in vLLM: penalties, logit bias and min_tokens masking on the raw logit
 argmax; other rows are scaled by temperature, truncated by top-k / top-p / min-p and sampled with the
 exponential race (argmax p / q, q ~ Exp(1)), which lets each seeded request draw from its own generator.
 Logprobs are the log-softmax of the distribution actually sampled from.
+
+`sample()` is what the engine calls: when the batch fails (a request whose parameters slipped past
+validation, a distribution with no finite value), each row is sampled alone, so only the culprit fails.
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 
 from elastic.protocol.from_engine import TokenLogprobs
 from elastic.request import Request
+
+logger = logging.getLogger(__name__)
 
 
 def _needs_processing(req: Request) -> bool:
@@ -57,17 +64,49 @@ def _truncate(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, mi
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
+def _check_finite(best: torch.Tensor) -> None:
+    """A row whose best value is NaN or -inf has no distribution to sample from (NaN logits, everything
+    masked): its token would be arbitrary, so the row fails rather than answer garbage."""
+    if not bool(torch.isfinite(best).all()):
+        raise ValueError("the sampling distribution has no finite value")
+
+
 class Sampler:
     def __init__(self, device: torch.device, seed: int) -> None:
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
+    def sample(self, logits: torch.Tensor, reqs: list[Request]
+               ) -> tuple[list[int | None], list[TokenLogprobs | None], dict[int, str]]:
+        """`self(logits, reqs)`, except that a failure fails only the rows causing it: then every row is
+        sampled alone. Returns tokens (None where failed), logprobs, and {row: why} for the failed rows."""
+        try:
+            tokens, logprobs = self(logits, reqs)
+            return list(tokens), logprobs, {}
+        except Exception:
+            if len(reqs) == 1:
+                logger.exception("sampling failed for request %s", reqs[0].request_id)
+                return [None], [None], {0: "the engine could not sample the next token"}
+            logger.warning("sampling a batch of %d failed; sampling each request alone", len(reqs))
+        tokens_out: list[int | None] = []
+        logprobs_out: list[TokenLogprobs | None] = []
+        errors: dict[int, str] = {}
+        for row, req in enumerate(reqs):
+            token, lp, error = self.sample(logits[row:row + 1], [req])
+            tokens_out.append(token[0])
+            logprobs_out.append(lp[0])
+            if error:
+                errors[row] = error[0]
+        return tokens_out, logprobs_out, errors
+
     def __call__(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[TokenLogprobs | None]]:
-        # logits [B, V] float32, one row per request in `reqs`
+        # logits [B, V] float32, one row per request in `reqs`; left unchanged (sample() may retry per row)
         if any(_needs_processing(r) for r in reqs):
+            logits = logits.clone()
             _apply_penalties(logits, reqs)
         want_logprobs = any(r.params.logprobs is not None for r in reqs)
         if all(r.params.greedy for r in reqs):  # the common serving case: no extra passes over the vocab
-            sampled = logits.argmax(dim=-1)
+            best, sampled = logits.max(dim=-1)
+            _check_finite(best)
             logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
             return sampled.tolist(), self._gather_logprobs(logprobs, sampled, reqs)
         device = logits.device
@@ -83,7 +122,8 @@ class Sampler:
                 truncated = _truncate(processed, top_k, top_p, min_p)
                 processed = torch.where((needs_truncation & ~greedy)[:, None], truncated, processed)
         logprobs = torch.log_softmax(processed, dim=-1)
-        sampled = logprobs.argmax(dim=-1)
+        best, sampled = logprobs.max(dim=-1)
+        _check_finite(best)
         if not bool(greedy.all()):
             race = logprobs.exp() / self._exponentials(reqs, logprobs.shape, device)
             sampled = torch.where(greedy, sampled, race.argmax(dim=-1))
@@ -106,6 +146,7 @@ class Sampler:
         max_n = max(n or 0 for n in wanted)
         sampled_lp = logprobs.gather(1, sampled[:, None]).squeeze(1)  # [B]
         ranks = (logprobs > sampled_lp[:, None]).sum(dim=-1) + 1  # [B]
+        max_n = min(max_n, logprobs.shape[-1])  # a vocabulary smaller than the asked-for top-n
         top_lp, top_ids = logprobs.topk(max_n, dim=-1) if max_n else (None, None)
         result: list[TokenLogprobs | None] = []
         for row, n in enumerate(wanted):

@@ -25,9 +25,10 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     new_token_ids: list[int]
     new_logprobs: list[TokenLogprobs] | None = None
     prompt_logprobs: list[TokenLogprobs | None] | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | None = None  # the stop token id that ended it, if any
     num_cached_tokens: int = 0
+    error: str | None = None  # with finish_reason "error": why this request (alone) failed, in words
 
     @property
     def finished(self) -> bool:
