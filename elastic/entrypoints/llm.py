@@ -145,10 +145,14 @@ class LLM:
              chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
         """Generate replies to one conversation or a list of them, using the tokenizer's chat template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        renderer, encoder = self.input_processor.chat_renderer, self.input_processor.text_encoder
+        if renderer is None or encoder is None:
+            raise ValueError("chat needs a tokenizer (skip_tokenizer_init is set)")
+        kwargs = dict(chat_template_kwargs or {})
+        template = kwargs.pop("chat_template", None)  # offline callers are trusted with their own template
         prompts: list[PromptType] = []
-        for conversation in conversations:
-            token_ids = self.tokenizer.apply_chat_template(
-                conversation, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False,
-                **(chat_template_kwargs or {}))
-            prompts.append({"prompt_token_ids": list(token_ids)})
+        for conversation in conversations:  # the server's renderer: same sandbox, limits and prompts
+            text = renderer.render(conversation, add_generation_prompt=add_generation_prompt, template=template,
+                                   kwargs=kwargs)
+            prompts.append({"prompt_token_ids": encoder.encode(text, add_special_tokens=False)})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)

@@ -7,12 +7,15 @@ from typing import Any, Union
 import msgspec
 
 from elastic.config import ModelConfig
+from elastic.frontend.chat_template import ChatTemplateRenderer
+from elastic.frontend.text_encoder import TextEncoder
 from elastic.protocol.to_engine import EngineCoreRequest
 from elastic.sampling_params import SamplingParams
 from elastic.tokenizer import generation_defaults
 
 # A prompt is text, token ids, or {"prompt": str} / {"prompt_token_ids": [...]} (vLLM's forms).
 PromptType = Union[str, list[int], dict[str, Any]]
+_MIN_RENDER_CHARS = 1 << 20  # what a chat template may produce at least, whatever the context length
 
 
 class InputProcessor:
@@ -25,6 +28,10 @@ class InputProcessor:
                                          else (arch_eos[0] if arch_eos else None))
         self.extra_eos_ids: list[int] = [t for t in defaults.pop("eos_token_ids", []) if t != self.eos_token_id]
         self.sampling_defaults: dict[str, Any] = defaults
+        self.text_encoder = TextEncoder(tokenizer, model_config.max_model_len) if tokenizer is not None else None
+        self.chat_renderer = None if tokenizer is None else ChatTemplateRenderer(
+            _chat_template(tokenizer), dict(getattr(tokenizer, "special_tokens_map", {})),
+            max(_MIN_RENDER_CHARS, self.text_encoder.max_chars if self.text_encoder else 0))
 
     def default_sampling_params(self) -> SamplingParams:
         return SamplingParams(**self.sampling_defaults)
@@ -33,7 +40,8 @@ class InputProcessor:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("text prompts need a tokenizer: pass token ids, or don't set skip_tokenizer_init")
-            return prompt, self.tokenizer.encode(prompt, add_special_tokens=True)
+            assert self.text_encoder is not None
+            return prompt, self.text_encoder.encode(prompt, add_special_tokens=True)
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), list(prompt["prompt_token_ids"])
@@ -68,3 +76,12 @@ class InputProcessor:
         return [EngineCoreRequest(request_id if params.n == 1 else f"{request_id}/{i}", prompt_token_ids, p,
                                   eos_token_id=self.eos_token_id, arrival_time=now)
                 for i, p in enumerate(children)]
+
+
+def _chat_template(tokenizer: Any) -> str | None:
+    """The tokenizer's default chat template (None without one)."""
+    try:
+        return tokenizer.get_chat_template()
+    except (ValueError, AttributeError, TypeError):
+        template = getattr(tokenizer, "chat_template", None)
+        return template if isinstance(template, str) else None
