@@ -190,7 +190,14 @@ class ServerProcess:
         return process_group_pids(self.pgid)
 
     def socket_files(self) -> list[Path]:
+        """Files under the server's TMPDIR (ipc sockets are abstract on Linux: there should be none)."""
         return sorted(self.sockdir.rglob("*"))
+
+    def abstract_sockets(self) -> list[str]:
+        """The server's abstract-namespace ipc sockets (`@elastic-<API server pid>-...`), from /proc/net/unix."""
+        prefix = f"@elastic-{self.proc.pid}-"
+        return sorted({line.split()[-1] for line in Path("/proc/net/unix").read_text().splitlines()
+                       if prefix in line})
 
     def close(self) -> None:
         try:

@@ -56,6 +56,9 @@ def error_of(response: httpx.Response, status: int) -> dict:
 def test_models_health_version(server: ServerProcess, client: openai.OpenAI) -> None:
     models = client.models.list()
     assert [m.id for m in models.data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
     assert server.health() == 200
     assert server.get("/version").json()["version"]
     # The repo's kernels/ directory must not make transformers think hub kernels are installed.
@@ -330,9 +333,19 @@ def test_api_key(server: ServerProcess) -> None:
     body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
     error_of(httpx.post(server.base_url + "/v1/completions", json=body), 401)
     error_of(httpx.get(server.base_url + "/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
+    error_of(httpx.get(server.base_url + f"/v1/models/{MODEL}"), 401)
     # Probes and scrapers need no key.
     assert httpx.get(server.base_url + "/health").status_code == 200
     assert httpx.get(server.base_url + "/metrics").status_code == 200
+
+
+def test_request_chat_template_needs_trust(server: ServerProcess) -> None:
+    """Without --trust-request-chat-template a request cannot bring its own template (it is code)."""
+    messages = [{"role": "user", "content": "hi"}]
+    for extra in ({"chat_template": "{{ 'x' }}"}, {"chat_template_kwargs": {"chat_template": "{{ 'x' }}"}}):
+        body = {"model": MODEL, "messages": messages, "max_tokens": 2, **extra}
+        error = error_of(server.post("/v1/chat/completions", json=body), 400)
+        assert error["param"] == "chat_template" and "--trust-request-chat-template" in error["message"]
 
 
 def test_unknown_route_is_openai_style_404(server: ServerProcess) -> None:

@@ -118,7 +118,8 @@ def test_sigint_while_streaming_leaves_nothing_behind(checkpoint: Path) -> None:
     with ServerProcess(checkpoint, *TEST_SERVER_ARGS, "--shutdown-timeout", "2") as server:
         server.wait_ready()
         engine = server.engine_pid()
-        assert server.socket_files(), "ipc socket files should exist while serving"
+        assert server.abstract_sockets(), "the ipc sockets should exist while serving"
+        assert server.socket_files() == [], "abstract ipc sockets put nothing on disk"
         lines: list[str] = []
 
         def stream() -> None:

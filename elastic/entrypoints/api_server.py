@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import signal
 import socket
 import time
@@ -19,14 +18,16 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 import elastic
 from elastic.config import EngineConfig
 from elastic.config.server import ServerConfig
+from elastic.entrypoints import middleware
+from elastic.entrypoints.graceful import AFTER_DRAIN_GRACE_S, DrainingServer
+from elastic.entrypoints.openai.offload import body_schema, offload, parse_body, validation_error
 from elastic.entrypoints.openai.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                                  TokenizeRequest, error_body)
-from elastic.entrypoints.openai.serving import ServingContext
+from elastic.entrypoints.openai.serving import ServingContext, with_request_id
 from elastic.entrypoints.openai.serving_chat import ChatHandler, render_chat
 from elastic.entrypoints.openai.serving_completion import CompletionHandler
 from elastic.frontend.async_llm import AsyncLLM, EngineStartupError
@@ -36,50 +37,8 @@ from elastic.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 logger = logging.getLogger(__name__)
 
 
-class APIKeyMiddleware:
-    """Bearer-token check for /v1/*; health, metrics and the rest stay open for probes and scrapers.
-    Plain ASGI (not BaseHTTPMiddleware), so streaming and disconnect detection pass through untouched."""
-
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
-        self.app = app
-        self.expected = f"Bearer {api_key}".encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1") and scope["method"] != "OPTIONS":
-            auth = dict(scope["headers"]).get(b"authorization", b"")
-            if not secrets.compare_digest(auth, self.expected):
-                response = JSONResponse(error_body(401, "invalid or missing API key (Authorization: Bearer ...)"),
-                                        status_code=401, headers={"WWW-Authenticate": "Bearer"})
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
-def _validation_error(exc: RequestValidationError) -> APIError:
-    """Pydantic's error list -> one OpenAI-style 400 (never FastAPI's 422 body)."""
-    errors = exc.errors()
-    if not errors:
-        return APIError(400, "invalid request")
-    first = errors[0]
-    if first.get("type") == "json_invalid":
-        detail = (first.get("ctx") or {}).get("error", "")
-        return APIError(400, f"malformed JSON body: {detail}".rstrip(": "))
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    # Union members add their type names to the location; keep the field path only.
-    fields = [p for p in loc if not (p.startswith(("list[", "str", "int", "function-", "tagged-union"))
-                                     or p in ("str", "int", "float", "bool"))]
-    param = ".".join(fields) or None
-    message = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request")
-    if len(errors) > 1:
-        message += f" (and {len(errors) - 1} more error(s))"
-    return APIError(400, message, param=fields[0] if fields else None)
-
-
 def build_app(engine: AsyncLLM, metrics: ServerMetrics, args: ServerConfig) -> FastAPI:
-    config = engine.config
-    ctx = ServingContext(engine, config.model.served_model_name)
-    completions, chat = CompletionHandler(ctx), ChatHandler(ctx)
-    created = int(time.time())
+    ctx = ServingContext(engine, engine.config.model.served_model_name, args.trust_request_chat_template)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -96,27 +55,8 @@ def build_app(engine: AsyncLLM, metrics: ServerMetrics, args: ServerConfig) -> F
 
     app = FastAPI(title="elastic", version=elastic.__version__, lifespan=lifespan)
     app.state.exit_code = 0
-    if args.api_key:
-        app.add_middleware(APIKeyMiddleware, api_key=args.api_key)
-
-    @app.exception_handler(APIError)
-    async def api_error(_: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status_code)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        err = _validation_error(exc)
-        return JSONResponse(err.body(), status_code=400)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def unexpected_error(_: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error", exc_info=exc)
-        return JSONResponse(error_body(500, f"internal error: {type(exc).__name__}"), status_code=500)
+    middleware.install(app, api_key=args.api_key, max_body_bytes=args.max_request_body_bytes)
+    _add_error_handlers(app)
 
     @app.get("/health")
     async def health() -> Response:
@@ -133,48 +73,104 @@ def build_app(engine: AsyncLLM, metrics: ServerMetrics, args: ServerConfig) -> F
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    _add_openai_routes(app, ctx)
+    _add_tokenizer_routes(app, ctx)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error is an OpenAI error body; a traceback goes to the log, never to the client."""
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def request_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        err = validation_error(list(exc.errors()))
+        return JSONResponse(err.body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(_: Request, exc: Exception) -> JSONResponse:
+        logger.error("unhandled error in request %s", middleware.current_request_id(), exc_info=exc)
+        message = with_request_id("internal error while serving this request; the server log has the details")
+        return JSONResponse(error_body(500, message), status_code=500)
+
+
+def _add_openai_routes(app: FastAPI, ctx: ServingContext) -> None:
+    """/v1: models, completions, chat. Bodies are parsed in the worker pool (see offload.py)."""
+    completions, chat = CompletionHandler(ctx), ChatHandler(ctx)
+    config, created = ctx.engine.config, int(time.time())
+
+    def card() -> dict[str, Any]:
+        return {"id": ctx.served_model_name, "object": "model", "created": created, "owned_by": "elastic",
+                "root": config.model.model, "parent": None, "max_model_len": config.model.max_model_len}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        card = {"id": ctx.served_model_name, "object": "model", "created": created, "owned_by": "elastic",
-                "root": config.model.model, "parent": None, "max_model_len": config.model.max_model_len}
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [card()]}
 
-    @app.post("/v1/completions")
-    async def create_completion(req: CompletionRequest, raw: Request) -> Response:
-        return await completions(req, raw)
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        if model_id != ctx.served_model_name:
+            raise APIError(404, f"The model `{model_id}` does not exist.", param="model")
+        return card()
 
-    @app.post("/v1/chat/completions")
-    async def create_chat_completion(req: ChatCompletionRequest, raw: Request) -> Response:
-        return await chat(req, raw)
+    @app.post("/v1/completions", openapi_extra=body_schema(CompletionRequest))
+    async def create_completion(raw: Request) -> Response:
+        return await completions(await parse_body(raw, CompletionRequest), raw)
 
-    @app.post("/tokenize")
-    async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
-        ctx.check_model(req.model)
+    @app.post("/v1/chat/completions", openapi_extra=body_schema(ChatCompletionRequest))
+    async def create_chat_completion(raw: Request) -> Response:
+        return await chat(await parse_body(raw, ChatCompletionRequest), raw)
+
+
+def _add_tokenizer_routes(app: FastAPI, ctx: ServingContext) -> None:
+    """vLLM's /tokenize and /detokenize; the work (templates, tokenizing, decoding) runs in the worker pool."""
+    max_model_len = ctx.engine.config.model.max_model_len
+
+    def tokenize_sync(req: TokenizeRequest) -> dict[str, Any]:
         tokenizer = ctx.require_tokenizer("prompt")
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
         if req.messages is not None:
             text = render_chat(ctx, req.messages, add_generation_prompt=bool(req.add_generation_prompt),
                                continue_final_message=bool(req.continue_final_message),
-                               chat_template_kwargs=req.chat_template_kwargs)
+                               chat_template=req.chat_template, chat_template_kwargs=req.chat_template_kwargs)
             add_special = bool(req.add_special_tokens)  # None -> False: the template placed them
         else:
             text = req.prompt or ""
             add_special = req.add_special_tokens is not False
-        ids = tokenizer.encode(text, add_special_tokens=add_special)
-        return {"count": len(ids), "max_model_len": config.model.max_model_len, "tokens": ids,
+        try:
+            ids = ctx.engine.input_processor.text_encoder.encode(text, add_special)
+        except ValueError as e:
+            raise APIError(400, str(e), param="prompt" if req.messages is None else "messages") from None
+        return {"count": len(ids), "max_model_len": max_model_len, "tokens": ids,
                 "token_strs": tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None}
 
-    @app.post("/detokenize")
-    async def detokenize(req: DetokenizeRequest) -> dict[str, str]:
-        ctx.check_model(req.model)
+    def detokenize_sync(req: DetokenizeRequest) -> dict[str, str]:
         tokenizer = ctx.require_tokenizer("tokens")
-        vocab = config.model.arch.vocab_size
+        vocab = ctx.engine.config.model.arch.vocab_size
         if any(not 0 <= t < vocab for t in req.tokens):
             raise APIError(400, f"token ids must be in [0, {vocab})", param="tokens")
         return {"prompt": tokenizer.decode(req.tokens)}
 
-    return app
+    @app.post("/tokenize", openapi_extra=body_schema(TokenizeRequest))
+    async def tokenize(raw: Request) -> dict[str, Any]:
+        req = await parse_body(raw, TokenizeRequest)
+        ctx.check_model(req.model)
+        return await offload(tokenize_sync, req)
+
+    @app.post("/detokenize", openapi_extra=body_schema(DetokenizeRequest))
+    async def detokenize(raw: Request) -> dict[str, str]:
+        req = await parse_body(raw, DetokenizeRequest)
+        ctx.check_model(req.model)
+        return await offload(detokenize_sync, req)
 
 
 async def _start_engine(app: FastAPI, engine: AsyncLLM, args: ServerConfig) -> None:
@@ -241,9 +237,9 @@ def serve_http(engine: AsyncLLM, metrics: ServerMetrics, args: ServerConfig, soc
 
     app = build_app(engine, metrics, args)
     app.state.port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(
+    server = DrainingServer(uvicorn.Config(
         app, log_config=None, log_level=args.log_level.lower(), access_log=args.access_log, loop="auto",
-        timeout_keep_alive=5, timeout_graceful_shutdown=int(max(1, args.shutdown_timeout))))
+        timeout_keep_alive=5, timeout_graceful_shutdown=AFTER_DRAIN_GRACE_S), engine, args.shutdown_timeout)
     app.state.server = server
     # uvicorn turns SIGINT/SIGTERM into a graceful shutdown, then re-raises the signal under the handlers
     # found at start: make those no-ops, so a requested shutdown ends with exit code 0, not a traceback.

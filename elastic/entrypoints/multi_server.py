@@ -34,7 +34,8 @@ from multiprocessing.process import BaseProcess
 import msgspec
 import zmq
 
-from elastic.cluster.launcher import EngineLauncher, EngineStartupError, describe_exit, make_socket_dir
+from elastic.cluster.launcher import EngineLauncher, EngineStartupError, describe_exit
+from elastic.frontend.ipc import make_ipc_namespace, remove_ipc_namespace
 from elastic.config import EngineConfig
 from elastic.config.server import ServerConfig
 from elastic.frontend.engine_client import FrontendAddresses
@@ -69,11 +70,17 @@ def run_api_server_worker(config: EngineConfig, args: ServerConfig, frontend: Fr
     from elastic.logger import setup_logging
 
     setup_logging(args.log_level)
+    launcher_pid = os.getppid()
     watch_parent(death_pipe, "API server")
     metrics = ServerMetrics(config.model.served_model_name, config.model.max_model_len, multiprocess=True,
                             primary=frontend.client_index == 0)
     engine = AsyncLLM(config, metrics=metrics, log_level=args.log_level.upper(), frontend=frontend)
-    raise SystemExit(serve_http(engine, metrics, args, reuseport_socket(args.host, port)))
+    try:
+        code = serve_http(engine, metrics, args, reuseport_socket(args.host, port))
+    finally:
+        if os.getppid() != launcher_pid:  # the launcher was killed outright: its metrics dir is ours to remove
+            shutil.rmtree(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or "/nonexistent", ignore_errors=True)
+    raise SystemExit(code)
 
 
 # ---- the parent -------------------------------------------------------------------------------------------
@@ -88,14 +95,14 @@ def run_multi_server(config: EngineConfig, args: ServerConfig) -> int:
         logger.error("cannot listen on %s:%d: %s", args.host, args.port, e)
         return 1
     multiprocessing.current_process().name = "Launcher"  # in the log lines of this process
-    socket_dir = make_socket_dir()
+    socket_dir = make_ipc_namespace()  # abstract sockets on Linux: nothing on disk, even after a SIGKILL
     metrics_dir = tempfile.mkdtemp(prefix="elastic-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # inherited by the API server processes
     try:
         return asyncio.run(_Parent(config, args, reserved.getsockname()[1], socket_dir).run())
     finally:
         reserved.close()
-        shutil.rmtree(socket_dir, ignore_errors=True)
+        remove_ipc_namespace(socket_dir)
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 

@@ -28,7 +28,7 @@ from elastic.validation import validate_request
 logger = logging.getLogger(__name__)
 
 __all__ = ["AsyncLLM", "EngineDeadError", "EngineNotReadyError", "EngineStartupError", "RequestAbortedError",
-           "RequestRejectedError"]
+           "RequestFailedError", "RequestRejectedError"]
 
 
 class EngineNotReadyError(RuntimeError):
@@ -41,6 +41,10 @@ class RequestAbortedError(RuntimeError):
 
 class RequestRejectedError(ValueError):
     """The engine core refused the request (it re-validates what the front end checked)."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine core failed this request alone (finish_reason "error"), e.g. its sampling broke."""
 
 
 class _Collector:
@@ -104,6 +108,7 @@ class AsyncLLM:
         self.requests: dict[str, _RequestState] = {}
         self.sample_owner: dict[str, _RequestState] = {}  # engine request id -> its request
         self.startup_error: str | None = None
+        self.draining = False  # shutting down: no new requests, the ones in flight may finish
 
     # ---- lifecycle ------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -124,6 +129,20 @@ class AsyncLLM:
         await self.client.shutdown()
         self._fail_all(EngineNotReadyError("the server is shutting down"))
 
+    async def drain(self, timeout: float) -> int:
+        """Refuse new requests, give those in flight up to `timeout` s, then end the rest with an error
+        (streams get an error event and [DONE]). Returns how many were cut short."""
+        self.draining = True
+        deadline = time.monotonic() + timeout
+        while self.requests and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        states = list(self.requests.values())
+        for state in states:
+            self.client.abort(state.engine_index, self.output_processor.remove(state.request_id))
+        self._fail_all(EngineNotReadyError(f"the server is shutting down: the request did not finish within "
+                                           f"the shutdown timeout ({timeout:g} s)"))
+        return len(states)
+
     @property
     def is_ready(self) -> bool:
         return self.client.is_ready and self.client.dead_reason is None
@@ -134,7 +153,7 @@ class AsyncLLM:
             return f"the engine is dead: {self.client.dead_reason}"
         if self.startup_error is not None:
             return f"the engine failed to start: {self.startup_error}"
-        if self.client.closed:
+        if self.client.closed or self.draining:
             return "the server is shutting down"
         if not self.client.is_ready:
             return "the engine is starting; retry shortly"
@@ -223,14 +242,12 @@ class AsyncLLM:
             for seconds in (batch.queue_times or {}).values():
                 metrics.record_queue_time(engine, seconds)
         for rejected in batch.rejected or ():
-            state = self.sample_owner.get(rejected.request_id)
-            if state is not None and not state.finished:
-                logger.warning("engine core %d rejected request %s: %s", engine, rejected.request_id,
-                               rejected.error)
-                self.client.abort(engine, self.output_processor.remove(state.request_id))
-                self._forget(state)
-                state.finished = True
-                state.collector.fail(RequestRejectedError(rejected.error))
+            self._fail_one(engine, rejected.request_id, RequestRejectedError(rejected.error))
+        if any(eo.finish_reason == "error" for eo in batch.outputs):
+            for eo in batch.outputs:
+                if eo.finish_reason == "error":
+                    self._fail_one(engine, eo.request_id, RequestFailedError(eo.error or "the request failed"))
+            batch.outputs = [eo for eo in batch.outputs if eo.finish_reason != "error"]
         if not batch.outputs:
             return
         if metrics is not None:
@@ -245,6 +262,18 @@ class AsyncLLM:
             if snapshot.finished:
                 self._finish(state, snapshot, now)
             state.collector.put(snapshot)
+
+    def _fail_one(self, engine: int, engine_request_id: str, error: BaseException) -> None:
+        """The engine refused or failed one engine request: its whole request fails (its other samples are
+        aborted); every other request goes on."""
+        state = self.sample_owner.get(engine_request_id)
+        if state is None or state.finished:
+            return
+        logger.warning("engine core %d: request %s failed: %s", engine, engine_request_id, error)
+        self.client.abort(engine, [r for r in self.output_processor.remove(state.request_id) if r != engine_request_id])
+        self._forget(state)
+        state.finished = True
+        state.collector.fail(error)
 
     def _record_token_timing(self, batch: EngineCoreOutputs, now: float) -> None:
         assert self.metrics is not None

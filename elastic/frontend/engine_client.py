@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import shutil
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from typing import Any, Callable
@@ -29,7 +28,8 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from elastic.cluster.launcher import EngineLauncher, EngineStartupError, describe_exit, make_socket_dir
+from elastic.cluster.launcher import EngineLauncher, EngineStartupError, describe_exit
+from elastic.frontend.ipc import make_ipc_namespace, remove_ipc_namespace
 from elastic.config import EngineConfig
 from elastic.protocol.from_coordinator import LoadSnapshot
 from elastic.protocol.from_engine import (EngineCoreOutputMessage, EngineCoreOutputs, EngineDead, EngineReady,
@@ -115,7 +115,7 @@ class EngineCoreClient:
     # ---- start-up -------------------------------------------------------------------------------------
     def _bind(self) -> None:
         if self.frontend is None:
-            self.tmpdir = make_socket_dir() if self.address is None else None
+            self.tmpdir = make_ipc_namespace() if self.address is None else None
             self.launcher = EngineLauncher(self.config, on_exit=self._on_launcher_exit, socket_dir=self.tmpdir,
                                            **self._launcher_args)  # type: ignore[arg-type]
         if self.frontend is not None:
@@ -372,5 +372,4 @@ class EngineCoreClient:
         for sock in self.sockets:
             sock.close(linger=0)
         self.ctx.term()
-        if self.tmpdir is not None:
-            shutil.rmtree(self.tmpdir, ignore_errors=True)
+        remove_ipc_namespace(self.tmpdir)

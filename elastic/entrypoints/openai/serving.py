@@ -8,14 +8,16 @@ import logging
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 import msgspec
 from fastapi import Request
 
+from elastic.entrypoints.middleware import current_request_id
 from elastic.entrypoints.openai.protocol import APIError, SamplingFields, error_body
-from elastic.frontend.async_llm import AsyncLLM, EngineDeadError, EngineNotReadyError, RequestRejectedError
+from elastic.frontend.async_llm import (AsyncLLM, EngineDeadError, EngineNotReadyError, RequestFailedError,
+                                        RequestRejectedError)
 from elastic.outputs import RequestOutput
 from elastic.sampling_params import SamplingParams
 
@@ -41,10 +43,12 @@ def clean_logprob(value: float) -> float:
 
 @dataclass
 class ServingContext:
-    """What the handlers need from the server: the engine and the model's public name."""
+    """What the handlers need from the server: the engine, the model's public name, the server's policy."""
 
     engine: AsyncLLM
     served_model_name: str
+    trust_request_chat_template: bool = False
+    _token_strs: dict[int, str] = field(default_factory=dict)  # logprob formatting decodes the same ids a lot
 
     @property
     def tokenizer(self) -> Any:
@@ -69,7 +73,10 @@ class ServingContext:
     def token_str(self, token_id: int, as_ids: bool) -> str:
         if as_ids or self.tokenizer is None:
             return f"token_id:{token_id}"
-        return self.tokenizer.decode([token_id])
+        text = self._token_strs.get(token_id)
+        if text is None:
+            text = self._token_strs[token_id] = self.tokenizer.decode([token_id])
+        return text
 
     def decode(self, token_ids: list[int]) -> str:
         return "" if self.tokenizer is None else self.tokenizer.decode(token_ids)
@@ -188,9 +195,17 @@ def engine_error(e: BaseException) -> APIError:
     if isinstance(e, RequestRejectedError):
         return APIError(400, str(e))
     if isinstance(e, (EngineDeadError, EngineNotReadyError)):
-        return APIError(503, str(e))
-    logger.exception("request failed", exc_info=e)
-    return APIError(500, f"internal error: {type(e).__name__}: {e}")
+        return APIError(503, with_request_id(str(e)))
+    if isinstance(e, RequestFailedError):
+        return APIError(500, with_request_id(f"the engine failed this request: {e}"))
+    logger.error("request %s failed", current_request_id(), exc_info=e)  # the traceback stays in the log
+    return APIError(500, with_request_id("internal error while serving this request; the server log has the details"))
+
+
+def with_request_id(message: str) -> str:
+    """Server-side errors name the request, so a report can be matched to the server log."""
+    rid = current_request_id()
+    return f"{message} (request id {rid})" if rid else message
 
 
 def stream_error(e: BaseException) -> str:

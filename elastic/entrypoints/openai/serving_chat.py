@@ -7,33 +7,59 @@ from typing import Any, AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from elastic.entrypoints.openai.offload import offload
 from elastic.entrypoints.openai.protocol import APIError, ChatCompletionRequest, ChatMessage
 from elastic.entrypoints.openai.serving import (SSE_DONE, ChoiceCursor, ServingContext, build_sampling_params,
                                                 chat_logprobs, engine_error, merge_generators, now, random_id,
-                                                run_with_disconnect, sse, stream_error, truncate, usage,
-                                                validate_prompt)
+                                                run_with_disconnect, sse, stream_error, usage, validate_prompt)
+from elastic.frontend.chat_template import ChatTemplateError
 from elastic.outputs import RequestOutput
 from elastic.sampling_params import SamplingParams
 
 
 def render_chat(ctx: ServingContext, messages: list[ChatMessage], *, add_generation_prompt: bool = True,
-                continue_final_message: bool = False, chat_template_kwargs: dict[str, Any] | None = None) -> str:
-    """The prompt text for a conversation. Content is flattened to a string, which every template accepts."""
-    tokenizer = ctx.require_tokenizer("messages")
-    if not getattr(tokenizer, "chat_template", None):
-        raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")
+                continue_final_message: bool = False, chat_template: str | None = None,
+                chat_template_kwargs: dict[str, Any] | None = None) -> str:
+    """The prompt text for a conversation, rendered in the sandbox with its time and size limits (blocking:
+    runs in the worker pool). Content is flattened to a string, which every template accepts. A template
+    sent with the request runs only with --trust-request-chat-template."""
+    ctx.require_tokenizer("messages")
     if add_generation_prompt and continue_final_message:
         raise APIError(400, "continue_final_message needs add_generation_prompt=false",
                        param="continue_final_message")
+    kwargs = dict(chat_template_kwargs or {})
+    template = chat_template if chat_template is not None else kwargs.pop("chat_template", None)
+    kwargs.pop("chat_template", None)
+    if template is not None:
+        if not ctx.trust_request_chat_template:
+            raise APIError(400, "this server does not run chat templates sent with a request; its operator can "
+                                "allow them with --trust-request-chat-template", param="chat_template")
+        if not isinstance(template, str):
+            raise APIError(400, "chat_template must be a string", param="chat_template")
     conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in messages]
+    renderer = ctx.engine.input_processor.chat_renderer
+    if template is None and not renderer.template:
+        raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")
     try:
-        return tokenizer.apply_chat_template(conversation, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt,
-                                             continue_final_message=continue_final_message,
-                                             **(chat_template_kwargs or {}))
-    except Exception as e:  # jinja errors, template-raised exceptions
-        raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from None
+        return renderer.render(conversation, add_generation_prompt=add_generation_prompt,
+                               continue_final_message=continue_final_message, template=template, kwargs=kwargs)
+    except ChatTemplateError as e:
+        raise APIError(400, str(e), param="messages" if template is None else "chat_template") from None
+
+
+def _chat_prompt(ctx: ServingContext, req: ChatCompletionRequest, params: SamplingParams) -> tuple[str, list[int]]:
+    """Render, tokenize and validate (blocking: runs in the worker pool)."""
+    prompt = render_chat(ctx, req.messages, add_generation_prompt=bool(req.add_generation_prompt),
+                         continue_final_message=bool(req.continue_final_message), chat_template=req.chat_template,
+                         chat_template_kwargs=req.chat_template_kwargs)
+    try:
+        ids = ctx.engine.input_processor.text_encoder.encode(prompt, bool(req.add_special_tokens),
+                                                             keep_last=req.truncate_prompt_tokens)
+    except ValueError as e:
+        raise APIError(400, str(e), param="messages") from None
+    validate_prompt(ctx, ids, params, "messages")
+    return prompt, ids
 
 
 class ChatHandler:
@@ -49,16 +75,11 @@ class ChatHandler:
             raise APIError(400, "only response_format type 'text' is supported", param="response_format")
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
-        prompt = render_chat(ctx, req.messages, add_generation_prompt=bool(req.add_generation_prompt),
-                             continue_final_message=bool(req.continue_final_message),
-                             chat_template_kwargs=req.chat_template_kwargs)
-        ids = truncate(ctx.tokenizer.encode(prompt, add_special_tokens=bool(req.add_special_tokens)),
-                       req.truncate_prompt_tokens)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = build_sampling_params(ctx, req, max_tokens=max_tokens,
                                        logprobs=(req.top_logprobs or 0) if req.logprobs else None,
                                        prompt_logprobs=req.prompt_logprobs)
-        validate_prompt(ctx, ids, params, "messages")
+        prompt, ids = await offload(_chat_prompt, ctx, req, params)
         ctx.check_ready()
         request_id = random_id("chatcmpl")
         generator = ctx.engine.generate(request_id, prompt, ids, params)
@@ -68,7 +89,7 @@ class ChatHandler:
         final = await run_with_disconnect(raw, self._collect(generator))
         if final is None:
             return Response(status_code=499)  # nobody is listening
-        return JSONResponse(self._response(req, request_id, final))
+        return JSONResponse(await offload(self._response, req, request_id, final))  # logprobs decode: off the loop
 
     @staticmethod
     async def _collect(generator: AsyncIterator[RequestOutput]) -> RequestOutput:

@@ -7,17 +7,19 @@ from typing import Any, AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from elastic.entrypoints.openai.offload import offload
 from elastic.entrypoints.openai.protocol import APIError, CompletionRequest
 from elastic.entrypoints.openai.serving import (SSE_DONE, ChoiceCursor, ServingContext, build_sampling_params,
-                                                completion_logprobs, engine_error, final_outputs, merge_generators, now,
-                                                random_id, run_with_disconnect, sse, stream_error, truncate, usage,
-                                                validate_prompt)
+                                                completion_logprobs, engine_error, final_outputs, merge_generators,
+                                                now, random_id, run_with_disconnect, sse, stream_error, truncate,
+                                                usage, validate_prompt)
 from elastic.outputs import RequestOutput
-from elastic.sampling_params import SamplingParams
+from elastic.sampling_params import MAX_SEQUENCES, SamplingParams
 
 
-def _prompts(ctx: ServingContext, req: CompletionRequest) -> list[tuple[str | None, list[int]]]:
-    """(text or None, token ids) per prompt; a list of ints is one token-id prompt, not many."""
+def _prompts(ctx: ServingContext, req: CompletionRequest, params: SamplingParams) -> list[tuple[str | None, list[int]]]:
+    """(text or None, token ids) per prompt, validated; a list of ints is one token-id prompt, not many.
+    Blocking (tokenization): runs in the worker pool."""
     prompt = req.prompt
     if isinstance(prompt, str):
         items: list[Any] = [prompt]
@@ -27,13 +29,22 @@ def _prompts(ctx: ServingContext, req: CompletionRequest) -> list[tuple[str | No
         items = [prompt]
     else:
         items = list(prompt)
+    if len(items) * params.n > MAX_SEQUENCES:
+        raise APIError(400, f"{len(items)} prompts x n={params.n} is more than {MAX_SEQUENCES} sequences in one "
+                            "request", param="n")
     out = []
     for item in items:
         if isinstance(item, str):
-            ids = ctx.require_tokenizer("prompt").encode(item, add_special_tokens=bool(req.add_special_tokens))
-            out.append((item, truncate(ids, req.truncate_prompt_tokens)))
+            ctx.require_tokenizer("prompt")
+            try:
+                ids = ctx.engine.input_processor.text_encoder.encode(
+                    item, bool(req.add_special_tokens), keep_last=req.truncate_prompt_tokens)
+            except ValueError as e:
+                raise APIError(400, str(e), param="prompt") from None
+            out.append((item, ids))
         else:
             out.append((None, truncate(list(item), req.truncate_prompt_tokens)))
+        validate_prompt(ctx, out[-1][1], params, "prompt")
     return out
 
 
@@ -57,12 +68,10 @@ class CompletionHandler:
             raise APIError(400, "suffix is not supported", param="suffix")
         if req.best_of is not None and req.best_of != (req.n or 1):
             raise APIError(400, "best_of other than n is not supported", param="best_of")
-        prompts = _prompts(ctx, req)
         echo_logprobs = bool(req.echo) and req.logprobs is not None
         params = build_sampling_params(ctx, req, max_tokens=req.max_tokens, logprobs=req.logprobs,
                                        prompt_logprobs=req.logprobs if echo_logprobs else req.prompt_logprobs)
-        for _, ids in prompts:
-            validate_prompt(ctx, ids, params, "prompt")
+        prompts = await offload(_prompts, ctx, req, params)
         ctx.check_ready()
         request_id = random_id("cmpl")
         generators = [ctx.engine.generate(f"{request_id}-{i}", text, ids, params)
@@ -73,7 +82,8 @@ class CompletionHandler:
         finals = await run_with_disconnect(raw, self._collect(generators))
         if finals is None:
             return Response(status_code=499)  # nobody is listening
-        return JSONResponse(self._response(req, request_id, final_outputs(finals)))
+        # Decoding echoed prompts and logprobs grows with the output: built in the worker pool.
+        return JSONResponse(await offload(self._response, req, request_id, final_outputs(finals)))
 
     @staticmethod
     async def _collect(generators: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput | None]:
