@@ -284,13 +284,14 @@ def _stream_until_end(base_url: str, body: dict[str, Any], out: list[str]) -> No
 
 @pytest.mark.parametrize("api_servers", ["1", "2"])
 def test_sigterm_under_load_ends_every_stream_cleanly(checkpoint: Path, api_servers: str) -> None:
-    with ServerProcess(checkpoint, *TEST_SERVER_ARGS, "--max-model-len", "1024", "--shutdown-timeout", "2",
+    with ServerProcess(checkpoint, *TEST_SERVER_ARGS, "--max-model-len", "4096", "--shutdown-timeout", "3",
                        "--api-server-count", api_servers) as server:
         server.wait_ready()
         streams: list[list[str]] = [[] for _ in range(6)]
-        # Two that finish within the shutdown timeout, four that cannot (1000 tokens, n=4: 16 sequences).
+        # Two that finish within the shutdown timeout even on a slow box (3 more steps in 3 s), four that cannot
+        # (4000 tokens, n=4: 16 sequences).
         bodies = [{"prompt": f"load {i}", "stream": True, "ignore_eos": True, "max_tokens": 4} if i < 2 else
-                  {"prompt": f"load {i}", "stream": True, "ignore_eos": True, "max_tokens": 1000, "n": 4}
+                  {"prompt": f"load {i}", "stream": True, "ignore_eos": True, "max_tokens": 4000, "n": 4}
                   for i in range(6)]
         threads = [threading.Thread(target=_stream_until_end, args=(server.base_url, b, s))
                    for b, s in zip(bodies, streams)]
@@ -315,7 +316,8 @@ def test_sigterm_under_load_ends_every_stream_cleanly(checkpoint: Path, api_serv
                 cut += 1
             else:
                 assert last["choices"][0]["finish_reason"] == "length", (i, last)
-        assert cut >= 1 and all("error" not in json.loads(s[-2]) for s in streams[:2])
+        summary = [(len(s), s[-2][:120]) for s in streams]
+        assert cut >= 1 and all("error" not in json.loads(s[-2]) for s in streams[:2]), (summary, server.log()[-3000:])
         assert server.leftover_pids() == [] and server.socket_files() == []
         assert "Traceback" not in server.log()
 

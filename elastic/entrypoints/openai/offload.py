@@ -8,6 +8,7 @@ switch interval), so a 30 MB body or a slow template delays other requests by mi
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import os
 import re
@@ -41,8 +42,10 @@ def _pool() -> ThreadPoolExecutor:
 
 
 async def offload(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run a blocking function in the worker pool and await its result."""
-    return await asyncio.get_running_loop().run_in_executor(_pool(), functools.partial(fn, *args, **kwargs))
+    """Run a blocking function in the worker pool and await its result (in this task's context, so log lines
+    and errors there still know the request id)."""
+    call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
+    return await asyncio.get_running_loop().run_in_executor(_pool(), call)
 
 
 def validation_error(errors: list[Any]) -> APIError:
