@@ -26,6 +26,8 @@ class AttentionMetadata:
 class ForwardContext:
     attn: AttentionMetadata | None  # None: a profiling/dummy run with no KV cache
     record_expert_load: bool = True
+    # [1] int64 on the device: rows at or past it are padding (CUDA-graph batches) and count no expert load.
+    num_valid_tokens: torch.Tensor | None = None
     dp_num_tokens: list[int] | None = None  # tokens each DP rank runs this step (expert parallelism)
 
 

@@ -6,10 +6,12 @@ multiprocess mode so the numbers still add up.
 """
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, GCCollector, Histogram,
                                PlatformCollector, ProcessCollector, generate_latest)
 
-from elastic.protocol.from_engine import SchedulerStats
+from elastic.protocol.from_engine import EplbStats, SchedulerStats
 
 __all__ = ["CONTENT_TYPE_LATEST", "ServerMetrics"]
 
@@ -53,6 +55,7 @@ class _EngineSeries:
         self.request_generation_tokens = m.request_generation_tokens.labels(**labels)
         self.labels = labels
         self.last_preemptions = 0
+        self.finish_reasons: set[str] = set()  # the request_success children that exist
 
 
 class ServerMetrics:
@@ -101,6 +104,8 @@ class ServerMetrics:
         self.request_generation_tokens = Histogram("vllm:request_generation_tokens", "Number of generation "
                                                    "tokens processed.", labels, buckets=token_buckets, registry=r)
         self._engines: dict[int, _EngineSeries] = {}
+        self.eplb = EplbMetrics(r, labels, gauge_mode)
+        self._gone: set[str] = set()  # engine labels of engines that left (elastic scale-down)
 
     def engine(self, index: int) -> _EngineSeries:
         series = self._engines.get(index)
@@ -118,6 +123,8 @@ class ServerMetrics:
         if self.primary and stats.num_preemptions > s.last_preemptions:
             s.preemptions.inc(stats.num_preemptions - s.last_preemptions)
         s.last_preemptions = stats.num_preemptions
+        if stats.eplb is not None:
+            self.eplb.record(s.labels, stats.eplb, count=self.primary)
 
     def record_engine_gone(self, engine: int) -> None:
         """A dead engine runs nothing: stale gauges would keep autoscalers and routers counting on it."""
@@ -125,6 +132,25 @@ class ServerMetrics:
         s.running.set(0)
         s.waiting.set(0)
         s.kv_usage.set(0)
+
+    def remove_engine(self, engine: int) -> None:
+        """An engine that left (elastic scale-down): its labelled series go, so nothing counts on it."""
+        series = self._engines.pop(engine, None)
+        if series is None:
+            return
+        self._gone.add(series.labels["engine"])  # multiprocess mode: the files keep it; render() drops it
+        if self.multiprocess:  # prometheus-client cannot remove labels there
+            return
+        for metric in (self.num_requests_running, self.num_requests_waiting, self.kv_cache_usage_perc,
+                       self.num_preemptions, self.prompt_tokens, self.generation_tokens, self.time_to_first_token,
+                       self.inter_token_latency, self.e2e_request_latency, self.request_queue_time,
+                       self.request_prompt_tokens, self.request_generation_tokens):
+            try:
+                metric.remove(*series.labels.values())
+            except KeyError:
+                pass
+        for reason in series.finish_reasons:
+            self.request_success.remove(*series.labels.values(), reason)
 
     def record_queue_time(self, engine: int, seconds: float) -> None:
         self.engine(engine).queue_time.observe(seconds)
@@ -144,6 +170,7 @@ class ServerMetrics:
                         num_generation_tokens: int) -> None:
         s = self.engine(engine)
         self.request_success.labels(**s.labels, finished_reason=finish_reason).inc()
+        s.finish_reasons.add(finish_reason)
         s.e2e.observe(e2e)
         s.request_prompt_tokens.observe(num_prompt_tokens)
         s.request_generation_tokens.observe(num_generation_tokens)
@@ -154,5 +181,50 @@ class ServerMetrics:
         from prometheus_client import multiprocess
 
         merged = CollectorRegistry()
-        multiprocess.MultiProcessCollector(merged)
+        collector = multiprocess.MultiProcessCollector(None)
+        merged.register(_WithoutEngines(collector, self._gone))
         return generate_latest(merged)
+
+
+class _WithoutEngines:
+    """A collector that drops the samples of engines that left (multiprocess values live on in files)."""
+
+    def __init__(self, inner: Any, gone: set[str]) -> None:
+        self.inner, self.gone = inner, gone
+
+    def collect(self) -> Any:
+        for family in self.inner.collect():
+            family.samples = [x for x in family.samples if x.labels.get("engine") not in self.gone]
+            yield family
+
+
+class EplbMetrics:
+    """elastic:eplb_* series, per engine (each rank reports the same rebalances; bytes are what it received)."""
+
+    def __init__(self, registry: CollectorRegistry, labels: list[str], gauge_mode: dict[str, str]) -> None:
+        r = registry
+        self.balancedness = Gauge("elastic:eplb_balancedness", "Mean over max tokens per rank over the EPLB "
+                                  "window, under the placement in force (1 is perfect).", labels, registry=r,
+                                  **gauge_mode)
+        self.rebalances = Counter("elastic:eplb_rebalances", "Completed expert rebalances.", labels, registry=r)
+        self.seconds = Histogram("elastic:eplb_rebalance_seconds", "Wall time of one expert rebalance (all layers, "
+                                 "while serving).", labels, registry=r,
+                                 buckets=[0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0])
+        self.bytes_moved = Counter("elastic:eplb_bytes_moved", "Expert weight bytes received by this rank in "
+                                   "rebalances.", labels, registry=r)
+        self.stall = Gauge("elastic:eplb_step_stall_seconds", "Longest pause between two steps caused by a "
+                           "rebalance so far.", labels, registry=r, **gauge_mode)
+        self._last: dict[str, EplbStats] = {}
+
+    def record(self, labels: dict[str, str], stats: EplbStats, count: bool) -> None:
+        engine = labels["engine"]
+        last = self._last.get(engine, EplbStats())
+        if stats.balancedness is not None:
+            self.balancedness.labels(**labels).set(stats.balancedness)
+        self.stall.labels(**labels).set(stats.longest_stall_s)
+        if count and stats.rebalances > last.rebalances:  # counters: only one API server adds them up
+            self.rebalances.labels(**labels).inc(stats.rebalances - last.rebalances)
+            self.seconds.labels(**labels).observe(stats.last_rebalance_s)
+        if count and stats.bytes_moved > last.bytes_moved:
+            self.bytes_moved.labels(**labels).inc(stats.bytes_moved - last.bytes_moved)
+        self._last[engine] = stats

@@ -22,7 +22,8 @@ class Request:
     def __init__(self, req: EngineCoreRequest, device: torch.device) -> None:
         self.request_id = req.request_id
         self.prompt_token_ids = list(req.prompt_token_ids)
-        self.all_token_ids = list(req.prompt_token_ids)  # prompt + generated
+        # prompt + generated; a request moved from another engine brings what it generated there
+        self.all_token_ids = list(req.prompt_token_ids) + list(req.resumed_token_ids)
         self.num_prompt_tokens = len(req.prompt_token_ids)
         self.params: SamplingParams = req.sampling_params
         self.eos_token_id = req.eos_token_id
@@ -40,6 +41,12 @@ class Request:
         self.generator: torch.Generator | None = None
         if self.params.seed is not None:
             self.generator = torch.Generator(device=device).manual_seed(self.params.seed)
+            if req.generator_state is not None:  # continue the sequence the other engine was drawing
+                self.generator.set_state(torch.frombuffer(bytearray(req.generator_state), dtype=torch.uint8))
+
+    def generator_state(self) -> bytes | None:
+        """The seeded generator's state, for handing the request to another engine."""
+        return None if self.generator is None else self.generator.get_state().numpy().tobytes()
 
     @property
     def num_tokens(self) -> int:

@@ -56,8 +56,9 @@ def slots_to_local(physical: torch.Tensor, first_slot: int, slots_per_rank: int)
 
 def route_to_slots_reference(router_logits: torch.Tensor, top_k: int, renormalize: bool,
                              logical_to_physical: torch.Tensor, logical_replica_count: torch.Tensor,
-                             expert_load: torch.Tensor | None, first_slot: int,
-                             slots_per_rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                             expert_load: torch.Tensor | None, first_slot: int, slots_per_rank: int,
+                             num_valid: torch.Tensor | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """See route_to_slots."""
     weights, ids = topk_route_reference(router_logits, top_k, renormalize)
     ids = ids.long()
@@ -66,14 +67,16 @@ def route_to_slots_reference(router_logits: torch.Tensor, top_k: int, renormaliz
     replica = token_index % logical_replica_count[ids]
     physical = logical_to_physical[ids, replica]                  # [T, K]
     if expert_load is not None:
-        expert_load.index_add_(0, physical.flatten(), torch.ones_like(physical.flatten()))
+        counted = physical if num_valid is None else torch.where(token_index < num_valid, physical, -1)
+        counted = counted.flatten()
+        expert_load.index_add_(0, counted.clamp(min=0), (counted >= 0).long())
     return weights, physical, slots_to_local(physical, first_slot, slots_per_rank)
 
 
 def route_to_slots(router_logits: torch.Tensor, top_k: int, renormalize: bool,
                    logical_to_physical: torch.Tensor, logical_replica_count: torch.Tensor,
-                   expert_load: torch.Tensor | None, first_slot: int,
-                   slots_per_rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   expert_load: torch.Tensor | None, first_slot: int, slots_per_rank: int,
+                   num_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Route tokens to physical expert slots.
 
     router_logits [T, E]; logical_to_physical [E, R] int64 (replica r of expert e; -1 padding);
@@ -81,13 +84,15 @@ def route_to_slots(router_logits: torch.Tensor, top_k: int, renormalize: bool,
     -> (weights [T, K] f32 (topk_route's), physical [T, K] int64 global slot ids
         = logical_to_physical[e, t % logical_replica_count[e]],
         local [T, K] int32 = physical - first_slot inside this rank's slots, else -1).
-    When expert_load is given, 1 is added to expert_load[physical] per (token, k) (atomics on CUDA).
+    When expert_load is given, 1 is added to expert_load[physical] per (token, k) (atomics on CUDA), for
+    tokens t < num_valid[0] only when num_valid ([1] int64 on the device) is given: CUDA-graph padding rows
+    route like real ones but must not count as load.
     One Triton kernel on CUDA (graph-capturable), the torch reference elsewhere.
     """
     T, E = router_logits.shape
     if not use_triton(router_logits) or E > 4096 or T == 0:
         return route_to_slots_reference(router_logits, top_k, renormalize, logical_to_physical,
-                                        logical_replica_count, expert_load, first_slot, slots_per_rank)
+                                        logical_replica_count, expert_load, first_slot, slots_per_rank, num_valid)
     from .routing_triton import _route_to_slots_kernel
 
     assert logical_to_physical.dim() == 2 and logical_to_physical.shape[0] == E
@@ -105,7 +110,9 @@ def route_to_slots(router_logits: torch.Tensor, top_k: int, renormalize: bool,
     _route_to_slots_kernel[(cdiv(T, block_t),)](
         router_logits, weights, physical, local, l2p, counts,
         expert_load if expert_load is not None else physical,      # dummy: never touched unless RECORD
+        num_valid if num_valid is not None else counts,            # dummy: never read unless HAS_VALID
         T, E, router_logits.stride(0), l2p.stride(0), first_slot, slots_per_rank,
-        TOP_K=top_k, RENORM=renormalize, RECORD=expert_load is not None, BLOCK_T=block_t,
+        TOP_K=top_k, RENORM=renormalize, RECORD=expert_load is not None, HAS_VALID=num_valid is not None,
+        BLOCK_T=block_t,
         BLOCK_E=next_pow2(E), BLOCK_K=next_pow2(top_k), num_warps=4)
     return weights, physical, local

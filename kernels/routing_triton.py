@@ -44,9 +44,10 @@ def _topk_route_kernel(logits_ptr, w_ptr, ids_ptr, T, E, stride_t,
 
 
 @triton.jit
-def _route_to_slots_kernel(logits_ptr, w_ptr, phys_ptr, local_ptr, l2p_ptr, count_ptr, load_ptr,
+def _route_to_slots_kernel(logits_ptr, w_ptr, phys_ptr, local_ptr, l2p_ptr, count_ptr, load_ptr, valid_ptr,
                            T, E, stride_t, stride_l2p, first_slot, slots_per_rank,
                            TOP_K: tl.constexpr, RENORM: tl.constexpr, RECORD: tl.constexpr,
+                           HAS_VALID: tl.constexpr,
                            BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
     # Routing plus the replica choice, the slot gather, the load count and the local-slot mask:
     # ~20 small torch launches at decode become this one.
@@ -64,7 +65,10 @@ def _route_to_slots_kernel(logits_ptr, w_ptr, phys_ptr, local_ptr, l2p_ptr, coun
     local = tl.where((phys >= 0) & (local >= 0) & (local < slots_per_rank), local, -1)
     if RECORD:
         ones = tl.full((BLOCK_T, BLOCK_K), 1, dtype=tl.int64)
-        tl.atomic_add(load_ptr + phys, ones, mask=out_mask & (phys >= 0))
+        counted = out_mask & (phys >= 0)
+        if HAS_VALID:  # a device scalar, so a captured graph reads each replay's real batch size
+            counted = counted & (offs_t < tl.load(valid_ptr))[:, None]
+        tl.atomic_add(load_ptr + phys, ones, mask=counted)
     out_off = offs_t[:, None] * TOP_K + offs_k[None, :]
     tl.store(w_ptr + out_off, w, mask=out_mask)
     tl.store(phys_ptr + out_off, phys, mask=out_mask)

@@ -188,6 +188,7 @@ def make_checkpoint(
     *,
     seed: int = 0,
     shard: bool = False,
+    router_zipf: float = 0.0,
     **config_overrides: Any,
 ) -> Path:
     """Write a tiny random ``family`` checkpoint (fp32 safetensors) to ``path``.
@@ -197,6 +198,8 @@ def make_checkpoint(
     with ``shard=True``), tokenizer.json, tokenizer_config.json.
     ``config_overrides`` are passed to the family's config class last, e.g.
     ``make_checkpoint("qwen3_moe", p, num_hidden_layers=2, mlp_only_layers=[])``.
+    ``router_zipf > 0`` skews each layer's routing by that Zipf exponent (in the saved weights, so
+    transformers sees the same model): EPLB tests need hot and cold experts.
     The same (family, seed, overrides) always gives bit-identical weights.
     """
     import transformers
@@ -207,6 +210,8 @@ def make_checkpoint(
     config = getattr(transformers, config_cls)(**kwargs)
     model = getattr(transformers, model_cls)(config).to(torch.float32).eval()
     _init_weights(model, seed)
+    if router_zipf:
+        _skew_routers(model, router_zipf, seed)
     model.generation_config = transformers.GenerationConfig(
         bos_token_id=None,
         eos_token_id=config.eos_token_id,
@@ -217,6 +222,17 @@ def make_checkpoint(
     for name, data in _tokenizer_files():
         (out / name).write_bytes(data)
     return out
+
+
+def _skew_routers(model: torch.nn.Module, exponent: float, seed: int) -> None:
+    from elastic.models.router_skew import skew_router_
+
+    num_experts = model.config.num_local_experts if hasattr(model.config, "num_local_experts") else \
+        model.config.num_experts
+    for name, param in model.named_parameters():
+        # model.layers.<i>.mlp.gate.weight (block_sparse_moe.gate for Mixtral): [E, H]
+        if name.endswith(".gate.weight") and param.shape[0] == num_experts:
+            skew_router_(param.data, exponent, int(name.split(".layers.")[1].split(".")[0]), seed)
 
 
 @contextlib.contextmanager

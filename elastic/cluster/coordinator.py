@@ -55,7 +55,8 @@ class Coordinator:
     """
 
     def __init__(self, num_engines: int) -> None:
-        self.counts: list[list[int]] = [[0, 0] for _ in range(num_engines)]
+        self.counts: list[list[int]] = [[0, 0] for _ in range(num_engines)]  # [waiting, running] by DP rank
+        self.epoch = 0  # membership epoch of the table (SCALE_ELASTIC_EP)
         self.wave = 0
         self.running = False
         self.changed = True
@@ -81,13 +82,14 @@ class Coordinator:
                 logger.warning("ignoring SCALE_ELASTIC_EP to %d engines", n)
                 return None
             self.counts = (self.counts + [[0, 0] for _ in range(n)])[:n]
+            self.epoch = max(self.epoch, msg.epoch)
             self.changed = True
-            logger.info("engine table resized to %d engines", n)
+            logger.info("engine table resized to %d engines (epoch %d)", n, self.epoch)
         return None
 
     def snapshot(self) -> LoadSnapshot:
         self.changed = False
-        return LoadSnapshot([list(c) for c in self.counts], self.wave, self.running)
+        return LoadSnapshot([list(c) for c in self.counts], self.wave, self.running, self.epoch)
 
     def next_publish_in(self, now: float, last_publish: float) -> float:
         """Seconds until a snapshot is due: soon after a change (rate-limited), else the heartbeat."""

@@ -27,6 +27,8 @@ from elastic.cluster.coordinator import CoordinatorAddresses, CoordinatorProcess
 from elastic.config import EngineConfig, ParallelConfig
 from elastic.engine.process import run_engine_core
 from elastic.protocol.from_engine import EngineHandshakeMessage, EngineHello, EngineReady, EngineStartupFailed
+from elastic.protocol.scaling import JoinInfo, Member, Membership
+from elastic.protocol.to_coordinator import ScaleElasticEP
 from elastic.protocol.to_engine import HandshakeAddresses, engine_identity
 
 logger = logging.getLogger(__name__)
@@ -67,7 +69,7 @@ def rank_device(device: str, rank: int, world: int) -> str:
 
 @dataclass
 class EngineProcess:
-    index: int
+    index: int  # the engine id: stable for the process's life, unlike its DP rank
     identity: bytes
     proc: BaseProcess | None = None
     death_writer: Connection | None = None  # held open for the engine's lifetime; closing it stops the engine
@@ -76,10 +78,19 @@ class EngineProcess:
     ready: bool = False
     exit_reason: str | None = None
     exited: asyncio.Future | None = field(default=None, repr=False)
+    # Elastic scaling: the handshake answer of an engine started by a scale-up, whether its exit is
+    # expected (it left, or its scale was rolled back), and replies awaited on the control channel.
+    hello_reply: HandshakeAddresses | None = field(default=None, repr=False)
+    ready_fut: asyncio.Future | None = field(default=None, repr=False)
+    retiring: bool = False
+    free_memory_bytes: int | None = None  # reported with READY (CUDA)
+    waiters: dict[tuple[type, str], asyncio.Future] = field(default_factory=dict, repr=False)
 
 
 class EngineLauncher:
-    """`on_exit(index, reason)`: an engine process exited (index -1: the DP coordinator did)."""
+    """`on_exit(index, reason)`: a member engine process exited unexpectedly (index -1: the DP coordinator
+    did). The engines and their `membership` (epoch, engine ids and ranks) change with elastic scaling:
+    elastic_ep/ drives that through `spawn_joining`, `control`, `retire` and `set_membership`."""
 
     def __init__(self, config: EngineConfig, *, on_exit: Callable[[int, str], None], socket_dir: str | None,
                  address: str | None = None, handshake_port: int = 0, log_level: str = "INFO",
@@ -92,17 +103,29 @@ class EngineLauncher:
         self.log_level = log_level
         self.stats_interval_s = stats_interval_s
         n = config.parallel.data_parallel_size
-        self.engines = [EngineProcess(i, engine_identity(i)) for i in range(n)]
+        # Every engine process alive or starting, by engine id (ids are never reused).
+        self.engines: dict[int, EngineProcess] = {i: EngineProcess(i, engine_identity(i)) for i in range(n)}
+        self.next_engine_id = n
+        self.membership = Membership(0, [Member(i, i) for i in range(n)])
         self.host = address or "127.0.0.1"
         self.ctx = zmq.asyncio.Context()
         self.handshake: Any = None
-        self.store: Any = None  # torch TCPStore master (DP > 1)
+        self.handshake_address = ""
+        self.frontend_inputs: list[str] = []
+        self.frontend_outputs: list[str] = []
+        self.store: Any = None  # torch TCPStore master (DP > 1, or since the first scale-up)
         self.coordinator: CoordinatorProcess | None = None
+        self.coordinator_push: Any = None  # SCALE_ELASTIC_EP
+        self.control_task: asyncio.Task | None = None
+        self._encoder = msgspec.msgpack.Encoder()
         self.closed = False
 
     @property
     def data_parallel(self) -> bool:
-        return len(self.engines) > 1
+        return self.membership.world_size > 1
+
+    def member_ids(self) -> list[int]:
+        return [m.engine_id for m in self.membership.ranked()]
 
     def _address(self, name: str) -> str:
         return f"ipc://{self.socket_dir}/{name}" if self.socket_dir else f"tcp://{self.host}:0"
@@ -112,13 +135,31 @@ class EngineLauncher:
         """With DP > 1: start the coordinator and return its bound addresses (front ends subscribe first)."""
         if not self.data_parallel:
             return None
+        return await self.ensure_coordinator()
+
+    async def ensure_coordinator(self) -> CoordinatorAddresses:
+        """The coordinator's addresses, starting it first if need be (a 1 -> N scale)."""
+        if self.coordinator is not None:
+            assert self.coordinator.addresses is not None
+            return self.coordinator.addresses
         names = CoordinatorAddresses(*(self._address(n) for n in ("coord-in", "coord-engines", "coord-frontends")))
-        self.coordinator = CoordinatorProcess(names, len(self.engines), self.log_level)
+        self.coordinator = CoordinatorProcess(names, self.membership.world_size, self.log_level)
         loop = asyncio.get_running_loop()
         addresses = await loop.run_in_executor(None, self.coordinator.wait_addresses)
         loop.add_reader(self.coordinator.sentinel, self._on_coordinator_exit)
+        self.coordinator_push = self.ctx.socket(zmq.PUSH)
+        self.coordinator_push.setsockopt(zmq.LINGER, 0)
+        self.coordinator_push.connect(addresses.input)
         logger.info("started the DP coordinator (pid %d)", self.coordinator.pid)
         return addresses
+
+    def ensure_store(self) -> tuple[str, int]:
+        """The TCPStore of the ranks' stateless groups, started on first need (port 0: no port race)."""
+        if self.store is None:
+            from elastic.distributed.group import create_store
+
+            self.store = create_store(self.host, 0, is_master=True)
+        return self.host, self.store.port
 
     async def start(self, frontend_inputs: list[str], frontend_outputs: list[str]) -> None:
         """Spawn every engine and wait until each is READY; raises EngineStartupError otherwise."""
@@ -128,22 +169,22 @@ class EngineLauncher:
             self.handshake.bind(f"tcp://{self.host}:{self.handshake_port}")
         else:
             self.handshake.bind(self._address("handshake"))
-        handshake_address = self.handshake.getsockopt_string(zmq.LAST_ENDPOINT)
+        handshake_address = self.handshake_address = self.handshake.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.frontend_inputs, self.frontend_outputs = list(frontend_inputs), list(frontend_outputs)
         if self.data_parallel:
-            from elastic.distributed.group import create_store
-
-            # Port 0: the OS picks a free port, published through the handshake (no race for it).
-            self.store = create_store(self.host, 0, is_master=True)
-        for engine in self.engines:
-            self._spawn(engine, handshake_address)
+            self.ensure_store()  # published through the handshake
+        for engine in self.engines.values():
+            self._spawn(engine, handshake_address, self._rank_parallel(engine.index))
         await self._handshake(frontend_inputs, frontend_outputs)
+        # From now on the handshake socket is the control channel (and greets engines a scale starts).
+        self.control_task = asyncio.get_running_loop().create_task(self._control_loop(), name="engine-control")
 
-    def _spawn(self, engine: EngineProcess, handshake_address: str) -> None:
+    def _spawn(self, engine: EngineProcess, handshake_address: str, parallel: ParallelConfig) -> None:
         # spawn, not fork: torch (CUDA, OpenMP threads) is not fork-safe.
         mp = multiprocessing.get_context("spawn")
         reader, writer = mp.Pipe(duplex=False)
-        device = rank_device(self.config.device, engine.index, len(self.engines))
-        config = dataclasses.replace(self.config, parallel=self._rank_parallel(engine.index),
+        device = rank_device(self.config.device, parallel.data_parallel_rank, parallel.data_parallel_size)
+        config = dataclasses.replace(self.config, parallel=parallel,
                                      model=dataclasses.replace(self.config.model, device=device))
         proc = mp.Process(target=run_engine_core, name=f"EngineCore_{engine.index}",
                           args=(config, engine.index, handshake_address, reader, self.log_level))
@@ -155,11 +196,11 @@ class EngineLauncher:
         loop.add_reader(proc.sentinel, self._on_process_exit, engine)
         logger.info("started engine core %d (pid %d)", engine.index, proc.pid)
 
-    def _rank_parallel(self, rank: int) -> ParallelConfig:
+    def _rank_parallel(self, rank: int, world: int | None = None) -> ParallelConfig:
         """The parallel layout one engine joins: in its spawn arguments and again in the handshake (which
         has the last word: a headless engine started elsewhere learns it only there)."""
-        parallel = dataclasses.replace(self.config.parallel, data_parallel_size=len(self.engines),
-                                       data_parallel_rank=rank)
+        world = self.membership.world_size if world is None else world
+        parallel = dataclasses.replace(self.config.parallel, data_parallel_size=world, data_parallel_rank=rank)
         if self.store is None:
             return parallel
         return dataclasses.replace(parallel, store_host=self.host, store_port=self.store.port)
@@ -167,11 +208,10 @@ class EngineLauncher:
     async def _handshake(self, frontend_inputs: list[str], frontend_outputs: list[str]) -> None:
         decoder = msgspec.msgpack.Decoder(EngineHandshakeMessage)
         encoder = msgspec.msgpack.Encoder()
-        by_identity = {e.identity: e for e in self.engines}
-        coordinator = self.coordinator.addresses if self.coordinator is not None else None
-        while not all(e.ready for e in self.engines):
+        by_identity = {e.identity: e for e in self.engines.values()}
+        while not all(e.ready for e in self.engines.values()):
             recv = asyncio.ensure_future(self.handshake.recv_multipart())
-            exits = [e.exited for e in self.engines if e.exited is not None]
+            exits = [e.exited for e in self.engines.values() if e.exited is not None]
             try:
                 await asyncio.wait([recv, *exits], return_when=asyncio.FIRST_COMPLETED)
                 if not recv.done():  # an engine exited: its last words (why) may still be on the way
@@ -180,7 +220,7 @@ class EngineLauncher:
                 if not recv.done():
                     recv.cancel()
             if recv.cancelled():
-                dead = next(e for e in self.engines if e.exit_reason is not None)
+                dead = next(e for e in self.engines.values() if e.exit_reason is not None)
                 raise EngineStartupError(f"engine core {dead.index} {dead.exit_reason} during start-up")
             identity, payload = recv.result()
             engine = by_identity.get(identity)
@@ -190,20 +230,113 @@ class EngineLauncher:
                 continue
             if isinstance(msg, EngineHello):
                 engine.pid = msg.pid
-                reply = HandshakeAddresses(
-                    frontend_inputs[0], frontend_outputs[0], self._rank_parallel(engine.index), stats_interval_s=self.stats_interval_s,
-                    coordinator_address=coordinator.input if coordinator else None,
-                    coordinator_pub_address=coordinator.engine_pub if coordinator else None,
-                    frontend_input_addresses=frontend_inputs if len(frontend_inputs) > 1 else [],
-                    frontend_output_addresses=frontend_outputs if len(frontend_outputs) > 1 else [])
+                reply = self._hello_reply(self._rank_parallel(engine.index), self.membership.epoch)
                 await self.handshake.send_multipart([identity, encoder.encode(reply)])
                 logger.info("engine core %d (pid %d) said hello; loading the model", engine.index, msg.pid)
             elif isinstance(msg, EngineReady):
                 engine.num_kv_blocks, engine.ready = msg.num_kv_blocks, True
+                engine.free_memory_bytes = msg.free_memory_bytes
                 logger.info("engine core %d ready: %d KV blocks of %d tokens", engine.index, msg.num_kv_blocks,
                             msg.block_size)
             elif isinstance(msg, EngineStartupFailed):
                 raise EngineStartupError(f"engine core {engine.index} failed to start: {msg.error}")
+
+    def _hello_reply(self, parallel: ParallelConfig, epoch: int, join: JoinInfo | None = None) -> HandshakeAddresses:
+        coordinator = self.coordinator.addresses if self.coordinator is not None else None
+        inputs, outputs = self.frontend_inputs, self.frontend_outputs
+        return HandshakeAddresses(
+            inputs[0], outputs[0], parallel, stats_interval_s=self.stats_interval_s,
+            coordinator_address=coordinator.input if coordinator else None,
+            coordinator_pub_address=coordinator.engine_pub if coordinator else None,
+            frontend_input_addresses=inputs if len(inputs) > 1 else [],
+            frontend_output_addresses=outputs if len(outputs) > 1 else [], join=join, epoch=epoch)
+
+    # ---- elastic scaling: the moves elastic_ep/ makes -------------------------------------------------------
+    def spawn_joining(self, rank: int, layout_world: int, epoch: int, join: JoinInfo) -> EngineProcess:
+        """Start an engine for rank `rank` of a `layout_world`-rank layout; it is no member until the
+        scale commits (its exit is the scale's business, not a serving failure). Await its `ready_fut`."""
+        engine_id = self.next_engine_id
+        self.next_engine_id += 1
+        engine = EngineProcess(engine_id, engine_identity(engine_id))
+        parallel = self._rank_parallel(rank, layout_world)
+        engine.hello_reply = self._hello_reply(parallel, epoch, join)
+        engine.ready_fut = asyncio.get_running_loop().create_future()
+        self.engines[engine_id] = engine
+        self._spawn(engine, self.handshake_address, parallel)
+        return engine
+
+    def control(self, engine_id: int, msg: Any, reply: type | None = None) -> asyncio.Future | None:
+        """Send a control message; with `reply`, a future for the engine's answer of that type (it fails if
+        the engine exits first)."""
+        engine = self.engines[engine_id]
+        fut = None
+        if reply is not None:
+            fut = asyncio.get_running_loop().create_future()
+            engine.waiters[(reply, msg.op)] = fut
+            if engine.exit_reason is not None:
+                fut.set_exception(RuntimeError(f"engine core {engine_id} {engine.exit_reason}"))
+                return fut
+        self.handshake.send_multipart([engine.identity, self._encoder.encode(msg)])
+        return fut
+
+    def retire(self, engine_id: int) -> None:
+        """Its exit is expected from now on (it left, or it was started for a scale that is rolled back)."""
+        self.engines[engine_id].retiring = True
+
+    def forget(self, engine_id: int) -> None:
+        """Drop an engine whose process has exited (after retire)."""
+        engine = self.engines.pop(engine_id, None)
+        if engine is not None and engine.death_writer is not None:
+            engine.death_writer.close()
+
+    def set_membership(self, membership: Membership) -> None:
+        self.membership = membership
+
+    async def notify_coordinator(self, msg: ScaleElasticEP) -> None:
+        if self.coordinator_push is not None:
+            await self.coordinator_push.send(self._encoder.encode(msg))
+
+    async def _control_loop(self) -> None:
+        """After start-up: answer the HELLO of engines a scale starts, and route their READY (or failure)
+        and every engine's ScalePrepared / ScaleCommitted to whoever waits for it."""
+        decoder = msgspec.msgpack.Decoder(EngineHandshakeMessage)
+        while True:
+            identity, payload = await self.handshake.recv_multipart()
+            engine = next((e for e in self.engines.values() if e.identity == identity), None)
+            try:
+                msg = decoder.decode(payload)
+            except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                logger.error("dropping an undecodable control message: %s", e)
+                continue
+            if engine is None:
+                logger.warning("ignoring a control message from an unknown engine: %r", msg)
+            elif isinstance(msg, EngineHello):
+                engine.pid = msg.pid
+                if engine.hello_reply is not None:
+                    await self.handshake.send_multipart([identity, self._encoder.encode(engine.hello_reply)])
+                    logger.info("engine core %d (pid %d) said hello; joining", engine.index, msg.pid)
+            elif isinstance(msg, (EngineReady, EngineStartupFailed)):
+                engine.ready = isinstance(msg, EngineReady)
+                engine.num_kv_blocks = msg.num_kv_blocks if isinstance(msg, EngineReady) else 0
+                engine.free_memory_bytes = msg.free_memory_bytes if isinstance(msg, EngineReady) else None
+                if engine.ready_fut is not None and not engine.ready_fut.done():
+                    if engine.ready:
+                        engine.ready_fut.set_result(msg)
+                    else:
+                        engine.ready_fut.set_exception(EngineStartupError(
+                            f"engine core {engine.index} failed to start: {msg.error}"))  # type: ignore[union-attr]
+            else:
+                fut = engine.waiters.pop((type(msg), msg.op), None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+
+    def _fail_waiters(self, engine: EngineProcess, reason: str) -> None:
+        for fut in engine.waiters.values():
+            if not fut.done():
+                fut.set_exception(RuntimeError(reason))
+        engine.waiters.clear()
+        if engine.ready_fut is not None and not engine.ready_fut.done():
+            engine.ready_fut.set_exception(EngineStartupError(reason))
 
     # ---- watching -------------------------------------------------------------------------------------
     def _on_process_exit(self, engine: EngineProcess) -> None:
@@ -213,7 +346,9 @@ class EngineLauncher:
         engine.exit_reason = describe_exit(engine.proc.exitcode)
         if engine.exited is not None and not engine.exited.done():
             engine.exited.set_result(engine.proc.exitcode)
-        if not self.closed:
+        self._fail_waiters(engine, f"engine core {engine.index} {engine.exit_reason}")
+        # A rank that left or a rank a scale started: elastic_ep/ handles it, serving goes on.
+        if not self.closed and not engine.retiring and engine.index in self.member_ids():
             self.on_exit(engine.index, engine.exit_reason)
 
     def _on_coordinator_exit(self) -> None:
@@ -224,14 +359,14 @@ class EngineLauncher:
             self.on_exit(-1, f"the DP coordinator {describe_exit(self.coordinator.proc.exitcode)}")
 
     async def wait_exited(self, timeout: float) -> None:
-        exits = [e.exited for e in self.engines if e.exited is not None and not e.exited.done()]
+        exits = [e.exited for e in self.engines.values() if e.exited is not None and not e.exited.done()]
         if exits:
             await asyncio.wait(exits, timeout=timeout)
 
     def terminate_soon(self, grace_s: float = KILL_GRACE_S) -> None:
         """SIGTERM every engine still alive now and SIGKILL what is left after `grace_s`: a rank blocked in
         a collective with a dead peer only notices at the group timeout (minutes)."""
-        alive = [e.proc for e in self.engines if e.proc is not None and e.proc.is_alive()]
+        alive = [e.proc for e in self.engines.values() if e.proc is not None and e.proc.is_alive()]
         for proc in alive:
             proc.terminate()
 
@@ -250,7 +385,9 @@ class EngineLauncher:
         if self.closed:
             return
         self.closed = True
-        procs = [e.proc for e in self.engines if e.proc is not None]
+        if self.control_task is not None:
+            self.control_task.cancel()
+        procs = [e.proc for e in self.engines.values() if e.proc is not None]
         sentinels = [p.sentinel for p in procs]
         if self.coordinator is not None:
             sentinels.append(self.coordinator.sentinel)
@@ -269,7 +406,8 @@ class EngineLauncher:
                 logger.warning("%s did not exit on SIGTERM; killing it", proc.name)
                 proc.kill()
                 proc.join(timeout=5.0)
-        for engine in self.engines:
+        for engine in self.engines.values():
+            self._fail_waiters(engine, "the launcher is closed")
             if engine.death_writer is not None:
                 engine.death_writer.close()
             if engine.exited is not None and not engine.exited.done():
@@ -278,5 +416,7 @@ class EngineLauncher:
             self.coordinator.close()
         if self.handshake is not None:
             self.handshake.close(linger=0)
+        if self.coordinator_push is not None:
+            self.coordinator_push.close(linger=0)
         self.ctx.term()
         self.store = None  # the TCPStore server stops with its last reference

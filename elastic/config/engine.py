@@ -6,6 +6,7 @@ its checks live in that section's `__post_init__`, and checks that span sections
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,9 @@ class ModelConfig:
     skip_tokenizer_init: bool = option(
         False, "no tokenizer: token-id prompts only, outputs carry token_ids (dummy-weight benchmarks)")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    dummy_router_zipf: float = option(
+        0.0, "with --load-format dummy: skew each MoE layer's routing by a Zipf law of this exponent (EPLB "
+             "benchmarks; 0: off)")
     arch: ModelArch = field(init=False, repr=False)  # parsed from config.json
 
     def __post_init__(self) -> None:
@@ -60,6 +64,8 @@ class ModelConfig:
             _set(self, "max_model_len", min(self.arch.max_position_embeddings, 32768))
         if self.max_model_len < 1:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+        if self.dummy_router_zipf < 0 or (self.dummy_router_zipf and self.load_format != "dummy"):
+            raise ValueError("dummy_router_zipf must be >= 0 and needs load_format='dummy'")
 
 
 @dataclass(frozen=True)
@@ -111,8 +117,13 @@ class ParallelConfig:
         "alltoall", "how tokens reach their experts' ranks: all-to-all, or all-gather + reduce-scatter",
         choices=EP_DISPATCH_MODES)
     num_redundant_experts: int = option(
-        0, "extra expert slots per MoE layer holding replicas (experts + redundant must split evenly over the "
-           "ranks)")
+        0, "extra expert slots per MoE layer holding replicas (EPLB places them; slots per rank are "
+           "ceil((experts + redundant) / ranks))")
+    max_data_parallel_size: int | None = option(
+        None, "largest size POST /scale may grow to (default: the GPUs from the first device on; no limit on "
+              "CPU)")
+    scale_phase_timeout: float = option(
+        120.0, "seconds each phase of a POST /scale (prepare, commit) may take before the scale rolls back")
     # The rendezvous store of the stateless groups, hosted by whoever launches the ranks.
     store_host: str = "127.0.0.1"
     store_port: int = 0
@@ -123,6 +134,11 @@ class ParallelConfig:
         check_choice("ep_dispatch", self.ep_dispatch, EP_DISPATCH_MODES)
         if self.num_redundant_experts < 0:
             raise ValueError(f"num_redundant_experts must be >= 0, got {self.num_redundant_experts}")
+        if self.max_data_parallel_size is not None and self.max_data_parallel_size < self.data_parallel_size:
+            raise ValueError(f"max_data_parallel_size={self.max_data_parallel_size} is below data_parallel_size="
+                             f"{self.data_parallel_size}")
+        if self.scale_phase_timeout <= 0:
+            raise ValueError(f"scale_phase_timeout must be positive, got {self.scale_phase_timeout}")
 
     @property
     def is_distributed(self) -> bool:
@@ -134,7 +150,58 @@ class ParallelConfig:
         return dataclasses.replace(self, data_parallel_rank=rank)
 
 
-ENGINE_SECTIONS = (ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig)
+@dataclass(frozen=True)
+class EplbConfig:
+    """Expert-parallel load balancing: record each physical expert's load over a window of steps and, every
+    interval, re-place experts (and their redundant replicas) across the ranks, moving only changed slots."""
+
+    enable_eplb: bool = option(False, "re-place experts across the ranks by their recorded load (EPLB)")
+    eplb_window_size: int = option(1000, "steps of expert load the placement is computed from")
+    eplb_step_interval: int = option(3000, "steps between two rebalances")
+    eplb_log_balancedness: bool = option(False, "log the balancedness (mean/max tokens per rank) at each rebalance")
+    eplb_min_gain: float = option(0.01, "skip a rebalance whose predicted balancedness gain is below this")
+    eplb_config: str | None = option(
+        None, "the EPLB options as JSON, vLLM's keys: window_size, step_interval, num_redundant_experts, "
+              "log_balancedness (and min_gain)")
+
+    def __post_init__(self) -> None:
+        if self.eplb_window_size < 1 or self.eplb_step_interval < 1:
+            raise ValueError("eplb_window_size and eplb_step_interval must be at least 1")
+        if not 0.0 <= self.eplb_min_gain < 1.0:
+            raise ValueError(f"eplb_min_gain must be in [0, 1), got {self.eplb_min_gain}")
+
+
+_EPLB_JSON_KEYS = {"window_size": "eplb_window_size", "step_interval": "eplb_step_interval",
+                   "log_balancedness": "eplb_log_balancedness", "min_gain": "eplb_min_gain",
+                   "num_redundant_experts": "num_redundant_experts"}
+
+
+def _expand_eplb_config(options: dict[str, Any]) -> dict[str, Any]:
+    """`eplb_config` JSON (or a dict) -> the flat options it stands for; a key set both ways must agree."""
+    raw = options.get("eplb_config")
+    if raw is None:
+        return options
+    try:
+        values = json.loads(raw) if isinstance(raw, str) else dict(raw)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"eplb_config is not a JSON object: {e}") from None
+    unknown = set(values) - set(_EPLB_JSON_KEYS)
+    if unknown:
+        raise ValueError(f"eplb_config: unknown key(s) {sorted(unknown)}; known: {sorted(_EPLB_JSON_KEYS)}")
+    out = {k: v for k, v in options.items() if k != "eplb_config"}
+    for key, value in values.items():
+        name = _EPLB_JSON_KEYS[key]
+        if name in out and out[name] != value and out[name] != _default(name):
+            raise ValueError(f"eplb_config sets {key}={value!r} but {name}={out[name]!r} was also given")
+        out[name] = value
+    return out
+
+
+def _default(name: str) -> Any:
+    return next(f.default for cls in ENGINE_SECTIONS for f in dataclasses.fields(cls) if f.name == name)
+
+
+ENGINE_SECTIONS = (ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig, EplbConfig)
 
 
 @dataclass(frozen=True)
@@ -143,13 +210,7 @@ class EngineConfig:
     cache: CacheConfig
     scheduler: SchedulerConfig
     parallel: ParallelConfig
-
-    def __post_init__(self) -> None:
-        experts, redundant = self.model.arch.num_experts, self.parallel.num_redundant_experts
-        if (experts + redundant) % self.parallel.data_parallel_size:
-            raise ValueError(f"{experts} experts + {redundant} redundant do not split evenly over "
-                             f"data_parallel_size={self.parallel.data_parallel_size}; set num_redundant_experts "
-                             "so they do")
+    eplb: EplbConfig = EplbConfig()
 
     @property
     def device(self) -> str:  # "cpu" | "cuda" | "cuda:N"
@@ -196,10 +257,11 @@ def create_engine_config(model: str, **options: Any) -> EngineConfig:
     unknown = set(options) - engine_option_names()
     if unknown:
         raise TypeError(f"unknown engine option(s): {', '.join(sorted(unknown))}")
+    options = _expand_eplb_config(options)
 
     def pick(cls: type) -> dict[str, Any]:
         return {k: v for k, v in options.items() if k in option_names(cls)}
 
     return EngineConfig(model=ModelConfig(str(model), **pick(ModelConfig)), cache=CacheConfig(**pick(CacheConfig)),
                         scheduler=SchedulerConfig(**pick(SchedulerConfig)),
-                        parallel=ParallelConfig(**pick(ParallelConfig)))
+                        parallel=ParallelConfig(**pick(ParallelConfig)), eplb=EplbConfig(**pick(EplbConfig)))

@@ -1,29 +1,58 @@
-"""This rank's process groups: DP control (gloo, CPU) for lockstep, EP data for expert parallelism."""
+"""This rank's process groups: DP control (gloo, CPU) for lockstep, EP data for expert parallelism.
+
+Built for one `ParallelLayout` (epoch, world size, rank). Elastic scaling builds the groups of the next
+layout beside the live ones (in a background thread, while this rank serves), then swaps them in at an
+agreed step; a single engine has a layout but no groups.
+"""
 from __future__ import annotations
+
+import datetime
 
 import torch
 
-from elastic.config import ParallelConfig
-from elastic.distributed.group import StatelessGroup, create_store
+from elastic.distributed.group import DEFAULT_TIMEOUT, StatelessGroup, create_store
+from elastic.protocol.scaling import ParallelLayout
+
+__all__ = ["ParallelLayout", "ParallelState"]
 
 
 class ParallelState:
-    def __init__(self, config: ParallelConfig, device: torch.device, generation: int = 0) -> None:
-        self.rank, self.world_size = config.data_parallel_rank, config.data_parallel_size
-        self.store = create_store(config.store_host, config.store_port, is_master=False)
-        host = config.store_host
-        self.dp = StatelessGroup(self.store, f"dp/{generation}", self.rank, self.world_size, "gloo", host=host)
+    def __init__(self, layout: ParallelLayout, device: torch.device,
+                 timeout: datetime.timedelta = DEFAULT_TIMEOUT,
+                 rendezvous_timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> None:
+        """`rendezvous_timeout`: how long to wait for every rank to arrive (a scale-up's deadline: a new
+        rank that never comes must not keep the others waiting); `timeout`: each collective's."""
+        if not layout.is_distributed:
+            raise ValueError("a single rank has no process groups")
+        self.layout = layout
+        self.rank, self.world_size = layout.rank, layout.world_size
+        host = layout.store_host
+        self.store = create_store(host, layout.store_port, is_master=False, timeout=rendezvous_timeout)
+        self.dp = StatelessGroup(self.store, f"dp/{layout.epoch}", self.rank, self.world_size, "gloo", host=host,
+                                 timeout=timeout)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        self.ep = StatelessGroup(self.store, f"ep/{generation}", self.rank, self.world_size, backend, device,
-                                 host=host)
+        self.ep = StatelessGroup(self.store, f"ep/{layout.epoch}", self.rank, self.world_size, backend, device,
+                                 host=host, timeout=timeout)
+        # Whether every rank was ready to commit a prepared scale at the last exchange (elastic scaling).
+        self.all_scale_ready = False
 
-    def exchange_step(self, num_tokens: int, has_work: bool, decode_only: bool) -> tuple[list[int], bool, bool]:
+    def exchange_step(self, num_tokens: int, has_work: bool, decode_only: bool,
+                      eplb_due: bool = False, scale_ready: bool = False,
+                      eplb_plan_ready: bool = False) -> tuple[list[int], bool, bool, bool]:
         """Every rank's token count for this step, whether any rank still has work (the 'anyone
         unfinished?' all-reduce of a request wave, done every step since it is one small CPU collective
-        that also sizes the step), and whether every rank runs decode only (then all replay CUDA graphs)."""
-        mine = torch.tensor([[num_tokens, int(has_work), int(decode_only)]], dtype=torch.long)
-        everyone = self.dp.all_gather(mine)  # [W, 3]
-        return everyone[:, 0].tolist(), bool(everyone[:, 1].any()), bool(everyone[:, 2].all())
+        that also sizes the step), whether every rank runs decode only (then all replay CUDA graphs), and
+        whether any rank wants an expert rebalance to start now (then all start it at this step). Also,
+        kept in `all_scale_ready`: whether every rank has been told to commit a prepared scale, so that
+        all of them switch layouts after this same step; and in `all_eplb_plan_ready`, whether every rank's
+        background expert placement is computed (then all start moving experts after this step)."""
+        mine = torch.tensor([[num_tokens, int(has_work), int(decode_only), int(eplb_due), int(scale_ready),
+                              int(eplb_plan_ready)]], dtype=torch.long)
+        everyone = self.dp.all_gather(mine)  # [W, 6]
+        self.all_scale_ready = bool(everyone[:, 4].all())
+        self.all_eplb_plan_ready = bool(everyone[:, 5].all())
+        return (everyone[:, 0].tolist(), bool(everyone[:, 1].any()), bool(everyone[:, 2].all()),
+                bool(everyone[:, 3].any()))
 
     def destroy(self) -> None:
         self.ep.destroy()

@@ -5,20 +5,27 @@ socket in its own process (the server).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
+import msgspec
 import torch
 import torch.distributed as dist
 
 from elastic.config import EngineConfig
 from elastic.distributed.expert_parallel import apply_expert_parallel
+from elastic.distributed.group import StatelessGroup
 from elastic.distributed.parallel_state import ParallelState
 from elastic.engine.block_manager import BlockManager
+from elastic.engine.reconfigure import move_experts, recv_dense_weights
 from elastic.engine.scheduler import Scheduler
 from elastic.engine.waves import RequestWave
+from elastic.eplb.balancer import ExpertBalancer
 from elastic.executor.model_runner import ModelRunner
+from elastic.layers.moe import ExpertLayout
 from elastic.protocol.from_engine import EngineCoreOutput, SchedulerStats
+from elastic.protocol.scaling import JoinInfo, ParallelLayout
 from elastic.protocol.to_engine import EngineCoreRequest
 from elastic.request import Request, SchedulerOutput, check_inputs
 from elastic.sampling_params import SamplingParams
@@ -28,27 +35,110 @@ logger = logging.getLogger(__name__)
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, wave: RequestWave | None = None) -> None:
+    def __init__(self, config: EngineConfig, wave: RequestWave | None = None, epoch: int = 0,
+                 join: JoinInfo | None = None) -> None:
+        """Start-up in phases that `reconfigure` re-runs when the number of ranks changes: groups, model,
+        expert slots and placement, KV budget agreement, CUDA graphs. `join`: this engine was started by a
+        scale-up; its non-expert weights come from a serving rank, its experts arrive at the commit."""
         self.config = config
         # With DP: whether any rank of this rank's request wave has unfinished requests (shared with DPWaves).
         self.wave = wave if wave is not None else RequestWave()
         self._failed: list[EngineCoreOutput] = []  # requests that failed alone, reported with the next step
+        # Elastic scaling: set while this rank waits for every rank to be ready to commit a prepared scale.
+        self.scale_commit_pending = False
         start = time.perf_counter()
-        self.parallel: ParallelState | None = None
-        if config.parallel.is_distributed:
-            self.parallel = ParallelState(config.parallel, config.torch_device)
-        self.runner = ModelRunner(config)
-        if self.parallel is not None:
-            apply_expert_parallel(self.runner.model, self.parallel.ep, config.parallel.ep_dispatch)
-        num_blocks = self.runner.determine_num_blocks()
-        if self.parallel is not None:  # every rank gets the same capacity: the smallest one measured
-            num_blocks = int(self.parallel.dp.all_reduce(torch.tensor([num_blocks]), dist.ReduceOp.MIN))
+        p = config.parallel
+        self.layout = ParallelLayout(epoch, p.data_parallel_size, p.data_parallel_rank, p.store_host, p.store_port)
+        self.parallel = ParallelState(self.layout, config.torch_device) if self.layout.is_distributed else None
+        if join is None:
+            self.runner = ModelRunner(config)
+        else:  # random weights at the real shapes (no checkpoint read), replaced right away
+            self.runner = ModelRunner(dataclasses.replace(config, model=dataclasses.replace(config.model,
+                                                                                            load_format="dummy")))
+            self.runner.config = config
+        if join is None:
+            self._connect_experts()
+            num_blocks = self._agree_kv_blocks(self.runner.determine_num_blocks())
+        else:
+            recv_dense_weights(self.runner.model, self.parallel.ep, join.weights_from)  # type: ignore[union-attr]
+            num_blocks = self._adopt_kv_blocks(join.num_kv_blocks)
+        self.balancer = self._make_balancer()
         self.runner.allocate_kv_cache(num_blocks)
-        self.runner.capture_cuda_graphs()
+        if join is None:  # a joining rank captures at the commit, with the others (graphs hold collectives)
+            self.runner.capture_cuda_graphs()
         self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
         logger.info("engine ready in %.1fs: %d KV blocks of %d tokens (%d tokens)", time.perf_counter() - start,
                     num_blocks, config.cache.block_size, num_blocks * config.cache.block_size)
+
+    # ---- start-up phases, re-run by reconfigure() ---------------------------------------------------------
+    def _connect_experts(self) -> None:
+        """Route every MoE layer through this layout's EP group (or none: a single rank computes locally)."""
+        if self.parallel is not None:
+            apply_expert_parallel(self.runner.model, self.parallel.ep, self.config.parallel.ep_dispatch)
+        else:
+            for moe in self.runner.model.moe_layers():
+                moe.ep_comm = None
+
+    def _agree_kv_blocks(self, num_blocks: int) -> int:
+        """Every rank gets the same capacity: the smallest one measured (a joining rank offers the size the
+        serving ranks have, which they cannot change while they hold requests)."""
+        if self.parallel is not None:
+            num_blocks = int(self.parallel.dp.all_reduce(torch.tensor([num_blocks]), dist.ReduceOp.MIN))
+        return num_blocks
+
+    def _adopt_kv_blocks(self, num_blocks: int) -> int:
+        """A joining rank takes the serving ranks' KV size (they cannot shrink theirs while they hold
+        requests) if it can hold it; measured before its MoE layers join the group (profiling runs alone)."""
+        own = self.runner.determine_num_blocks()
+        if own < num_blocks:
+            raise RuntimeError(f"this rank can hold {own} KV blocks; the serving ranks have {num_blocks}")
+        self._connect_experts()
+        return num_blocks
+
+    def reconfigure(self, layout: ParallelLayout, groups: ParallelState | None, old_p2l: torch.Tensor,
+                    new_p2l: torch.Tensor, transfer: StatelessGroup | None, old_world: int) -> None:
+        """Switch this rank to `layout` (the blocking part of a scale; every rank of `transfer` calls it
+        at the same step): expert slots and placement (moves over `transfer`: the new group when growing,
+        the old one when shrinking), groups, KV agreement, CUDA graphs. `groups`: the new layout's, built
+        beforehand beside the live ones (None at size 1); `old_p2l`: the placement over `old_world` ranks
+        (a joining rank's own layout is already the new one)."""
+        self.runner.release_cuda_graphs()  # they reference the old communicators and slot tensors
+        parallel = dataclasses.replace(self.config.parallel, data_parallel_size=layout.world_size,
+                                       data_parallel_rank=layout.rank, store_host=layout.store_host,
+                                       store_port=layout.store_port)
+        moe = self.runner.model.moe_layers()
+        expert_layout = ExpertLayout.for_ranks(self.config.model.arch.num_experts, parallel.num_redundant_experts,
+                                               layout.world_size, layout.rank)
+        move_experts(moe, old_p2l, new_p2l, old_world, self.layout.rank, expert_layout, transfer)
+        if self.parallel is not None and self.parallel is not groups:
+            self.parallel.destroy()
+        self.parallel, self.layout = groups, layout
+        self.config = self.runner.config = dataclasses.replace(self.config, parallel=parallel)
+        self._connect_experts()
+        if self._agree_kv_blocks(self.num_kv_blocks) != self.num_kv_blocks:
+            raise RuntimeError("ranks disagree on the KV cache size after a reconfiguration")
+        self.balancer = self._make_balancer()  # the window's shape follows the number of slots
+        self.runner.capture_cuda_graphs()
+
+    def leave(self, old_p2l: torch.Tensor, new_p2l: torch.Tensor) -> None:
+        """This rank leaves (scale-down): hand its experts to the survivors over the old group, then drop it."""
+        self.runner.release_cuda_graphs()
+        moe = self.runner.model.moe_layers()
+        group = self.parallel.ep if self.parallel is not None else None
+        move_experts(moe, old_p2l, new_p2l, self.layout.world_size, self.layout.rank, None, group)
+        self.shutdown()
+        self.balancer = None
+
+    def take_requests(self) -> list[Request]:
+        """Remove every request without reporting it (they continue on another engine)."""
+        return self.scheduler.abort(list(self.scheduler.requests))
+
+    def _make_balancer(self) -> ExpertBalancer | None:
+        if not self.config.eplb.enable_eplb or not self.runner.model.moe_layers():
+            return None
+        rank, size = self.config.parallel.data_parallel_rank, self.config.parallel.data_parallel_size
+        return ExpertBalancer(self.runner.model.moe_layers(), self.config.eplb, rank, size, self._ep_group)
 
     @property
     def num_kv_blocks(self) -> int:
@@ -72,8 +162,35 @@ class EngineCore:
     def global_unfinished(self) -> bool:
         """Whether this rank must keep stepping: it has work, or (with DP) another rank of its wave does."""
         if self.parallel is None:
-            return self.scheduler.has_unfinished()
+            return self.scheduler.has_unfinished() or self._eplb_pending
         return self.wave.running
+
+    # ---- expert load balancing ------------------------------------------------------------------------
+    @property
+    def _eplb_pending(self) -> bool:
+        """A rebalance is asked for or under way: steps must go on (dummy ones if need be) until it is done."""
+        return self.balancer is not None and (self.balancer.busy or self.balancer.requested)
+
+    @property
+    def _ep_group(self) -> StatelessGroup | None:
+        return self.parallel.ep if self.parallel is not None else None
+
+    def request_rebalance(self) -> int:
+        """Ask for a rebalance at the next step (every rank of the group joins it); returns the number the
+        rebalance will have once done, so a caller can wait for `eplb_state()['stats']['rebalances']`."""
+        if self.balancer is None:
+            raise RuntimeError("EPLB is off: start the engine with enable_eplb")
+        stats = self.balancer.stats
+        # One under way finishes first; the one asked for comes after it.
+        ticket = stats.rebalances + stats.skipped + (2 if self.balancer.busy else 1)
+        self.balancer.request()
+        self.wave.running = True
+        return ticket
+
+    def eplb_state(self) -> dict:
+        if self.balancer is None:
+            raise RuntimeError("EPLB is off: start the engine with enable_eplb")
+        return self.balancer.describe()
 
     def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]:
         return [EngineCoreOutput(r.request_id, [], finish_reason="abort") for r in self.scheduler.abort(request_ids)]
@@ -104,7 +221,8 @@ class EngineCore:
 
     def stats(self) -> SchedulerStats:
         s = self.scheduler
-        return SchedulerStats(len(s.running), len(s.waiting), s.kv_cache_usage, s.num_preemptions)
+        eplb = msgspec.structs.replace(self.balancer.stats) if self.balancer is not None else None  # a snapshot
+        return SchedulerStats(len(s.running), len(s.waiting), s.kv_cache_usage, s.num_preemptions, eplb)
 
     def step(self) -> list[EngineCoreOutput]:
         """One step. With data parallelism every rank must call this while `global_unfinished`: a rank
@@ -138,17 +256,36 @@ class EngineCore:
         out = self.scheduler.schedule()
         self._screen(out)
         dp_num_tokens, graph_size = None, None
+        eplb_due = self.balancer is not None and self.balancer.due()
+        plans_ready = self.balancer is not None and self.balancer.plan_ready
         if self.parallel is not None:
             decode_only = all(n == 1 for _, n in out.scheduled)
-            dp_num_tokens, self.wave.running, all_decode = self.parallel.exchange_step(
-                out.num_tokens or 1, self.scheduler.has_unfinished(), decode_only)
+            # A pending scale commit keeps every rank stepping until all are ready (no rebalance may start
+            # then, and none may be under way at the switch); ParallelState.all_scale_ready says when.
+            scale_ready = self.scale_commit_pending and not (self.balancer is not None and self.balancer.busy)
+            has_work = self.scheduler.has_unfinished() or self._eplb_pending or self.scale_commit_pending
+            dp_num_tokens, self.wave.running, all_decode, eplb_due = self.parallel.exchange_step(
+                out.num_tokens or 1, has_work, decode_only, eplb_due and not self.scale_commit_pending, scale_ready,
+                plans_ready)
+            plans_ready = self.parallel.all_eplb_plan_ready
             if not self.wave.running:
                 return []
             graph_size = self.runner.dp_graph_size(dp_num_tokens, all_decode)
-            if not out:
+        elif not out and not self._eplb_pending:
+            return []
+        if eplb_due:  # every rank of the EP group decided this at this same step
+            self.balancer.begin(self._ep_group)
+        outputs = self._forward(out, dp_num_tokens, graph_size)
+        if self.balancer is not None:
+            self.balancer.record_step()
+            self.balancer.advance(self._ep_group, plans_ready)  # one layer's moves, between steps
+        return outputs
+
+    def _forward(self, out: SchedulerOutput, dp_num_tokens: list[int] | None,
+                 graph_size: int | None) -> list[EngineCoreOutput]:
+        if not out:
+            if self.parallel is not None:  # keep the MoE collectives of the other ranks company
                 self.runner.dummy_run(1, dp_num_tokens=dp_num_tokens, graph_size=graph_size)
-                return []
-        elif not out:
             return []
         sampled, logprobs, failed = self.runner.execute(out, dp_num_tokens, graph_size)
         outputs = []

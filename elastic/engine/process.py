@@ -29,10 +29,12 @@ import msgspec
 import zmq
 
 from elastic.config import EngineConfig
+from elastic.engine.scale_agent import ScaleAgent, set_cpu_threads
 from elastic.engine.waves import DPWaves, RequestWave
 from elastic.parent_watch import watch_parent
 from elastic.protocol.from_engine import (EngineCoreOutput, EngineCoreOutputs, EngineDead, EngineHello, EngineReady,
                                           EngineStartupFailed, RejectedRequest, SchedulerStats, UtilityResult)
+from elastic.protocol.scaling import CoordinatorLink, JoinInfo, MigratedRequest
 from elastic.protocol.to_engine import (AbortRequests, EngineCoreInput, EngineCoreRequest, HandshakeAddresses,
                                         ShutdownEngine, UtilityCall, engine_identity)
 
@@ -51,9 +53,10 @@ class _Pending:
     rejected: list[RejectedRequest] = field(default_factory=list)
     utility_results: list[UtilityResult] = field(default_factory=list)
     queue_times: dict[str, float] = field(default_factory=dict)
+    migrated: list[MigratedRequest] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.outputs or self.rejected or self.utility_results or self.queue_times)
+        return bool(self.outputs or self.rejected or self.utility_results or self.queue_times or self.migrated)
 
 
 class EngineCoreProc:
@@ -61,9 +64,12 @@ class EngineCoreProc:
     busy loop."""
 
     def __init__(self, core: Any, engine_index: int, input_sockets: list[zmq.Socket],
-                 output_sockets: list[zmq.Socket], stats_interval_s: float, dp: DPWaves | None = None) -> None:
+                 output_sockets: list[zmq.Socket], stats_interval_s: float, dp: DPWaves | None = None,
+                 control: zmq.Socket | None = None, join: JoinInfo | None = None,
+                 ctx: zmq.Context | None = None) -> None:
         self.core = core
-        self.engine_index = engine_index
+        self.engine_index = engine_index  # the engine id (stable; the DP rank is core.layout.rank)
+        self.ctx = ctx
         self.inputs = input_sockets
         self.outputs = output_sockets
         self.stats_interval_s = stats_interval_s
@@ -75,6 +81,14 @@ class EngineCoreProc:
             self.poller.register(sock, zmq.POLLIN)
         if dp is not None:
             self.poller.register(dp.sub, zmq.POLLIN)  # a paused rank also wakes for START_DP_WAVE
+        # Elastic scaling: the handshake socket stays open as the launcher's control channel.
+        self.control = control
+        self.agent: ScaleAgent | None = None
+        if control is not None:
+            self.poller.register(control, zmq.POLLIN)
+            self.agent = ScaleAgent(self, control, engine_index, join)
+        self.accepting = True  # False while leaving: new requests go back to their front end
+        self.extra_sockets: list[zmq.Socket] = []  # opened while serving (closed by the process's exit)
         self.shutdown_requested = False
         self.pending = [_Pending() for _ in self.outputs]
         self.owner: dict[str, int] = {}  # request id -> index of the front end it came from
@@ -90,29 +104,49 @@ class EngineCoreProc:
             "counters": lambda: {"steps": self.num_steps, "requests": self.num_requests,
                                  "wave": self.core.wave.number,
                                  "running": bool(self.core.global_unfinished)},
+            "eplb_rebalance": self.core.request_rebalance,
+            "eplb_state": self.core.eplb_state,
         }
 
     def run(self) -> None:
+        agent = self.agent
         while True:
-            if self.shutdown_requested and not self._must_finish_wave():
+            if self._should_exit():
                 break
-            if not self.core.global_unfinished:
-                # Idle: block in poll (no CPU), waking only to re-send stats now and then (liveness).
+            if not self._must_step():
+                # Idle: block in poll (no CPU), waking only to re-send stats now and then (liveness), or
+                # every few ms while a scale is being prepared in the background.
                 wait_s = max(0.0, self.stats_interval_s - (time.monotonic() - self.last_send))
+                if agent is not None and agent.poll_interval_s is not None:
+                    wait_s = min(wait_s, agent.poll_interval_s)
                 if not self.poller.poll(int(wait_s * 1000)):
-                    self.send_batch([], force=True)
+                    if agent is not None:
+                        agent.poll()
+                    self.send_batch([], force=time.monotonic() - self.last_send >= self.stats_interval_s)
                     continue
             self.drain_inputs()
-            if self.shutdown_requested and not self._must_finish_wave():
+            if agent is not None:
+                agent.poll()
+            if self._should_exit():
                 break
             outputs: list[EngineCoreOutput] = []
-            if self.core.global_unfinished:
+            if self._must_step():
                 outputs = self.step()
+                if agent is not None:
+                    agent.after_step(time.monotonic())  # a scale every rank agreed on in this step's exchange
                 if self.dp is not None and not self.core.global_unfinished:
                     self.dp.wave_over()  # every rank saw the same 'nobody has work' at this step
             self.send_batch(outputs)
-            if self.dp is not None:
+            if self.dp is not None and not (agent is not None and agent.left):
                 self.dp.report_load(self.last_stats or self.core.stats())
+
+    def _must_step(self) -> bool:
+        return self.core.global_unfinished and not (self.agent is not None and self.agent.holds_steps)
+
+    def _should_exit(self) -> bool:
+        if self.agent is not None and self.agent.exit_requested:
+            return True  # a rank that left (scale-down), or a joined one whose scale was rolled back
+        return self.shutdown_requested and not self._must_finish_wave()
 
     def _must_finish_wave(self) -> bool:
         """A DP rank leaving mid-wave would hang its peers in the next collective: it drops its own requests
@@ -137,6 +171,14 @@ class EngineCoreProc:
                     self._reject_undecodable(frame.buffer, client, e)
                     continue
                 self.handle(msg, client)
+        if self.agent is not None:
+            assert self.control is not None
+            while True:
+                try:
+                    raw = self.control.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self.agent.handle_raw(raw)
         if self.dp is not None:
             self.dp.drain()
 
@@ -154,6 +196,10 @@ class EngineCoreProc:
 
     def handle(self, msg: Any, client: int = 0) -> None:
         if isinstance(msg, EngineCoreRequest):
+            if not self.accepting:  # leaving: straight back, to go to another engine
+                self.pending[client].migrated.append(
+                    MigratedRequest(msg.request_id, list(msg.resumed_token_ids), msg.generator_state))
+                return
             was_running = self.core.global_unfinished
             try:
                 self.core.add_request(msg)
@@ -171,10 +217,35 @@ class EngineCoreProc:
         elif isinstance(msg, AbortRequests):
             self._abort(msg.request_ids)
         elif isinstance(msg, UtilityCall):
+            was_running = self.core.global_unfinished
             self.pending[client].utility_results.append(self.call_utility(msg))
+            if self.dp is not None and not was_running and self.core.global_unfinished:
+                self.dp.request_wave()  # the call gave this rank work (a rebalance): wake the others
         elif isinstance(msg, ShutdownEngine):
             logger.info("shutdown requested by the front end")
             self.shutdown_requested = True
+
+    # ---- elastic scaling (called by the ScaleAgent) ------------------------------------------------------
+    def stop_accepting(self) -> None:
+        self.accepting = False
+
+    def resume_accepting(self) -> None:
+        self.accepting = True
+
+    def migrate_out(self) -> None:
+        """Hand every request back to its front end, with the tokens it has generated (all of them sent
+        already: outputs leave after every step, and this batch follows them on the same queue)."""
+        for req in self.core.take_requests():
+            self.waiting_since.pop(req.request_id, None)
+            self.pending[self.owner.pop(req.request_id, 0)].migrated.append(
+                MigratedRequest(req.request_id, req.output_token_ids, req.generator_state()))
+
+    def attach_coordinator(self, link: CoordinatorLink) -> None:
+        """A single engine growing to several joins the DP coordinator (started for the scale)."""
+        assert self.ctx is not None
+        self.dp = DPWaves(self.ctx, self.core.layout.rank, link.input, link.engine_pub, self.core.wave)
+        self.poller.register(self.dp.sub, zmq.POLLIN)
+        self.extra_sockets += self.dp.sockets
 
     def _abort(self, request_ids: list[str]) -> None:
         for out in self.core.abort_requests(request_ids):
@@ -224,7 +295,7 @@ class EngineCoreProc:
             batch = EngineCoreOutputs(
                 engine_index=self.engine_index, timestamp=time.time(), outputs=pending.outputs,
                 scheduler_stats=stats, queue_times=pending.queue_times or None, rejected=pending.rejected or None,
-                utility_results=pending.utility_results or None)
+                utility_results=pending.utility_results or None, migrated=pending.migrated or None)
             self.outputs[client].send(self.encoder.encode(batch), copy=False)
             self.pending[client] = _Pending()
             sent = True
@@ -249,9 +320,8 @@ def _set_device_and_threads(config: EngineConfig) -> None:
 
     if config.torch_device.type == "cuda" and config.torch_device.index is not None:
         torch.cuda.set_device(config.torch_device)  # NCCL and the allocator then use this rank's GPU
-    elif config.torch_device.type == "cpu" and config.parallel.is_distributed:
-        # Ranks on one host share its cores: oversubscribed OpenMP threads make every collective wait.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.parallel.data_parallel_size))
+    elif config.torch_device.type == "cpu":
+        set_cpu_threads(config.parallel.data_parallel_size)  # this rank's share of the host's cores
 
 
 def _handshake(sock: zmq.Socket, decoder: msgspec.msgpack.Decoder) -> HandshakeAddresses:
@@ -261,7 +331,7 @@ def _handshake(sock: zmq.Socket, decoder: msgspec.msgpack.Decoder) -> HandshakeA
 
 
 def _start_core(config: EngineConfig, engine_index: int, wave: RequestWave, dp: DPWaves | None,
-                handshake: zmq.Socket, encoder: msgspec.msgpack.Encoder) -> Any:
+                handshake: zmq.Socket, encoder: msgspec.msgpack.Encoder, addresses: HandshakeAddresses) -> Any:
     """Load the model, join the DP/EP groups, size the KV cache. A failure is told to the front end (why),
     then the process exits non-zero."""
     try:
@@ -270,7 +340,11 @@ def _start_core(config: EngineConfig, engine_index: int, wave: RequestWave, dp: 
 
         warn_if_hub_kernels_active(logger)
         _set_device_and_threads(config)
-        core = EngineCore(config, wave)  # loads weights (progress bar), joins the groups, sizes the KV cache
+        if addresses.join is not None:
+            _injected_join_failure(engine_index)
+        # Loads the weights (progress bar; a joining engine receives them instead), joins the groups, sizes
+        # the KV cache.
+        core = EngineCore(config, wave, epoch=addresses.epoch, join=addresses.join)
         if dp is not None:
             dp.wait_subscribed(HANDSHAKE_TIMEOUT_S)
         return core
@@ -280,6 +354,24 @@ def _start_core(config: EngineConfig, engine_index: int, wave: RequestWave, dp: 
         logger.exception("engine core %d failed to start", engine_index)
         handshake.send(encoder.encode(EngineStartupFailed(engine_index, f"{type(e).__name__}: {e}")))
         raise SystemExit(1) from None
+
+
+def _free_device_bytes(config: EngineConfig) -> int | None:
+    """What this rank may still allocate under its memory cap (CUDA), for scale-down capacity checks."""
+    if config.torch_device.type != "cuda":
+        return None
+    import torch
+
+    total = torch.cuda.get_device_properties(config.torch_device).total_memory
+    return max(0, int(total * config.cache.gpu_memory_utilization) - torch.cuda.memory_reserved(config.torch_device))
+
+
+def _injected_join_failure(engine_id: int) -> None:
+    """Test hook: ELASTIC_INJECT_JOIN_FAILURE=<engine id> makes that engine, started by a scale-up, die
+    while starting (the scale must roll back while the others serve on)."""
+    if os.environ.get("ELASTIC_INJECT_JOIN_FAILURE") == str(engine_id):
+        logger.error("engine core %d: injected start-up failure (ELASTIC_INJECT_JOIN_FAILURE)", engine_id)
+        os._exit(3)
 
 
 def _connect_queues(ctx: zmq.Context, identity: bytes,
@@ -346,19 +438,25 @@ def run_engine_core(config: EngineConfig, engine_index: int, handshake_address: 
             if addresses.coordinator_address is None or addresses.coordinator_pub_address is None:
                 raise RuntimeError("data_parallel_size > 1 but the front end named no DP coordinator")
             # Subscribe now: the coordinator's hello is long there when the model is loaded.
-            dp = DPWaves(ctx, engine_index, addresses.coordinator_address, addresses.coordinator_pub_address, wave)
+            rank = config.parallel.data_parallel_rank  # the coordinator's tables are by rank
+            dp = DPWaves(ctx, rank, addresses.coordinator_address, addresses.coordinator_pub_address, wave)
             sockets += dp.sockets
-        core = _start_core(config, engine_index, wave, dp, handshake, encoder)
+        core = _start_core(config, engine_index, wave, dp, handshake, encoder, addresses)
         inputs, outputs = _connect_queues(ctx, identity, addresses)
         sockets += inputs + outputs
         ready = encoder.encode(EngineReady(engine_index, core.num_kv_blocks, config.cache.block_size,
-                                           config.model.max_model_len, pid=os.getpid()))
+                                           config.model.max_model_len, pid=os.getpid(),
+                                           free_memory_bytes=_free_device_bytes(config)))
         for sock in inputs:
             sock.send(ready)  # registers our identity with each front end's ROUTER (and says READY to it)
-        handshake.send(ready)
+        handshake.send(ready)  # for an engine started by a scale-up: prepared, waiting for the commit
         logger.info("engine core %d ready: %d KV blocks", engine_index, core.num_kv_blocks)
-        exit_code = _serve(EngineCoreProc(core, engine_index, inputs, outputs, addresses.stats_interval_s, dp),
-                           encoder)
+        proc = EngineCoreProc(core, engine_index, inputs, outputs, addresses.stats_interval_s, dp,
+                              control=handshake, join=addresses.join, ctx=ctx)
+        try:
+            exit_code = _serve(proc, encoder)
+        finally:
+            sockets += proc.extra_sockets
     except SystemExit as e:
         exit_code = e.code if isinstance(e.code, int) else 0
     finally:

@@ -57,6 +57,9 @@ class DPWaves:
         self.encoder = msgspec.msgpack.Encoder()
         self.decoder = msgspec.msgpack.Decoder(CoordinatorToEngine)
         self.last_load: tuple[int, int] | None = None
+        # Whether the coordinator's hello arrived (our subscription is live). `engine_index` above is this
+        # engine's DP rank (the coordinator's tables are by rank), updated when a scale changes it.
+        self.subscribed = False
 
     @property
     def sockets(self) -> list[zmq.Socket]:
@@ -71,6 +74,7 @@ class DPWaves:
             if remaining <= 0 or not self.sub.poll(int(remaining * 1000)):
                 raise TimeoutError(f"no hello from the DP coordinator within {timeout_s:.0f}s")
             if isinstance(self.decoder.decode(self.sub.recv()), CoordinatorHello):
+                self.subscribed = True
                 return
 
     def drain(self) -> None:
@@ -83,6 +87,8 @@ class DPWaves:
             msg = self.decoder.decode(raw)
             if isinstance(msg, StartDPWave):
                 self.on_start_wave(msg)
+            elif isinstance(msg, CoordinatorHello):
+                self.subscribed = True  # attached while serving (a 1 -> N scale): no blocking wait then
 
     def on_start_wave(self, msg: StartDPWave) -> None:
         if msg.wave < self.wave.number:

@@ -23,6 +23,7 @@ import elastic
 from elastic.config import EngineConfig
 from elastic.config.server import ServerConfig
 from elastic.entrypoints import middleware
+from elastic.entrypoints.eplb_routes import eplb_router
 from elastic.entrypoints.graceful import AFTER_DRAIN_GRACE_S, DrainingServer
 from elastic.entrypoints.openai.offload import body_schema, offload, parse_body, validation_error
 from elastic.entrypoints.openai.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
@@ -30,6 +31,7 @@ from elastic.entrypoints.openai.protocol import (APIError, ChatCompletionRequest
 from elastic.entrypoints.openai.serving import ServingContext, with_request_id
 from elastic.entrypoints.openai.serving_chat import ChatHandler, render_chat
 from elastic.entrypoints.openai.serving_completion import CompletionHandler
+from elastic.entrypoints.scale_routes import make_scaler, scale_router
 from elastic.frontend.async_llm import AsyncLLM, EngineStartupError
 from elastic.logger import warn_if_hub_kernels_active
 from elastic.metrics import CONTENT_TYPE_LATEST, ServerMetrics
@@ -75,6 +77,8 @@ def build_app(engine: AsyncLLM, metrics: ServerMetrics, args: ServerConfig) -> F
 
     _add_openai_routes(app, ctx)
     _add_tokenizer_routes(app, ctx)
+    app.include_router(scale_router(make_scaler(engine, metrics), args.admin_api_key))  # POST /scale, GET /scale
+    app.include_router(eplb_router(engine, args.admin_api_key))  # GET /eplb, POST /eplb/rebalance
     return app
 
 

@@ -10,6 +10,8 @@ import logging
 import sys
 from typing import Any, Sequence
 
+from elastic.entrypoints.scale_cli import add_scale_parser
+
 DEMO_SERVED_NAME = "elastic-demo"
 
 
@@ -24,7 +26,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def _add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Flags come from the config sections' option fields: each option is declared once, there."""
-    from elastic.config.engine import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig
+    from elastic.config.engine import CacheConfig, EplbConfig, ModelConfig, ParallelConfig, SchedulerConfig
     from elastic.config.options import add_cli_options
     from elastic.config.server import ServerConfig
 
@@ -41,6 +43,7 @@ def _add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_cli_options(p, CacheConfig, "KV cache")
     add_cli_options(p, SchedulerConfig, "scheduler")
     add_cli_options(p, ParallelConfig, "data and expert parallelism")
+    add_cli_options(p, EplbConfig, "expert load balancing (EPLB)")
     return p
 
 
@@ -56,6 +59,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"elastic {elastic.__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_serve_parser(subparsers)
+    add_scale_parser(subparsers)  # `elastic scale N --url URL`: POST /scale from a shell
     return parser
 
 

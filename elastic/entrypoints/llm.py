@@ -66,6 +66,26 @@ class LLM:
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
 
+    # ---- expert load balancing (engines started with enable_eplb=True) ---------------------------------
+    def rebalance_experts(self) -> dict[str, Any]:
+        """Re-place experts by the recorded load now, on every rank; returns the placement and figures."""
+        if self.dp is not None:
+            from elastic.frontend.eplb_client import rebalance_experts
+
+            return self.dp.call(rebalance_experts(self.dp.engine.client))
+        assert self.engine is not None
+        self.engine.request_rebalance()
+        while self.engine.global_unfinished:  # rebalance steps (no forward without requests)
+            self.engine.step()
+        return self.engine.eplb_state()
+
+    def eplb_state(self, rank: int | None = None) -> dict[str, Any]:
+        """Placement per layer, replica counts and EPLB figures (of one rank: they agree on every rank)."""
+        if self.dp is not None:
+            return self.dp.call_utility(rank or 0, "eplb_state")
+        assert self.engine is not None
+        return self.engine.eplb_state()
+
     def get_default_sampling_params(self) -> SamplingParams:
         return self.input_processor.default_sampling_params()
 

@@ -38,14 +38,20 @@ from elastic.cluster.launcher import EngineLauncher, EngineStartupError, describ
 from elastic.frontend.ipc import make_ipc_namespace, remove_ipc_namespace
 from elastic.config import EngineConfig
 from elastic.config.server import ServerConfig
+from elastic.elastic_ep.orchestrator import ScaleOrchestrator
+from elastic.elastic_ep.service import ScaleServer
 from elastic.frontend.engine_client import FrontendAddresses
 from elastic.metrics import ServerMetrics
 from elastic.parent_watch import watch_parent
 from elastic.protocol.from_engine import EngineDead
+from elastic.protocol.scaling import MembershipUpdate
 
 logger = logging.getLogger(__name__)
 
 _API_SERVER_EXIT_MARGIN_S = 10.0  # on top of --shutdown-timeout
+# After a scale-down, a leaving rank hands back what API servers sent it before the new membership reached
+# them (relayed: milliseconds), then exits.
+_LEAVE_GRACE_S = 0.5
 
 
 def reuseport_socket(host: str, port: int) -> socket.socket:
@@ -121,6 +127,10 @@ class _Parent:
         self.relays: list[zmq.Socket] = []
         self.launcher = EngineLauncher(config, on_exit=self._on_engine_exit, socket_dir=socket_dir,
                                        log_level=args.log_level.upper())
+        # Elastic scaling runs here, beside the launcher; API servers forward POST /scale to it.
+        self.orchestrator = ScaleOrchestrator(self.launcher, config, self._relay_membership,
+                                              leave_grace_s=_LEAVE_GRACE_S)
+        self.scale_server: ScaleServer | None = None
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -128,9 +138,11 @@ class _Parent:
             loop.add_signal_handler(sig, self._request_stop, 0)
         try:
             coordinator = await self.launcher.start_coordinator()
+            self.scale_server = ScaleServer(self.launcher.ctx, f"ipc://{self.socket_dir}/scale", self.orchestrator)
             self.frontends = [FrontendAddresses(k, f"ipc://{self.socket_dir}/input-{k}",
                                                 f"ipc://{self.socket_dir}/output-{k}",
-                                                coordinator.frontend_pub if coordinator else None)
+                                                coordinator.frontend_pub if coordinator else None,
+                                                scale_address=self.scale_server.address)
                               for k in range(self.count)]
             for frontend in self.frontends:
                 self._spawn_api_server(frontend)
@@ -143,6 +155,7 @@ class _Parent:
             if starting.done():
                 starting.result()  # raises EngineStartupError
                 logger.info("all %d engine core(s) ready", len(self.launcher.engines))
+                self.scale_server.ready = True
                 await stopped
             else:
                 starting.cancel()
@@ -188,7 +201,7 @@ class _Parent:
         if self.lockstep_broken:  # a rank we stopped ourselves; every API server knows already
             logger.info("engine core %d %s", index, reason)
             return
-        engines = range(len(self.launcher.engines)) if index < 0 else [index]
+        engines = self.launcher.member_ids() if index < 0 else [index]
         encoder = msgspec.msgpack.Encoder()
         for i in engines:
             error = f"was stopped: {reason}" if index < 0 else reason
@@ -196,12 +209,22 @@ class _Parent:
                 relay.send(encoder.encode(EngineDead(i, error, relayed=True)), zmq.NOBLOCK)
         logger.error("%s%s; failing its requests in every API server", f"engine core {index} " if index >= 0 else "",
                      reason)
+        if self.scale_server is not None:
+            self.scale_server.ready = False  # nothing left to scale
         if self.launcher.data_parallel:  # the ranks step together: the others cannot go on
             self.lockstep_broken = True
             self.launcher.terminate_soon()
 
+    def _relay_membership(self, update: MembershipUpdate) -> None:
+        """A new membership record (elastic scaling) to every API server, on its output queue."""
+        payload = msgspec.msgpack.encode(update)
+        for relay in self.relays:
+            relay.send(payload, zmq.NOBLOCK)
+
     async def _shutdown(self) -> None:
         self.stopping = True
+        if self.scale_server is not None:
+            self.scale_server.close()
         alive = [p for p in self.servers if p.is_alive()]
         for proc in alive:
             proc.terminate()  # uvicorn: stop accepting, drain for --shutdown-timeout, abort the rest

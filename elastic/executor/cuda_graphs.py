@@ -38,6 +38,7 @@ class DecodeGraphs:
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.hidden = torch.zeros(n, hidden_size, dtype=dtype, device=device)
+        self.num_valid = torch.zeros(1, dtype=torch.long, device=device)  # real rows of this replay (expert load)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool: object | None = None
 
@@ -52,7 +53,7 @@ class DecodeGraphs:
         start = time.perf_counter()
         self.pool = torch.cuda.graph_pool_handle()
         for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
-            ctx = ForwardContext(attn=self._metadata(bs),
+            ctx = ForwardContext(attn=self._metadata(bs), num_valid_tokens=self.num_valid,
                                  dp_num_tokens=[bs] * self.dp_size if self.dp_size > 1 else None)
             with set_forward_context(ctx):
                 self.hidden[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])  # warm-up, autotune
@@ -89,6 +90,7 @@ class DecodeGraphs:
             self.slot_mapping[:n] = md.slot_mapping
             self.seq_lens[:n] = md.seq_lens
             self.block_tables[:n, :md.block_tables.shape[1]] = md.block_tables
+        self.num_valid.fill_(n)
         self.slot_mapping[n:bs] = -1
         self.seq_lens[n:bs] = 1  # padded rows attend to one (garbage but finite) cached token
         self.block_tables[n:bs, 0] = 0

@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
+import msgspec
+
 from elastic.config import EngineConfig
 from elastic.frontend.engine_client import (EngineCoreClient, EngineDeadError, EngineHandle, EngineStartupError,
                                             FrontendAddresses)
@@ -21,6 +23,8 @@ from elastic.frontend.output_processor import OutputProcessor
 from elastic.metrics import ServerMetrics
 from elastic.outputs import RequestOutput
 from elastic.protocol.from_engine import EngineCoreOutputs
+from elastic.protocol.scaling import ACTIVE, LEAVING, Membership, MigratedRequest
+from elastic.protocol.to_engine import EngineCoreRequest
 from elastic.sampling_params import SamplingParams
 from elastic.tokenizer import load_tokenizer
 from elastic.validation import validate_request
@@ -76,8 +80,11 @@ class _Collector:
 
 @dataclass
 class _Sample:
-    """Timing of one engine request (one of the n samples), for TTFT / ITL metrics."""
+    """One engine request (one of the n samples): where it runs, what to re-submit should that engine leave
+    (elastic scale-down), and its timing for TTFT / ITL metrics."""
 
+    engine_index: int
+    request: EngineCoreRequest
     first_token_time: float | None = None
     last_token_time: float | None = None
 
@@ -85,7 +92,7 @@ class _Sample:
 @dataclass
 class _RequestState:
     request_id: str
-    engine_index: int
+    engine_index: int  # where it was sent first; each sample's engine is in `samples` (requests can move)
     num_prompt_tokens: int
     arrival: float  # time.monotonic()
     collector: _Collector = field(default_factory=_Collector)
@@ -105,6 +112,7 @@ class AsyncLLM:
         self.client = EngineCoreClient(config, on_outputs=self._on_outputs, on_engine_dead=self._on_engine_dead,
                                        address=address, handshake_port=handshake_port, log_level=log_level,
                                        frontend=frontend)
+        self.client.on_membership = self._on_membership
         self.requests: dict[str, _RequestState] = {}
         self.sample_owner: dict[str, _RequestState] = {}  # engine request id -> its request
         self.startup_error: str | None = None
@@ -138,7 +146,7 @@ class AsyncLLM:
             await asyncio.sleep(0.05)
         states = list(self.requests.values())
         for state in states:
-            self.client.abort(state.engine_index, self.output_processor.remove(state.request_id))
+            self._abort_in_engines(state, self.output_processor.remove(state.request_id))
         self._fail_all(EngineNotReadyError(f"the server is shutting down: the request did not finish within "
                                            f"the shutdown timeout ({timeout:g} s)"))
         return len(states)
@@ -182,7 +190,7 @@ class AsyncLLM:
         engine = self.client.pick_engine()
         reqs = self.input_processor.make_requests(request_id, prompt_token_ids, params)
         state = _RequestState(request_id, engine.index, len(prompt_token_ids), time.monotonic(),
-                              samples={r.request_id: _Sample() for r in reqs})
+                              samples={r.request_id: _Sample(engine.index, r) for r in reqs})
         self.output_processor.add_request(request_id, prompt, prompt_token_ids, [r.request_id for r in reqs],
                                           [r.sampling_params for r in reqs])
         self.requests[request_id] = state
@@ -201,7 +209,18 @@ class AsyncLLM:
 
     def _send(self, engine: EngineHandle, state: _RequestState, reqs: list) -> None:
         try:
-            self.client.add_requests(engine, reqs)
+            try:
+                self.client.add_requests(engine, reqs)
+            except EngineDeadError:
+                if engine.dead_reason is not None:
+                    raise
+                # Unreachable but not dead: it left the layout (elastic scale-down) before our membership
+                # record said so. Another engine takes the request.
+                engine.state = LEAVING
+                engine = self.client.pick_engine(exclude=engine.index)
+                for sample in state.samples.values():
+                    sample.engine_index = engine.index
+                self.client.add_requests(engine, reqs)
         except EngineDeadError:
             self._forget(state)
             state.finished = True
@@ -215,21 +234,70 @@ class AsyncLLM:
 
     def _abort(self, state: _RequestState) -> None:
         child_ids = self.output_processor.remove(state.request_id)
-        self.client.abort(state.engine_index, child_ids)
+        self._abort_in_engines(state, child_ids)
         logger.info("aborted request %s (its client went away)", state.request_id)
         if self.metrics is not None:
             now = time.monotonic()
-            for _ in child_ids:
-                self.metrics.record_finished(state.engine_index, "abort", now - state.arrival,
+            for rid in child_ids:
+                self.metrics.record_finished(state.samples[rid].engine_index, "abort", now - state.arrival,
                                              state.num_prompt_tokens, 0)
         self._forget(state)
         state.finished = True
 
+    def _abort_in_engines(self, state: _RequestState, child_ids: list[str]) -> None:
+        by_engine: dict[int, list[str]] = {}
+        for rid in child_ids:
+            by_engine.setdefault(state.samples[rid].engine_index, []).append(rid)
+        for engine, ids in by_engine.items():
+            self.client.abort(engine, ids)
+
     def _forget(self, state: _RequestState) -> None:
         self.requests.pop(state.request_id, None)
-        for rid in state.samples:
+        for rid, sample in state.samples.items():
             self.sample_owner.pop(rid, None)
-        self.client.release(state.engine_index, len(state.samples))
+            self.client.release(sample.engine_index, 1)
+
+    # ---- elastic scaling: requests that leave a departing engine --------------------------------------------
+    def _migrate(self, from_engine: int, migrated: list[MigratedRequest]) -> None:
+        """Re-submit each to another engine: the prompt plus the tokens already streamed to the client (the
+        engine re-prefills them) and, when seeded, the generator's state, so the stream goes on with no gap,
+        no duplicate and (greedy or seeded) the tokens it would have had."""
+        leaving = self.client.by_id.get(from_engine)
+        if leaving is not None and leaving.state == ACTIVE:
+            leaving.state = LEAVING  # it says so itself before our membership record may (several API servers)
+        num_moved = mid_stream = 0
+        for moved in migrated:
+            state = self.sample_owner.get(moved.request_id)
+            if state is None or state.finished or state.samples[moved.request_id].engine_index != from_engine:
+                continue  # finished meanwhile (a stop string), or already moved
+            sample = state.samples[moved.request_id]
+            params = sample.request.sampling_params
+            if moved.output_token_ids and params.prompt_logprobs is not None:  # delivered with the first token
+                params = msgspec.structs.replace(params, prompt_logprobs=None)
+            request = msgspec.structs.replace(sample.request, sampling_params=params,
+                                              resumed_token_ids=moved.output_token_ids,
+                                              generator_state=moved.generator_state)
+            try:
+                engine = self.client.pick_engine(exclude=from_engine)
+                self.client.release(from_engine, 1)
+                sample.engine_index = engine.index
+                self.client.add_requests(engine, [request])
+            except EngineDeadError as e:
+                self._fail_one(from_engine, moved.request_id, e)
+                continue
+            num_moved += 1
+            mid_stream += bool(moved.output_token_ids)
+        if num_moved:
+            logger.info("engine core %d is leaving: %d request(s) moved to other engines (%d mid-stream)",
+                        from_engine, num_moved, mid_stream)
+
+    def _on_membership(self, membership: Membership, gone: list[int]) -> None:
+        if self.metrics is None:
+            return
+        for engine_id in gone:  # its series go with it (autoscalers must not count a rank that left)
+            self.metrics.remove_engine(engine_id)
+        for engine in self.client.engines:
+            self.metrics.engine(engine.index)
 
     # ---- outputs (called by the engine client's receive task) ------------------------------------------
     def _on_outputs(self, batch: EngineCoreOutputs) -> None:
@@ -241,6 +309,8 @@ class AsyncLLM:
                 metrics.record_scheduler_stats(engine, batch.scheduler_stats)
             for seconds in (batch.queue_times or {}).values():
                 metrics.record_queue_time(engine, seconds)
+        if batch.migrated:
+            self._migrate(engine, batch.migrated)
         for rejected in batch.rejected or ():
             self._fail_one(engine, rejected.request_id, RequestRejectedError(rejected.error))
         if any(eo.finish_reason == "error" for eo in batch.outputs):
@@ -270,7 +340,8 @@ class AsyncLLM:
         if state is None or state.finished:
             return
         logger.warning("engine core %d: request %s failed: %s", engine, engine_request_id, error)
-        self.client.abort(engine, [r for r in self.output_processor.remove(state.request_id) if r != engine_request_id])
+        self._abort_in_engines(state, [r for r in self.output_processor.remove(state.request_id)
+                                       if r != engine_request_id])
         self._forget(state)
         state.finished = True
         state.collector.fail(error)
@@ -295,9 +366,10 @@ class AsyncLLM:
         self._forget(state)
         state.finished = True
         if self.metrics is not None:
+            samples = list(state.samples.values())  # in sample (output) order
             for out in snapshot.outputs:
-                self.metrics.record_finished(state.engine_index, out.finish_reason or "stop", now - state.arrival,
-                                             state.num_prompt_tokens, len(out.token_ids))
+                self.metrics.record_finished(samples[out.index].engine_index, out.finish_reason or "stop",
+                                             now - state.arrival, state.num_prompt_tokens, len(out.token_ids))
 
     def _on_engine_dead(self, engine_index: int, reason: str) -> None:
         self._fail_all(EngineDeadError(reason), engine_index)
@@ -306,7 +378,7 @@ class AsyncLLM:
 
     def _fail_all(self, error: BaseException, engine_index: int | None = None) -> None:
         for state in list(self.requests.values()):
-            if engine_index is None or state.engine_index == engine_index:
+            if engine_index is None or any(s.engine_index == engine_index for s in state.samples.values()):
                 self.output_processor.remove(state.request_id)
                 self._forget(state)
                 state.finished = True

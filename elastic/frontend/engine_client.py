@@ -34,6 +34,7 @@ from elastic.config import EngineConfig
 from elastic.protocol.from_coordinator import LoadSnapshot
 from elastic.protocol.from_engine import (EngineCoreOutputMessage, EngineCoreOutputs, EngineDead, EngineReady,
                                           SchedulerStats)
+from elastic.protocol.scaling import ACTIVE, JOINING, Member, Membership, MembershipUpdate
 from elastic.protocol.to_engine import (AbortRequests, EngineCoreInput, EngineCoreRequest, ShutdownEngine, UtilityCall,
                                         engine_identity)
 
@@ -58,12 +59,15 @@ class FrontendAddresses(msgspec.Struct, frozen=True):
     input_address: str
     output_address: str
     coordinator_frontend_pub: str | None = None
+    scale_address: str | None = None  # the launcher process's ScaleServer (POST /scale is forwarded there)
 
 
 @dataclass
 class EngineHandle:
-    index: int
+    index: int  # the engine id (stable; the ZMQ identity and the metrics label), not its DP rank
     identity: bytes
+    rank: int = -1  # DP rank at the current membership epoch (-1: not a member)
+    state: str = ACTIVE  # active: routable; joining: not yet; leaving: no new requests (elastic scaling)
     pid: int | None = None
     num_kv_blocks: int = 0
     ready: bool = False
@@ -86,8 +90,12 @@ class EngineCoreClient:
         self.address = address  # None: ipc (all engines local)
         self.frontend = frontend
         n = config.parallel.data_parallel_size
-        self.engines = [EngineHandle(i, engine_identity(i)) for i in range(n)]
-        # Routing table: [waiting, running] per engine, from the coordinator plus our own routing since.
+        self.membership = Membership(0, [Member(i, i) for i in range(n)])
+        self.by_id: dict[int, EngineHandle] = {i: EngineHandle(i, engine_identity(i), rank=i) for i in range(n)}
+        self.engines = [self.by_id[i] for i in range(n)]  # the members, in rank order
+        self.on_membership: Callable[[Membership, list[int]], None] | None = None  # (record, ids gone)
+        self.coordinator_subscribed = False
+        # Routing table: [waiting, running] per rank, from the coordinator plus our own routing since.
         self.lb_counts: list[list[int]] = [[0, 0] for _ in range(n)]
         self.encoder = msgspec.msgpack.Encoder()
         self.output_decoder = msgspec.msgpack.Decoder(EngineCoreOutputMessage)
@@ -103,6 +111,7 @@ class EngineCoreClient:
         self.utility_calls: dict[int, tuple[int, asyncio.Future]] = {}
         self.call_ids = itertools.count()
         self.lockstep_broken = False
+        self.started = False
         self._startup_failure: asyncio.Future | None = None  # while waiting for registrations
         self.closing = False
         self.closed = False
@@ -139,6 +148,7 @@ class EngineCoreClient:
         self.output_address = self.output.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def _subscribe_coordinator(self, address: str) -> None:
+        self.coordinator_subscribed = True
         sub = self.actx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
@@ -155,7 +165,8 @@ class EngineCoreClient:
                 if coordinator is not None:
                     self._subscribe_coordinator(coordinator.frontend_pub)
                 await self.launcher.start([self.input_address], [self.output_address])
-                for engine, proc in zip(self.engines, self.launcher.engines):
+                for engine in self.engines:
+                    proc = self.launcher.engines[engine.index]
                     engine.pid, engine.num_kv_blocks, engine.proc = proc.pid, proc.num_kv_blocks, proc.proc
                 await self._await_registrations(_REGISTRATION_TIMEOUT_S)
             else:
@@ -166,7 +177,10 @@ class EngineCoreClient:
         except BaseException:
             self.close()
             raise
-        self.tasks.append(asyncio.get_running_loop().create_task(self._recv_loop(), name="engine-outputs"))
+        self.started = True
+        loop = asyncio.get_running_loop()
+        self.tasks.append(loop.create_task(self._recv_loop(), name="engine-outputs"))
+        self.tasks.append(loop.create_task(self._registration_loop(), name="engine-registrations"))
 
     async def _await_registrations(self, timeout: float) -> None:
         """Each engine sends its READY on our input socket; until then our ROUTER cannot address it."""
@@ -201,6 +215,46 @@ class EngineCoreClient:
             raise EngineStartupError("engine cores said READY but never connected to the input queue")
         self._startup_failure = None
 
+    async def _registration_loop(self) -> None:
+        """Engines started by a scale-up register later: READY on our input socket, before they are routable."""
+        inbox = zmq.asyncio.Socket.from_socket(self.input)
+        decoder = msgspec.msgpack.Decoder(EngineReady)
+        while True:
+            identity, payload = await inbox.recv_multipart()
+            try:
+                ready = decoder.decode(payload)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                continue
+            engine = self.by_id.setdefault(ready.engine_index, EngineHandle(ready.engine_index, identity,
+                                                                              state=JOINING))
+            engine.ready, engine.num_kv_blocks, engine.pid = True, ready.num_kv_blocks, ready.pid
+
+    # ---- membership (elastic scaling) ------------------------------------------------------------------
+    def apply_membership(self, membership: Membership, coordinator_frontend_pub: str | None = None) -> None:
+        """A new record from the launcher: route only to its active members, by its ranks. Engines that are
+        no members any more are forgotten (their last outputs were delivered before they left)."""
+        if membership.epoch < self.membership.epoch:
+            return  # relayed late
+        if coordinator_frontend_pub and not self.coordinator_subscribed:
+            self._subscribe_coordinator(coordinator_frontend_pub)
+        old_ranks = [e.index for e in self.engines]
+        for member in membership.members:
+            engine = self.by_id.setdefault(member.engine_id, EngineHandle(member.engine_id,
+                                                                           engine_identity(member.engine_id)))
+            engine.rank, engine.state = member.rank, member.state
+            if self.launcher is not None and member.engine_id in self.launcher.engines:
+                engine.proc = self.launcher.engines[member.engine_id].proc
+        ids = {m.engine_id for m in membership.members}
+        gone = [i for i in self.by_id if i not in ids and (i in old_ranks or self.by_id[i].rank >= 0)]
+        for engine_id in gone:
+            del self.by_id[engine_id]
+        self.engines = [self.by_id[m.engine_id] for m in membership.ranked()]
+        if [e.index for e in self.engines] != old_ranks:
+            self.lb_counts = [[0, 0] for _ in self.engines]  # by rank: the next snapshot fills it
+        self.membership = membership
+        if self.on_membership is not None:
+            self.on_membership(membership, gone)
+
     # ---- steady state ---------------------------------------------------------------------------------
     def _on_launcher_exit(self, index: int, reason: str) -> None:
         if index < 0:  # the DP coordinator: without it no rank can wake the others
@@ -208,7 +262,8 @@ class EngineCoreClient:
             for engine in self.engines:
                 self._mark_dead(engine, f"was stopped: {reason}", root_cause=reason)
             return
-        self._mark_dead(self.engines[index], reason)
+        if index in self.by_id:
+            self._mark_dead(self.by_id[index], reason)
 
     def _mark_dead(self, engine: EngineHandle, reason: str, root_cause: str | None = None) -> None:
         if engine.dead_reason is not None:
@@ -254,11 +309,18 @@ class EngineCoreClient:
             except (msgspec.DecodeError, msgspec.ValidationError) as e:
                 logger.error("dropping an undecodable engine output: %s", e)
                 continue
+            if isinstance(msg, MembershipUpdate):  # relayed by the launcher of several API servers
+                self.apply_membership(msg.membership, msg.coordinator_frontend_pub)
+                continue
+            engine = self.by_id.get(msg.engine_index)
+            if engine is None:  # an engine that left: it may still hand back requests that reached it late
+                if isinstance(msg, EngineCoreOutputs) and msg.migrated:
+                    self.on_outputs(EngineCoreOutputs(msg.engine_index, msg.timestamp, migrated=msg.migrated))
+                continue
             if isinstance(msg, EngineDead):
                 reason = msg.error if msg.relayed else f"crashed: {msg.error}"
-                self._mark_dead(self.engines[msg.engine_index], reason)
+                self._mark_dead(engine, reason)
                 continue
-            engine = self.engines[msg.engine_index]
             if msg.scheduler_stats is not None:
                 engine.stats = msg.scheduler_stats
             for result in msg.utility_results or ():
@@ -282,26 +344,29 @@ class EngineCoreClient:
             except (msgspec.DecodeError, msgspec.ValidationError) as e:
                 logger.error("dropping an undecodable load snapshot: %s", e)
                 continue
-            if len(snapshot.counts) == len(self.engines):
+            if snapshot.epoch == self.membership.epoch and len(snapshot.counts) == len(self.engines):
                 # Replaces what we added since the last one: the engines now count those requests themselves.
                 self.lb_counts = [list(c) for c in snapshot.counts]
 
     @property
     def is_ready(self) -> bool:
-        return bool(self.engines) and all(e.ready for e in self.engines) and not self.closed
+        """Started (every engine registered) and not closed. A member added by a scale-up may register a
+        moment after the membership names it: it is routed to once it has, and the server stays ready."""
+        return self.started and not self.closed and any(e.ready for e in self.engines)
 
     @property
     def dead_reason(self) -> str | None:
         reasons = [f"engine core {e.index} {e.dead_reason}" for e in self.engines if e.dead_reason]
         return "; ".join(reasons) or None
 
-    def pick_engine(self) -> EngineHandle:
-        """The live engine with the lowest load score; ties go to the lowest index."""
-        live = [e for e in self.engines if e.ready and e.dead_reason is None]
+    def pick_engine(self, exclude: int | None = None) -> EngineHandle:
+        """The live, active engine with the lowest load score; ties go to the lowest rank."""
+        live = [e for e in self.engines if e.ready and e.dead_reason is None and e.state == ACTIVE
+                and e.index != exclude]
         if not live:
             raise EngineDeadError(self.dead_reason or "no engine core is ready")
         counts = self.lb_counts
-        return min(live, key=lambda e: (counts[e.index][0] * WAITING_WEIGHT + counts[e.index][1], e.index))
+        return min(live, key=lambda e: (counts[e.rank][0] * WAITING_WEIGHT + counts[e.rank][1], e.rank))
 
     def _send(self, engine: EngineHandle, msg: EngineCoreInput) -> None:
         if engine.dead_reason is not None:
@@ -315,15 +380,17 @@ class EngineCoreClient:
         for req in requests:
             self._send(engine, req)
         engine.num_in_flight += len(requests)
-        self.lb_counts[engine.index][0] += len(requests)  # waiting there until the next snapshot says otherwise
+        if 0 <= engine.rank < len(self.lb_counts):  # waiting there until the next snapshot says otherwise
+            self.lb_counts[engine.rank][0] += len(requests)
 
     def release(self, engine_index: int, num_requests: int) -> None:
-        engine = self.engines[engine_index]
-        engine.num_in_flight = max(0, engine.num_in_flight - num_requests)
+        engine = self.by_id.get(engine_index)
+        if engine is not None:
+            engine.num_in_flight = max(0, engine.num_in_flight - num_requests)
 
     def abort(self, engine_index: int, request_ids: list[str]) -> None:
-        engine = self.engines[engine_index]
-        if request_ids and engine.dead_reason is None and not self.closed:
+        engine = self.by_id.get(engine_index)
+        if request_ids and engine is not None and engine.dead_reason is None and not self.closed:
             try:
                 self._send(engine, AbortRequests(request_ids))
             except EngineDeadError as e:
@@ -334,7 +401,7 @@ class EngineCoreClient:
         fut = asyncio.get_running_loop().create_future()
         self.utility_calls[call_id] = (engine_index, fut)
         try:
-            self._send(self.engines[engine_index], UtilityCall(call_id, method, list(args)))
+            self._send(self.by_id[engine_index], UtilityCall(call_id, method, list(args)))
             return await asyncio.wait_for(fut, timeout)
         finally:
             self.utility_calls.pop(call_id, None)

@@ -6,6 +6,7 @@ slot tensors; model code never changes.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -15,8 +16,52 @@ from elastic.forward_context import get_forward_context
 from elastic.kernels import fused_moe
 from elastic.kernels.routing import route_to_slots, slots_to_local
 
+def placement_maps(physical_to_logical: torch.Tensor, num_logical: int,
+                   max_replicas: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Slot assignment [S] -> (p2l [S], l2p [E, max_replicas] -1 padded, replica counts [E]), on the CPU."""
+    p2l = physical_to_logical.to(torch.long).cpu()
+    if p2l.numel() and (p2l.min() < 0 or p2l.max() >= num_logical):
+        raise ValueError(f"placement names experts outside [0, {num_logical})")
+    counts = torch.bincount(p2l, minlength=num_logical)
+    if (counts == 0).any():
+        raise ValueError(f"placement leaves experts {torch.nonzero(counts == 0).flatten().tolist()} without a slot")
+    if int(counts.max()) > max_replicas:
+        raise ValueError(f"placement gives an expert {int(counts.max())} replicas; at most {max_replicas} fit")
+    # Explicitly on the CPU: the model is built under a `torch.device` context that would move these.
+    l2p = torch.full((num_logical, max_replicas), -1, dtype=torch.long, device="cpu")
+    order = torch.argsort(p2l, stable=True)  # slots grouped by expert, ascending within each
+    starts = torch.cumsum(counts, 0) - counts
+    replica = torch.arange(p2l.numel(), device="cpu") - starts[p2l[order]]
+    l2p[p2l[order], replica] = order
+    return p2l, l2p, counts
+
+
 # (hidden [T, H], w13 [S, 2I, H], w2 [S, H, I], topk_weights [T, K] f32, topk_slots [T, K] int32) -> [T, H]
 ExpertBackend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """How one MoE layer's physical slots spread over the EP group. Slots per rank are ceil((E + R) / ranks),
+    so any number of ranks works; slots beyond E + R hold extra replicas."""
+
+    ep_size: int
+    ep_rank: int
+    slots_per_rank: int
+
+    @staticmethod
+    def for_ranks(num_experts: int, num_redundant: int, ep_size: int, ep_rank: int) -> ExpertLayout:
+        if not 0 <= ep_rank < ep_size:
+            raise ValueError(f"ep_rank {ep_rank} outside [0, {ep_size})")
+        return ExpertLayout(ep_size, ep_rank, -(-(num_experts + num_redundant) // ep_size))
+
+    @property
+    def num_physical(self) -> int:
+        return self.ep_size * self.slots_per_rank
+
+    @property
+    def first_slot(self) -> int:
+        return self.ep_rank * self.slots_per_rank
 
 
 class FusedMoE(nn.Module):
@@ -25,44 +70,54 @@ class FusedMoE(nn.Module):
                  backend: ExpertBackend = fused_moe) -> None:
         super().__init__()
         self.num_logical = num_experts
-        self.num_physical = num_experts + num_redundant
-        if self.num_physical % ep_size:
-            raise ValueError(f"{self.num_physical} physical experts do not split evenly over {ep_size} ranks")
         self.top_k, self.renormalize, self.backend = top_k, renormalize, backend
-        self.slots_per_rank = self.num_physical // ep_size
-        self.first_slot = ep_rank * self.slots_per_rank
-        self.w13 = nn.Parameter(torch.empty(self.slots_per_rank, 2 * intermediate_size, hidden_size),
-                                requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(self.slots_per_rank, hidden_size, intermediate_size),
-                               requires_grad=False)
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        self.w13 = nn.Parameter(torch.empty(0), requires_grad=False)  # [slots_per_rank, 2I, H] (set_layout)
+        self.w2 = nn.Parameter(torch.empty(0), requires_grad=False)  # [slots_per_rank, H, I]
         self.w13.weight_loader = self._load_expert
         self.w2.weight_loader = self._load_expert
-        # Initial placement: logical e in slot e, extra slots replicate experts round-robin.
-        physical_to_logical = torch.arange(self.num_physical) % num_experts
-        self.register_buffer("physical_to_logical", physical_to_logical, persistent=False)
-        self.register_buffer("logical_to_physical", torch.empty(0, dtype=torch.long), persistent=False)
-        self.register_buffer("logical_replica_count", torch.empty(0, dtype=torch.long), persistent=False)
-        self.set_placement(physical_to_logical)
-        # Tokens routed to each physical slot, accumulated on device (no host sync) for EPLB.
-        self.register_buffer("expert_load", torch.zeros(self.num_physical, dtype=torch.long), persistent=False)
         # Set by elastic.distributed.expert_parallel when experts are spread over several ranks.
         self.ep_comm: Callable[[FusedMoE, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        self.set_layout(ExpertLayout.for_ranks(num_experts, num_redundant, ep_size, ep_rank))
+
+    def set_layout(self, layout: ExpertLayout) -> None:
+        """(Re)build this layer for `layout`: slot tensors (allocated, not filled, when slots per rank change),
+        placement maps at their fixed shapes, the initial placement (logical e in slot e, extra slots
+        replicate round-robin) and the load counter. Captured CUDA graphs must be re-captured after this;
+        weights must be loaded or moved in."""
+        if layout.num_physical < self.num_logical:
+            raise ValueError(f"{layout.ep_size} ranks x {layout.slots_per_rank} slots cannot hold "
+                             f"{self.num_logical} experts")
+        self.layout = layout
+        self.slots_per_rank, self.first_slot, self.num_physical = (layout.slots_per_rank, layout.first_slot,
+                                                                   layout.num_physical)
+        if self.w13.shape[:1] != (layout.slots_per_rank,):
+            i, h = self.intermediate_size, self.hidden_size
+            like = dict(dtype=self.w13.dtype, device=self.w13.device)
+            self.w13.data = torch.empty(layout.slots_per_rank, 2 * i, h, **like)
+            self.w2.data = torch.empty(layout.slots_per_rank, h, i, **like)
+        device = self.w13.device
+        # Fixed shapes from here on: rebalancing rewrites them in place, so CUDA graphs keep pointing at them.
+        # An expert has at most num_physical - E + 1 replicas (every other expert keeps one).
+        max_replicas = layout.num_physical - self.num_logical + 1
+        self.register_buffer("physical_to_logical", torch.empty(layout.num_physical, dtype=torch.long,
+                                                                device=device), persistent=False)
+        self.register_buffer("logical_to_physical", torch.empty(self.num_logical, max_replicas, dtype=torch.long,
+                                                                device=device), persistent=False)
+        self.register_buffer("logical_replica_count", torch.empty(self.num_logical, dtype=torch.long,
+                                                                  device=device), persistent=False)
+        # Tokens routed to each physical slot, accumulated on device (no host sync) for EPLB; the balancer
+        # re-points this at a row of its per-step buffer.
+        self.register_buffer("expert_load", torch.zeros(layout.num_physical, dtype=torch.long, device=device),
+                             persistent=False)
+        self.set_placement(torch.arange(layout.num_physical, device="cpu") % self.num_logical)
 
     def set_placement(self, physical_to_logical: torch.Tensor) -> None:
-        """Rebuild the logical->physical maps from a slot assignment [num_physical]."""
-        p2l = physical_to_logical.to(torch.long).cpu()
-        counts = torch.bincount(p2l, minlength=self.num_logical)
-        if (counts == 0).any():
-            raise ValueError(f"placement leaves experts {torch.nonzero(counts == 0).flatten().tolist()} without a slot")
-        l2p = torch.full((self.num_logical, int(counts.max())), -1, dtype=torch.long)
-        filled = [0] * self.num_logical
-        for slot, expert in enumerate(p2l.tolist()):
-            l2p[expert, filled[expert]] = slot
-            filled[expert] += 1
-        device = self.physical_to_logical.device
-        self.physical_to_logical = p2l.to(device)
-        self.logical_to_physical = l2p.to(device)
-        self.logical_replica_count = counts.to(device)
+        """Rewrite the maps in place from a slot assignment [num_physical] (the slot weights are the caller's)."""
+        p2l, l2p, counts = placement_maps(physical_to_logical, self.num_logical, self.logical_to_physical.shape[1])
+        self.physical_to_logical.copy_(p2l)
+        self.logical_to_physical.copy_(l2p)
+        self.logical_replica_count.copy_(counts)
 
     def _load_expert(self, param: nn.Parameter, loaded: torch.Tensor, expert_id: int, shard_id: int | None) -> None:
         """Copy one checkpoint expert's tensor into every local slot holding that expert.
@@ -88,10 +143,12 @@ class FusedMoE(nn.Module):
         # hidden [T, H]; router_logits [T, E] -> [T, H]
         # One kernel on CUDA: softmax/top-k, replica choice (token index % replica count), the
         # logical->physical gather, the expert-load count and the local-slot mask.
-        load = self.expert_load if get_forward_context().record_expert_load else None
+        ctx = get_forward_context()
+        load = self.expert_load if ctx.record_expert_load else None
         topk_weights, physical, local = route_to_slots(
             router_logits, self.top_k, self.renormalize, self.logical_to_physical, self.logical_replica_count,
-            load, self.first_slot, self.slots_per_rank)  # [T, K] f32, [T, K] int64 global, [T, K] int32
+            load, self.first_slot, self.slots_per_rank,
+            num_valid=ctx.num_valid_tokens)  # [T, K] f32, [T, K] int64 global, [T, K] int32
         if self.ep_comm is not None:
             return self.ep_comm(self, hidden, topk_weights, physical)
         return self.backend(hidden, self.w13, self.w2, topk_weights, local)

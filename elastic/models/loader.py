@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 from elastic.config import ModelConfig, ParallelConfig
 from elastic.config.model_arch import ModelArch
 from elastic.layers.moe import FusedMoE
-from elastic.models.moe_decoder import MoeForCausalLM
+from elastic.models.moe_decoder import MoeForCausalLM, SparseMoeBlock
+from elastic.models.router_skew import skew_router_
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +148,10 @@ def load_model(config: ModelConfig, parallel: ParallelConfig, device: torch.devi
         torch.set_default_dtype(prev_dtype)
     if config.load_format == "dummy":
         init_dummy_weights(model, config.seed)
+        if config.dummy_router_zipf:
+            for i, layer in enumerate(model.model.layers):
+                if isinstance(layer.mlp, SparseMoeBlock):
+                    skew_router_(layer.mlp.gate.weight, config.dummy_router_zipf, i, config.seed)
     else:
         load_weights(model, Path(config.model))
     return model.eval()

@@ -24,6 +24,7 @@ CoordinatorToEngine = Union[StartDPWave, CoordinatorHello]
 class LoadSnapshot(msgspec.Struct, array_like=True, tag=True):
     """Per-engine [waiting, running] counts for routing, plus the wave state."""
 
-    counts: list[list[int]]
+    counts: list[list[int]]  # by DP rank
     wave: int
     running: bool
+    epoch: int = 0  # of the membership the table is for (elastic scaling)

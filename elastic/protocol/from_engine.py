@@ -9,6 +9,8 @@ from typing import Any, Union
 
 import msgspec
 
+from elastic.protocol.scaling import MembershipUpdate, MigratedRequest, ScaleCommitted, ScalePrepared
+
 
 class TokenLogprobs(msgspec.Struct, array_like=True):
     """Logprobs at one generated position: entry 0 is the sampled token, then the top-n by rank."""
@@ -35,6 +37,20 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
         return self.finish_reason is not None
 
 
+class EplbStats(msgspec.Struct, array_like=True):
+    """Expert load balancing on one engine (the same on every rank of an EP group)."""
+
+    rebalances: int = 0  # completed
+    skipped: int = 0  # started but not worth it (predicted gain below eplb_min_gain)
+    balancedness: float | None = None  # mean/max tokens per rank over the window, after the last rebalance
+    balancedness_before: float | None = None  # the same window under the placement it replaced
+    slots_moved: int = 0  # cumulative
+    bytes_moved: int = 0  # cumulative, received by this rank
+    last_rebalance_s: float = 0.0
+    last_stall_s: float = 0.0  # longest pause between two steps during the last rebalance
+    longest_stall_s: float = 0.0
+
+
 class SchedulerStats(msgspec.Struct, array_like=True):
     """Load of one engine, for metrics and (with data parallelism) routing."""
 
@@ -42,6 +58,7 @@ class SchedulerStats(msgspec.Struct, array_like=True):
     num_waiting: int
     kv_cache_usage: float  # 0..1
     num_preemptions: int  # cumulative
+    eplb: EplbStats | None = None  # with --enable-eplb
 
 
 # ---- output queue ---------------------------------------------------------------------------------------
@@ -69,6 +86,8 @@ class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True, tag
     queue_times: dict[str, float] | None = None
     rejected: list[RejectedRequest] | None = None
     utility_results: list[UtilityResult] | None = None
+    # Requests a leaving engine handed back (elastic scale-down): the front end re-submits them elsewhere.
+    migrated: list[MigratedRequest] | None = None
 
 
 class EngineDead(msgspec.Struct, array_like=True, tag=True):
@@ -80,7 +99,8 @@ class EngineDead(msgspec.Struct, array_like=True, tag=True):
     relayed: bool = False
 
 
-EngineCoreOutputMessage = Union[EngineCoreOutputs, EngineDead]
+# MembershipUpdate: relayed by the launcher of several API servers when the engine set changes.
+EngineCoreOutputMessage = Union[EngineCoreOutputs, EngineDead, MembershipUpdate]
 
 
 # ---- handshake ------------------------------------------------------------------------------------------
@@ -99,6 +119,9 @@ class EngineReady(msgspec.Struct, tag=True):
     block_size: int
     max_model_len: int
     pid: int | None = None
+    # Device memory left once the KV cache is allocated (CUDA; None on CPU): how many more expert slots a
+    # scale-down may give this rank.
+    free_memory_bytes: int | None = None
 
 
 class EngineStartupFailed(msgspec.Struct, tag=True):
@@ -106,4 +129,5 @@ class EngineStartupFailed(msgspec.Struct, tag=True):
     error: str
 
 
-EngineHandshakeMessage = Union[EngineHello, EngineReady, EngineStartupFailed]
+# After READY the handshake socket is the launcher's control channel (elastic scaling).
+EngineHandshakeMessage = Union[EngineHello, EngineReady, EngineStartupFailed, ScalePrepared, ScaleCommitted]

@@ -28,9 +28,11 @@ class StartWaveRequest(msgspec.Struct, array_like=True, tag=True):
 
 
 class ScaleElasticEP(msgspec.Struct, array_like=True, tag=True):
-    """The engine count changed (elastic scaling): resize the per-engine table."""
+    """The engine count changed (elastic scaling): resize the per-rank table. `epoch`: the membership
+    epoch it belongs to, echoed in every LoadSnapshot so front ends never read a table of another size."""
 
     new_engine_count: int
+    epoch: int = 0
 
 
 CoordinatorInput = Union[EngineLoad, WaveComplete, StartWaveRequest, ScaleElasticEP]

@@ -10,6 +10,7 @@ from typing import Any, Union
 import msgspec
 
 from elastic.config.engine import ParallelConfig
+from elastic.protocol.scaling import JoinInfo
 from elastic.sampling_params import SamplingParams
 
 
@@ -22,6 +23,10 @@ class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True, tag
     sampling_params: SamplingParams
     eos_token_id: int | None = None
     arrival_time: float = 0.0
+    # A request moved off a leaving engine (elastic scale-down): the tokens it already generated (prefilled
+    # again after the prompt) and its seeded generator's state, so it continues where it stopped.
+    resumed_token_ids: list[int] = []
+    generator_state: bytes | None = None
 
 
 class AbortRequests(msgspec.Struct, array_like=True, tag=True):
@@ -59,8 +64,12 @@ class HandshakeAddresses(msgspec.Struct, tag=True):
     # order; when set they replace input_address / output_address (which stay those of front end 0).
     frontend_input_addresses: list[str] = []
     frontend_output_addresses: list[str] = []
+    # An engine started by a scale-up: where its weights come from and the KV size it adopts.
+    join: JoinInfo | None = None
+    epoch: int = 0  # of the layout in `parallel` (elastic scaling: group names are dp/<epoch>, ep/<epoch>)
 
 
-def engine_identity(engine_index: int) -> bytes:
-    """The ZMQ identity an engine uses on every socket to the front ends (its index, 2 bytes)."""
-    return engine_index.to_bytes(2, "little")
+def engine_identity(engine_id: int) -> bytes:
+    """The ZMQ identity an engine uses on every socket to the front ends: its engine id (stable for the
+    process's life, unlike its DP rank), 4 bytes."""
+    return engine_id.to_bytes(4, "little")

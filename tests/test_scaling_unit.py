@@ -1,0 +1,148 @@
+"""Elastic scaling, the parts that need no process: expert placement across sizes, the operation state
+machine (idempotency, conflicts, never stuck), the size checks, the messages, the coordinator's resize."""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import msgspec
+import pytest
+import torch
+
+from elastic.cluster.coordinator import Coordinator
+from elastic.config import create_engine_config
+from elastic.elastic_ep.capacity import check_target, expert_bytes
+from elastic.elastic_ep.operation import IDLE, PREPARING, ROLLED_BACK, SUCCEEDED, ScaleError, ScaleTracker
+from elastic.engine.reconfigure import resize_placement, slots_per_rank
+from elastic.eplb.transfer import plan_moves
+from elastic.protocol import from_engine, scaling, to_engine
+from elastic.protocol.to_coordinator import EngineLoad, ScaleElasticEP
+from elastic.sampling_params import SamplingParams
+
+
+# ---- expert placement -------------------------------------------------------------------------------------
+def _initial(num_experts: int, redundant: int, world: int, layers: int = 3) -> torch.Tensor:
+    spr = slots_per_rank(num_experts, redundant, world)
+    row = torch.arange(spr * world) % num_experts
+    return torch.stack([row.roll(i) for i in range(layers)])  # layers differ, as after EPLB
+
+
+@pytest.mark.parametrize("experts, redundant, sizes", [
+    (8, 0, (2, 3, 1, 2)), (8, 1, (1, 2, 3, 2, 1)), (128, 0, (2, 8, 3, 16, 1)), (6, 0, (4, 5, 4)), (4, 0, (1, 6, 2)),
+])
+def test_resize_placement_covers_every_expert_and_moves_little(experts: int, redundant: int, sizes) -> None:
+    maps, world = _initial(experts, redundant, sizes[0]), sizes[0]
+    for new_world in sizes[1:]:
+        new = resize_placement(maps, world, new_world, experts, redundant)
+        spr_old, spr_new = maps.shape[1] // world, slots_per_rank(experts, redundant, new_world)
+        assert new.shape == (maps.shape[0], spr_new * new_world)
+        for layer in range(maps.shape[0]):
+            assert set(new[layer].tolist()) == set(range(experts)), "an expert lost its last replica"
+            for rank in range(new_world):  # no rank holds the same expert twice when it need not
+                held = new[layer, rank * spr_new:(rank + 1) * spr_new].tolist()
+                assert len(set(held)) == min(spr_new, experts)
+            moves = plan_moves(maps[layer].tolist(), spr_old, new[layer].tolist(), spr_new)
+            kept = min(world, new_world) * min(spr_old, spr_new)
+            crossing = [m for m in moves if m.src_rank != m.dst_rank]
+            # Only slots whose expert must come from elsewhere cross ranks: at most the slots not kept.
+            assert len(crossing) <= new.shape[1] - min(kept, experts) + max(0, spr_new - spr_old) * new_world
+        assert torch.equal(new, resize_placement(maps, world, new_world, experts, redundant))  # deterministic
+        maps, world = new, new_world
+
+
+def test_resize_keeps_survivors_slots_in_place() -> None:
+    maps = _initial(8, 0, 2)  # 4 slots per rank
+    grown = resize_placement(maps, 2, 4, 8, 0)  # 2 slots per rank: each old rank keeps its first two experts
+    for layer in range(maps.shape[0]):
+        assert grown[layer, :2].tolist() == maps[layer, :2].tolist()
+        assert grown[layer, 2:4].tolist() == maps[layer, 4:6].tolist()
+    shrunk = resize_placement(grown, 4, 2, 8, 0)
+    for layer in range(maps.shape[0]):
+        assert shrunk[layer, :2].tolist() == grown[layer, :2].tolist()
+
+
+# ---- the state machine ------------------------------------------------------------------------------------
+def test_tracker_idempotency_conflicts_and_history() -> None:
+    async def main() -> None:
+        t = ScaleTracker(2)
+        assert t.status()["state"] == IDLE and t.status()["last"] is None
+        op, new = t.begin(3, 0.0, "a")
+        assert new and t.state == PREPARING and t.status()["target"] == 3
+        assert t.begin(3, 0.0, "a") == (op, False)  # the same id joins the running operation
+        with pytest.raises(ScaleError) as e:
+            t.begin(1, 0.0, "b")
+        assert e.value.status == 409
+        with pytest.raises(ScaleError) as e:
+            t.begin(1, 0.0, None)
+        assert e.value.status == 409
+        with pytest.raises(ScaleError) as e:
+            t.begin(4, 0.0, "a")  # an id names one operation
+        assert e.value.status == 409
+        t.finish(op, SUCCEEDED, 3)
+        assert op.done.is_set() and t.state == IDLE and t.size == 3
+        assert t.begin(3, 0.0, "a") == (op, False)  # done: the recorded outcome
+        op2, new = t.begin(1, 0.0, None)
+        assert new and op2.operation_id != "a" and op2.direction == "down"
+        t.finish(op2, ROLLED_BACK, 3, "boom")
+        status = t.status()
+        assert status["state"] == IDLE and status["data_parallel_size"] == 3
+        assert status["last"]["result"] == ROLLED_BACK and status["last"]["error"] == "boom"
+
+    asyncio.run(main())
+
+
+# ---- sizes ------------------------------------------------------------------------------------------------
+def test_check_target(tmp_path: Path, checkpoint_dir) -> None:
+    config = create_engine_config(str(checkpoint_dir("qwen3_moe")), device="cpu", dtype="float32",
+                                  data_parallel_size=2, max_data_parallel_size=4)
+    assert check_target(config, 2, 4) == 4
+    for bad in (0, -1, 5, "2", 2.0, True, None):
+        with pytest.raises(ScaleError) as e:
+            check_target(config, 2, bad)
+        assert e.value.status == 400
+    # Shrinking gives each survivor more expert slots: refused when they would not fit.
+    layers, slot = sum(config.model.arch.sparse_layers), expert_bytes(config)
+    need = (4 * layers + 4) * slot  # 4 -> 8 slots per rank in every layer, one layer's old 4 held twice
+    assert check_target(config, 2, 1, free_bytes=need) == 1
+    with pytest.raises(ScaleError, match="cannot hold the model"):
+        check_target(config, 2, 1, free_bytes=need - 1)
+    unlimited = create_engine_config(str(checkpoint_dir("qwen3_moe")), device="cpu", dtype="float32")
+    assert check_target(unlimited, 1, 64) == 64  # CPU: no device limit unless configured
+
+
+# ---- messages and the coordinator ---------------------------------------------------------------------------
+def test_scaling_messages_round_trip() -> None:
+    enc = msgspec.msgpack.Encoder()
+    layout = scaling.ParallelLayout(3, 4, 1, "127.0.0.1", 1234)
+    control = [scaling.PrepareScale("op", 2, 4, layout, [2, 3], 0.5, scaling.CoordinatorLink("a", "b"), 9.0),
+               scaling.PrepareScale("op", 4, 2, None, drain_timeout_s=1.0), scaling.CommitScale("op", 5.0),
+               scaling.AbortScale("op"), scaling.RetireEngine("op")]
+    dec = msgspec.msgpack.Decoder(scaling.ControlToEngine)
+    assert [dec.decode(enc.encode(m)) for m in control] == control
+    replies = [scaling.ScalePrepared(2, "op", None, 1.5), scaling.ScaleCommitted(2, "op", "x", 0.1, True)]
+    dec = msgspec.msgpack.Decoder(from_engine.EngineHandshakeMessage)
+    assert [dec.decode(enc.encode(m)) for m in replies] == replies
+    membership = scaling.Membership(3, [scaling.Member(0, 0), scaling.Member(5, 1, scaling.LEAVING),
+                                        scaling.Member(7, -1, scaling.JOINING)])
+    assert membership.world_size == 2 and membership.routable() == [0]
+    out = [scaling.MembershipUpdate(membership, "ipc://x"),
+           from_engine.EngineCoreOutputs(5, 1.0, migrated=[scaling.MigratedRequest("r", [1, 2], b"\x00\x01")])]
+    dec = msgspec.msgpack.Decoder(from_engine.EngineCoreOutputMessage)
+    assert [dec.decode(enc.encode(m)) for m in out] == out
+    req = to_engine.EngineCoreRequest("r", [1], SamplingParams(seed=3), resumed_token_ids=[4, 5],
+                                      generator_state=b"\x02")
+    assert msgspec.msgpack.decode(enc.encode(req), type=to_engine.EngineCoreInput) == req
+    call = [scaling.ScaleRequest(3, 1.0, "id"), scaling.StatusRequest()]
+    dec = msgspec.msgpack.Decoder(scaling.ScaleCall)
+    assert [dec.decode(enc.encode(m)) for m in call] == call
+
+
+def test_coordinator_resize_tags_snapshots_with_the_epoch() -> None:
+    c = Coordinator(2)
+    c.handle(EngineLoad(1, 2, 1))
+    c.handle(ScaleElasticEP(3, epoch=4))
+    snap = c.snapshot()
+    assert snap.counts == [[0, 0], [2, 1], [0, 0]] and snap.epoch == 4
+    c.handle(ScaleElasticEP(1, epoch=5))
+    c.handle(EngineLoad(2, 9, 9))  # a rank that left reports late: ignored
+    assert c.snapshot().counts == [[0, 0]] and c.snapshot().epoch == 5
