@@ -256,7 +256,8 @@ class EngineCore:
         out = self.scheduler.schedule()
         self._screen(out)
         dp_num_tokens, graph_size = None, None
-        eplb_due = self.balancer is not None and self.balancer.due()
+        # No rebalance starts while a scale commit is pending (its moves would use the maps being replaced).
+        eplb_due = self.balancer is not None and self.balancer.due() and not self.scale_commit_pending
         plans_ready = self.balancer is not None and self.balancer.plan_ready
         if self.parallel is not None:
             decode_only = all(n == 1 for _, n in out.scheduled)
@@ -265,7 +266,7 @@ class EngineCore:
             scale_ready = self.scale_commit_pending and not (self.balancer is not None and self.balancer.busy)
             has_work = self.scheduler.has_unfinished() or self._eplb_pending or self.scale_commit_pending
             dp_num_tokens, self.wave.running, all_decode, eplb_due = self.parallel.exchange_step(
-                out.num_tokens or 1, has_work, decode_only, eplb_due and not self.scale_commit_pending, scale_ready,
+                out.num_tokens or 1, has_work, decode_only, eplb_due, scale_ready,
                 plans_ready)
             plans_ready = self.parallel.all_eplb_plan_ready
             if not self.wave.running:

@@ -67,6 +67,7 @@ class _Op:
     commit: CommitScale | None = None
     drain_deadline: float = 0.0
     joined: bool = False  # this engine was started by the scale-up
+    needs_agreement: bool = False  # old ranks of a DP group: commit at the step the exchange agrees on
 
     @property
     def growing(self) -> bool:
@@ -130,7 +131,10 @@ class ScaleAgent:
         if not op.prepared_sent and op.done.is_set() and self._subscribed():
             op.prepared_sent = True
             self._send(ScalePrepared(self.engine_id, op.op, op.error, time.monotonic() - op.started))
-        if op.commit is not None and op.prepared_sent and not self.proc.core.scale_commit_pending:
+        core = self.proc.core
+        if op.commit is not None and op.prepared_sent and not op.needs_agreement and not (
+                core.balancer is not None and core.balancer.busy):  # a rebalance under way finishes first
+            core.scale_commit_pending = False
             self._commit(time.monotonic())  # nothing to agree on (a single old rank, or a joined one)
 
     def after_step(self, step_end: float) -> None:
@@ -187,8 +191,9 @@ class ScaleAgent:
                          self.engine_id)
             os._exit(3)  # test hook: a new rank dies between its preparation and the commit's barrier
         core = self.proc.core
+        core.scale_commit_pending = True  # no rebalance starts from now on
         if core.parallel is not None and not op.joined:  # agree on the step with the other old ranks
-            core.scale_commit_pending = True
+            op.needs_agreement = True
             core.start_wave()  # a paused rank steps (dummy batches) until every rank is ready
 
     def _commit(self, started: float) -> None:
