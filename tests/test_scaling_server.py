@@ -136,19 +136,22 @@ def test_scale_2_3_1_2_under_load(model) -> None:
                 assert out["blocking_s"] < out["total_s"] and out["prepare_s"] > 0, out
                 sizes.append(server.get("/scale").json()["data_parallel_size"])
                 wait_until(lambda: len(load.results) >= done + len(PROMPTS), 120, "requests at the new size")
-        assert sizes == [3, 1, 2]
+            assert sizes == [3, 1, 2]
+            _api_contract(server)  # leaves it at 3 ranks
+            done = len(load.results)
+            assert scale(server, 2)["result"] == "succeeded"  # a shrink that keeps several ranks
+            wait_until(lambda: len(load.results) >= done + len(PROMPTS), 120, "requests at the new size")
         count = load.check(expected)
         assert count >= 4 * len(PROMPTS)
         assert moved_requests(server) > 0, "no request was in flight on a leaving rank"
         # The metrics follow: the size, the operations, and no series of an engine that left.
         assert server.metric("elastic:data_parallel_size") == 2
-        assert server.metric("elastic:scale_operations_total", direction="up", result="succeeded") == 2
-        assert server.metric("elastic:scale_operations_total", direction="down", result="succeeded") == 1
-        assert server.metric("elastic:scale_duration_seconds_count", phase="blocking") == 3
+        assert server.metric("elastic:scale_operations_total", direction="up", result="succeeded") == 3
+        assert server.metric("elastic:scale_operations_total", direction="down", result="succeeded") == 2
+        assert server.metric("elastic:scale_duration_seconds_count", phase="blocking") == 5
         engines = {dict(labels)["engine"] for name, labels in server.metrics() if name == "vllm:num_requests_running"}
-        assert engines == {"0", "3"}, engines  # engine ids are stable; ranks 1 and 2 left, id 3 joined
-        _api_contract(server)
-        # At rest the ranks pause; a request wakes all three (the one that joined included) into a wave.
+        assert engines == {"0", "3"}, engines  # engine ids are stable: 1, 2 and 4 left, 3 joined and stayed
+        # At rest the ranks pause; a request wakes both into a wave.
         r = server.post("/v1/completions", json={"model": "m", "prompt": PROMPTS[1], "max_tokens": MAX_TOKENS,
                                                  "temperature": 0, "ignore_eos": True, "return_token_ids": True})
         assert r.json()["choices"][0]["token_ids"] == expected[1]
@@ -158,7 +161,7 @@ def test_scale_2_3_1_2_under_load(model) -> None:
 
 
 def _api_contract(server: ServerProcess) -> None:
-    """409 while another operation runs, idempotent operation ids, 400 and 401 (server at rest, size 2)."""
+    """409 while another operation runs, idempotent operation ids, 400 and 401 (from size 2)."""
     assert server.post("/scale", json={"new_data_parallel_size": 3}).status_code in (401, 403)
     assert server.post("/scale", json={"new_data_parallel_size": 3},
                        headers={"Authorization": "Bearer nope"}).status_code == 401

@@ -110,7 +110,7 @@ class EngineCore:
         moe = self.runner.model.moe_layers()
         expert_layout = ExpertLayout.for_ranks(self.config.model.arch.num_experts, parallel.num_redundant_experts,
                                                layout.world_size, layout.rank)
-        move_experts(moe, old_p2l, new_p2l, old_world, self.layout.rank, expert_layout, transfer)
+        move_experts(moe, old_p2l, new_p2l, old_world, layout.world_size, self.layout.rank, expert_layout, transfer)
         if self.parallel is not None and self.parallel is not groups:
             self.parallel.destroy()
         self.parallel, self.layout = groups, layout
@@ -121,12 +121,13 @@ class EngineCore:
         self.balancer = self._make_balancer()  # the window's shape follows the number of slots
         self.runner.capture_cuda_graphs()
 
-    def leave(self, old_p2l: torch.Tensor, new_p2l: torch.Tensor) -> None:
-        """This rank leaves (scale-down): hand its experts to the survivors over the old group, then drop it."""
+    def leave(self, old_p2l: torch.Tensor, new_p2l: torch.Tensor, new_world: int) -> None:
+        """This rank leaves (scale-down to `new_world` ranks): hand its experts to the survivors over the old
+        group, then drop it."""
         self.runner.release_cuda_graphs()
         moe = self.runner.model.moe_layers()
         group = self.parallel.ep if self.parallel is not None else None
-        move_experts(moe, old_p2l, new_p2l, self.layout.world_size, self.layout.rank, None, group)
+        move_experts(moe, old_p2l, new_p2l, self.layout.world_size, new_world, self.layout.rank, None, group)
         self.shutdown()
         self.balancer = None
 

@@ -111,9 +111,10 @@ def placement_of(layers: list[FusedMoE]) -> torch.Tensor:
 
 
 def move_experts(layers: list[FusedMoE], old_p2l: torch.Tensor, new_p2l: torch.Tensor, old_world: int,
-                 rank: int, new_layout: ExpertLayout | None, group: StatelessGroup | None) -> int:
-    """Every layer to `new_p2l` (this rank at `new_layout`; None: it leaves, so it only sends). Every rank
-    of `group` calls this with the same maps; returns the bytes this rank received."""
+                 new_world: int, rank: int, new_layout: ExpertLayout | None, group: StatelessGroup | None) -> int:
+    """Every layer from `old_p2l` over `old_world` ranks to `new_p2l` over `new_world` (this rank at
+    `new_layout`; None: it leaves, so it only sends). Every rank of `group` calls this with the same maps,
+    so every rank plans the same moves; returns the bytes this rank received."""
     received = 0
     old_spr = old_p2l.shape[1] // old_world if old_p2l.numel() else 0
     for moe, old_row, new_row in zip(layers, old_p2l, new_p2l):
@@ -121,7 +122,7 @@ def move_experts(layers: list[FusedMoE], old_p2l: torch.Tensor, new_p2l: torch.T
         if new_layout is not None:
             moe.set_layout(new_layout)  # new slot tensors when slots per rank change; src keeps the old ones
         dst = (moe.w13.data, moe.w2.data)
-        new_spr = new_row.numel() // (new_layout.ep_size if new_layout is not None else 1)
+        new_spr = new_row.numel() // new_world
         moves = plan_moves(old_row.tolist(), old_spr, new_row.tolist(), new_spr)
         received += execute_moves(moves, rank, src, dst, group)
         if new_layout is not None:

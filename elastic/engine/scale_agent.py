@@ -256,7 +256,7 @@ class ScaleAgent:
         maps = placement_of(core.runner.model.moe_layers())
         arch, parallel = core.config.model.arch, core.config.parallel
         core.leave(maps, resize_placement(maps, op.old_world, op.new_world, arch.num_experts,
-                                          parallel.num_redundant_experts))
+                                          parallel.num_redundant_experts), op.new_world)
         self.left = True
 
     def _after_switch(self, layout: ParallelLayout) -> None:
