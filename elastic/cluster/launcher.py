@@ -27,7 +27,7 @@ from elastic.cluster.coordinator import CoordinatorAddresses, CoordinatorProcess
 from elastic.config import EngineConfig, ParallelConfig
 from elastic.engine.process import run_engine_core
 from elastic.protocol.from_engine import EngineHandshakeMessage, EngineHello, EngineReady, EngineStartupFailed
-from elastic.protocol.scaling import JoinInfo, Member, Membership
+from elastic.protocol.scaling import JoinInfo, Member, Membership, ScaleCommitted
 from elastic.protocol.to_coordinator import ScaleElasticEP
 from elastic.protocol.to_engine import HandshakeAddresses, engine_identity
 
@@ -326,6 +326,8 @@ class EngineLauncher:
                         engine.ready_fut.set_exception(EngineStartupError(
                             f"engine core {engine.index} failed to start: {msg.error}"))  # type: ignore[union-attr]
             else:
+                if isinstance(msg, ScaleCommitted) and msg.free_memory_bytes is not None:
+                    engine.free_memory_bytes = msg.free_memory_bytes  # its slots per rank just changed
                 fut = engine.waiters.pop((type(msg), msg.op), None)
                 if fut is not None and not fut.done():
                     fut.set_result(msg)

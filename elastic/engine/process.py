@@ -30,6 +30,7 @@ import zmq
 
 from elastic.config import EngineConfig
 from elastic.engine.scale_agent import ScaleAgent, set_cpu_threads
+from elastic.executor.model_runner import free_device_bytes
 from elastic.engine.waves import DPWaves, RequestWave
 from elastic.parent_watch import watch_parent
 from elastic.protocol.from_engine import (EngineCoreOutput, EngineCoreOutputs, EngineDead, EngineHello, EngineReady,
@@ -356,16 +357,6 @@ def _start_core(config: EngineConfig, engine_index: int, wave: RequestWave, dp: 
         raise SystemExit(1) from None
 
 
-def _free_device_bytes(config: EngineConfig) -> int | None:
-    """What this rank may still allocate under its memory cap (CUDA), for scale-down capacity checks."""
-    if config.torch_device.type != "cuda":
-        return None
-    import torch
-
-    total = torch.cuda.get_device_properties(config.torch_device).total_memory
-    return max(0, int(total * config.cache.gpu_memory_utilization) - torch.cuda.memory_reserved(config.torch_device))
-
-
 def _injected_join_failure(engine_id: int) -> None:
     """Test hook: ELASTIC_INJECT_JOIN_FAILURE=<engine id> makes that engine, started by a scale-up, die
     while starting (the scale must roll back while the others serve on)."""
@@ -446,7 +437,7 @@ def run_engine_core(config: EngineConfig, engine_index: int, handshake_address: 
         sockets += inputs + outputs
         ready = encoder.encode(EngineReady(engine_index, core.num_kv_blocks, config.cache.block_size,
                                            config.model.max_model_len, pid=os.getpid(),
-                                           free_memory_bytes=_free_device_bytes(config)))
+                                           free_memory_bytes=free_device_bytes(config)))
         for sock in inputs:
             sock.send(ready)  # registers our identity with each front end's ROUTER (and says READY to it)
         handshake.send(ready)  # for an engine started by a scale-up: prepared, waiting for the commit

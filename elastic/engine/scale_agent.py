@@ -31,6 +31,7 @@ import zmq
 
 from elastic.distributed.parallel_state import ParallelState
 from elastic.engine.reconfigure import commit_barrier, placement_of, resize_placement, send_dense_weights
+from elastic.executor.model_runner import free_device_bytes
 from elastic.protocol.scaling import (AbortScale, CommitScale, ControlToEngine, JoinInfo, ParallelLayout, PrepareScale,
                                       RetireEngine, ScaleCommitted, ScalePrepared)
 
@@ -215,7 +216,8 @@ class ScaleAgent:
         blocking = time.monotonic() - started
         logger.info("operation %s committed: %d rank(s), served nothing for %.3fs", op.op,
                     op.layout.world_size if op.layout else 0, blocking)
-        self._send(ScaleCommitted(self.engine_id, op.op, blocking_s=blocking))
+        self._send(ScaleCommitted(self.engine_id, op.op, blocking_s=blocking,
+                                  free_memory_bytes=free_device_bytes(self.proc.core.config)))
 
     def _grow(self, op: _Op) -> bool:
         """Old and new ranks meet on the new group; rank 0 tells the placement and the wave."""

@@ -20,6 +20,16 @@ logger = logging.getLogger(__name__)
 _CPU_DEFAULT_KV_BYTES = 1 << 30
 
 
+def free_device_bytes(config: EngineConfig) -> int | None:
+    """What this rank may still allocate under its memory cap (CUDA), for scale-down capacity checks.
+    Memory the caching allocator holds but no tensor uses counts as free: it is reused before any new
+    allocation (after a scale-up shrinks the expert slots, that is where their old memory sits)."""
+    if config.torch_device.type != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(config.torch_device).total_memory
+    return max(0, int(total * config.cache.gpu_memory_utilization) - torch.cuda.memory_allocated(config.torch_device))
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config

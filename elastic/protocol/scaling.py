@@ -144,6 +144,7 @@ class ScaleCommitted(msgspec.Struct, tag=True):
     error: str | None = None
     blocking_s: float = 0.0  # this engine served nothing for this long
     rolled_back: bool = False  # the commit failed before anything changed: the old layout serves on
+    free_memory_bytes: int | None = None  # (CUDA) after the switch: the next scale-down checks against it
 
 
 # ---- API server -> the launcher's process (several API servers) --------------------------------------
