@@ -56,6 +56,12 @@ def raw_post(server: ServerProcess, path: str, body: Any, timeout: float = 60) -
                       headers={"Content-Type": "application/json"})
 
 
+def wait_all_ready(server: ServerProcess, api_servers: str) -> None:
+    """Every API server is ready (with SO_REUSEPORT a /health probe reaches only one of them)."""
+    server.wait_ready()
+    wait_until(lambda: server.log().count("ready: serving") >= int(api_servers), 60, "every API server to be ready")
+
+
 def assert_harmless(response: httpx.Response, what: Any) -> None:
     """A client error at worst: never a 5xx, never a traceback or a server path in the body."""
     assert response.status_code < 500, (what, response.status_code, response.text[:500])
@@ -286,7 +292,8 @@ def _stream_until_end(base_url: str, body: dict[str, Any], out: list[str]) -> No
 def test_sigterm_under_load_ends_every_stream_cleanly(checkpoint: Path, api_servers: str) -> None:
     with ServerProcess(checkpoint, *TEST_SERVER_ARGS, "--max-model-len", "4096", "--shutdown-timeout", "3",
                        "--api-server-count", api_servers) as server:
-        server.wait_ready()
+        wait_all_ready(server, api_servers)
+        request_log = server.log  # printed below if anything fails: the log says what the server saw
         streams: list[list[str]] = [[] for _ in range(6)]
         # Two that finish within the shutdown timeout even on a slow box (3 more steps in 3 s), four that cannot
         # (4000 tokens, n=4: 16 sequences).
@@ -297,7 +304,10 @@ def test_sigterm_under_load_ends_every_stream_cleanly(checkpoint: Path, api_serv
                    for b, s in zip(bodies, streams)]
         for t in threads:
             t.start()
-        wait_until(lambda: all(streams), 60, "every stream to start")
+        try:
+            wait_until(lambda: all(streams), 60, "every stream to start")
+        except TimeoutError:
+            pytest.fail(f"{[len(s) for s in streams]}\n{request_log()[-8000:]}")
         server.proc.send_signal(signal.SIGTERM)
         # Draining: not ready, no new work (the port still answers), but the streams in flight go on.
         wait_until(lambda: server.health() == 503, 5, "/health to say 503")
@@ -316,8 +326,8 @@ def test_sigterm_under_load_ends_every_stream_cleanly(checkpoint: Path, api_serv
                 cut += 1
             else:
                 assert last["choices"][0]["finish_reason"] == "length", (i, last)
-        summary = [(len(s), s[-2][:120]) for s in streams]
-        assert cut >= 1 and all("error" not in json.loads(s[-2]) for s in streams[:2]), (summary, server.log()[-3000:])
+        if not (cut >= 1 and all("error" not in json.loads(s[-2]) for s in streams[:2])):
+            pytest.fail(f"{[(len(s), s[-2][:100]) for s in streams]}\n{server.log()[-6000:]}")
         assert server.leftover_pids() == [] and server.socket_files() == []
         assert "Traceback" not in server.log()
 
@@ -325,7 +335,7 @@ def test_sigterm_under_load_ends_every_stream_cleanly(checkpoint: Path, api_serv
 @pytest.mark.parametrize("api_servers", ["1", "2"])
 def test_sigkill_leaves_nothing_behind(checkpoint: Path, api_servers: str) -> None:
     with ServerProcess(checkpoint, *TEST_SERVER_ARGS, "--api-server-count", api_servers) as server:
-        server.wait_ready()
+        wait_all_ready(server, api_servers)
         assert raw_post(server, COMPLETION, {"prompt": "x", "max_tokens": 2}).status_code == 200
         assert server.abstract_sockets()
         server.proc.kill()  # no clean-up code runs in it
