@@ -28,11 +28,15 @@ LAYERS: list[tuple[str, ...]] = [
     ("cluster",),  # launcher and DP coordinator (start engine processes)
     ("frontend",),  # the API-server process's engine client
     ("elastic_ep",),  # scaling orchestration
+    ("autoscale",),  # the scaling policy: an HTTP client of the server (see FORBIDDEN)
     ("entrypoints", "demo", "__main__", "__init__"),
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 # Sibling processes that must not know each other's code, whatever their ranks.
 FORBIDDEN = {("frontend", "engine"), ("cluster", "frontend"), ("engine", "cluster")}
+# The autoscaler talks HTTP to a server it may not run beside: none of the server's code.
+FORBIDDEN |= {("autoscale", unit) for unit in ("engine", "cluster", "frontend", "elastic_ep", "executor", "models",
+                                              "layers", "distributed", "eplb", "kernels", "metrics")}
 
 
 def _unit(module: str) -> str:

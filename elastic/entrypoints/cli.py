@@ -10,6 +10,7 @@ import logging
 import sys
 from typing import Any, Sequence
 
+from elastic.autoscale.cli import add_autoscale_parser
 from elastic.entrypoints.scale_cli import add_scale_parser
 
 DEMO_SERVED_NAME = "elastic-demo"
@@ -60,6 +61,7 @@ def make_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_serve_parser(subparsers)
     add_scale_parser(subparsers)  # `elastic scale N --url URL`: POST /scale from a shell
+    add_autoscale_parser(subparsers)  # `elastic autoscale --url URL --min N --max M`: the scaling policy
     return parser
 
 
