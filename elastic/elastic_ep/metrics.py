@@ -16,15 +16,23 @@ class ScaleMetrics:
         gauge_mode = {"multiprocess_mode": "mostrecent"} if multiprocess else {}
         self.size = Gauge("elastic:data_parallel_size", "Number of data-parallel (and expert-parallel) ranks.",
                           list(labels), registry=registry, **gauge_mode).labels(**labels)
+        self.scaling = Gauge("elastic:scaling", "1 while a scale operation runs, else 0.", list(labels),
+                             registry=registry, **gauge_mode).labels(**labels)
+        self.scaling.set(0)
         self.operations = Counter("elastic:scale_operations", "Scale operations by direction and result.",
                                   [*labels, "direction", "result"], registry=registry)
         self.duration = Histogram("elastic:scale_duration_seconds", "Duration of scale operations by phase "
                                   "(prepare: beside serving; blocking: no rank served; total).",
                                   [*labels, "phase"], buckets=_DURATION_BUCKETS, registry=registry)
         self.labels = labels
+        for phase in ("prepare", "blocking", "total"):  # present before the first scale, as the counters are
+            self.duration.labels(**labels, phase=phase)
         for direction in ("up", "down"):  # every series exists from the start, for dashboards and alerts
             for result in ("succeeded", "rolled_back", "failed"):
                 self.operations.labels(**labels, direction=direction, result=result)
+
+    def set_scaling(self, running: bool) -> None:
+        self.scaling.set(int(running))
 
     def set_size(self, size: int) -> None:
         self.size.set(size)

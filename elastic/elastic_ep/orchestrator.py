@@ -88,6 +88,8 @@ class ScaleOrchestrator:
 
     async def _run(self, op: ScaleOperation) -> None:
         logger.info("scale %s: %d -> %d ranks", op.operation_id, op.source, op.target)
+        if self.metrics is not None:
+            self.metrics.set_scaling(True)
         try:
             await (self._grow(op) if op.target > op.source else self._shrink(op))
         except _RolledBack as e:
@@ -100,6 +102,7 @@ class ScaleOrchestrator:
         logger.info("scale %s: %s (prepare %.2fs, blocking %.3fs, total %.2fs)%s", op.operation_id, op.result,
                     op.prepare_s, op.blocking_s, op.total_s, f": {op.error}" if op.error else "")
         if self.metrics is not None:
+            self.metrics.set_scaling(False)
             self.metrics.set_size(self.tracker.size)
             self.metrics.record(op.direction, op.result or FAILED, op.prepare_s, op.blocking_s, op.total_s)
 
