@@ -176,17 +176,17 @@ class EngineCore:
     def _ep_group(self) -> StatelessGroup | None:
         return self.parallel.ep if self.parallel is not None else None
 
-    def request_rebalance(self) -> int:
-        """Ask for a rebalance at the next step (every rank of the group joins it); returns the number the
-        rebalance will have once done, so a caller can wait for `eplb_state()['stats']['rebalances']`."""
+    def request_rebalance(self, number: int | None = None) -> int:
+        """Ask for rebalance `number` (default: the next one not yet started) at the next step; every rank
+        of the group joins it. A caller waits until `eplb_state()['stats']` counts `number` rebalances done
+        or skipped."""
         if self.balancer is None:
             raise RuntimeError("EPLB is off: start the engine with enable_eplb")
-        stats = self.balancer.stats
-        # One under way finishes first; the one asked for comes after it.
-        ticket = stats.rebalances + stats.skipped + (2 if self.balancer.busy else 1)
-        self.balancer.request()
-        self.wave.running = True
-        return ticket
+        number = self.balancer.started + 1 if number is None else int(number)
+        self.balancer.request(number)
+        if self.balancer.requested:
+            self.wave.running = True
+        return number
 
     def eplb_state(self) -> dict:
         if self.balancer is None:

@@ -63,6 +63,7 @@ class ExpertBalancer:
         self.window_pos = 0
         self.steps_since_rebalance = 0
         self.requested = False
+        self.started = 0  # rebalances begun on this rank (every rank begins them at the same step)
         self.current: _Rebalance | None = None
         # The placement being computed in a background thread (tens to hundreds of ms of CPU for a large
         # model); moves start at the first step at which every rank's thread is done (the DP exchange ANDs
@@ -87,8 +88,12 @@ class ExpertBalancer:
     def plan_ready(self) -> bool:
         return self.planning is not None and self.planning.done()
 
-    def request(self) -> None:
-        self.requested = True
+    def request(self, number: int) -> None:
+        """Ask for rebalance `number` (counted from 1 over every rebalance started, skipped ones included).
+        The front end asks every rank for the same number: a rank that hears it after the rebalance already
+        started (another rank's request reached the per-step exchange first) must not ask again."""
+        if number > self.started:
+            self.requested = True
 
     def record_step(self) -> None:
         """After every step, dummy steps of an idle DP rank included (their rows are zero), so the window
@@ -116,6 +121,7 @@ class ExpertBalancer:
         placement in the background; the moves start once every rank has it (see `advance`)."""
         started = time.perf_counter()
         self.requested, self.steps_since_rebalance = False, 0
+        self.started += 1
         weight = self.logical_load(group)
         self.planning = self.planner.submit(self._plan, weight, self.placement(), started)
         self.collect_stall_s = time.perf_counter() - started
@@ -199,7 +205,7 @@ class ExpertBalancer:
         counts = [torch.bincount(row, minlength=self.layers[0].num_logical).tolist() for row in p2l]
         return {"num_ranks": self.num_ranks, "slots_per_rank": self.layers[0].slots_per_rank,
                 "physical_to_logical": p2l.tolist(), "replica_counts": counts,
-                "in_progress": self.busy, "stats": {f: getattr(self.stats, f) for f in self.stats.__struct_fields__}}
+                "in_progress": self.busy, "started": self.started, "stats": {f: getattr(self.stats, f) for f in self.stats.__struct_fields__}}
 
 
 def warm_up(group: StatelessGroup) -> None:

@@ -25,11 +25,13 @@ async def rebalance_experts(client: EngineCoreClient, timeout_s: float = 300.0) 
     Returns the new state with `seconds` (wall time of the call)."""
     started = time.monotonic()
     engines = _live(client)
-    tickets = await asyncio.gather(*(client.call_utility(i, "eplb_rebalance") for i in engines))
+    # One number for every rank: the next rebalance not yet started anywhere (ranks start them together).
+    number = (await eplb_state(client))["started"] + 1
+    await asyncio.gather(*(client.call_utility(i, "eplb_rebalance", number) for i in engines))
     while True:
         state = await eplb_state(client)
         stats = state["stats"]
-        if stats["rebalances"] + stats["skipped"] >= max(tickets) and not state["in_progress"]:
+        if stats["rebalances"] + stats["skipped"] >= number and not state["in_progress"]:
             return {**state, "seconds": time.monotonic() - started}
         if time.monotonic() - started > timeout_s:
             raise TimeoutError(f"the rebalance did not finish within {timeout_s:.0f}s")
