@@ -24,11 +24,12 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from scale import Request, stream_request  # benchmarks/scale.py
 
 from elastic.autoscale.config import ControllerConfig
 from elastic.autoscale.controller import Autoscaler, ServerClient
@@ -40,15 +41,6 @@ REPO = Path(__file__).resolve().parents[1]
 ADMIN_KEY = "autoscale-bench"
 # Seconds-scale policy so a ramp fits in a few minutes (production defaults are 20 s / 5 min / 10 min).
 POLICY = dict(min_size=1, max_size=3, up_sustain_s=5, up_cooldown_s=10, down_quiet_s=15, down_cooldown_s=30)
-
-
-@dataclass
-class Request:
-    start: float
-    end: float = 0.0
-    first: float | None = None
-    token_times: list[float] = field(default_factory=list)
-    error: str = ""
 
 
 def free_port() -> int:
@@ -124,22 +116,7 @@ class Load:
                     "temperature": 0, "stream": True, "return_token_ids": True}
             req = Request(self.now())
             self.requests.append(req)
-            try:
-                async with client.stream("POST", "/v1/completions", json=body) as r:
-                    if r.status_code != 200:
-                        req.error = f"HTTP {r.status_code}"
-                        continue
-                    async for line in r.aiter_lines():
-                        if line.startswith("data: {"):
-                            chunk = json.loads(line[6:])
-                            ids = (chunk["choices"][0].get("token_ids") or []) if chunk.get("choices") else []
-                            t = self.now()
-                            req.first = t if req.first is None else req.first
-                            req.token_times += [t] * len(ids)
-            except httpx.HTTPError as e:
-                req.error = repr(e)
-            finally:
-                req.end = self.now()
+            await stream_request(client, body, req, self.now)
 
     def now(self) -> float:
         return time.perf_counter() - self.t0

@@ -20,7 +20,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import httpx
 
@@ -41,6 +41,33 @@ class Scale:
     start: float
     end: float = 0.0
     reply: dict[str, Any] = field(default_factory=dict)
+
+
+async def stream_request(client: httpx.AsyncClient, body: dict[str, Any], req: Request,
+                         now: Callable[[], float]) -> None:
+    """One streamed /v1/completions call: token times, count and any error (HTTP status, an error event,
+    a dropped connection) into `req`. Shared with benchmarks/autoscale_trace.py."""
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                req.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+                return
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    req.error = str(chunk["error"])
+                    return
+                ids = chunk["choices"][0].get("token_ids") or [] if chunk["choices"] else []
+                t = now()
+                req.first = req.first if req.first is not None else t
+                req.token_times += [t] * len(ids)
+                req.tokens += len(ids)
+    except httpx.HTTPError as e:
+        req.error = f"{type(e).__name__}: {e}"
+    finally:
+        req.end = now()
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -73,29 +100,9 @@ class LoadGenerator:
                     "temperature": 0, "stream": True, "return_token_ids": True}
             req = Request(self._now())
             self.requests.append(req)
-            try:
-                async with client.stream("POST", "/v1/completions", json=body) as r:
-                    if r.status_code != 200:
-                        req.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
-                        continue
-                    async for line in r.aiter_lines():
-                        if not line.startswith("data: ") or line == "data: [DONE]":
-                            continue
-                        chunk = json.loads(line[6:])
-                        if "error" in chunk:
-                            req.error = str(chunk["error"])
-                            break
-                        ids = chunk["choices"][0].get("token_ids") or [] if chunk["choices"] else []
-                        now = self._now()
-                        req.first = req.first if req.first is not None else now
-                        req.token_times += [now] * len(ids)
-                        req.tokens += len(ids)
-                if not req.error and req.tokens != self.args.output_len:
-                    req.error = f"{req.tokens} tokens, expected {self.args.output_len}"
-            except httpx.HTTPError as e:
-                req.error = f"{type(e).__name__}: {e}"
-            finally:
-                req.end = self._now()
+            await stream_request(client, body, req, self._now)
+            if not req.error and req.tokens != self.args.output_len:
+                req.error = f"{req.tokens} tokens, expected {self.args.output_len}"
 
     def _now(self) -> float:
         return time.perf_counter() - self.t0
