@@ -89,8 +89,6 @@ class FusedMoE(nn.Module):
             raise ValueError(f"{layout.ep_size} ranks x {layout.slots_per_rank} slots cannot hold "
                              f"{self.num_logical} experts")
         self.layout = layout
-        self.slots_per_rank, self.first_slot, self.num_physical = (layout.slots_per_rank, layout.first_slot,
-                                                                   layout.num_physical)
         if self.w13.shape[:1] != (layout.slots_per_rank,):
             i, h = self.intermediate_size, self.hidden_size
             like = dict(dtype=self.w13.dtype, device=self.w13.device)
@@ -111,6 +109,19 @@ class FusedMoE(nn.Module):
         self.register_buffer("expert_load", torch.zeros(layout.num_physical, dtype=torch.long, device=device),
                              persistent=False)
         self.set_placement(torch.arange(layout.num_physical, device="cpu") % self.num_logical)
+
+    # The layout is the one record of this layer's share of the slots; these read it.
+    @property
+    def slots_per_rank(self) -> int:
+        return self.layout.slots_per_rank
+
+    @property
+    def first_slot(self) -> int:
+        return self.layout.first_slot
+
+    @property
+    def num_physical(self) -> int:
+        return self.layout.num_physical
 
     def set_placement(self, physical_to_logical: torch.Tensor) -> None:
         """Rewrite the maps in place from a slot assignment [num_physical] (the slot weights are the caller's)."""
