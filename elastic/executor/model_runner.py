@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
@@ -9,7 +10,7 @@ from elastic.config import EngineConfig
 from elastic.executor.cuda_graphs import DecodeGraphs
 from elastic.forward_context import AttentionMetadata, ForwardContext, set_forward_context
 from elastic.kernels import HAS_TRITON
-from elastic.layers.attention import Attention
+from elastic.layers.attention import PagedCacheLayer
 from elastic.layers.sampler import Sampler
 from elastic.models.loader import load_model
 from elastic.protocol.from_engine import TokenLogprobs
@@ -37,16 +38,17 @@ class ModelRunner:
         torch.manual_seed(config.model.seed)
         self.model = load_model(config.model, config.parallel, self.device)
         self.sampler = Sampler(self.device, config.model.seed)
-        self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedCacheLayer)]
         self.block_size = config.cache.block_size
         self.num_blocks = 0
         self.graphs: DecodeGraphs | None = None
 
     # ---- KV cache -------------------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
-        arch = self.config.model.arch
+        # Each attention layer says what it caches per token (K and V, or MLA's one latent row).
         elem = torch.empty(0, dtype=self.config.model.dtype).element_size()
-        return 2 * arch.num_layers * self.block_size * arch.num_kv_heads * arch.head_dim * elem
+        per_token = sum(math.prod(shape) for layer in self.attention_layers for shape in layer.kv_cache_shapes())
+        return self.block_size * per_token * elem
 
     def determine_num_blocks(self) -> int:
         cache = self.config.cache
@@ -82,12 +84,10 @@ class ModelRunner:
         return max(int(budget), 0)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        arch = self.config.model.arch
-        shape = (num_blocks, self.block_size, arch.num_kv_heads, arch.head_dim)
         for layer in self.attention_layers:
             # Zeroed: masked positions still multiply cache values, and garbage could hold NaN.
-            layer.k_cache = torch.zeros(shape, dtype=self.config.model.dtype, device=self.device)
-            layer.v_cache = torch.zeros(shape, dtype=self.config.model.dtype, device=self.device)
+            layer.bind_kv_cache([torch.zeros((num_blocks, self.block_size, *shape), dtype=self.config.model.dtype,
+                                             device=self.device) for shape in layer.kv_cache_shapes()])
         self.num_blocks = num_blocks
 
     def release_cuda_graphs(self) -> None:

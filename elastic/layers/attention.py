@@ -8,7 +8,20 @@ from elastic.forward_context import get_forward_context
 from elastic.kernels import paged_attention, store_kvcache
 
 
-class Attention(nn.Module):
+class PagedCacheLayer(nn.Module):
+    """A layer owning paged KV-cache tensors. The model runner sizes and allocates the cache from
+    kv_cache_shapes(), so each attention kind says what it stores per token (K and V, or MLA's one latent row)."""
+
+    def kv_cache_shapes(self) -> list[tuple[int, ...]]:
+        """Per-token shape of each cache tensor of this layer."""
+        raise NotImplementedError
+
+    def bind_kv_cache(self, caches: list[torch.Tensor]) -> None:
+        """caches: [num_blocks, block_size, *shape] per entry of kv_cache_shapes()."""
+        raise NotImplementedError
+
+
+class Attention(PagedCacheLayer):
     """Stores this step's K/V into the layer's cache, then attends over the cached context."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
@@ -17,6 +30,12 @@ class Attention(nn.Module):
         # Bound by the model runner once the cache is allocated: [num_blocks, block_size, Hkv, D] each.
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+
+    def kv_cache_shapes(self) -> list[tuple[int, ...]]:
+        return [(self.num_kv_heads, self.head_dim)] * 2
+
+    def bind_kv_cache(self, caches: list[torch.Tensor]) -> None:
+        self.k_cache, self.v_cache = caches
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q [T, Hq, D]; k, v [T, Hkv, D] -> [T, Hq, D]
