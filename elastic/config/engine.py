@@ -124,6 +124,10 @@ class ParallelConfig:
               "CPU)")
     scale_phase_timeout: float = option(
         120.0, "seconds each phase of a POST /scale (prepare, commit) may take before the scale rolls back")
+    restart_failed_ranks: bool = option(
+        True, "when a rank dies, start a replacement and grow back to the size before the failure (the "
+              "survivors serve meanwhile; a single engine is restarted); off: serve on with the survivors",
+        negative_flag="--no-restart-failed-ranks")
     # The rendezvous store of the stateless groups, hosted by whoever launches the ranks.
     store_host: str = "127.0.0.1"
     store_port: int = 0
