@@ -21,6 +21,7 @@ _DTYPES = {"float32": "float32", "float": "float32", "bfloat16": "bfloat16", "fl
            "half": "float16"}  # name -> torch attribute
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 EP_DISPATCH_MODES = ("alltoall", "allgather")
+DP_BACKENDS = ("mp", "ray")
 BLOCK_SIZES = (8, 16, 32, 64, 128)
 
 
@@ -124,6 +125,26 @@ class ParallelConfig:
               "CPU)")
     scale_phase_timeout: float = option(
         120.0, "seconds each phase of a POST /scale (prepare, commit) may take before the scale rolls back")
+    # Beyond one machine (docs/deployment.md): which ranks this process runs, and how it reaches the head.
+    data_parallel_address: str | None = option(
+        None, "the head node's address: engines and front ends use tcp:// on it (default: ipc sockets, one host)")
+    data_parallel_rpc_port: int = option(0, "the head's handshake port (tcp; 0: any free port, single host only)")
+    data_parallel_size_local: int | None = option(
+        None, "ranks this node runs (default: all of them; with --headless: from --data-parallel-start-rank on)")
+    data_parallel_start_rank: int = option(0, "first rank this node runs (headless and hybrid-LB nodes)")
+    headless: bool = option(False, "run engine ranks only, no API server: they join the head at "
+                                   "--data-parallel-address:--data-parallel-rpc-port")
+    data_parallel_external_rank: int | None = option(
+        None, "external load balancing: this server runs rank R alone (its own HTTP endpoint); rank 0 also hosts "
+              "the coordinator; a rank >= the running size joins (the group grows)",
+        flags=("--data-parallel-rank",))
+    data_parallel_hybrid_lb: bool = option(
+        False, "hybrid load balancing: one API server per node, balancing over that node's ranks")
+    data_parallel_backend: str = option("mp", "how engine ranks are started: local processes, or Ray actors",
+                                        choices=DP_BACKENDS)
+    data_parallel_key_file: str | None = option(
+        None, "file holding the secret every node shares (authenticates and encrypts the tcp sockets); or set "
+              "ELASTIC_DATA_PARALLEL_KEY")
     restart_failed_ranks: bool = option(
         True, "when a rank dies, start a replacement and grow back to the size before the failure (the "
               "survivors serve meanwhile; a single engine is restarted); off: serve on with the survivors",
@@ -143,10 +164,30 @@ class ParallelConfig:
                              f"{self.data_parallel_size}")
         if self.scale_phase_timeout <= 0:
             raise ValueError(f"scale_phase_timeout must be positive, got {self.scale_phase_timeout}")
+        _check_node_options(self)
 
     @property
     def is_distributed(self) -> bool:
         return self.data_parallel_size > 1
+
+    @property
+    def local_ranks(self) -> range:
+        """The ranks this node starts (external LB: its one rank)."""
+        if self.data_parallel_external_rank is not None:
+            return range(self.data_parallel_external_rank, self.data_parallel_external_rank + 1)
+        start = self.data_parallel_start_rank
+        local = self.data_parallel_size_local
+        return range(start, self.data_parallel_size if local is None else start + local)
+
+    @property
+    def is_head(self) -> bool:
+        """This node hosts the handshake, the groups' store and the coordinator (rank 0's node)."""
+        return not self.headless and self.local_ranks.start == 0
+
+    @property
+    def local_load_balancing(self) -> bool:
+        """Each API server routes to its own node's ranks only (external or hybrid LB)."""
+        return self.data_parallel_external_rank is not None or self.data_parallel_hybrid_lb
 
     def for_rank(self, rank: int) -> ParallelConfig:
         if not 0 <= rank < self.data_parallel_size:
@@ -173,6 +214,32 @@ class EplbConfig:
             raise ValueError("eplb_window_size and eplb_step_interval must be at least 1")
         if not 0.0 <= self.eplb_min_gain < 1.0:
             raise ValueError(f"eplb_min_gain must be in [0, 1), got {self.eplb_min_gain}")
+
+
+def _check_node_options(p: ParallelConfig) -> None:
+    """The multi-node options agree with each other (docs/deployment.md)."""
+    check_choice("data_parallel_backend", p.data_parallel_backend, DP_BACKENDS)
+    if not 0 <= p.data_parallel_rpc_port < 65536:
+        raise ValueError(f"data_parallel_rpc_port must be in [0, 65535], got {p.data_parallel_rpc_port}")
+    ranks, size = p.local_ranks, p.data_parallel_size
+    if p.data_parallel_external_rank is not None:
+        if p.headless or p.data_parallel_hybrid_lb or p.data_parallel_size_local not in (None, 1):
+            raise ValueError("--data-parallel-rank (external LB) runs one rank: it excludes --headless, "
+                             "--data-parallel-hybrid-lb and --data-parallel-size-local > 1")
+        if p.data_parallel_external_rank < 0:
+            raise ValueError(f"--data-parallel-rank must be >= 0, got {p.data_parallel_external_rank}")
+    elif not (0 <= ranks.start and len(ranks) >= 1 and ranks.stop <= size):
+        raise ValueError(f"ranks {ranks.start}..{ranks.stop - 1} (--data-parallel-start-rank, "
+                         f"--data-parallel-size-local) do not fit in --data-parallel-size {size}")
+    remote = p.headless or p.local_ranks != range(size) or p.local_load_balancing
+    if remote and (p.data_parallel_address is None or not p.data_parallel_rpc_port):
+        raise ValueError("ranks on several nodes need --data-parallel-address (the head's address) and "
+                         "--data-parallel-rpc-port (the head's handshake port) on every node")
+    if p.headless and ranks.start == 0:
+        raise ValueError("--headless nodes run ranks after the head's: give --data-parallel-start-rank")
+    if p.data_parallel_backend == "ray" and (remote or p.local_load_balancing):
+        raise ValueError("--data-parallel-backend ray places every rank itself: it excludes --headless, "
+                         "--data-parallel-rank, --data-parallel-hybrid-lb and --data-parallel-size-local")
 
 
 _EPLB_JSON_KEYS = {"window_size": "eplb_window_size", "step_interval": "eplb_step_interval",

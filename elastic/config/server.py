@@ -27,9 +27,6 @@ class ServerConfig:
     log_level: str = option("info", "log level of the API server and engine processes", choices=LOG_LEVELS)
     api_server_count: int = option(
         1, "API server processes sharing the HTTP port, each connected to every engine")
-    data_parallel_address: str | None = option(
-        None, "use tcp:// on this address between API server and engines (default: ipc sockets)")
-    data_parallel_rpc_port: int = option(0, "handshake port when using tcp (0: any free port)")
 
     def __post_init__(self) -> None:
         if self.api_server_count < 1:

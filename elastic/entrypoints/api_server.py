@@ -222,8 +222,8 @@ def run_server(config: EngineConfig, args: ServerConfig) -> int:
     warn_if_hub_kernels_active(logger)
     metrics = ServerMetrics(config.model.served_model_name, config.model.max_model_len)
     try:
-        engine = AsyncLLM(config, metrics=metrics, address=args.data_parallel_address,
-                          handshake_port=args.data_parallel_rpc_port, log_level=args.log_level.upper())
+        engine = AsyncLLM(config, metrics=metrics, address=config.parallel.data_parallel_address,
+                          handshake_port=config.parallel.data_parallel_rpc_port, log_level=args.log_level.upper())
     except ValueError as e:  # e.g. no loadable tokenizer
         logger.error("%s", e)
         return 1

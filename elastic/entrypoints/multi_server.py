@@ -91,7 +91,7 @@ def run_api_server_worker(config: EngineConfig, args: ServerConfig, frontend: Fr
 
 # ---- the parent -------------------------------------------------------------------------------------------
 def run_multi_server(config: EngineConfig, args: ServerConfig) -> int:
-    if args.data_parallel_address is not None:
+    if config.parallel.data_parallel_address is not None:
         logger.error("--api-server-count > 1 runs every engine on this host (ipc); it cannot be combined with "
                      "--data-parallel-address yet")
         return 1

@@ -1,0 +1,1 @@
+"""Transport security shared by every process: authenticated, encrypted ZMQ over TCP (security.py)."""
