@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 
 import msgspec
@@ -46,6 +47,8 @@ class EngineCore:
         self._failed: list[EngineCoreOutput] = []  # requests that failed alone, reported with the next step
         # Elastic scaling: set while this rank waits for every rank to be ready to commit a prepared scale.
         self.scale_commit_pending = False
+        # Fault recovery: set (by another thread) when a peer rank failed; a step under way is then void.
+        self.peer_failed = threading.Event()
         start = time.perf_counter()
         p = config.parallel
         self.layout = ParallelLayout(epoch, p.data_parallel_size, p.data_parallel_rank, p.store_host, p.store_port)
@@ -290,6 +293,8 @@ class EngineCore:
                 self.runner.dummy_run(1, dp_num_tokens=dp_num_tokens, graph_size=graph_size)
             return []
         sampled, logprobs, failed = self.runner.execute(out, dp_num_tokens, graph_size)
+        if self.peer_failed.is_set():  # collectives aborted under this step: its tokens may be garbage
+            raise RuntimeError("a peer rank failed during this step")
         outputs = []
         for req in self.scheduler.postprocess(out, sampled):
             lp = logprobs.get(req.request_id)

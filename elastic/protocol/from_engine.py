@@ -9,6 +9,7 @@ from typing import Any, Union
 
 import msgspec
 
+from elastic.protocol.fault import RankFault
 from elastic.protocol.scaling import MembershipUpdate, MigratedRequest, ScaleCommitted, ScalePrepared
 
 
@@ -130,4 +131,5 @@ class EngineStartupFailed(msgspec.Struct, tag=True):
 
 
 # After READY the handshake socket is the launcher's control channel (elastic scaling).
-EngineHandshakeMessage = Union[EngineHello, EngineReady, EngineStartupFailed, ScalePrepared, ScaleCommitted]
+EngineHandshakeMessage = Union[EngineHello, EngineReady, EngineStartupFailed, ScalePrepared, ScaleCommitted,
+                               RankFault]
