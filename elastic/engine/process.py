@@ -29,6 +29,7 @@ import msgspec
 import zmq
 
 from elastic.config import EngineConfig
+from elastic.engine.recovery import RankRecovery
 from elastic.engine.scale_agent import ScaleAgent, set_cpu_threads
 from elastic.executor.model_runner import free_device_bytes
 from elastic.engine.waves import DPWaves, RequestWave
@@ -85,9 +86,11 @@ class EngineCoreProc:
         # Elastic scaling: the handshake socket stays open as the launcher's control channel.
         self.control = control
         self.agent: ScaleAgent | None = None
+        self.recovery: RankRecovery | None = None  # fault recovery: a peer died, this rank carries on
         if control is not None:
             self.poller.register(control, zmq.POLLIN)
             self.agent = ScaleAgent(self, control, engine_index, join)
+            self.recovery = RankRecovery(self, control, engine_index)
         self.accepting = True  # False while leaving: new requests go back to their front end
         self.extra_sockets: list[zmq.Socket] = []  # opened while serving (closed by the process's exit)
         self.shutdown_requested = False
@@ -142,6 +145,8 @@ class EngineCoreProc:
                 self.dp.report_load(self.last_stats or self.core.stats())
 
     def _must_step(self) -> bool:
+        if self.recovery is not None and self.recovery.broken:
+            return False  # a peer failed: wait for the recovery (RecoverLayout), requests kept
         return self.core.global_unfinished and not (self.agent is not None and self.agent.holds_steps)
 
     def _should_exit(self) -> bool:
@@ -267,7 +272,12 @@ class EngineCoreProc:
     # ---- step and outputs -----------------------------------------------------------------------------
     def step(self) -> list[EngineCoreOutput]:
         started = time.monotonic()
-        outputs = self.core.step()
+        try:
+            outputs = self.core.step()
+        except Exception as e:  # with peers: a collective that lost one of them (the step appended nothing)
+            if self.recovery is None or not self.recovery.step_failed(e):
+                raise
+            return []
         self.num_steps += 1
         if self.waiting_since:
             self.record_queue_times(started)

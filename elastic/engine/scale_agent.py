@@ -23,7 +23,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 import msgspec
 import torch
@@ -32,6 +32,7 @@ import zmq
 from elastic.distributed.parallel_state import ParallelState
 from elastic.engine.reconfigure import commit_barrier, placement_of, resize_placement, send_dense_weights
 from elastic.executor.model_runner import free_device_bytes
+from elastic.protocol.fault import RecoverLayout
 from elastic.protocol.scaling import (AbortScale, CommitScale, ControlToEngine, JoinInfo, ParallelLayout, PrepareScale,
                                       RetireEngine, ScaleCommitted, ScalePrepared)
 
@@ -79,7 +80,7 @@ class ScaleAgent:
     def __init__(self, proc: Any, control: zmq.Socket, engine_id: int, join: JoinInfo | None) -> None:
         self.proc, self.control, self.engine_id = proc, control, engine_id
         self.encoder = msgspec.msgpack.Encoder()
-        self.decoder = msgspec.msgpack.Decoder(ControlToEngine)
+        self.decoder = msgspec.msgpack.Decoder(Union[ControlToEngine, RecoverLayout])
         self.op: _Op | None = None
         self.exit_requested = False  # a rank that left, once told to go (or a joined rank rolled back)
         self.left = False  # left the layout; still hands back requests that reach it, until RetireEngine
@@ -116,6 +117,8 @@ class ScaleAgent:
             self._abort(msg.op)
         elif isinstance(msg, RetireEngine):
             self.exit_requested = True
+        elif isinstance(msg, RecoverLayout) and self.proc.recovery is not None:
+            self.proc.recovery.recover(msg)  # a peer died: carry on over the survivors (engine/recovery.py)
 
     def poll(self) -> None:
         """Progress that does not need a message: a background preparation done, a leaving engine drained,
@@ -262,6 +265,8 @@ class ScaleAgent:
         self.left = True
 
     def _after_switch(self, layout: ParallelLayout) -> None:
+        if self.proc.recovery is not None:
+            self.proc.recovery.watch()  # heartbeats and the abort signal, once there are peers
         if self.proc.dp is not None:
             self.proc.dp.engine_index = layout.rank  # the coordinator's tables are by rank
         if self.proc.core.config.torch_device.type == "cpu":

@@ -1,0 +1,246 @@
+"""An engine's side of fault recovery: a peer rank died (or hung) and this rank carries on without it.
+
+- `FaultWatcher` (a thread beside the busy loop): heartbeats into the launcher's TCPStore, and the
+  launcher's abort signal, which marks the step under way as failed and aborts the NCCL communicators, so
+  a main thread blocked in a collective with a dead peer gets out (gloo raises by itself when a peer's
+  connection closes; a peer that hangs is killed by the launcher, which closes it).
+- `RankRecovery`: a step whose collective failed leaves the scheduler as it was before the step (its
+  tokens were never appended), so this rank stops stepping, keeps its requests and tells the launcher
+  (RankFault). On RecoverLayout it rebuilds the groups over the survivors, renumbers the expert slots
+  (survivors keep the experts they hold), restores the experts only the dead ranks held (from a surviving
+  replica, else from the checkpoint), and serves on from the same requests.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import msgspec
+import torch
+import zmq
+
+from elastic.distributed.group import create_store
+from elastic.distributed.parallel_state import ParallelState
+from elastic.engine.reconfigure import commit_barrier, placement_of, resize_placement
+from elastic.engine.scale_agent import set_cpu_threads
+from elastic.executor.model_runner import free_device_bytes
+from elastic.layers.moe import FusedMoE
+from elastic.models.loader import checkpoint_files, map_name
+from elastic.protocol.fault import HEARTBEAT_INTERVAL_S, RankFault, RecoverLayout, abort_key, heartbeat_key
+from elastic.protocol.scaling import ScaleCommitted
+
+logger = logging.getLogger(__name__)
+
+
+class FaultWatcher:
+    """Heartbeats (a counter the launcher watches) and the abort signal (a counter the launcher bumps), both
+    on the launcher's TCPStore, from a thread: they work while the main thread is blocked in a collective."""
+
+    def __init__(self, engine_id: int, host: str, port: int, on_abort: Callable[[], None]) -> None:
+        self.engine_id, self.host, self.port, self.on_abort = engine_id, host, port, on_abort
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="fault-watcher", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            store = create_store(self.host, self.port, is_master=False, timeout=datetime.timedelta(seconds=10))
+            seen = store.add(abort_key(self.engine_id), 0)
+        except Exception as e:  # no store (the launcher is gone): nothing to watch
+            logger.warning("fault watcher not started: %s", e)
+            return
+        while not self.stopped.wait(HEARTBEAT_INTERVAL_S):
+            try:
+                store.add(heartbeat_key(self.engine_id), 1)
+                signalled = store.add(abort_key(self.engine_id), 0)
+            except Exception:  # the launcher is gone; the death pipe ends this process
+                return
+            if signalled != seen:
+                seen = signalled
+                self.on_abort()
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+class RankRecovery:
+    """Owned by the engine process (`proc`: EngineCoreProc); `broken` while this rank waits to be recovered."""
+
+    def __init__(self, proc: Any, control: zmq.Socket, engine_id: int) -> None:
+        self.proc, self.control, self.engine_id = proc, control, engine_id
+        self.broken = False
+        self.watcher: FaultWatcher | None = None
+        self.encoder = msgspec.msgpack.Encoder()
+        self.watch()
+
+    def watch(self) -> None:
+        """Start the watcher once this rank has a distributed layout (at start-up, or after a scale-up)."""
+        layout = self.proc.core.layout
+        if self.watcher is None and layout.is_distributed and layout.store_port:
+            self.watcher = FaultWatcher(self.engine_id, layout.store_host, layout.store_port, self._abort)
+
+    def _abort(self) -> None:
+        """(watcher thread) The launcher says a peer failed: whatever this step computes may be garbage."""
+        core = self.proc.core
+        core.peer_failed.set()  # first: the step checks it after its last collective
+        parallel = core.parallel
+        for group in (parallel.ep, parallel.dp) if parallel is not None else ():
+            if group.backend == "nccl":
+                try:
+                    group.pg.abort()
+                except Exception as e:  # already torn down
+                    logger.debug("abort of %s: %s", group, e)
+        logger.warning("engine %d: a peer rank failed; its collectives are aborted", self.engine_id)
+
+    def step_failed(self, error: Exception) -> bool:
+        """A step raised. With peers this is a collective that lost one of them: stop stepping, keep the
+        requests (the step appended nothing), tell the launcher. A single rank's failure is a real error."""
+        core = self.proc.core
+        if core.parallel is None:
+            return False
+        if not self.broken:
+            logger.error("engine %d: a collective failed (%s: %s); waiting for the recovery", self.engine_id,
+                         type(error).__name__, error)
+            self.broken = True
+            self._send(RankFault(self.engine_id, f"{type(error).__name__}: {error}"))
+        return True
+
+    def recover(self, msg: RecoverLayout) -> None:
+        started = time.monotonic()
+        try:
+            self._switch(msg)
+        except Exception as e:  # this rank stays broken; the launcher decides (it stops it)
+            logger.exception("engine %d: recovery %s failed", self.engine_id, msg.op)
+            self._send(ScaleCommitted(self.engine_id, msg.op, error=f"{type(e).__name__}: {e}"))
+            return
+        self.broken = False
+        self.proc.core.peer_failed.clear()
+        blocking = time.monotonic() - started
+        logger.info("engine %d: recovery %s done: rank %d of %d, %.3fs", self.engine_id, msg.op, msg.layout.rank,
+                    msg.layout.world_size, blocking)
+        self._send(ScaleCommitted(self.engine_id, msg.op, blocking_s=blocking,
+                                  free_memory_bytes=free_device_bytes(self.proc.core.config)))
+        self.watch()
+
+    def _switch(self, msg: RecoverLayout) -> None:
+        core, layout = self.proc.core, msg.layout
+        agent = self.proc.agent
+        if agent is not None and agent.op is not None:
+            agent._abort(agent.op.op)  # a scale the failure interrupted: forget it
+        core.scale_commit_pending = False
+        old = placement_of(core.runner.model.moe_layers())
+        core.runner.release_cuda_graphs()  # they hold the broken communicators
+        if core.parallel is not None:
+            core.parallel.destroy()
+            core.parallel = None
+        groups, wave = None, core.wave.number
+        if layout.is_distributed:
+            timeout = datetime.timedelta(seconds=msg.timeout_s)
+            groups = ParallelState(layout, core.config.torch_device, rendezvous_timeout=timeout)
+            (wave, _), _ = commit_barrier(groups.dp, (core.wave.number, 1), torch.empty(0, 0, dtype=torch.long),
+                                          msg.timeout_s)
+        compact, new, lost = survivor_placement(old, msg.old_world_size, msg.survivors, layout.world_size,
+                                                core.config.model.arch.num_experts,
+                                                core.config.parallel.num_redundant_experts)
+        core.layout = layout  # the expert moves below are numbered by the new ranks
+        core.reconfigure(layout, groups, compact, placeholders(compact, new, lost, layout.world_size),
+                         groups.ep if groups is not None else None, layout.world_size)
+        layers = core.runner.model.moe_layers()
+        for moe, row in zip(layers, new):
+            moe.set_placement(row)
+        restored = restore_experts(core.runner.model, layers, lost, core.config.model)
+        core.balancer = core._make_balancer()  # over the final placement
+        core.wave.number, core.wave.running = wave, True  # every rank steps once, then the exchange decides
+        if self.proc.dp is not None:
+            self.proc.dp.engine_index = layout.rank  # the coordinator's tables are by rank
+        if core.config.torch_device.type == "cpu":
+            set_cpu_threads(layout.world_size)
+        if restored:
+            logger.info("engine %d: restored %d expert replica(s) the dead rank(s) held alone from the checkpoint",
+                        self.engine_id, restored)
+
+    def _send(self, msg: Any) -> None:
+        self.control.send(self.encoder.encode(msg))
+
+    def close(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+
+
+# ---- placement over the survivors -----------------------------------------------------------------------
+def survivor_placement(old: torch.Tensor, old_world: int, survivors: list[int], new_world: int, num_experts: int,
+                       num_redundant: int) -> tuple[torch.Tensor, torch.Tensor, list[set[int]]]:
+    """(the old placement over the survivors only, renumbered [L, new_world * old_spr]; the new placement
+    [L, new slots]; per layer, the experts no survivor holds). Every survivor computes the same."""
+    if old.numel() == 0:
+        return old, old, []
+    old_spr = old.shape[1] // old_world
+    compact = torch.cat([old[:, r * old_spr:(r + 1) * old_spr] for r in survivors], dim=1)
+    new = resize_placement(compact, new_world, new_world, num_experts, num_redundant)
+    lost = [set(range(num_experts)) - set(row.tolist()) for row in compact]
+    return compact, new, lost
+
+
+def placeholders(compact: torch.Tensor, new: torch.Tensor, lost: list[set[int]], world: int) -> torch.Tensor:
+    """`new` with every slot of a lost expert holding the first expert its own rank held (a local copy):
+    the moves then only need sources that exist; the lost experts are loaded into those slots afterwards."""
+    if new.numel() == 0:
+        return new
+    out = new.clone()
+    old_spr, new_spr = compact.shape[1] // world, new.shape[1] // world
+    for layer, missing in enumerate(lost):
+        for slot, expert in enumerate(new[layer].tolist()):
+            if expert in missing:
+                out[layer, slot] = compact[layer, (slot // new_spr) * old_spr]
+    return out
+
+
+def restore_experts(model: torch.nn.Module, layers: list[FusedMoE], lost: list[set[int]], config: Any) -> int:
+    """Load the lost experts into this rank's slots that hold them now: from the checkpoint, or (dummy
+    weights) fresh random ones at the same scale. Returns the slots written."""
+    wanted = {id(moe): {e for e in missing if moe.needs_expert(e)} for moe, missing in zip(layers, lost)}
+    if not any(wanted.values()):
+        return 0
+    if config.load_format == "dummy":
+        written = 0
+        gen = torch.Generator(device=layers[0].w13.device).manual_seed(config.seed)
+        for moe in layers:
+            local = moe.physical_to_logical[moe.first_slot:moe.first_slot + moe.slots_per_rank].tolist()
+            for slot, expert in enumerate(local):
+                if expert in wanted[id(moe)]:
+                    moe.w13.data[slot].uniform_(-0.02, 0.02, generator=gen)
+                    moe.w2.data[slot].uniform_(-0.02, 0.02, generator=gen)
+                    written += 1
+        return written
+    return _load_from_checkpoint(model, wanted, config)
+
+
+def _load_from_checkpoint(model: torch.nn.Module, wanted: dict[int, set[int]], config: Any) -> int:
+    from safetensors import safe_open
+
+    params, modules = dict(model.named_parameters()), dict(model.named_modules())
+    written = 0
+    for path in checkpoint_files(Path(config.model)):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                mapped = map_name(name, config.arch)
+                if mapped is None or mapped[0] not in params or not mapped[0].rsplit(".", 1)[0] in modules:
+                    continue
+                param_name, kw = mapped
+                moe = modules[param_name.rsplit(".", 1)[0]]
+                if not isinstance(moe, FusedMoE) or not wanted.get(id(moe)):
+                    continue
+                if kw.pop("all_experts", False):  # one tensor with every expert
+                    tensor = f.get_tensor(name)
+                    for expert in wanted[id(moe)]:
+                        params[param_name].weight_loader(params[param_name], tensor[expert], expert_id=expert,
+                                                         shard_id=None)
+                        written += 1
+                elif kw.get("expert_id") in wanted[id(moe)]:
+                    params[param_name].weight_loader(params[param_name], f.get_tensor(name), **kw)
+                    written += 1
+    return written
