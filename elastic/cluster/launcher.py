@@ -24,12 +24,15 @@ import zmq
 import zmq.asyncio
 
 from elastic.cluster.coordinator import CoordinatorAddresses, CoordinatorProcess
+from elastic.cluster.remote import RemoteNodes
 from elastic.config import EngineConfig, ParallelConfig
 from elastic.engine.process import run_engine_core
+from elastic.protocol.fault import RankFault
 from elastic.protocol.from_engine import EngineHandshakeMessage, EngineHello, EngineReady, EngineStartupFailed
 from elastic.protocol.scaling import JoinInfo, Member, Membership, ScaleCommitted
 from elastic.protocol.to_coordinator import ScaleElasticEP
 from elastic.protocol.to_engine import HandshakeAddresses, engine_identity
+from elastic.transport import security
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +122,9 @@ class EngineLauncher:
         self.control_task: asyncio.Task | None = None
         self._encoder = msgspec.msgpack.Encoder()
         self.closed = False
+        # Fault recovery (elastic/fault/): an engine whose step's collective failed says so here.
+        self.on_fault: Callable[[int, str], None] | None = None
+        self.remote = RemoteNodes(self)  # ranks on other machines (docs/deployment.md)
 
     @property
     def data_parallel(self) -> bool:
@@ -137,20 +143,34 @@ class EngineLauncher:
             return None
         return await self.ensure_coordinator()
 
-    async def ensure_coordinator(self) -> CoordinatorAddresses:
-        """The coordinator's addresses, starting it first if need be (a 1 -> N scale)."""
+    async def ensure_coordinator(self, names: CoordinatorAddresses | None = None) -> CoordinatorAddresses:
+        """The coordinator's addresses, starting it first if need be (a 1 -> N scale; `names`: bind these)."""
         if self.coordinator is not None:
             assert self.coordinator.addresses is not None
             return self.coordinator.addresses
-        names = CoordinatorAddresses(*(self._address(n) for n in ("coord-in", "coord-engines", "coord-frontends")))
+        names = names or CoordinatorAddresses(*(self._address(n) for n in ("coord-in", "coord-engines",
+                                                                           "coord-frontends")))
         self.coordinator = CoordinatorProcess(names, self.membership.world_size, self.log_level)
         loop = asyncio.get_running_loop()
         addresses = await loop.run_in_executor(None, self.coordinator.wait_addresses)
         loop.add_reader(self.coordinator.sentinel, self._on_coordinator_exit)
         self.coordinator_push = self.ctx.socket(zmq.PUSH)
         self.coordinator_push.setsockopt(zmq.LINGER, 0)
-        self.coordinator_push.connect(addresses.input)
+        security.connect(self.coordinator_push, addresses.input)
         logger.info("started the DP coordinator (pid %d)", self.coordinator.pid)
+        return addresses
+
+    async def restart_coordinator(self) -> CoordinatorAddresses:
+        """A new DP coordinator on the dead one's addresses (engines and front ends reconnect by themselves);
+        its table and waves refill from the engines' reports, its size and epoch from the membership."""
+        old = self.coordinator
+        self.coordinator = None
+        if self.coordinator_push is not None:
+            self.coordinator_push.close(linger=0)
+        if old is not None:
+            old.close()
+        addresses = await self.ensure_coordinator(old.addresses if old is not None else None)
+        await self.notify_coordinator(ScaleElasticEP(self.membership.world_size, self.membership.epoch))
         return addresses
 
     def ensure_store(self) -> tuple[str, int]:
@@ -166,15 +186,19 @@ class EngineLauncher:
         self.handshake = self.ctx.socket(zmq.ROUTER)
         self.handshake.setsockopt(zmq.LINGER, 0)
         if self.socket_dir is None and self.handshake_port:
-            self.handshake.bind(f"tcp://{self.host}:{self.handshake_port}")
+            handshake_address = security.bind(self.handshake, f"tcp://{self.host}:{self.handshake_port}", "handshake")
         else:
-            self.handshake.bind(self._address("handshake"))
-        handshake_address = self.handshake_address = self.handshake.getsockopt_string(zmq.LAST_ENDPOINT)
+            handshake_address = security.bind(self.handshake, self._address("handshake"), "handshake")
+        self.handshake_address = handshake_address
         self.frontend_inputs, self.frontend_outputs = list(frontend_inputs), list(frontend_outputs)
         if self.data_parallel:
             self.ensure_store()  # published through the handshake
+        self.remote.start()
         for engine in self.engines.values():
-            self._spawn(engine, handshake_address, self._rank_parallel(engine.index))
+            if self.remote.is_local(engine.index):
+                self._spawn(engine, handshake_address, self._rank_parallel(engine.index))
+            else:
+                self.remote.expect(engine)  # a node offers it (docs/deployment.md)
         await self._handshake(frontend_inputs, frontend_outputs)
         # From now on the handshake socket is the control channel (and greets engines a scale starts).
         self.control_task = asyncio.get_running_loop().create_task(self._control_loop(), name="engine-control")
@@ -223,14 +247,22 @@ class EngineLauncher:
                 dead = next(e for e in self.engines.values() if e.exit_reason is not None)
                 raise EngineStartupError(f"engine core {dead.index} {dead.exit_reason} during start-up")
             identity, payload = recv.result()
+            if self.remote.handles(identity):
+                self.remote.handle(identity, payload)
+                continue
             engine = by_identity.get(identity)
-            msg = decoder.decode(payload)
+            try:
+                msg = decoder.decode(payload)
+            except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                logger.error("dropping an undecodable handshake message: %s", e)
+                continue
             if engine is None or msg.engine_index != engine.index:
                 logger.warning("ignoring a handshake message from an unexpected engine: %r", msg)
                 continue
             if isinstance(msg, EngineHello):
                 engine.pid = msg.pid
-                reply = self._hello_reply(self._rank_parallel(engine.index), self.membership.epoch)
+                reply = self._hello_reply(self._rank_parallel(engine.index), self.membership.epoch,
+                                          engine_id=engine.index)
                 await self.handshake.send_multipart([identity, encoder.encode(reply)])
                 logger.info("engine core %d (pid %d) said hello; loading the model", engine.index, msg.pid)
             elif isinstance(msg, EngineReady):
@@ -241,9 +273,11 @@ class EngineLauncher:
             elif isinstance(msg, EngineStartupFailed):
                 raise EngineStartupError(f"engine core {engine.index} failed to start: {msg.error}")
 
-    def _hello_reply(self, parallel: ParallelConfig, epoch: int, join: JoinInfo | None = None) -> HandshakeAddresses:
+    def _hello_reply(self, parallel: ParallelConfig, epoch: int, join: JoinInfo | None = None,
+                     engine_id: int | None = None) -> HandshakeAddresses:
         coordinator = self.coordinator.addresses if self.coordinator is not None else None
-        inputs, outputs = self.frontend_inputs, self.frontend_outputs
+        # An engine of a node with its own API server (external/hybrid LB) serves that one.
+        inputs, outputs = self.remote.frontend_queues(engine_id) or (self.frontend_inputs, self.frontend_outputs)
         return HandshakeAddresses(
             inputs[0], outputs[0], parallel, stats_interval_s=self.stats_interval_s,
             coordinator_address=coordinator.input if coordinator else None,
@@ -259,10 +293,11 @@ class EngineLauncher:
         self.next_engine_id += 1
         engine = EngineProcess(engine_id, engine_identity(engine_id))
         parallel = self._rank_parallel(rank, layout_world)
-        engine.hello_reply = self._hello_reply(parallel, epoch, join)
         engine.ready_fut = asyncio.get_running_loop().create_future()
         self.engines[engine_id] = engine
-        self._spawn(engine, self.handshake_address, parallel)
+        if not self.remote.start_engine(engine, parallel):  # a node offered this rank: it starts it there
+            self._spawn(engine, self.handshake_address, parallel)
+        engine.hello_reply = self._hello_reply(parallel, epoch, join, engine_id=engine_id)
         return engine
 
     def control(self, engine_id: int, msg: Any, reply: type | None = None) -> asyncio.Future | None:
@@ -278,6 +313,14 @@ class EngineLauncher:
                 return fut
         self.handshake.send_multipart([engine.identity, self._encoder.encode(msg)])
         return fut
+
+    def stop_engine(self, engine: EngineProcess, kill: bool = False) -> None:
+        """SIGTERM (or SIGKILL) one engine, here or through the node that runs it."""
+        if engine.proc is not None:
+            if engine.proc.is_alive():
+                engine.proc.kill() if kill else engine.proc.terminate()
+        elif engine.exit_reason is None:
+            self.remote.terminate(engine.index, kill)
 
     def retire(self, engine_id: int) -> None:
         """Its exit is expected from now on (it left, or it was started for a scale that is rolled back)."""
@@ -302,6 +345,9 @@ class EngineLauncher:
         decoder = msgspec.msgpack.Decoder(EngineHandshakeMessage)
         while True:
             identity, payload = await self.handshake.recv_multipart()
+            if self.remote.handles(identity):
+                self.remote.handle(identity, payload)
+                continue
             engine = next((e for e in self.engines.values() if e.identity == identity), None)
             try:
                 msg = decoder.decode(payload)
@@ -325,6 +371,9 @@ class EngineLauncher:
                     else:
                         engine.ready_fut.set_exception(EngineStartupError(
                             f"engine core {engine.index} failed to start: {msg.error}"))  # type: ignore[union-attr]
+            elif isinstance(msg, RankFault):
+                if self.on_fault is not None:
+                    self.on_fault(engine.index, msg.error)
             else:
                 if isinstance(msg, ScaleCommitted) and msg.free_memory_bytes is not None:
                     engine.free_memory_bytes = msg.free_memory_bytes  # its slots per rank just changed
@@ -345,9 +394,13 @@ class EngineLauncher:
         assert engine.proc is not None
         asyncio.get_running_loop().remove_reader(engine.proc.sentinel)
         engine.proc.join(timeout=1.0)  # the sentinel fires as the process exits; reap it for its exit code
-        engine.exit_reason = describe_exit(engine.proc.exitcode)
+        self.engine_exited(engine, describe_exit(engine.proc.exitcode))
+
+    def engine_exited(self, engine: EngineProcess, reason: str) -> None:
+        """An engine process ended (here: its sentinel; on another node: that node's report)."""
+        engine.exit_reason = reason
         if engine.exited is not None and not engine.exited.done():
-            engine.exited.set_result(engine.proc.exitcode)
+            engine.exited.set_result(engine.proc.exitcode if engine.proc is not None else None)
         self._fail_waiters(engine, f"engine core {engine.index} {engine.exit_reason}")
         # A rank that left or a rank a scale started: elastic_ep/ handles it, serving goes on.
         if not self.closed and not engine.retiring and engine.index in self.member_ids():
@@ -371,6 +424,8 @@ class EngineLauncher:
         alive = [e.proc for e in self.engines.values() if e.proc is not None and e.proc.is_alive()]
         for proc in alive:
             proc.terminate()
+        for engine_id in self.engines:
+            self.remote.terminate(engine_id)  # engines on other nodes: their node stops them
 
         def kill_leftovers() -> None:
             for proc in alive:
@@ -386,6 +441,7 @@ class EngineLauncher:
         """Synchronous, idempotent last resort: no engine or coordinator process outlives it."""
         if self.closed:
             return
+        self.remote.close()  # nodes stop their engines
         self.closed = True
         if self.control_task is not None:
             self.control_task.cancel()

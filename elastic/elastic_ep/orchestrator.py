@@ -30,6 +30,7 @@ from elastic.elastic_ep.capacity import check_target
 from elastic.elastic_ep.metrics import ScaleMetrics
 from elastic.elastic_ep.operation import (COMMITTING, FAILED, NOOP, ROLLED_BACK, ROLLING_BACK, SUCCEEDED, ScaleError,
                                           ScaleOperation, ScaleTracker)
+from elastic.protocol.fault import RecoverLayout
 from elastic.protocol.scaling import (ACTIVE, LEAVING, AbortScale, CommitScale, CoordinatorLink, JoinInfo, Member,
                                       Membership, MembershipUpdate, ParallelLayout, PrepareScale, RetireEngine,
                                       ScaleCommitted, ScalePrepared)
@@ -201,6 +202,64 @@ class ScaleOrchestrator:
             launcher.control(x.engine_id, RetireEngine(op.operation_id))
         await self._stop([launcher.engines[x.engine_id] for x in leaving], terminate=False)
 
+    # ---- recovery from dead ranks (driven by elastic/fault/) ------------------------------------------------
+    async def shrink_dead(self, dead: list[int], operation_id: str | None = None) -> dict[str, Any]:
+        """A shrink whose leaving ranks are already dead (or declared dead and killed): no drain and no
+        agreed step; the survivors rebuild their groups without them and restore the experts only they held
+        (RecoverLayout), and the front ends re-run the dead ranks' requests from what they had streamed. One
+        operation like a scale (a POST /scale meanwhile gets 409); idle again afterwards in every case."""
+        before = self.launcher.membership
+        survivors = [x for x in before.ranked() if x.engine_id not in dead]
+        op, _ = self.tracker.begin(len(survivors), 0.0, operation_id)
+        self.tracker.enter(op, COMMITTING)  # nothing to prepare: the dead ranks serve nothing already
+        try:
+            if not survivors:
+                raise RuntimeError("no rank survived")
+            logger.info("recovery %s: engine(s) %s dead; %d -> %d ranks", op.operation_id, dead,
+                        before.world_size, len(survivors))
+            epoch = self._take_epoch()
+            host, port = self.launcher.ensure_store()
+            ranks, n, m = [x.rank for x in survivors], before.world_size, len(survivors)
+            replies = await _gather([self.launcher.control(x.engine_id, RecoverLayout(
+                op.operation_id, ParallelLayout(epoch, m, r, host, port), n, ranks,
+                min(self.timeout, _BARRIER_TIMEOUT_S)), ScaleCommitted) for r, x in enumerate(survivors)],
+                2 * self.timeout, "recovery")
+            _raise_errors(replies)
+            op.blocking_s = max(r.blocking_s for r in replies)
+            await self._stop([self.launcher.engines[i] for i in dead if i in self.launcher.engines])
+            await self._switch(Membership(epoch, [Member(x.engine_id, r) for r, x in enumerate(survivors)]))
+        except Exception as e:
+            logger.exception("recovery %s failed", op.operation_id)
+            self.tracker.finish(op, FAILED, self.launcher.membership.world_size, f"{type(e).__name__}: {e}")
+        else:
+            self.tracker.finish(op, SUCCEEDED, len(survivors))
+        if self.metrics is not None:
+            self.metrics.set_size(self.tracker.size)
+        return op.summary()
+
+    async def restart_dead(self, dead: list[int], operation_id: str | None = None) -> dict[str, Any]:
+        """No rank survived (a single engine, or all of them died): start one engine afresh (it reads the
+        checkpoint), stop what is left of the dead ones, and serve at size 1 (a scale grows it back)."""
+        op, _ = self.tracker.begin(1, 0.0, operation_id)
+        try:
+            epoch = self._take_epoch()
+            engine = self.launcher.spawn_joining(0, 1, epoch, None)
+            await self._stop([self.launcher.engines[i] for i in dead if i in self.launcher.engines])
+            try:
+                await asyncio.wait_for(engine.ready_fut, self.timeout)  # type: ignore[arg-type]
+            except BaseException:
+                await self._stop([engine])
+                raise
+            await self._switch(Membership(epoch, [Member(engine.index, 0)]))
+        except Exception as e:
+            logger.exception("restart %s failed", op.operation_id)
+            self.tracker.finish(op, FAILED, self.launcher.membership.world_size, f"{type(e).__name__}: {e}")
+        else:
+            self.tracker.finish(op, SUCCEEDED, 1)
+        if self.metrics is not None:
+            self.metrics.set_size(self.tracker.size)
+        return op.summary()
+
     # ---- shared -----------------------------------------------------------------------------------------
     async def _switch(self, membership: Membership) -> None:
         """The new layout serves: the coordinator's table, then every front end's routing."""
@@ -219,15 +278,15 @@ class ScaleOrchestrator:
         """Engines whose exit is expected: wait (SIGTERM first with `terminate`), SIGKILL after a grace."""
         for engine in engines:
             self.launcher.retire(engine.index)
-            if terminate and engine.proc is not None and engine.proc.is_alive():
-                engine.proc.terminate()
+            if terminate:
+                self.launcher.stop_engine(engine)  # here, or through the node that runs it
         exits = [e.exited for e in engines if e.exited is not None and not e.exited.done()]
         if exits:
             await asyncio.wait(exits, timeout=_EXIT_GRACE_S)
         for engine in engines:
-            if engine.proc is not None and engine.proc.is_alive():
+            if engine.exited is not None and not engine.exited.done():
                 logger.warning("engine core %d did not exit; killing it", engine.index)
-                engine.proc.kill()
+                self.launcher.stop_engine(engine, kill=True)
         exits = [e.exited for e in engines if e.exited is not None and not e.exited.done()]
         if exits:
             await asyncio.wait(exits, timeout=_EXIT_GRACE_S)
