@@ -54,6 +54,56 @@ def slots_to_local(physical: torch.Tensor, first_slot: int, slots_per_rank: int)
     return local.to(torch.int32)
 
 
+def grouped_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool, scoring_func: str = "softmax",
+                 score_bias: torch.Tensor | None = None, num_groups: int = 1, topk_groups: int = 1,
+                 group_score: str = "max", scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek routing. router_logits [T, E] -> (weights [T, K] f32, ids [T, K] int32).
+
+    scores = softmax (V2) or sigmoid (V3) of the fp32 logits; the choice ranks scores + score_bias [E]
+    (V3's e_score_correction_bias) but the weights are the unbiased scores. With num_groups > 1 the experts
+    form equal groups ranked by their best score ("max", V2 group_limited_greedy) or their two best ("top2_sum",
+    V3), and only the best topk_groups groups are eligible. Weights are renormalised when asked, then
+    multiplied by `scaling` (routed_scaling_factor). Plain torch ops: sync-free and graph-capturable on CUDA."""
+    logits = router_logits.float()
+    scores = torch.softmax(logits, dim=-1) if scoring_func == "softmax" else torch.sigmoid(logits)
+    choice = scores if score_bias is None else scores + score_bias.float()
+    if num_groups > 1:
+        T, E = choice.shape
+        per_group = choice.view(T, num_groups, E // num_groups)
+        if group_score == "top2_sum":
+            ranked = per_group.topk(2, dim=-1)[0].sum(dim=-1)
+        else:
+            ranked = per_group.max(dim=-1).values                      # [T, G]
+        keep = torch.zeros_like(ranked, dtype=torch.bool)
+        keep.scatter_(1, ranked.topk(topk_groups, dim=-1)[1], True)
+        choice = choice.masked_fill(~keep.repeat_interleave(E // num_groups, dim=1), float("-inf"))
+    ids = choice.topk(top_k, dim=-1)[1]
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    if scaling != 1.0:
+        weights = weights * scaling
+    return weights, ids.to(torch.int32)
+
+
+def ids_to_slots(ids: torch.Tensor, logical_to_physical: torch.Tensor, logical_replica_count: torch.Tensor,
+                 expert_load: torch.Tensor | None, first_slot: int, slots_per_rank: int,
+                 num_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The slot half of route_to_slots for expert ids chosen elsewhere (grouped_topk): ids [T, K] ->
+    (physical [T, K] int64, local [T, K] int32), counting expert_load as route_to_slots does. Torch ops only:
+    sync-free and graph-capturable."""
+    ids = ids.long()
+    # Replicas of one expert take tokens in turn (token index modulo replica count).
+    token_index = torch.arange(ids.shape[0], device=ids.device)[:, None]
+    replica = token_index % logical_replica_count[ids]
+    physical = logical_to_physical[ids, replica]                  # [T, K]
+    if expert_load is not None:
+        counted = physical if num_valid is None else torch.where(token_index < num_valid, physical, -1)
+        counted = counted.flatten()
+        expert_load.index_add_(0, counted.clamp(min=0), (counted >= 0).long())
+    return physical, slots_to_local(physical, first_slot, slots_per_rank)
+
+
 def route_to_slots_reference(router_logits: torch.Tensor, top_k: int, renormalize: bool,
                              logical_to_physical: torch.Tensor, logical_replica_count: torch.Tensor,
                              expert_load: torch.Tensor | None, first_slot: int, slots_per_rank: int,
@@ -61,16 +111,9 @@ def route_to_slots_reference(router_logits: torch.Tensor, top_k: int, renormaliz
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """See route_to_slots."""
     weights, ids = topk_route_reference(router_logits, top_k, renormalize)
-    ids = ids.long()
-    # Replicas of one expert take tokens in turn (token index modulo replica count).
-    token_index = torch.arange(router_logits.shape[0], device=router_logits.device)[:, None]
-    replica = token_index % logical_replica_count[ids]
-    physical = logical_to_physical[ids, replica]                  # [T, K]
-    if expert_load is not None:
-        counted = physical if num_valid is None else torch.where(token_index < num_valid, physical, -1)
-        counted = counted.flatten()
-        expert_load.index_add_(0, counted.clamp(min=0), (counted >= 0).long())
-    return weights, physical, slots_to_local(physical, first_slot, slots_per_rank)
+    physical, local = ids_to_slots(ids, logical_to_physical, logical_replica_count, expert_load, first_slot,
+                                   slots_per_rank, num_valid)
+    return weights, physical, local
 
 
 def route_to_slots(router_logits: torch.Tensor, top_k: int, renormalize: bool,

@@ -36,8 +36,12 @@ _SHARD_SIZE = "256KB"
 
 
 def family_names() -> list[str]:
-    """The model families ``make_checkpoint`` can build."""
+    """The model families of the shared equivalence tests (``make_checkpoint`` also builds DEEPSEEK_FAMILIES,
+    tested on their own in test_deepseek.py)."""
     return ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe"]
+
+
+DEEPSEEK_FAMILIES = ["deepseek_v2", "deepseek_v3"]
 
 
 # ----------------------------------------------------------------------------
@@ -131,7 +135,61 @@ def _family_spec(family: str) -> tuple[str, str, dict[str, Any]]:
             rms_norm_eps=1e-5,
             rope_parameters={"rope_type": "default", "rope_theta": 10_000.0},
         )
-    raise ValueError(f"unknown family {family!r}; expected one of {family_names()}")
+    if family == "deepseek_v2":
+        # No q-LoRA, odd latent/head dims, group-limited greedy routing, a dense first layer, one shared
+        # expert, YaRN whose mscale != mscale_all_dim (so cos/sin and the softmax scale are both rescaled).
+        return "DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            q_lora_rank=None,
+            kv_lora_rank=24,
+            qk_nope_head_dim=12,
+            qk_rope_head_dim=8,
+            v_head_dim=20,
+            n_routed_experts=8,
+            num_experts_per_tok=3,
+            topk_method="group_limited_greedy",
+            n_group=4,
+            topk_group=2,
+            n_shared_experts=1,
+            moe_intermediate_size=32,
+            intermediate_size=96,
+            first_k_dense_replace=1,
+            norm_topk_prob=False,
+            routed_scaling_factor=1.5,
+            rms_norm_eps=1e-6,
+            max_position_embeddings=128,  # = factor x original: no transformers warning
+            rope_parameters={"rope_type": "yarn", "rope_theta": 10_000.0, "factor": 4.0,
+                             "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1,
+                             "mscale": 0.707, "mscale_all_dim": 1.0},
+        )
+    if family == "deepseek_v3":
+        # q-LoRA, sigmoid scores with a correction bias, groups ranked by their top-2 sum, renormalised
+        # and scaled weights, two shared experts, interleaved rope pairs.
+        return "DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=4,  # the config's default (128) would break transformers' eager attention
+            q_lora_rank=40,
+            kv_lora_rank=32,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=16,
+            v_head_dim=24,
+            n_routed_experts=16,
+            num_experts_per_tok=4,
+            n_group=4,
+            topk_group=2,
+            n_shared_experts=2,
+            moe_intermediate_size=16,
+            intermediate_size=96,
+            first_k_dense_replace=1,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.5,
+            rope_interleave=True,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 10_000.0},
+        )
+    raise ValueError(f"unknown family {family!r}; expected one of {family_names() + DEEPSEEK_FAMILIES}")
 
 
 def _config_kwargs(family: str, overrides: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
@@ -175,6 +233,10 @@ def _init_weights(model: torch.nn.Module, seed: int) -> None:
       shows up in the logits); biases ~ N(0, 0.1).
     """
     init_random_weights(model, seed, norm_std=0.2, router_gain=2.0, lm_head_gain=3.0)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for name, buf in sorted(model.named_buffers()):
+        if name.endswith("e_score_correction_bias"):  # DeepSeek-V3: a bias large enough to change choices
+            buf.copy_(torch.randn(buf.shape, generator=gen) * 0.3)
 
 
 # ----------------------------------------------------------------------------

@@ -8,6 +8,38 @@ from typing import Any, Callable
 
 
 @dataclass(frozen=True)
+class YarnScaling:
+    """YaRN rope scaling (DeepSeek-V2/V3): frequencies blended between interpolation and extrapolation,
+    cos/sin scaled by `attention_factor`, and (through `mscale_all_dim`) the softmax scale by mscale**2."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 0.0
+    mscale_all_dim: float = 0.0
+    attention_factor: float | None = None
+    truncate: bool = True
+
+
+@dataclass(frozen=True)
+class MlaDims:
+    """Multi-head latent attention (DeepSeek-V2/V3): queries through an optional low-rank q_a/q_b pair,
+    keys and values through one shared latent c_kv (kv_lora_rank) plus one shared rope key."""
+
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    rope_interleave: bool = True  # rope dims stored as (x0, x1), (x2, x3)... pairs in the checkpoint
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+@dataclass(frozen=True)
 class ModelArch:
     architecture: str
     vocab_size: int
@@ -36,6 +68,14 @@ class ModelArch:
     moe_prefix: str = "mlp"
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    # DeepSeek-V2/V3: latent attention, YaRN, and routing by (grouped) top-k with a scaling factor.
+    mla: MlaDims | None = None
+    rope_scaling: YarnScaling | None = None
+    scoring_func: str = "softmax"  # "softmax" | "sigmoid" (V3: with e_score_correction_bias for the choice)
+    num_expert_groups: int = 1  # experts split in groups; only the best `topk_groups` groups are eligible
+    topk_groups: int = 1
+    group_score: str = "max"  # how a group is ranked: "max" (V2) | "top2_sum" (V3)
+    routed_scaling_factor: float = 1.0
 
     @property
     def q_size(self) -> int:
@@ -46,12 +86,20 @@ class ModelArch:
         return self.num_kv_heads * self.head_dim
 
 
-def _rope_theta(cfg: dict[str, Any]) -> float:
-    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in ("default", None):
-        raise ValueError(f"rope type {rope_type!r} is not supported yet (supported: default)")
-    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+def _rope_params(cfg: dict[str, Any]) -> dict[str, Any]:
+    return cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+
+
+def _rope_type(cfg: dict[str, Any]) -> str:
+    params = _rope_params(cfg)
+    return params.get("rope_type", params.get("type")) or "default"
+
+
+def _rope_theta(cfg: dict[str, Any], supported: tuple[str, ...] = ("default",)) -> float:
+    if _rope_type(cfg) not in supported:
+        raise ValueError(f"rope type {_rope_type(cfg)!r} is not supported for this family "
+                         f"(supported: {', '.join(supported)})")
+    return float(_rope_params(cfg).get("rope_theta", cfg.get("rope_theta", 10000.0)))
 
 
 def _eos_ids(cfg: dict[str, Any]) -> tuple[int, ...]:
@@ -61,7 +109,7 @@ def _eos_ids(cfg: dict[str, Any]) -> tuple[int, ...]:
     return tuple(eos) if isinstance(eos, list) else (int(eos),)
 
 
-def _common(cfg: dict[str, Any], architecture: str) -> dict[str, Any]:
+def _common(cfg: dict[str, Any], architecture: str, rope_types: tuple[str, ...] = ("default",)) -> dict[str, Any]:
     num_heads = cfg["num_attention_heads"]
     return dict(
         architecture=architecture,
@@ -72,7 +120,7 @@ def _common(cfg: dict[str, Any], architecture: str) -> dict[str, Any]:
         num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
         head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_heads,
         rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        rope_theta=_rope_theta(cfg),
+        rope_theta=_rope_theta(cfg, rope_types),
         max_position_embeddings=cfg.get("max_position_embeddings", 4096),
         tie_word_embeddings=cfg.get("tie_word_embeddings", False),
         eos_token_ids=_eos_ids(cfg),
@@ -146,11 +194,69 @@ def _olmoe(cfg: dict[str, Any], arch: str) -> ModelArch:
     )
 
 
+def _yarn(cfg: dict[str, Any]) -> YarnScaling | None:
+    if _rope_type(cfg) != "yarn":
+        return None
+    p = _rope_params(cfg)
+    original = p.get("original_max_position_embeddings")
+    factor = p.get("factor")
+    if original is None:
+        raise ValueError("yarn rope scaling needs original_max_position_embeddings")
+    if factor is None:
+        factor = cfg.get("max_position_embeddings", original) / original
+    return YarnScaling(float(factor), int(original), float(p.get("beta_fast") or 32), float(p.get("beta_slow") or 1),
+                       float(p.get("mscale") or 0), float(p.get("mscale_all_dim") or 0), p.get("attention_factor"),
+                       bool(p.get("truncate", True)))
+
+
+def _deepseek(cfg: dict[str, Any], arch: str) -> ModelArch:
+    """DeepSeek-V2 (softmax scores, greedy or group-limited greedy) and V3 (sigmoid scores with a correction
+    bias for the choice, groups ranked by their top-2 sum). Dense MLPs before `first_k_dense_replace`."""
+    if cfg.get("quantization_config"):
+        method = cfg["quantization_config"].get("quant_method", "?")
+        raise ValueError(f"quantized checkpoints ({method}) are not supported; use a bf16 conversion")
+    v3 = arch == "DeepseekV3ForCausalLM"
+    num_experts = cfg["n_routed_experts"]
+    topk_method = cfg.get("topk_method") or "greedy"
+    if not v3 and topk_method not in ("greedy", "group_limited_greedy"):
+        raise ValueError(f"topk_method {topk_method!r} is not supported for V2 (greedy, group_limited_greedy)")
+    grouped = v3 or topk_method == "group_limited_greedy"  # transformers' V3 router always groups
+    groups, topk_groups = (cfg.get("n_group") or 1, cfg.get("topk_group") or 1) if grouped else (1, 1)
+    if num_experts % groups or not 1 <= topk_groups <= groups:
+        raise ValueError(f"n_group={groups} must divide n_routed_experts={num_experts} and topk_group="
+                         f"{topk_groups} lie in [1, n_group]")
+    first_dense, freq = cfg.get("first_k_dense_replace", 0), cfg.get("moe_layer_freq", 1) or 1
+    mla = MlaDims(cfg.get("q_lora_rank"), cfg["kv_lora_rank"], cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"],
+                  cfg["v_head_dim"], bool(cfg.get("rope_interleave", True)) if v3 else True)  # V2 always pairs
+    common = _common(cfg, arch, ("default", "yarn"))
+    common.update(num_kv_heads=common["num_heads"], head_dim=mla.qk_head_dim)  # per head, as if expanded
+    return ModelArch(
+        **common,
+        num_experts=num_experts,
+        top_k=cfg["num_experts_per_tok"],
+        moe_intermediate_size=cfg["moe_intermediate_size"],
+        intermediate_size=cfg.get("intermediate_size", 0),
+        shared_expert_intermediate_size=cfg["moe_intermediate_size"] * (cfg.get("n_shared_experts") or 0),
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+        sparse_layers=tuple(i >= first_dense and i % freq == 0 for i in range(cfg["num_hidden_layers"])),
+        qkv_bias=cfg.get("attention_bias", False),
+        mla=mla,
+        rope_scaling=_yarn(cfg),
+        scoring_func="sigmoid" if v3 else "softmax",
+        num_expert_groups=groups,
+        topk_groups=topk_groups,
+        group_score="top2_sum" if v3 else "max",
+        routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
+    )
+
+
 FAMILIES: dict[str, Callable[[dict[str, Any], str], ModelArch]] = {
     "Qwen3MoeForCausalLM": _qwen3_moe,
     "Qwen2MoeForCausalLM": _qwen2_moe,
     "MixtralForCausalLM": _mixtral,
     "OlmoeForCausalLM": _olmoe,
+    "DeepseekV2ForCausalLM": _deepseek,
+    "DeepseekV3ForCausalLM": _deepseek,
 }
 
 

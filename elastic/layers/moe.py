@@ -14,7 +14,11 @@ from torch import nn
 
 from elastic.forward_context import get_forward_context
 from elastic.kernels import fused_moe
-from elastic.kernels.routing import route_to_slots, slots_to_local
+from elastic.kernels.routing import ids_to_slots, route_to_slots, slots_to_local
+
+# A model's own expert choice (e.g. DeepSeek's grouped top-k): router_logits [T, E] -> (weights [T, K] f32,
+# logical ids [T, K]); FusedMoE maps the ids to physical slots as for the built-in softmax top-k.
+TopkRouter = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 def placement_maps(physical_to_logical: torch.Tensor, num_logical: int,
                    max_replicas: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -67,10 +71,10 @@ class ExpertLayout:
 class FusedMoE(nn.Module):
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
                  renormalize: bool, ep_size: int = 1, ep_rank: int = 0, num_redundant: int = 0,
-                 backend: ExpertBackend = fused_moe) -> None:
+                 backend: ExpertBackend = fused_moe, router: TopkRouter | None = None) -> None:
         super().__init__()
         self.num_logical = num_experts
-        self.top_k, self.renormalize, self.backend = top_k, renormalize, backend
+        self.top_k, self.renormalize, self.backend, self.router = top_k, renormalize, backend, router
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.w13 = nn.Parameter(torch.empty(0), requires_grad=False)  # [slots_per_rank, 2I, H] (set_layout)
         self.w2 = nn.Parameter(torch.empty(0), requires_grad=False)  # [slots_per_rank, H, I]
@@ -156,10 +160,15 @@ class FusedMoE(nn.Module):
         # logical->physical gather, the expert-load count and the local-slot mask.
         ctx = get_forward_context()
         load = self.expert_load if ctx.record_expert_load else None
-        topk_weights, physical, local = route_to_slots(
-            router_logits, self.top_k, self.renormalize, self.logical_to_physical, self.logical_replica_count,
-            load, self.first_slot, self.slots_per_rank,
-            num_valid=ctx.num_valid_tokens)  # [T, K] f32, [T, K] int64 global, [T, K] int32
+        if self.router is not None:
+            topk_weights, ids = self.router(router_logits)
+            physical, local = ids_to_slots(ids, self.logical_to_physical, self.logical_replica_count, load,
+                                           self.first_slot, self.slots_per_rank, ctx.num_valid_tokens)
+        else:
+            topk_weights, physical, local = route_to_slots(
+                router_logits, self.top_k, self.renormalize, self.logical_to_physical, self.logical_replica_count,
+                load, self.first_slot, self.slots_per_rank,
+                num_valid=ctx.num_valid_tokens)  # [T, K] f32, [T, K] int64 global, [T, K] int32
         if self.ep_comm is not None:
             return self.ep_comm(self, hidden, topk_weights, physical)
         return self.backend(hidden, self.w13, self.w2, topk_weights, local)

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from elastic.config import ModelConfig, ParallelConfig
 from elastic.config.model_arch import ModelArch
 from elastic.layers.moe import FusedMoE
+from elastic.models.deepseek import DeepseekForCausalLM, DeepseekMoE
 from elastic.models.moe_decoder import MoeForCausalLM, SparseMoeBlock
 from elastic.models.router_skew import skew_router_
 
@@ -23,6 +24,7 @@ _QKV = re.compile(r"^(.*\.self_attn)\.([qkv])_proj\.(weight|bias)$")
 _EXPERT = re.compile(r"^(.*\.mlp)\.experts\.(\d+)\.(\w+)\.weight$")
 _FUSED_EXPERTS = re.compile(r"^(.*\.mlp)\.experts\.(gate_up_proj|down_proj)$")
 _GATE_UP = re.compile(r"^(.*)\.(gate|up)_proj\.weight$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
@@ -47,9 +49,11 @@ def map_name(name: str, arch: ModelArch) -> tuple[str, dict[str, Any]] | None:
     """Checkpoint tensor name -> (parameter name, weight_loader kwargs); None to skip it."""
     if name.endswith("rotary_emb.inv_freq"):
         return None
+    if (m := _LAYER.match(name)) and int(m[1]) >= arch.num_layers:
+        return None  # e.g. DeepSeek-V3's multi-token-prediction layer, which serving does not run
     if arch.moe_prefix != "mlp":
         name = name.replace(f".{arch.moe_prefix}.", ".mlp.")
-    if m := _QKV.match(name):
+    if arch.mla is None and (m := _QKV.match(name)):  # MLA's q_proj is not part of a fused qkv
         return f"{m[1]}.qkv_proj.{m[3]}", {"shard_id": "qkv".index(m[2])}
     if m := _EXPERT.match(name):
         gate, up, down = arch.expert_names
@@ -143,14 +147,15 @@ def load_model(config: ModelConfig, parallel: ParallelConfig, device: torch.devi
     torch.set_default_dtype(config.dtype)
     try:
         with torch.device(device):
-            model = MoeForCausalLM(config.arch, parallel)
+            model_class = DeepseekForCausalLM if config.arch.mla is not None else MoeForCausalLM
+            model = model_class(config.arch, parallel)
     finally:
         torch.set_default_dtype(prev_dtype)
     if config.load_format == "dummy":
         init_dummy_weights(model, config.seed)
         if config.dummy_router_zipf:
             for i, layer in enumerate(model.model.layers):
-                if isinstance(layer.mlp, SparseMoeBlock):
+                if isinstance(layer.mlp, (SparseMoeBlock, DeepseekMoE)):
                     skew_router_(layer.mlp.gate.weight, config.dummy_router_zipf, i, config.seed)
     else:
         load_weights(model, Path(config.model))

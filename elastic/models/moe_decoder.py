@@ -82,10 +82,17 @@ class DecoderLayer(nn.Module):
     def __init__(self, arch: ModelArch, layer_idx: int, parallel: ParallelConfig) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.self_attn = SelfAttention(arch)
+        self.self_attn = self.make_attention(arch)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.mlp: nn.Module = (SparseMoeBlock(arch, parallel) if arch.sparse_layers[layer_idx]
+        self.mlp: nn.Module = (self.make_moe(arch, parallel) if arch.sparse_layers[layer_idx]
                                else DenseMLP(arch.hidden_size, arch.intermediate_size))
+
+    # Families with another attention or MoE block (DeepSeek) subclass these two.
+    def make_attention(self, arch: ModelArch) -> nn.Module:
+        return SelfAttention(arch)
+
+    def make_moe(self, arch: ModelArch, parallel: ParallelConfig) -> nn.Module:
+        return SparseMoeBlock(arch, parallel)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor,
                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,12 +110,12 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, arch: ModelArch, parallel: ParallelConfig) -> None:
+    def __init__(self, arch: ModelArch, parallel: ParallelConfig, layer_class: type[DecoderLayer] = DecoderLayer) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
         self.embed_tokens.weight.weight_loader = default_weight_loader
-        self.layers = nn.ModuleList(DecoderLayer(arch, i, parallel) for i in range(arch.num_layers))
+        self.layers = nn.ModuleList(layer_class(arch, i, parallel) for i in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -125,10 +132,12 @@ class MoeForCausalLM(nn.Module):
     """Written as single-device code; expert parallelism only changes which expert slots a rank holds
     (`parallel`) and how FusedMoE reaches the others (`elastic.distributed.expert_parallel`)."""
 
+    layer_class: type[DecoderLayer] = DecoderLayer
+
     def __init__(self, arch: ModelArch, parallel: ParallelConfig = ParallelConfig()) -> None:
         super().__init__()
         self.arch = arch
-        self.model = DecoderModel(arch, parallel)
+        self.model = DecoderModel(arch, parallel, self.layer_class)
         self.lm_head = Linear(arch.hidden_size, arch.vocab_size)
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
