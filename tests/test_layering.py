@@ -16,7 +16,7 @@ KERNELS_ROOT = ROOT.parent / "kernels"  # installed as elastic.kernels
 
 LAYERS: list[tuple[str, ...]] = [
     # plain data and settings every process shares
-    ("config", "protocol", "logger", "parent_watch", "sampling_params", "outputs", "tokenizer"),
+    ("config", "protocol", "logger", "parent_watch", "sampling_params", "outputs", "tokenizer", "transport"),
     ("validation", "request", "metrics", "forward_context"),
     ("kernels",),
     ("layers",),
@@ -28,6 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("cluster",),  # launcher and DP coordinator (start engine processes)
     ("frontend",),  # the API-server process's engine client
     ("elastic_ep",),  # scaling orchestration
+    ("fault",),  # fault recovery: detection and policy, driving elastic_ep's orchestrator
     ("autoscale",),  # the scaling policy: an HTTP client of the server (see FORBIDDEN)
     ("entrypoints", "demo", "__main__", "__init__"),
 ]
@@ -35,7 +36,7 @@ RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 # Sibling processes that must not know each other's code, whatever their ranks.
 FORBIDDEN = {("frontend", "engine"), ("cluster", "frontend"), ("engine", "cluster")}
 # The autoscaler talks HTTP to a server it may not run beside: none of the server's code.
-FORBIDDEN |= {("autoscale", unit) for unit in ("engine", "cluster", "frontend", "elastic_ep", "executor", "models",
+FORBIDDEN |= {("autoscale", unit) for unit in ("engine", "cluster", "frontend", "elastic_ep", "fault", "executor", "models",
                                               "layers", "distributed", "eplb", "kernels", "metrics")}
 
 

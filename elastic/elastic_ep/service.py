@@ -62,6 +62,10 @@ class LocalScaler:
             self._orchestrator = ScaleOrchestrator(client.launcher, self.engine.config, publish, self.metrics)
         return self._orchestrator
 
+    def orchestrator(self) -> ScaleOrchestrator | None:
+        """The orchestrator, once the engines run (fault recovery drives it too: elastic/fault/)."""
+        return self._get()
+
     async def scale(self, request: ScaleRequest) -> tuple[int, dict[str, Any]]:
         orchestrator, reason = self._get(), self.engine.status()
         if orchestrator is None or reason is not None:  # starting, shutting down, or an engine died

@@ -32,6 +32,7 @@ from elastic.entrypoints.openai.serving import ServingContext, with_request_id
 from elastic.entrypoints.openai.serving_chat import ChatHandler, render_chat
 from elastic.entrypoints.openai.serving_completion import CompletionHandler
 from elastic.entrypoints.scale_routes import make_scaler, scale_router
+from elastic.fault.local import start_fault_recovery
 from elastic.frontend.async_llm import AsyncLLM, EngineStartupError
 from elastic.logger import warn_if_hub_kernels_active
 from elastic.metrics import CONTENT_TYPE_LATEST, ServerMetrics
@@ -52,6 +53,8 @@ def build_app(engine: AsyncLLM, metrics: ServerMetrics, args: ServerConfig) -> F
             starter.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await starter
+            if getattr(app.state, "supervisor", None) is not None:
+                app.state.supervisor.close()  # exits from here on are the shutdown's
             await engine.shutdown()
             logger.info("engine stopped")
 
@@ -67,6 +70,15 @@ def build_app(engine: AsyncLLM, metrics: ServerMetrics, args: ServerConfig) -> F
             return Response(status_code=200)
         return JSONResponse(error_body(503, reason), status_code=503)
 
+    @app.get("/ready")
+    async def ready() -> Response:
+        """Readiness: 200 when requests are served now; 503 while starting, recovering a failed rank (then
+        /health, the liveness, stays 200: requests are accepted and wait) or shutting down."""
+        reason = engine.readiness()
+        if reason is None:
+            return Response(status_code=200)
+        return JSONResponse(error_body(503, reason), status_code=503)
+
     @app.get("/version")
     async def version() -> dict[str, str]:
         return {"version": elastic.__version__}
@@ -77,7 +89,8 @@ def build_app(engine: AsyncLLM, metrics: ServerMetrics, args: ServerConfig) -> F
 
     _add_openai_routes(app, ctx)
     _add_tokenizer_routes(app, ctx)
-    app.include_router(scale_router(make_scaler(engine, metrics), args.admin_api_key))  # POST /scale, GET /scale
+    app.state.scaler, app.state.metrics = make_scaler(engine, metrics), metrics
+    app.include_router(scale_router(app.state.scaler, args.admin_api_key))  # POST /scale, GET /scale
     app.include_router(eplb_router(engine, args.admin_api_key))  # GET /eplb, POST /eplb/rebalance
     return app
 
@@ -190,6 +203,7 @@ async def _start_engine(app: FastAPI, engine: AsyncLLM, args: ServerConfig) -> N
         logger.exception("the engine failed to start")
         _request_exit(app, 1)
         return
+    app.state.supervisor = start_fault_recovery(engine, app.state.scaler, app.state.metrics)
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
     port = getattr(app.state, "port", args.port)
     logger.info("ready: serving %r at http://%s:%d/v1 (metrics at /metrics)", engine.config.model.served_model_name,

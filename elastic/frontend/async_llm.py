@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import msgspec
 
@@ -113,7 +113,13 @@ class AsyncLLM:
                                        address=address, handshake_port=handshake_port, log_level=log_level,
                                        frontend=frontend)
         self.client.on_membership = self._on_membership
+        self.client.on_engine_lost = self._on_engine_lost
         self.requests: dict[str, _RequestState] = {}
+        # Fault recovery: engine request id -> its request, waiting for a rank to re-run on (its rank died,
+        # or it arrived while none could take it), and when it started waiting.
+        self.parked: dict[str, tuple[_RequestState, float]] = {}
+        self.rerun_task: asyncio.Task | None = None
+        self.on_rerun: Callable[[int], None] | None = None  # elastic:requests_rerun_total
         self.sample_owner: dict[str, _RequestState] = {}  # engine request id -> its request
         self.startup_error: str | None = None
         self.draining = False  # shutting down: no new requests, the ones in flight may finish
@@ -163,9 +169,17 @@ class AsyncLLM:
             return f"the engine failed to start: {self.startup_error}"
         if self.client.closed or self.draining:
             return "the server is shutting down"
-        if not self.client.is_ready:
+        if not self.client.is_ready and not (self.client.started and self.client.recovering):
             return "the engine is starting; retry shortly"
         return None
+
+    def readiness(self) -> str | None:
+        """None when requests are served now (GET /ready), else why not. While a dead rank is recovered
+        the server is live (/health) but not ready: requests are accepted and wait for a rank."""
+        reason = self.status()
+        if reason is None and (self.client.recovering or self.parked):
+            return "recovering from a failed rank; requests wait for it"
+        return reason
 
     def check_ready(self) -> None:
         reason = self.status()
@@ -187,17 +201,26 @@ class AsyncLLM:
         self.check_ready()
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        engine = self.client.pick_engine()
+        try:
+            engine: EngineHandle | None = self.client.pick_engine()
+        except EngineDeadError:
+            if not self.client.recovering:
+                raise
+            engine = None  # a rank is being recovered: the request waits for it
+        index = engine.index if engine is not None else -1
         reqs = self.input_processor.make_requests(request_id, prompt_token_ids, params)
-        state = _RequestState(request_id, engine.index, len(prompt_token_ids), time.monotonic(),
-                              samples={r.request_id: _Sample(engine.index, r) for r in reqs})
+        state = _RequestState(request_id, index, len(prompt_token_ids), time.monotonic(),
+                              samples={r.request_id: _Sample(index, r) for r in reqs})
         self.output_processor.add_request(request_id, prompt, prompt_token_ids, [r.request_id for r in reqs],
                                           [r.sampling_params for r in reqs])
         self.requests[request_id] = state
         for rid in state.samples:
             self.sample_owner[rid] = state
         try:
-            self._send(engine, state, reqs)
+            if engine is None:
+                self._park(state, list(state.samples))
+            else:
+                self._send(engine, state, reqs)
             while True:
                 output = await state.collector.get()
                 yield output
@@ -291,7 +314,72 @@ class AsyncLLM:
             logger.info("engine core %d is leaving: %d request(s) moved to other engines (%d mid-stream)",
                         from_engine, num_moved, mid_stream)
 
+    # ---- fault recovery: requests of a rank that died ------------------------------------------------------
+    def _on_engine_lost(self, engine_index: int) -> None:
+        """A rank died and the server recovers: its requests re-run on another rank from what this front end
+        has streamed (prompt + tokens so far), so streams continue with no gap and no duplicate. Outputs
+        still queued from the dead rank are dropped (its samples no longer point at it)."""
+        for state in list(self.requests.values()):
+            lost = [rid for rid, s in state.samples.items() if s.engine_index == engine_index]
+            if lost and not state.finished:
+                self.client.release(engine_index, len(lost))
+                self._park(state, lost)
+
+    def _park(self, state: _RequestState, request_ids: list[str]) -> None:
+        now = time.monotonic()
+        for rid in request_ids:
+            state.samples[rid].engine_index = -1
+            self.parked[rid] = (state, now)
+        self._rerun_parked()
+        if self.parked and (self.rerun_task is None or self.rerun_task.done()):
+            self.rerun_task = asyncio.get_running_loop().create_task(self._rerun_loop(), name="rerun")
+
+    async def _rerun_loop(self) -> None:
+        """Until every parked request runs again: a survivor takes them at once; after a single engine's
+        death they wait for its replacement. Past the deadline (no rank came back) they fail."""
+        deadline_s = 3 * self.config.parallel.scale_phase_timeout
+        while self.parked:
+            await asyncio.sleep(0.05)
+            self._rerun_parked()
+            now = time.monotonic()
+            for rid, (state, since) in list(self.parked.items()):
+                if now - since > deadline_s:
+                    del self.parked[rid]
+                    self._fail_one(-1, rid, EngineDeadError(f"no engine could take the request within "
+                                                            f"{deadline_s:g}s of its rank's failure"))
+
+    def _rerun_parked(self) -> None:
+        num = 0
+        for rid, (state, since) in list(self.parked.items()):
+            if state.finished:
+                del self.parked[rid]
+                continue
+            try:
+                engine = self.client.pick_engine()
+            except EngineDeadError:
+                break  # none routable yet
+            sample = state.samples[rid]
+            tokens = self.output_processor.token_ids(rid)
+            params = sample.request.sampling_params
+            if tokens and params.prompt_logprobs is not None:  # delivered with the first token
+                params = msgspec.structs.replace(params, prompt_logprobs=None)
+            request = msgspec.structs.replace(sample.request, sampling_params=params, resumed_token_ids=tokens,
+                                              generator_state=None)
+            try:
+                self.client.add_requests(engine, [request])
+            except EngineDeadError:
+                break  # it died meanwhile: the next try picks another
+            del self.parked[rid]
+            sample.engine_index = engine.index
+            num += bool(tokens) or state.engine_index >= 0
+        if num:
+            logger.info("re-ran %d request(s) of a failed rank on other ranks", num)
+            if self.on_rerun is not None:
+                self.on_rerun(num)
+
     def _on_membership(self, membership: Membership, gone: list[int]) -> None:
+        if self.parked:
+            self._rerun_parked()  # a replacement engine may take them now
         if self.metrics is None:
             return
         for engine_id in gone:  # its series go with it (autoscalers must not count a rank that left)
@@ -311,6 +399,8 @@ class AsyncLLM:
                 metrics.record_queue_time(engine, seconds)
         if batch.migrated:
             self._migrate(engine, batch.migrated)
+        if self.parked or self.client.recovering:  # outputs of a dead rank's requests that moved: stale
+            batch.outputs = [eo for eo in batch.outputs if self._runs_on(eo.request_id, engine)]
         for rejected in batch.rejected or ():
             self._fail_one(engine, rejected.request_id, RequestRejectedError(rejected.error))
         if any(eo.finish_reason == "error" for eo in batch.outputs):
@@ -332,6 +422,10 @@ class AsyncLLM:
             if snapshot.finished:
                 self._finish(state, snapshot, now)
             state.collector.put(snapshot)
+
+    def _runs_on(self, engine_request_id: str, engine: int) -> bool:
+        state = self.sample_owner.get(engine_request_id)
+        return state is None or state.samples[engine_request_id].engine_index == engine
 
     def _fail_one(self, engine: int, engine_request_id: str, error: BaseException) -> None:
         """The engine refused or failed one engine request: its whole request fails (its other samples are

@@ -37,6 +37,7 @@ from elastic.protocol.from_engine import (EngineCoreOutputMessage, EngineCoreOut
 from elastic.protocol.scaling import ACTIVE, JOINING, Member, Membership, MembershipUpdate
 from elastic.protocol.to_engine import (AbortRequests, EngineCoreInput, EngineCoreRequest, ShutdownEngine, UtilityCall,
                                         engine_identity)
+from elastic.transport import security
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class EngineHandle:
     stats: SchedulerStats | None = None
     num_in_flight: int = 0  # engine requests routed here by this front end and not finished
     proc: BaseProcess | None = None  # when this front end launched it
+    lost: bool = False  # died, and the server recovers: its requests re-run elsewhere (elastic/fault/)
 
 
 class EngineCoreClient:
@@ -111,6 +113,12 @@ class EngineCoreClient:
         self.utility_calls: dict[int, tuple[int, asyncio.Future]] = {}
         self.call_ids = itertools.count()
         self.lockstep_broken = False
+        # Fault recovery (elastic/fault/): whether a dead rank is recovered rather than failing everything;
+        # `fault_handler(engine id, reason)` is the supervisor beside our launcher (True: it takes charge);
+        # `on_engine_lost(engine id)` re-runs that engine's requests elsewhere.
+        self.recovers = False
+        self.fault_handler: Callable[[int, str], bool] | None = None
+        self.on_engine_lost: Callable[[int], None] | None = None
         self.started = False
         self._startup_failure: asyncio.Future | None = None  # while waiting for registrations
         self.closing = False
@@ -141,8 +149,8 @@ class EngineCoreClient:
         self.output.setsockopt(zmq.RCVHWM, 0)
         for sock in self.sockets:
             sock.setsockopt(zmq.LINGER, 0)
-        self.input.bind(input_addr)
-        self.output.bind(output_addr)
+        security.bind(self.input, input_addr, "front end's input queue")
+        security.bind(self.output, output_addr, "front end's output queue")
         # With tcp port 0, the real ports are only known now.
         self.input_address = self.input.getsockopt_string(zmq.LAST_ENDPOINT)
         self.output_address = self.output.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -152,7 +160,7 @@ class EngineCoreClient:
         sub = self.actx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
-        sub.connect(address)
+        security.connect(sub, address)
         self.sockets.append(sub)
         self.tasks.append(asyncio.get_running_loop().create_task(self._snapshot_loop(sub), name="dp-load"))
 
@@ -257,6 +265,10 @@ class EngineCoreClient:
 
     # ---- steady state ---------------------------------------------------------------------------------
     def _on_launcher_exit(self, index: int, reason: str) -> None:
+        if self.fault_handler is not None and self.fault_handler(index, reason):
+            if index in self.by_id:
+                self._mark_dead(self.by_id[index], reason)  # recoverable: its requests re-run elsewhere
+            return
         if index < 0:  # the DP coordinator: without it no rank can wake the others
             logger.error("%s; stopping every engine core", reason)
             for engine in self.engines:
@@ -277,6 +289,13 @@ class EngineCoreClient:
         if self.closing:
             logger.info("engine core %d (pid %s) %s", engine.index, engine.pid, reason)
             return
+        if engine.ready and self._recoverable(engine):
+            engine.lost = True
+            logger.error("engine core %d (pid %s) %s; the server recovers, its requests re-run on other ranks",
+                         engine.index, engine.pid, reason)
+            if self.on_engine_lost is not None:
+                self.on_engine_lost(engine.index)
+            return
         if not engine.ready:  # still starting: start() reports it (EngineStartupError)
             if self._startup_failure is not None and not self._startup_failure.done():
                 self._startup_failure.set_exception(
@@ -288,6 +307,18 @@ class EngineCoreClient:
         self.on_engine_dead(engine.index, cause)
         if len(self.engines) > 1 and not self.lockstep_broken:
             self._break_lockstep(cause)
+
+    def _recoverable(self, engine: EngineHandle) -> bool:
+        """The supervisor's rule (elastic/fault/supervisor.py): a rank survives, or a new one is started."""
+        if not self.recovers:
+            return False
+        survivors = [e for e in self.engines if e is not engine and not e.lost and e.dead_reason is None]
+        return bool(survivors) or self.config.parallel.restart_failed_ranks
+
+    @property
+    def recovering(self) -> bool:
+        """A rank died and is being recovered, or a member is not registered here yet."""
+        return any(e.lost for e in self.by_id.values()) or any(not e.ready for e in self.engines)
 
     def _break_lockstep(self, cause: str) -> None:
         """DP ranks step together: without one of them the others can only hang in their next collective."""
@@ -356,7 +387,7 @@ class EngineCoreClient:
 
     @property
     def dead_reason(self) -> str | None:
-        reasons = [f"engine core {e.index} {e.dead_reason}" for e in self.engines if e.dead_reason]
+        reasons = [f"engine core {e.index} {e.dead_reason}" for e in self.engines if e.dead_reason and not e.lost]
         return "; ".join(reasons) or None
 
     def pick_engine(self, exclude: int | None = None) -> EngineHandle:

@@ -71,6 +71,11 @@ class OutputProcessor:
             del self.sample_of[cid]
         return child_ids
 
+    def token_ids(self, engine_request_id: str) -> list[int]:
+        """Every token received for one engine request so far (a re-run continues after them)."""
+        entry = self.sample_of.get(engine_request_id)
+        return list(entry[1].output.token_ids) if entry is not None else []
+
     def process(self, outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
         """Apply engine outputs. Returns snapshots of the requests that changed, and engine request ids
         to abort because a stop string finished them."""
