@@ -40,6 +40,8 @@ from elastic.config import EngineConfig
 from elastic.config.server import ServerConfig
 from elastic.elastic_ep.orchestrator import ScaleOrchestrator
 from elastic.elastic_ep.service import ScaleServer
+from elastic.fault.metrics import FaultMetrics
+from elastic.fault.supervisor import FaultSupervisor
 from elastic.frontend.engine_client import FrontendAddresses
 from elastic.metrics import ServerMetrics
 from elastic.parent_watch import watch_parent
@@ -52,6 +54,7 @@ _API_SERVER_EXIT_MARGIN_S = 10.0  # on top of --shutdown-timeout
 # After a scale-down, a leaving rank hands back what API servers sent it before the new membership reached
 # them (relayed: milliseconds), then exits.
 _LEAVE_GRACE_S = 0.5
+_MAX_API_SERVER_RESTARTS = 20  # an API server that keeps dying (a bug at start-up) ends the server
 
 
 def reuseport_socket(host: str, port: int) -> socket.socket:
@@ -70,7 +73,7 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
 # ---- metrics ------------------------------------------------------------------------------------------
 # ---- one API server process ---------------------------------------------------------------------------
 def run_api_server_worker(config: EngineConfig, args: ServerConfig, frontend: FrontendAddresses, port: int,
-                          death_pipe: Connection) -> None:
+                          death_pipe: Connection, rejoin: MembershipUpdate | None = None) -> None:
     from elastic.entrypoints.api_server import serve_http
     from elastic.frontend.async_llm import AsyncLLM
     from elastic.logger import setup_logging
@@ -81,6 +84,7 @@ def run_api_server_worker(config: EngineConfig, args: ServerConfig, frontend: Fr
     metrics = ServerMetrics(config.model.served_model_name, config.model.max_model_len, multiprocess=True,
                             primary=frontend.client_index == 0)
     engine = AsyncLLM(config, metrics=metrics, log_level=args.log_level.upper(), frontend=frontend)
+    engine.client.rejoin = rejoin  # a restarted API server: the engines run already
     try:
         code = serve_http(engine, metrics, args, reuseport_socket(args.host, port))
     finally:
@@ -131,6 +135,8 @@ class _Parent:
         self.orchestrator = ScaleOrchestrator(self.launcher, config, self._relay_membership,
                                               leave_grace_s=_LEAVE_GRACE_S)
         self.scale_server: ScaleServer | None = None
+        self.supervisor: FaultSupervisor | None = None  # once the engines run
+        self.restarts = 0
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -156,6 +162,8 @@ class _Parent:
                 starting.result()  # raises EngineStartupError
                 logger.info("all %d engine core(s) ready", len(self.launcher.engines))
                 self.scale_server.ready = True
+                self.supervisor = FaultSupervisor(self.launcher, self.orchestrator, self.config,
+                                                  FaultMetrics.in_parent(self.config.model.served_model_name))
                 await stopped
             else:
                 starting.cancel()
@@ -166,16 +174,20 @@ class _Parent:
             await self._shutdown()
         return self.exit_code
 
-    def _spawn_api_server(self, frontend: FrontendAddresses) -> None:
+    def _spawn_api_server(self, frontend: FrontendAddresses, rejoin: MembershipUpdate | None = None) -> None:
         mp = multiprocessing.get_context("spawn")
         reader, writer = mp.Pipe(duplex=False)
         proc = mp.Process(target=run_api_server_worker, name=f"APIServer_{frontend.client_index}",
-                          args=(self.config, self.args, frontend, self.port, reader))
+                          args=(self.config, self.args, frontend, self.port, reader, rejoin))
         proc.start()
         reader.close()
+        asyncio.get_running_loop().add_reader(proc.sentinel, self._on_api_server_exit, proc)
+        k = frontend.client_index
+        if rejoin is not None:  # in its predecessor's place; the relay to its output queue stays
+            self.servers[k], self.death_writers[k] = proc, writer
+            return
         self.servers.append(proc)
         self.death_writers.append(writer)
-        asyncio.get_running_loop().add_reader(proc.sentinel, self._on_api_server_exit, proc)
         relay = self.ctx.socket(zmq.PUSH)
         relay.setsockopt(zmq.LINGER, 0)
         relay.setsockopt(zmq.SNDHWM, 0)
@@ -190,13 +202,31 @@ class _Parent:
     def _on_api_server_exit(self, proc: BaseProcess) -> None:
         asyncio.get_running_loop().remove_reader(proc.sentinel)
         proc.join(1.0)
-        if not self.stopping:
+        if self.stopping:
+            return
+        if self.supervisor is None or self.restarts >= _MAX_API_SERVER_RESTARTS:
             logger.error("%s (pid %s) %s; shutting down", proc.name, proc.pid, describe_exit(proc.exitcode))
             self._request_stop(1)
+            return
+        # The others keep serving; a new one takes its queues (the engines reconnect) and its share of the port.
+        self.restarts += 1
+        k = self.servers.index(proc)
+        logger.error("%s (pid %s) %s; restarting it (restart %d)", proc.name, proc.pid,
+                     describe_exit(proc.exitcode), self.restarts)
+        self.death_writers[k].close()
+        coordinator = self.launcher.coordinator
+        pub = coordinator.addresses.frontend_pub if coordinator is not None and coordinator.addresses else None
+        self._spawn_api_server(self.frontends[k], MembershipUpdate(self.launcher.membership, pub))
 
     def _on_engine_exit(self, index: int, reason: str) -> None:
         """Tell every API server (it fails the requests and, with DP, stops routing to every rank)."""
         if self.stopping:
+            return
+        if self.supervisor is not None and self.supervisor.rank_failed(index, reason):
+            if index >= 0:  # every API server re-runs its requests of that rank elsewhere
+                payload = msgspec.msgpack.encode(EngineDead(index, reason, relayed=True))
+                for relay in self.relays:
+                    relay.send(payload, zmq.NOBLOCK)
             return
         if self.lockstep_broken:  # a rank we stopped ourselves; every API server knows already
             logger.info("engine core %d %s", index, reason)
@@ -223,6 +253,8 @@ class _Parent:
 
     async def _shutdown(self) -> None:
         self.stopping = True
+        if self.supervisor is not None:
+            self.supervisor.close()
         if self.scale_server is not None:
             self.scale_server.close()
         alive = [p for p in self.servers if p.is_alive()]

@@ -119,6 +119,7 @@ class EngineCoreClient:
         self.recovers = False
         self.fault_handler: Callable[[int, str], bool] | None = None
         self.on_engine_lost: Callable[[int], None] | None = None
+        self.rejoin: MembershipUpdate | None = None  # attached, replacing an API server that died
         self.started = False
         self._startup_failure: asyncio.Future | None = None  # while waiting for registrations
         self.closing = False
@@ -181,13 +182,17 @@ class EngineCoreClient:
                 assert self.frontend is not None
                 if self.frontend.coordinator_frontend_pub:
                     self._subscribe_coordinator(self.frontend.coordinator_frontend_pub)
-                await self._await_registrations(_ATTACHED_REGISTRATION_TIMEOUT_S)
+                if self.rejoin is not None:
+                    await self._rejoin(self.rejoin)
+                else:
+                    await self._await_registrations(_ATTACHED_REGISTRATION_TIMEOUT_S)
         except BaseException:
             self.close()
             raise
         self.started = True
         loop = asyncio.get_running_loop()
-        self.tasks.append(loop.create_task(self._recv_loop(), name="engine-outputs"))
+        if self.rejoin is None:  # a rejoining front end receives already
+            self.tasks.append(loop.create_task(self._recv_loop(), name="engine-outputs"))
         self.tasks.append(loop.create_task(self._registration_loop(), name="engine-registrations"))
 
     async def _await_registrations(self, timeout: float) -> None:
@@ -222,6 +227,23 @@ class EngineCoreClient:
         if not done:
             raise EngineStartupError("engine cores said READY but never connected to the input queue")
         self._startup_failure = None
+
+    async def _rejoin(self, update: MembershipUpdate) -> None:
+        """A restarted API server (its predecessor died): the engines run already and reconnect to our
+        sockets by themselves (same addresses). The membership comes from the parent; an engine counts as
+        registered once it answers here."""
+        self.apply_membership(update.membership, update.coordinator_frontend_pub)
+        self.tasks.append(asyncio.get_running_loop().create_task(self._recv_loop(), name="engine-outputs"))
+        deadline = asyncio.get_running_loop().time() + _REGISTRATION_TIMEOUT_S
+        for engine in self.engines:
+            while not engine.ready:
+                try:
+                    engine.num_kv_blocks = await self.call_utility(engine.index, "num_kv_blocks", timeout=1.0)
+                    engine.ready = True
+                except (EngineDeadError, asyncio.TimeoutError):  # not reconnected yet
+                    if asyncio.get_running_loop().time() > deadline:
+                        raise EngineStartupError(f"engine core {engine.index} did not reconnect") from None
+                    await asyncio.sleep(0.05)
 
     async def _registration_loop(self) -> None:
         """Engines started by a scale-up register later: READY on our input socket, before they are routable."""
