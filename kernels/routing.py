@@ -76,7 +76,8 @@ def grouped_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool, sco
             ranked = per_group.max(dim=-1).values                      # [T, G]
         keep = torch.zeros_like(ranked, dtype=torch.bool)
         keep.scatter_(1, ranked.topk(topk_groups, dim=-1)[1], True)
-        choice = choice.masked_fill(~keep.repeat_interleave(E // num_groups, dim=1), float("-inf"))
+        eligible = keep[:, :, None].expand(T, num_groups, E // num_groups).reshape(T, E)  # no host sync
+        choice = choice.masked_fill(~eligible, float("-inf"))
     ids = choice.topk(top_k, dim=-1)[1]
     weights = scores.gather(1, ids)
     if renormalize:
