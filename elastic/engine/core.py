@@ -142,7 +142,8 @@ class EngineCore:
         if not self.config.eplb.enable_eplb or not self.runner.model.moe_layers():
             return None
         rank, size = self.config.parallel.data_parallel_rank, self.config.parallel.data_parallel_size
-        return ExpertBalancer(self.runner.model.moe_layers(), self.config.eplb, rank, size, self._ep_group)
+        return ExpertBalancer(self.runner.model.moe_layers(), self.config.eplb, rank, size, self._ep_group,
+                              num_groups=self.config.model.arch.num_expert_groups)  # DeepSeek's expert groups
 
     @property
     def num_kv_blocks(self) -> int:
