@@ -59,6 +59,13 @@ def weight_bytes(model: torch.nn.Module) -> tuple[int, int]:
     return fixed, expert_bytes // max(num_moe, 1)
 
 
+def expanded_kv_bytes_per_token(arch, elem: int) -> int:
+    """Bytes per token of a K/V cache without compression: MLA expanded to per-head K (nope + rope dims) and V."""
+    if arch.mla is None:
+        return 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * elem
+    return arch.num_layers * arch.num_heads * (arch.mla.qk_head_dim + arch.mla.v_head_dim) * elem
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="qwen3-30b-a3b", choices=sorted(SHAPES))
@@ -78,7 +85,9 @@ def main() -> None:
     bandwidth = copy_bandwidth(device)
     fixed, per_expert = weight_bytes(model)
     moe_layers = model.moe_layers()
-    kv_per_token = 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * llm.config.model.dtype.itemsize
+    runner = engine.runner
+    kv_per_token = runner.kv_bytes_per_block() // runner.block_size  # what the cache stores (MLA: the latent row)
+    kv_expanded = expanded_kv_bytes_per_token(arch, llm.config.model.dtype.itemsize)
     rng = random.Random(0)
     rows = []
     for bs in batch_sizes:
@@ -118,11 +127,14 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     result = dict(shape=args.shape, gpu=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"),
                   context=args.context, cuda_graphs=not args.enforce_eager, bandwidth_gbs=bandwidth / 1e9,
-                  rows=rows)
+                  kv_bytes_per_token=kv_per_token, kv_bytes_per_token_expanded=kv_expanded,
+                  kv_tokens=engine.num_kv_blocks * runner.block_size, rows=rows)
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
     print(f"\n{args.shape} on {result['gpu']}, context {args.context}, copy bandwidth {bandwidth / 1e9:.0f} GB/s, "
           f"CUDA graphs {'on' if result['cuda_graphs'] else 'off'}")
+    print(f"KV cache: {kv_per_token / 1024:.1f} KiB per token ({kv_expanded / 1024:.1f} KiB expanded, "
+          f"{kv_expanded / kv_per_token:.1f}x), {result['kv_tokens']} tokens fit")
     print(f"{'batch':>5} {'step ms':>8} {'floor ms':>9} {'x floor':>8} {'experts/layer':>14} {'tok/s':>8}")
     for r in rows:
         print(f"{r['batch']:>5} {r['step_ms']:8.2f} {r['floor_ms']:9.2f} {r['ratio']:8.2f} "

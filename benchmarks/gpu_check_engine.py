@@ -26,18 +26,19 @@ from elastic import LLM, SamplingParams  # noqa: E402
 GREEDY_LEN = 32
 
 
-def compare_family(family: str, root: Path) -> list[dict]:
+def compare_family(family: str, root: Path, lengths: tuple[int, ...] = (5, 17, 40, 77, 120),
+                   max_model_len: int = 512) -> list[dict]:
     path = str(make_checkpoint(family, root / family))
     rng = random.Random(0)
-    prompts = [[rng.randrange(10, 1000) for _ in range(n)] for n in (5, 17, 40, 77, 120)]
+    prompts = [[rng.randrange(10, 1000) for _ in range(n)] for n in lengths]
     greedy = SamplingParams(temperature=0, max_tokens=GREEDY_LEN, ignore_eos=True)
-    cpu = LLM(path, device="cpu", dtype="float32", max_model_len=512)
+    cpu = LLM(path, device="cpu", dtype="float32", max_model_len=max_model_len)
     ref_logits = [cpu.engine.prompt_logits(p) for p in prompts]
     ref_tokens = [o.outputs[0].token_ids for o in cpu.generate([{"prompt_token_ids": p} for p in prompts], greedy,
                                                                use_tqdm=False)]
     rows = []
     for dtype in ("float32", "bfloat16"):
-        gpu = LLM(path, device="cuda", dtype=dtype, max_model_len=512)
+        gpu = LLM(path, device="cuda", dtype=dtype, max_model_len=max_model_len)
         logits = [gpu.engine.prompt_logits(p).float().cpu() for p in prompts]
         num = sum(float((a - b).norm() ** 2) for a, b in zip(logits, ref_logits)) ** 0.5
         den = sum(float(b.norm() ** 2) for b in ref_logits) ** 0.5

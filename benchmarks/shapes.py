@@ -30,6 +30,17 @@ SHAPES: dict[str, dict[str, Any]] = {
         num_experts_per_tok=4, norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[],
         rope_theta=1000000.0, max_position_embeddings=8192, rms_norm_eps=1e-6, tie_word_embeddings=False,
         eos_token_id=151643),
+    "deepseek-v2-lite": dict(
+        architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", vocab_size=102400, hidden_size=2048,
+        intermediate_size=10944, moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16,
+        num_key_value_heads=16, n_shared_experts=2, n_routed_experts=64, num_experts_per_tok=6,
+        routed_scaling_factor=1.0, topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=False,
+        scoring_func="softmax", first_k_dense_replace=1, moe_layer_freq=1, q_lora_rank=None, kv_lora_rank=512,
+        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, max_position_embeddings=163840,
+        rope_theta=10000, rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096,
+                                            beta_fast=32, beta_slow=1, mscale=0.707, mscale_all_dim=0.707),
+        attention_bias=False, rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=100000,
+        eos_token_id=100001),
 }
 
 

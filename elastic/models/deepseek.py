@@ -81,3 +81,11 @@ class DeepseekDecoderLayer(DecoderLayer):
 
 class DeepseekForCausalLM(MoeForCausalLM):
     layer_class = DeepseekDecoderLayer
+
+    def __init__(self, arch: ModelArch, parallel: ParallelConfig = ParallelConfig()) -> None:
+        super().__init__(arch, parallel)
+        # One cos/sin table for every layer: at DeepSeek's context lengths (163840 positions for V2-Lite)
+        # a table per layer would hold over a GiB.
+        layers = [layer.self_attn for layer in self.model.layers]
+        for attn in layers[1:]:
+            attn.rotary = layers[0].rotary
