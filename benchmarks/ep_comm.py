@@ -36,7 +36,8 @@ class IdentityExperts:
     def __init__(self, world: int) -> None:
         self.slots_per_rank = EXPERTS // world
 
-    def compute_local(self, hidden: torch.Tensor, weights: torch.Tensor, physical: torch.Tensor) -> torch.Tensor:
+    def compute_local(self, slots: object, hidden: torch.Tensor, weights: torch.Tensor,
+                      physical: torch.Tensor) -> torch.Tensor:
         return hidden
 
 
@@ -77,7 +78,7 @@ def worker(rank: int, world: int, port: int, out_path: str | None) -> None:
         for mode in ("alltoall", "allgather"):
             comm = ExpertParallelComm(group, mode)
             with set_forward_context(ForwardContext(attn=None, dp_num_tokens=[tokens] * world)):
-                result[f"{mode}_us"] = time_cuda(lambda: comm(moe, hidden, weights, physical))
+                result[f"{mode}_us"] = time_cuda(lambda: comm(moe, moe, hidden, weights, physical))
         # alltoall sends each remote (token, k) pair's hidden row out and its result back
         a2a_bytes = 2 * remote * HIDDEN * 2
         # allgather sends this rank's rows to every other rank, reduce-scatter sends the others' sums back

@@ -1,9 +1,12 @@
 """The one piece of global state: metadata of the batch being run, set around each forward.
 
-Layers read it instead of taking it as arguments, so model code reads like single-sequence code.
+Layers read it instead of taking it as arguments, so model code reads like single-sequence code. It is
+per thread: elastic scaling captures the next layout's CUDA graphs in a background thread while the
+engine's thread serves.
 """
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -29,22 +32,25 @@ class ForwardContext:
     # [1] int64 on the device: rows at or past it are padding (CUDA-graph batches) and count no expert load.
     num_valid_tokens: torch.Tensor | None = None
     dp_num_tokens: list[int] | None = None  # tokens each DP rank runs this step (expert parallelism)
+    # MoE layers run on their staged slots (the next layout's; elastic scaling captures its graphs beside
+    # the live ones, from another thread).
+    use_staged: bool = False
 
 
-_context: ForwardContext | None = None
+_local = threading.local()
 
 
 def get_forward_context() -> ForwardContext:
-    if _context is None:
+    ctx = getattr(_local, "context", None)
+    if ctx is None:
         raise RuntimeError("model forward called outside set_forward_context()")
-    return _context
+    return ctx
 
 
 @contextmanager
 def set_forward_context(ctx: ForwardContext) -> Iterator[None]:
-    global _context
-    prev, _context = _context, ctx
+    prev, _local.context = getattr(_local, "context", None), ctx
     try:
         yield
     finally:
-        _context = prev
+        _local.context = prev

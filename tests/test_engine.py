@@ -120,8 +120,8 @@ def test_replicated_expert_placement_keeps_outputs(checkpoint_dir):
         # Swap the first two slots' contents and maps: same function, different layout.
         perm = torch.arange(moe.num_physical)
         perm[[0, 1]] = perm[[1, 0]]
-        moe.w13.data = moe.w13.data[perm]
-        moe.w2.data = moe.w2.data[perm]
+        moe.w13.data.copy_(moe.w13.data[perm])  # in place, as EPLB moves do: graphs keep their pointers
+        moe.w2.data.copy_(moe.w2.data[perm])
         moe.set_placement(moe.physical_to_logical[perm])
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected
 

@@ -38,9 +38,14 @@ def test_resize_placement_covers_every_expert_and_moves_little(experts: int, red
         assert new.shape == (maps.shape[0], spr_new * new_world)
         for layer in range(maps.shape[0]):
             assert set(new[layer].tolist()) == set(range(experts)), "an expert lost its last replica"
+            kept_slots = min(spr_old, spr_new)
             for rank in range(new_world):  # no rank holds the same expert twice when it need not
                 held = new[layer, rank * spr_new:(rank + 1) * spr_new].tolist()
-                assert len(set(held)) == min(spr_new, experts)
+                # ... except twice-held experts in slots that keep serving until the switch (never written)
+                inherited = (kept_slots - len(set(held[:kept_slots]))) if rank < min(world, new_world) else 0
+                assert len(set(held)) == min(spr_new - inherited, experts)
+                if rank < min(world, new_world):
+                    assert held[:kept_slots] == maps[layer, rank * spr_old:rank * spr_old + kept_slots].tolist()
             moves = plan_moves(maps[layer].tolist(), spr_old, new[layer].tolist(), spr_new)
             kept = min(world, new_world) * min(spr_old, spr_new)
             crossing = [m for m in moves if m.src_rank != m.dst_rank]
@@ -100,12 +105,14 @@ def test_check_target(tmp_path: Path, checkpoint_dir) -> None:
         with pytest.raises(ScaleError) as e:
             check_target(config, 2, bad)
         assert e.value.status == 400
-    # Shrinking gives each survivor more expert slots: refused when they would not fit.
+    # Shrinking gives each survivor more expert slots, staged beside the live ones: refused when they
+    # would not fit, unless the survivor's storage already holds them (it served at that size before).
     layers, slot = sum(config.model.arch.sparse_layers), expert_bytes(config)
-    need = (4 * layers + 4) * slot  # 4 -> 8 slots per rank in every layer, one layer's old 4 held twice
-    assert check_target(config, 2, 1, free_bytes=need) == 1
+    need = 8 * layers * slot  # 4 -> 8 slots per rank in every layer, the old 4 kept until the switch
+    assert check_target(config, 2, 1, survivors=[(need, 4), (0, 4)]) == 1
     with pytest.raises(ScaleError, match="cannot hold the model"):
-        check_target(config, 2, 1, free_bytes=need - 1)
+        check_target(config, 2, 1, survivors=[(need - 1, 4), (need, 4)])
+    assert check_target(config, 2, 1, survivors=[(0, 8), (0, 4)]) == 1  # rank 0 kept 8 slots' storage
     unlimited = create_engine_config(str(checkpoint_dir("qwen3_moe")), device="cpu", dtype="float32")
     assert check_target(unlimited, 1, 64) == 64  # CPU: no device limit unless configured
 

@@ -87,6 +87,7 @@ class EngineProcess:
     ready_fut: asyncio.Future | None = field(default=None, repr=False)
     retiring: bool = False
     free_memory_bytes: int | None = None  # reported with READY (CUDA)
+    expert_slot_capacity: int | None = None  # expert slots per layer its storage holds (READY, each commit)
     waiters: dict[tuple[type, str], asyncio.Future] = field(default_factory=dict, repr=False)
 
 
@@ -268,6 +269,7 @@ class EngineLauncher:
             elif isinstance(msg, EngineReady):
                 engine.num_kv_blocks, engine.ready = msg.num_kv_blocks, True
                 engine.free_memory_bytes = msg.free_memory_bytes
+                engine.expert_slot_capacity = msg.expert_slot_capacity
                 logger.info("engine core %d ready: %d KV blocks of %d tokens", engine.index, msg.num_kv_blocks,
                             msg.block_size)
             elif isinstance(msg, EngineStartupFailed):
@@ -365,6 +367,7 @@ class EngineLauncher:
                 engine.ready = isinstance(msg, EngineReady)
                 engine.num_kv_blocks = msg.num_kv_blocks if isinstance(msg, EngineReady) else 0
                 engine.free_memory_bytes = msg.free_memory_bytes if isinstance(msg, EngineReady) else None
+                engine.expert_slot_capacity = msg.expert_slot_capacity if isinstance(msg, EngineReady) else None
                 if engine.ready_fut is not None and not engine.ready_fut.done():
                     if engine.ready:
                         engine.ready_fut.set_result(msg)
@@ -377,6 +380,7 @@ class EngineLauncher:
             else:
                 if isinstance(msg, ScaleCommitted) and msg.free_memory_bytes is not None:
                     engine.free_memory_bytes = msg.free_memory_bytes  # its slots per rank just changed
+                    engine.expert_slot_capacity = msg.expert_slot_capacity
                 fut = engine.waiters.pop((type(msg), msg.op), None)
                 if fut is not None and not fut.done():
                     fut.set_result(msg)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from elastic.distributed.group import StatelessGroup
 from elastic.forward_context import get_forward_context
-from elastic.layers.moe import FusedMoE
+from elastic.layers.moe import ExpertSlots, FusedMoE
 
 
 class ExpertParallelComm:
@@ -23,13 +23,13 @@ class ExpertParallelComm:
             raise ValueError(f"unknown expert-parallel dispatch mode {mode!r}")
         self.group, self.mode = group, mode
 
-    def __call__(self, moe: FusedMoE, hidden: torch.Tensor, topk_weights: torch.Tensor,
+    def __call__(self, moe: FusedMoE, slots: ExpertSlots, hidden: torch.Tensor, topk_weights: torch.Tensor,
                  physical: torch.Tensor) -> torch.Tensor:
         if self.mode == "allgather":
-            return self._allgather(moe, hidden, topk_weights, physical)
-        return self._alltoall(moe, hidden, topk_weights, physical)
+            return self._allgather(moe, slots, hidden, topk_weights, physical)
+        return self._alltoall(moe, slots, hidden, topk_weights, physical)
 
-    def _allgather(self, moe: FusedMoE, hidden: torch.Tensor, weights: torch.Tensor,
+    def _allgather(self, moe: FusedMoE, slots: ExpertSlots, hidden: torch.Tensor, weights: torch.Tensor,
                    physical: torch.Tensor) -> torch.Tensor:
         # hidden [T, H]; weights [T, K] f32; physical [T, K] global slot ids
         sizes = get_forward_context().dp_num_tokens
@@ -42,14 +42,14 @@ class ExpertParallelComm:
         meta = F.pad(torch.cat([physical.float(), weights], dim=1), (0, 0, 0, pad), value=-1.0)  # [T_max, 2K]
         all_hidden = self.group.all_gather(hidden_p)  # [W * T_max, H]
         all_meta = self.group.all_gather(meta)
-        partial = moe.compute_local(all_hidden, all_meta[:, top_k:], all_meta[:, :top_k].long())
+        partial = moe.compute_local(slots, all_hidden, all_meta[:, top_k:], all_meta[:, :top_k].long())
         return self.group.reduce_scatter(partial)[:num_tokens]
 
-    def _alltoall(self, moe: FusedMoE, hidden: torch.Tensor, weights: torch.Tensor,
+    def _alltoall(self, moe: FusedMoE, slots: ExpertSlots, hidden: torch.Tensor, weights: torch.Tensor,
                   physical: torch.Tensor) -> torch.Tensor:
         world, top_k = self.group.world_size, physical.shape[1]
         flat = physical.flatten()  # [P = T*K]
-        dest = flat // moe.slots_per_rank  # owning rank of each pair
+        dest = flat // slots.slots_per_rank  # owning rank of each pair
         order = torch.argsort(dest, stable=True)
         send_counts = torch.bincount(dest, minlength=world)  # [W]
         recv_counts = self.group.all_to_all(send_counts, [1] * world, [1] * world)
@@ -59,15 +59,19 @@ class ExpertParallelComm:
         send_meta = torch.stack([flat[order].float(), weights.flatten()[order]], dim=1)  # [P, 2]
         recv_hidden = self.group.all_to_all(hidden[token_of_pair], send_splits, recv_splits)  # [R, H]
         recv_meta = self.group.all_to_all(send_meta, send_splits, recv_splits)  # [R, 2]
-        expert_out = moe.compute_local(recv_hidden, recv_meta[:, 1:], recv_meta[:, :1].long())  # [R, H]
+        expert_out = moe.compute_local(slots, recv_hidden, recv_meta[:, 1:], recv_meta[:, :1].long())  # [R, H]
         back = self.group.all_to_all(expert_out, recv_splits, send_splits)  # [P, H], in `order`
         out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
         return out.index_add_(0, token_of_pair, back.float()).to(hidden.dtype)
 
 
-def apply_expert_parallel(model: torch.nn.Module, group: StatelessGroup, mode: str) -> None:
-    """Route every MoE layer of `model` through `group` (call again after the group is re-created)."""
-    comm = ExpertParallelComm(group, mode)
+def apply_expert_parallel(model: torch.nn.Module, group: StatelessGroup | None, mode: str,
+                          staged: bool = False) -> None:
+    """Route every MoE layer of `model` through `group` (None: a single rank computes locally), for its live
+    slots or, with `staged`, for the next layout's slots that elastic scaling is preparing."""
+    comm = ExpertParallelComm(group, mode) if group is not None else None
     for module in model.modules():
         if isinstance(module, FusedMoE):
-            module.ep_comm = comm
+            slots = module.staged if staged else module.live
+            assert slots is not None, "stage the layers' slots first"
+            slots.ep_comm = comm

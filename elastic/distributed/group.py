@@ -33,6 +33,7 @@ class StatelessGroup:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside a group of {world_size}")
         self.name, self.rank, self.world_size, self.backend = name, rank, world_size, backend
+        self.timeout = timeout
         self.device = device or torch.device("cpu")
         prefixed = PrefixStore(name, store)
         if backend == "gloo":

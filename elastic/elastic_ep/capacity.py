@@ -24,10 +24,11 @@ def expert_bytes(config: EngineConfig) -> int:
 
 
 def check_target(config: EngineConfig, current: int, target: object, visible_gpus: int | None = None,
-                 free_bytes: int | None = None) -> int:
-    """The target size, validated; raises ScaleError(400). `free_bytes`: the least device memory any
-    surviving rank has free (None: unknown, e.g. on CPU), against which a shrink's extra expert slots
-    per rank are checked."""
+                 survivors: list[tuple[int | None, int | None]] | None = None) -> int:
+    """The target size, validated; raises ScaleError(400). `survivors`: (free device bytes, expert slot
+    capacity) of the serving ranks in rank order (None where unknown, e.g. on CPU): a shrink gives the
+    ranks that stay more slots per rank, staged beside the live ones, so a rank whose storage is too small
+    needs the whole new set of slots free until the switch."""
     if isinstance(target, bool) or not isinstance(target, int):
         raise ScaleError(400, f"new_data_parallel_size must be an integer, got {target!r}")
     if target < 1:
@@ -36,14 +37,19 @@ def check_target(config: EngineConfig, current: int, target: object, visible_gpu
     if limit is not None and target > limit:
         raise ScaleError(400, f"new_data_parallel_size={target} exceeds the devices: at most {limit} rank(s) "
                               "(one GPU each; see --max-data-parallel-size)")
-    if target < current and free_bytes is not None:
-        arch, redundant = config.model.arch, config.parallel.num_redundant_experts
-        old_slots = -(-(arch.num_experts + redundant) // current)
-        extra_slots = -(-(arch.num_experts + redundant) // target) - old_slots
-        # Layer by layer the new slot tensors are allocated before the old ones go: one layer's old slots
-        # are held twice at the peak.
-        need = (extra_slots * max(1, sum(arch.sparse_layers)) + old_slots) * expert_bytes(config)
-        if need > free_bytes:
-            raise ScaleError(400, f"{target} rank(s) cannot hold the model: each would need {need / 2**30:.1f} GiB "
-                                  f"more for expert slots, {free_bytes / 2**30:.1f} GiB is free")
+    if target < current:
+        for rank, (free, capacity) in enumerate((survivors or [])[:target]):
+            need = staging_bytes(config, target, capacity)
+            if free is not None and need > free:
+                raise ScaleError(400, f"{target} rank(s) cannot hold the model: rank {rank} would need "
+                                      f"{need / 2**30:.1f} GiB more for expert slots, {free / 2**30:.1f} GiB is free")
     return target
+
+
+def staging_bytes(config: EngineConfig, size: int, capacity: int | None) -> int:
+    """Device memory a rank needs to stage its expert slots at `size` ranks, holding `capacity` slots now."""
+    arch = config.model.arch
+    slots = -(-(arch.num_experts + config.parallel.num_redundant_experts) // size)
+    if capacity is not None and capacity >= slots:
+        return 0  # within the storage it has (a rank that served at a smaller size keeps its storage)
+    return slots * max(1, sum(arch.sparse_layers)) * expert_bytes(config)

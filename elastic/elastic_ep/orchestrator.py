@@ -72,7 +72,7 @@ class ScaleOrchestrator:
         """Run (or join, for the same operation id) a scale to `target` ranks; returns its summary when done.
         Raises ScaleError: 400 for an impossible size or argument, 409 while another operation runs."""
         size = self.tracker.size
-        target = check_target(self.config, size, target, _visible_gpus(self.config), self._free_bytes())
+        target = check_target(self.config, size, target, _visible_gpus(self.config), self._survivor_room())
         if isinstance(drain_timeout, bool) or not isinstance(drain_timeout, (int, float, type(None))) or \
                 (drain_timeout is not None and not 0 <= drain_timeout <= 3600):
             raise ScaleError(400, f"drain_timeout must be a number of seconds in [0, 3600], got {drain_timeout!r}")
@@ -298,10 +298,10 @@ class ScaleOrchestrator:
         self.next_epoch = epoch + 1
         return epoch
 
-    def _free_bytes(self) -> int | None:
-        members = self.launcher.member_ids()
-        free = [self.launcher.engines[i].free_memory_bytes for i in members if i in self.launcher.engines]
-        return None if not free or any(f is None for f in free) else min(free)  # type: ignore[type-var]
+    def _survivor_room(self) -> list[tuple[int | None, int | None]]:
+        """(free device bytes, expert slot capacity) of each serving engine, in rank order."""
+        members = [self.launcher.engines[i] for i in self.launcher.member_ids() if i in self.launcher.engines]
+        return [(e.free_memory_bytes, e.expert_slot_capacity) for e in members]
 
 
 async def _gather(futures: list[Any], timeout: float, phase: str) -> list[Any]:

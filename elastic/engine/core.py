@@ -14,15 +14,16 @@ import msgspec
 import torch
 import torch.distributed as dist
 
-from elastic.config import EngineConfig
+from elastic.config import EngineConfig, ParallelConfig
 from elastic.distributed.expert_parallel import apply_expert_parallel
 from elastic.distributed.group import StatelessGroup
 from elastic.distributed.parallel_state import ParallelState
 from elastic.engine.block_manager import BlockManager
-from elastic.engine.reconfigure import move_experts, recv_dense_weights
+from elastic.engine.reconfigure import recv_dense_weights, resize_placement, share_placement, transfer_experts
 from elastic.engine.scheduler import Scheduler
 from elastic.engine.waves import RequestWave
 from elastic.eplb.balancer import ExpertBalancer
+from elastic.executor.cuda_graphs import DecodeGraphs
 from elastic.executor.model_runner import ModelRunner
 from elastic.layers.moe import ExpertLayout
 from elastic.protocol.from_engine import EngineCoreOutput, SchedulerStats
@@ -35,18 +36,33 @@ from elastic.validation import validate_request
 logger = logging.getLogger(__name__)
 
 
+@dataclasses.dataclass
+class StagedLayout:
+    """The next layout of a scale operation, built beside the live one (EngineCore.stage)."""
+
+    layout: ParallelLayout
+    groups: ParallelState | None  # None at size 1
+    config: EngineConfig  # with the new parallel layout
+    balancer: ExpertBalancer | None
+    graphs: DecodeGraphs | None
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig, wave: RequestWave | None = None, epoch: int = 0,
                  join: JoinInfo | None = None) -> None:
-        """Start-up in phases that `reconfigure` re-runs when the number of ranks changes: groups, model,
-        expert slots and placement, KV budget agreement, CUDA graphs. `join`: this engine was started by a
-        scale-up; its non-expert weights come from a serving rank, its experts arrive at the commit."""
+        """Start-up in phases that elastic scaling runs again for the next layout (`stage`, beside serving,
+        then `activate` at the switch): groups, expert slots and placement, KV budget agreement, CUDA graphs.
+        `join`: this engine was started by a scale-up; its weights come from the serving ranks (no
+        checkpoint read), and its graphs are captured together with their staged ones."""
         self.config = config
         # With DP: whether any rank of this rank's request wave has unfinished requests (shared with DPWaves).
         self.wave = wave if wave is not None else RequestWave()
         self._failed: list[EngineCoreOutput] = []  # requests that failed alone, reported with the next step
-        # Elastic scaling: set while this rank waits for every rank to be ready to commit a prepared scale.
-        self.scale_commit_pending = False
+        # Elastic scaling: `scale_hold` keeps rebalances from starting while an operation runs (its staged
+        # slots are filled from the placement in force); `scale_sync` is set while this rank waits for every
+        # rank to reach the same step (to freeze the placement, then to switch layouts).
+        self.scale_hold = False
+        self.scale_sync = False
         # Fault recovery: set (by another thread) when a peer rank failed; a step under way is then void.
         self.peer_failed = threading.Event()
         start = time.perf_counter()
@@ -63,12 +79,11 @@ class EngineCore:
             self._connect_experts()
             num_blocks = self._agree_kv_blocks(self.runner.determine_num_blocks())
         else:
-            recv_dense_weights(self.runner.model, self.parallel.ep, join.weights_from)  # type: ignore[union-attr]
+            self._receive_weights(join)
             num_blocks = self._adopt_kv_blocks(join.num_kv_blocks)
         self.balancer = self._make_balancer()
         self.runner.allocate_kv_cache(num_blocks)
-        if join is None:  # a joining rank captures at the commit, with the others (graphs hold collectives)
-            self.runner.capture_cuda_graphs()
+        self.runner.capture_cuda_graphs()  # a joining rank: together with the serving ranks' staged graphs
         self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
         logger.info("engine ready in %.1fs: %d KV blocks of %d tokens (%d tokens)", time.perf_counter() - start,
@@ -77,11 +92,8 @@ class EngineCore:
     # ---- start-up phases, re-run by reconfigure() ---------------------------------------------------------
     def _connect_experts(self) -> None:
         """Route every MoE layer through this layout's EP group (or none: a single rank computes locally)."""
-        if self.parallel is not None:
-            apply_expert_parallel(self.runner.model, self.parallel.ep, self.config.parallel.ep_dispatch)
-        else:
-            for moe in self.runner.model.moe_layers():
-                moe.ep_comm = None
+        group = self.parallel.ep if self.parallel is not None else None
+        apply_expert_parallel(self.runner.model, group, self.config.parallel.ep_dispatch)
 
     def _agree_kv_blocks(self, num_blocks: int) -> int:
         """Every rank gets the same capacity: the smallest one measured (a joining rank offers the size the
@@ -99,40 +111,102 @@ class EngineCore:
         self._connect_experts()
         return num_blocks
 
+    def _receive_weights(self, join: JoinInfo) -> None:
+        """A joining rank: non-expert weights from one serving rank, then its experts from all of them, in
+        the order the serving ranks' `stage` sends them."""
+        assert self.parallel is not None
+        recv_dense_weights(self.runner.model, self.parallel.ep, join.weights_from)
+        old_p2l = share_placement(self.parallel.dp, None, self.parallel.ep.timeout.total_seconds())
+        arch, redundant = self.config.model.arch, self.config.parallel.num_redundant_experts
+        new_p2l = resize_placement(old_p2l, join.old_world_size, self.layout.world_size, arch.num_experts, redundant)
+        moe = self.runner.model.moe_layers()
+        transfer_experts(old_p2l, new_p2l, join.old_world_size, self.layout.world_size, self.layout.rank, None,
+                         [m.live for m in moe], self.parallel.ep)
+
+    # ---- elastic scaling: the next layout beside the live one, then the switch ----------------------------
+    def stage(self, layout: ParallelLayout, groups: ParallelState | None, old_p2l: torch.Tensor,
+              transfer: StatelessGroup | None, old_world: int) -> StagedLayout:
+        """Build `layout` beside the live one while this rank serves (called from a background thread):
+        expert slots filled over `transfer` (the new group when growing, a group of the old ranks when
+        shrinking), their placement, an EPLB balancer, CUDA graphs. Every rank of the new layout calls this
+        (a joining rank does the same at start-up); `activate` swaps it in at the switch."""
+        arch, redundant = self.config.model.arch, self.config.parallel.num_redundant_experts
+        new_p2l = resize_placement(old_p2l, old_world, layout.world_size, arch.num_experts, redundant)
+        expert_layout = ExpertLayout.for_ranks(arch.num_experts, redundant, layout.world_size, layout.rank)
+        moe = self.runner.model.moe_layers()
+        staged = [m.stage(expert_layout) for m in moe]
+        transfer_experts(old_p2l, new_p2l, old_world, layout.world_size, self.layout.rank, [m.live for m in moe],
+                         staged, transfer)
+        ep_group = groups.ep if groups is not None else None
+        apply_expert_parallel(self.runner.model, ep_group, self.config.parallel.ep_dispatch, staged=True)
+        config = dataclasses.replace(self.config, parallel=self._parallel_config(layout))
+        balancer = (ExpertBalancer(staged, config.eplb, layout.rank, layout.world_size, ep_group,
+                                   num_groups=config.model.arch.num_expert_groups)
+                    if config.eplb.enable_eplb and moe else None)
+        graphs = self.runner.stage_cuda_graphs(config.parallel)
+        return StagedLayout(layout, groups, config, balancer, graphs)
+
+    def send_experts(self, old_p2l: torch.Tensor, new_world: int, transfer: StatelessGroup | None) -> None:
+        """A leaving rank's part of `stage`: its experts to the ranks that stay."""
+        arch, redundant = self.config.model.arch, self.config.parallel.num_redundant_experts
+        new_p2l = resize_placement(old_p2l, self.layout.world_size, new_world, arch.num_experts, redundant)
+        transfer_experts(old_p2l, new_p2l, self.layout.world_size, new_world, self.layout.rank,
+                         [m.live for m in self.runner.model.moe_layers()], None, transfer)
+
+    def activate(self, staged: StagedLayout) -> None:
+        """The switch (blocking, at the step every rank agreed on): staged slots, groups, balancer and
+        graphs become the live ones; the old ones go."""
+        self.runner.release_cuda_graphs()  # they hold the old communicators and slot tensors
+        for moe in self.runner.model.moe_layers():
+            assert moe.staged is not None
+            moe.activate(moe.staged)
+        old_groups = self.parallel
+        self.parallel, self.layout, self.balancer = staged.groups, staged.layout, staged.balancer
+        self.config = self.runner.config = staged.config
+        self.runner.graphs = staged.graphs
+        if old_groups is not None and old_groups is not staged.groups:
+            old_groups.destroy()
+
     def reconfigure(self, layout: ParallelLayout, groups: ParallelState | None, old_p2l: torch.Tensor,
                     new_p2l: torch.Tensor, transfer: StatelessGroup | None, old_world: int) -> None:
-        """Switch this rank to `layout` (the blocking part of a scale; every rank of `transfer` calls it
-        at the same step): expert slots and placement (moves over `transfer`: the new group when growing,
-        the old one when shrinking), groups, KV agreement, CUDA graphs. `groups`: the new layout's, built
-        beforehand beside the live ones (None at size 1); `old_p2l`: the placement over `old_world` ranks
-        (a joining rank's own layout is already the new one)."""
+        """Switch to `layout` at once, serving nothing meanwhile (fault recovery: the live layout is broken):
+        expert slots filled over `transfer` to the placement `new_p2l`, groups, KV agreement, balancer, CUDA
+        graphs. Every rank of `transfer` calls it at the same point."""
         self.runner.release_cuda_graphs()  # they reference the old communicators and slot tensors
-        parallel = dataclasses.replace(self.config.parallel, data_parallel_size=layout.world_size,
-                                       data_parallel_rank=layout.rank, store_host=layout.store_host,
-                                       store_port=layout.store_port)
+        arch, redundant = self.config.model.arch, self.config.parallel.num_redundant_experts
+        expert_layout = ExpertLayout.for_ranks(arch.num_experts, redundant, layout.world_size, layout.rank)
         moe = self.runner.model.moe_layers()
-        expert_layout = ExpertLayout.for_ranks(self.config.model.arch.num_experts, parallel.num_redundant_experts,
-                                               layout.world_size, layout.rank)
-        move_experts(moe, old_p2l, new_p2l, old_world, layout.world_size, self.layout.rank, expert_layout, transfer)
+        staged = [m.stage(expert_layout) for m in moe]
+        transfer_experts(old_p2l, new_p2l, old_world, layout.world_size, self.layout.rank, [m.live for m in moe],
+                         staged, transfer, serving=False)
+        for m in moe:
+            m.activate(m.staged)
         if self.parallel is not None and self.parallel is not groups:
             self.parallel.destroy()
         self.parallel, self.layout = groups, layout
-        self.config = self.runner.config = dataclasses.replace(self.config, parallel=parallel)
+        self.config = self.runner.config = dataclasses.replace(self.config, parallel=self._parallel_config(layout))
         self._connect_experts()
         if self._agree_kv_blocks(self.num_kv_blocks) != self.num_kv_blocks:
             raise RuntimeError("ranks disagree on the KV cache size after a reconfiguration")
         self.balancer = self._make_balancer()  # the window's shape follows the number of slots
         self.runner.capture_cuda_graphs()
 
-    def leave(self, old_p2l: torch.Tensor, new_p2l: torch.Tensor, new_world: int) -> None:
-        """This rank leaves (scale-down to `new_world` ranks): hand its experts to the survivors over the old
-        group, then drop it."""
-        self.runner.release_cuda_graphs()
-        moe = self.runner.model.moe_layers()
-        group = self.parallel.ep if self.parallel is not None else None
-        move_experts(moe, old_p2l, new_p2l, self.layout.world_size, new_world, self.layout.rank, None, group)
+    def discard(self, staged: StagedLayout | None) -> None:
+        """Drop a staged layout (a scale that rolls back): the live one serves on, untouched."""
+        for moe in self.runner.model.moe_layers():
+            moe.staged = None
+        if staged is not None and staged.graphs is not None:
+            staged.graphs.release()
+
+    def leave(self) -> None:
+        """This rank left (a scale-down; its experts went to the survivors while it prepared)."""
         self.shutdown()
         self.balancer = None
+
+    def _parallel_config(self, layout: ParallelLayout) -> ParallelConfig:
+        return dataclasses.replace(self.config.parallel, data_parallel_size=layout.world_size,
+                                   data_parallel_rank=layout.rank, store_host=layout.store_host,
+                                   store_port=layout.store_port)
 
     def take_requests(self) -> list[Request]:
         """Remove every request without reporting it (they continue on another engine)."""
@@ -142,8 +216,14 @@ class EngineCore:
         if not self.config.eplb.enable_eplb or not self.runner.model.moe_layers():
             return None
         rank, size = self.config.parallel.data_parallel_rank, self.config.parallel.data_parallel_size
-        return ExpertBalancer(self.runner.model.moe_layers(), self.config.eplb, rank, size, self._ep_group,
-                              num_groups=self.config.model.arch.num_expert_groups)  # DeepSeek's expert groups
+        return ExpertBalancer([m.live for m in self.runner.model.moe_layers()], self.config.eplb, rank, size,
+                              self._ep_group, num_groups=self.config.model.arch.num_expert_groups)
+
+    @property
+    def expert_slot_capacity(self) -> int | None:
+        """Expert slots per layer this rank holds storage for (a scale-down within them needs no memory)."""
+        moe = self.runner.model.moe_layers()
+        return min(m.live.capacity for m in moe) if moe else None
 
     @property
     def num_kv_blocks(self) -> int:
@@ -262,14 +342,14 @@ class EngineCore:
         self._screen(out)
         dp_num_tokens, graph_size = None, None
         # No rebalance starts while a scale commit is pending (its moves would use the maps being replaced).
-        eplb_due = self.balancer is not None and self.balancer.due() and not self.scale_commit_pending
+        eplb_due = self.balancer is not None and self.balancer.due() and not self.scale_hold
         plans_ready = self.balancer is not None and self.balancer.plan_ready
         if self.parallel is not None:
             decode_only = all(n == 1 for _, n in out.scheduled)
             # A pending scale commit keeps every rank stepping until all are ready (no rebalance may start
             # then, and none may be under way at the switch); ParallelState.all_scale_ready says when.
-            scale_ready = self.scale_commit_pending and not (self.balancer is not None and self.balancer.busy)
-            has_work = self.scheduler.has_unfinished() or self._eplb_pending or self.scale_commit_pending
+            scale_ready = self.scale_sync and not (self.balancer is not None and self.balancer.busy)
+            has_work = self.scheduler.has_unfinished() or self._eplb_pending or self.scale_sync
             dp_num_tokens, self.wave.running, all_decode, eplb_due = self.parallel.exchange_step(
                 out.num_tokens or 1, has_work, decode_only, eplb_due, scale_ready,
                 plans_ready)

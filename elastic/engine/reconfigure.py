@@ -4,9 +4,11 @@
   placement in force (no message needed to agree on it), keeping each expert where it is when it can;
 - `send_dense_weights` / `recv_dense_weights`: a new rank gets every non-expert weight from a serving
   rank over the new group (no checkpoint read);
-- `move_experts`: every MoE layer to the new slot layout, moving only what changes (elastic/eplb/transfer.py);
-- `commit_barrier`: the first collective of the new group, with a deadline: until it succeeds nothing has
-  changed, so a failure there leaves the old layout serving.
+- `share_placement` / `transfer_experts`: the placement in force reaches the new ranks, and the next
+  layout's expert slots are filled beside the serving ones (elastic/eplb/transfer.py moves only what is
+  not in place yet);
+- `commit_barrier`: the first collective of the new group at the switch, with a deadline: until it
+  succeeds nothing has changed, so a failure there leaves the old layout serving.
 
 The control protocol around these (prepare beside serving, commit at an agreed step) is scale_agent.py.
 """
@@ -20,8 +22,8 @@ import torch.distributed as dist
 from torch import nn
 
 from elastic.distributed.group import StatelessGroup
-from elastic.eplb.transfer import execute_moves, plan_moves
-from elastic.layers.moe import ExpertLayout, FusedMoE
+from elastic.eplb.transfer import SlotMove, execute_moves, plan_moves
+from elastic.layers.moe import ExpertLayout, ExpertSlots, FusedMoE
 
 
 def slots_per_rank(num_experts: int, num_redundant: int, world_size: int) -> int:
@@ -33,10 +35,11 @@ def resize_placement(old_p2l: torch.Tensor, old_world: int, new_world: int, num_
                      num_redundant: int) -> torch.Tensor:
     """[L, old slots] -> [L, new slots]: each layer's slot -> expert map for `new_world` ranks.
 
-    Ranks keep their numbers (survivors of a shrink are the lowest), so rank r < min(old, new) keeps the
-    experts of its first slots in place; experts that lose their last replica (their ranks leave, or slots
-    per rank shrink) go to the ranks with the most free slots; slots still free keep the expert they held
-    (no move) or take a replica of the expert with the fewest."""
+    Ranks keep their numbers (survivors of a shrink are the lowest). Every rank that stays keeps the
+    experts of its first min(old, new) slots per rank exactly where they are: those slots serve until the
+    switch while the next layout is filled beside them, so nothing may be written there. Experts left
+    without a slot (their ranks leave, or slots per rank shrink) go to the ranks with the most free slots;
+    the slots still free take a replica of the expert with the fewest."""
     new_spr = slots_per_rank(num_experts, num_redundant, new_world)
     old_spr = old_p2l.shape[1] // old_world
     if old_p2l.shape[0] == 0:  # no MoE layer
@@ -48,12 +51,9 @@ def resize_placement(old_p2l: torch.Tensor, old_world: int, new_world: int, num_
 def _resize_layer(old: list[int], old_spr: int, old_world: int, new_spr: int, new_world: int,
                   num_experts: int) -> list[int]:
     new = [-1] * (new_spr * new_world)
-    kept = min(old_spr, new_spr)
-    for rank in range(min(old_world, new_world)):  # 1. unique experts stay in their slots
-        for j in range(kept):
-            expert = old[rank * old_spr + j]
-            if expert not in new:
-                new[rank * new_spr + j] = expert
+    for rank in range(min(old_world, new_world)):  # 1. the slots that keep serving keep their experts
+        for j in range(min(old_spr, new_spr)):
+            new[rank * new_spr + j] = old[rank * old_spr + j]
     placed = set(new)
     for expert in (e for e in range(num_experts) if e not in placed):  # 2. experts left without a slot
         free = [sum(new[r * new_spr + j] < 0 for j in range(new_spr)) for r in range(new_world)]
@@ -61,16 +61,11 @@ def _resize_layer(old: list[int], old_spr: int, old_world: int, new_spr: int, ne
         j = next(j for j in range(new_spr) if new[rank * new_spr + j] < 0)
         new[rank * new_spr + j] = expert
     replicas = Counter(e for e in new if e >= 0)
-    for slot in range(len(new)):  # 3. the rest hold replicas
-        if new[slot] >= 0:
-            continue
-        rank, j = divmod(slot, new_spr)
+    for slot in (s for s in range(len(new)) if new[s] < 0):  # 3. the rest hold replicas
+        rank = slot // new_spr
         on_rank = set(new[rank * new_spr:(rank + 1) * new_spr])
-        if rank < old_world and j < old_spr and old[rank * old_spr + j] not in on_rank:
-            expert = old[rank * old_spr + j]  # what this slot held: no copy needed
-        else:
-            candidates = [e for e in range(num_experts) if e not in on_rank] or list(range(num_experts))
-            expert = min(candidates, key=lambda e: (replicas[e], e))
+        candidates = [e for e in range(num_experts) if e not in on_rank] or list(range(num_experts))
+        expert = min(candidates, key=lambda e: (replicas[e], e))
         new[slot] = expert
         replicas[expert] += 1
     return new
@@ -110,32 +105,69 @@ def placement_of(layers: list[FusedMoE]) -> torch.Tensor:
                                                                                                   dtype=torch.long)
 
 
-def move_experts(layers: list[FusedMoE], old_p2l: torch.Tensor, new_p2l: torch.Tensor, old_world: int,
-                 new_world: int, rank: int, new_layout: ExpertLayout | None, group: StatelessGroup | None) -> int:
-    """Every layer from `old_p2l` over `old_world` ranks to `new_p2l` over `new_world` (this rank at
-    `new_layout`; None: it leaves, so it only sends). Every rank of `group` calls this with the same maps,
-    so every rank plans the same moves; returns the bytes this rank received."""
+def share_placement(group: StatelessGroup, maps: torch.Tensor | None, timeout_s: float) -> torch.Tensor:
+    """Rank 0's placement [L, S] to every rank of `group` (the new ranks of a scale-up have none); CPU
+    tensors on the gloo DP group."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    opts = dist.BroadcastOptions()
+    opts.rootRank = 0
+    shape = torch.tensor(list(maps.shape) if maps is not None else [0, 0], dtype=torch.long)
+    group.pg.broadcast([shape], opts).wait(timeout)
+    if group.rank != 0 or maps is None:
+        maps = torch.empty(*shape.tolist(), dtype=torch.long)
+    if maps.numel():
+        group.pg.broadcast([maps], opts).wait(timeout)
+    return maps
+
+
+def transfer_experts(old_p2l: torch.Tensor, new_p2l: torch.Tensor, old_world: int, new_world: int, rank: int,
+                     src: list[ExpertSlots] | None, dst: list[ExpertSlots] | None,
+                     group: StatelessGroup | None, serving: bool = True) -> int:
+    """Fill the next layout's slots `dst` from the slots in force `src`, moving only what is not already
+    in place (elastic/eplb/transfer.py), and set their placement; returns the bytes this rank received.
+    src: None on a rank the scale-up adds (it owns no old slots); dst: None on a rank that leaves (it only
+    sends). Every rank of `group` calls this with the same maps, so all plan the same moves. `serving`: the
+    `src` slots serve meanwhile, so a slot that both share (same storage, a first slot that stays) must
+    already hold its expert, and is never written (else every row is read before any is written)."""
     received = 0
     old_spr = old_p2l.shape[1] // old_world if old_p2l.numel() else 0
-    for moe, old_row, new_row in zip(layers, old_p2l, new_p2l):
-        src = (moe.w13.data, moe.w2.data)
-        if new_layout is not None:
-            moe.set_layout(new_layout)  # new slot tensors when slots per rank change; src keeps the old ones
-        dst = (moe.w13.data, moe.w2.data)
-        new_spr = new_row.numel() // new_world
-        moves = plan_moves(old_row.tolist(), old_spr, new_row.tolist(), new_spr)
-        received += execute_moves(moves, rank, src, dst, group)
-        if new_layout is not None:
-            moe.set_placement(new_row)
+    new_spr = new_p2l.shape[1] // new_world if new_p2l.numel() else 0
+    for i, (old_row, new_row) in enumerate(zip(old_p2l.tolist(), new_p2l.tolist())):
+        source = src[i] if src is not None else None
+        target = dst[i] if dst is not None else None
+        moves = plan_moves(old_row, old_spr, new_row, new_spr)
+        if serving and source is not None and target is not None and source.storage[0] is target.storage[0]:
+            moves = [m for m in moves if not _in_place(m, rank, old_row, old_spr, source.slots_per_rank)]
+        either = source or target
+        assert either is not None
+        received += execute_moves(moves, rank, _tensors(source or either), _tensors(target or either), group)
+        if target is not None:
+            target.set_placement(torch.tensor(new_row, dtype=torch.long, device="cpu"))
     return received
+
+
+def _in_place(move: SlotMove, rank: int, old_row: list[int], old_spr: int, live_spr: int) -> bool:
+    """Whether `move` lands on a slot of this rank that keeps serving until the switch: it must already
+    hold the expert (resize_placement keeps them), so there is nothing to copy."""
+    if move.dst_rank != rank or move.dst_slot >= live_spr:
+        return False
+    if old_row[rank * old_spr + move.dst_slot] != move.expert:
+        raise RuntimeError(f"slot {move.dst_slot} serves expert {old_row[rank * old_spr + move.dst_slot]} "
+                           f"until the switch; the new placement wants expert {move.expert} there")
+    return True
+
+
+def _tensors(slots: ExpertSlots) -> tuple[torch.Tensor, torch.Tensor]:
+    return slots.w13, slots.w2
 
 
 # ---- the commit's first collective --------------------------------------------------------------------
 def commit_barrier(group: StatelessGroup, wave: tuple[int, int], maps: torch.Tensor,
                    timeout_s: float) -> tuple[tuple[int, int], torch.Tensor]:
-    """Rank 0 broadcasts its wave state (number, running) and the placement in force [L, S] (a new rank has
-    neither), then every rank confirms with an all-reduce: any failure (a peer that died, the deadline)
-    raises before anything has changed on any rank. CPU tensors, on the gloo DP group."""
+    """Rank 0 broadcasts its wave state (number, running) and a placement [L, S] (empty when the ranks
+    already agree on it; a new rank has neither), then every rank confirms with an all-reduce: any failure
+    (a peer that died, the deadline) raises before anything has changed on any rank. CPU tensors, on the
+    gloo DP group."""
     timeout = datetime.timedelta(seconds=timeout_s)
     opts = dist.BroadcastOptions()
     opts.rootRank = 0

@@ -131,7 +131,7 @@ class RankRecovery:
         agent = self.proc.agent
         if agent is not None and agent.op is not None:
             agent._abort(agent.op.op)  # a scale the failure interrupted: forget it
-        core.scale_commit_pending = False
+        core.scale_hold = core.scale_sync = False
         old = placement_of(core.runner.model.moe_layers())
         core.runner.release_cuda_graphs()  # they hold the broken communicators
         if core.parallel is not None:

@@ -20,7 +20,7 @@ from elastic.config.engine import EplbConfig
 from elastic.distributed.group import StatelessGroup
 from elastic.eplb.policy import balancedness, rebalance_experts
 from elastic.eplb.transfer import SlotMove, execute_moves, plan_moves
-from elastic.layers.moe import FusedMoE
+from elastic.layers.moe import ExpertSlots
 from elastic.protocol.from_engine import EplbStats
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class _Rebalance:
 
 
 class ExpertBalancer:
-    def __init__(self, layers: list[FusedMoE], config: EplbConfig, rank: int, num_ranks: int,
+    def __init__(self, layers: list[ExpertSlots], config: EplbConfig, rank: int, num_ranks: int,
                  group: StatelessGroup | None = None, num_groups: int = 1) -> None:
         self.layers, self.config = layers, config
         self.rank, self.num_ranks, self.num_groups = rank, num_ranks, num_groups

@@ -2,7 +2,8 @@
 
 Decode runs tiny kernels per layer, so launch overhead rivals the work; a graph replays a whole forward
 with one launch. A batch is padded up to the next captured size (padded rows write no KV: slot -1).
-Graphs can be released and captured again at run time (after experts move or groups are rebuilt).
+Elastic scaling captures the next layout's graphs beside the live ones (another thread, another stream)
+and swaps them in at the switch.
 """
 from __future__ import annotations
 
@@ -24,10 +25,13 @@ def capture_sizes(max_batch_size: int) -> list[int]:
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, max_batch_size: int, max_blocks_per_seq: int,
                  max_seq_len: int, hidden_size: int, dtype: torch.dtype, device: torch.device,
-                 dp_size: int = 1) -> None:
+                 dp_size: int = 1, staged: bool = False) -> None:
         # With data parallelism every rank captures and replays the same sizes, so the expert-parallel
         # collectives inside the graphs pair up (each rank pads its batch to the common size).
+        # `staged`: graphs of the next layout (elastic scaling), captured from a background thread over the
+        # MoE layers' staged slots while this rank serves with the live graphs.
         self.model, self.device, self.max_seq_len, self.dp_size = model, device, max_seq_len, dp_size
+        self.staged = staged
         self.sizes = capture_sizes(max_batch_size)
         n = self.sizes[-1]
         # Static buffers: every graph reads its inputs from (prefixes of) these.
@@ -52,19 +56,25 @@ class DecodeGraphs:
     def capture(self) -> None:
         start = time.perf_counter()
         self.pool = torch.cuda.graph_pool_handle()
-        for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
-            ctx = ForwardContext(attn=self._metadata(bs), num_valid_tokens=self.num_valid,
-                                 dp_num_tokens=[bs] * self.dp_size if self.dp_size > 1 else None)
-            with set_forward_context(ctx):
-                self.hidden[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])  # warm-up, autotune
-                torch.cuda.synchronize(self.device)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool):
-                    self.hidden[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])
-            self.graphs[bs] = graph
-        torch.cuda.synchronize(self.device)
-        logger.info("captured %d decode CUDA graphs (batch 1..%d) in %.1fs", len(self.graphs), self.sizes[-1],
-                    time.perf_counter() - start)
+        # Staged graphs are captured while another thread serves: warm-ups run on a side stream and wait
+        # only for it, and the capture checks only this thread's CUDA calls.
+        side = torch.cuda.Stream(self.device) if self.staged else torch.cuda.current_stream(self.device)
+        mode = "thread_local" if self.staged else "global"
+        with torch.cuda.stream(side):
+            for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
+                ctx = ForwardContext(attn=self._metadata(bs), num_valid_tokens=self.num_valid,
+                                     dp_num_tokens=[bs] * self.dp_size if self.dp_size > 1 else None,
+                                     use_staged=self.staged)
+                with set_forward_context(ctx):
+                    self.hidden[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])  # warm-up, autotune
+                    side.synchronize()
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=self.pool, capture_error_mode=mode):
+                        self.hidden[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])
+                self.graphs[bs] = graph
+            side.synchronize()
+        logger.info("captured %d decode CUDA graphs (batch 1..%d)%s in %.1fs", len(self.graphs), self.sizes[-1],
+                    " for the next layout, beside serving," if self.staged else "", time.perf_counter() - start)
 
     def release(self) -> None:
         self.graphs.clear()

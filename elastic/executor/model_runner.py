@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from elastic.config import EngineConfig
+from elastic.config import EngineConfig, ParallelConfig
 from elastic.executor.cuda_graphs import DecodeGraphs
 from elastic.forward_context import AttentionMetadata, ForwardContext, set_forward_context
 from elastic.kernels import HAS_TRITON
@@ -99,21 +99,29 @@ class ModelRunner:
     def capture_cuda_graphs(self) -> None:
         """Capture decode graphs (CUDA). With expert parallelism only the all-gather dispatch can be
         captured (all-to-all needs its split sizes on the host); every rank must call this together."""
-        parallel = self.config.parallel
+        self.release_cuda_graphs()
+        self.graphs = self._capture(self.config.parallel, staged=False)
+
+    def stage_cuda_graphs(self, parallel: ParallelConfig) -> DecodeGraphs | None:
+        """The next layout's graphs (over the MoE layers' staged slots), captured from a background thread
+        while the live graphs serve; every rank of the next layout calls this together."""
+        return self._capture(parallel, staged=True)
+
+    def _capture(self, parallel: ParallelConfig, staged: bool) -> DecodeGraphs | None:
         if self.device.type != "cuda" or self.config.cache.enforce_eager:
-            return
+            return None
         if parallel.is_distributed and parallel.ep_dispatch != "allgather":
             logger.info("no CUDA graphs: the all-to-all expert dispatch syncs with the host")
-            return
+            return None
         if not HAS_TRITON or self.config.model.dtype not in (torch.bfloat16, torch.float16):
             logger.info("no CUDA graphs: the Triton kernels need bf16/fp16 (the fp32 reference path syncs)")
-            return
-        self.release_cuda_graphs()
+            return None
         arch, max_len = self.config.model.arch, self.config.model.max_model_len
-        self.graphs = DecodeGraphs(self.model, min(self.config.scheduler.max_num_seqs, 512),
-                                   -(-max_len // self.block_size), max_len, arch.hidden_size,
-                                   self.config.model.dtype, self.device, parallel.data_parallel_size)
-        self.graphs.capture()
+        graphs = DecodeGraphs(self.model, min(self.config.scheduler.max_num_seqs, 512),
+                              -(-max_len // self.block_size), max_len, arch.hidden_size,
+                              self.config.model.dtype, self.device, parallel.data_parallel_size, staged)
+        graphs.capture()
+        return graphs
 
     # ---- execution ------------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -68,53 +68,37 @@ class ExpertLayout:
         return self.ep_rank * self.slots_per_rank
 
 
-class FusedMoE(nn.Module):
-    def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
-                 renormalize: bool, ep_size: int = 1, ep_rank: int = 0, num_redundant: int = 0,
-                 backend: ExpertBackend = fused_moe, router: TopkRouter | None = None) -> None:
-        super().__init__()
-        self.num_logical = num_experts
-        self.top_k, self.renormalize, self.backend, self.router = top_k, renormalize, backend, router
-        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
-        self.w13 = nn.Parameter(torch.empty(0), requires_grad=False)  # [slots_per_rank, 2I, H] (set_layout)
-        self.w2 = nn.Parameter(torch.empty(0), requires_grad=False)  # [slots_per_rank, H, I]
-        self.w13.weight_loader = self._load_expert
-        self.w2.weight_loader = self._load_expert
-        # Set by elastic.distributed.expert_parallel when experts are spread over several ranks.
-        self.ep_comm: Callable[[FusedMoE, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-        self.set_layout(ExpertLayout.for_ranks(num_experts, num_redundant, ep_size, ep_rank))
+class ExpertSlots:
+    """One layout's share of a MoE layer on this rank: the slot weights, the placement maps at fixed shapes
+    (rebalancing rewrites them in place, so CUDA graphs keep pointing at them), the load counter and how
+    tokens reach the other ranks. A layer serves from its `live` slots; elastic scaling builds the next
+    layout's `staged` slots beside them (filled and captured while the live ones serve) and swaps.
 
-    def set_layout(self, layout: ExpertLayout) -> None:
-        """(Re)build this layer for `layout`: slot tensors (allocated, not filled, when slots per rank change),
-        placement maps at their fixed shapes, the initial placement (logical e in slot e, extra slots
-        replicate round-robin) and the load counter. Captured CUDA graphs must be re-captured after this;
-        weights must be loaded or moved in."""
-        if layout.num_physical < self.num_logical:
+    The weights are views of storage that may hold more slots than the layout uses: a layout with fewer
+    slots per rank (a scale-up) keeps the first slots in place, and growing back needs no new memory."""
+
+    def __init__(self, num_logical: int, layout: ExpertLayout, storage: tuple[torch.Tensor, torch.Tensor]) -> None:
+        if layout.num_physical < num_logical:
             raise ValueError(f"{layout.ep_size} ranks x {layout.slots_per_rank} slots cannot hold "
-                             f"{self.num_logical} experts")
-        self.layout = layout
-        if self.w13.shape[:1] != (layout.slots_per_rank,):
-            i, h = self.intermediate_size, self.hidden_size
-            like = dict(dtype=self.w13.dtype, device=self.w13.device)
-            self.w13.data = torch.empty(layout.slots_per_rank, 2 * i, h, **like)
-            self.w2.data = torch.empty(layout.slots_per_rank, h, i, **like)
-        device = self.w13.device
-        # Fixed shapes from here on: rebalancing rewrites them in place, so CUDA graphs keep pointing at them.
+                             f"{num_logical} experts")
+        self.num_logical, self.layout, self.storage = num_logical, layout, storage
+        spr = layout.slots_per_rank
+        self.w13: torch.Tensor = storage[0][:spr]  # [slots_per_rank, 2I, H]
+        self.w2: torch.Tensor = storage[1][:spr]  # [slots_per_rank, H, I]
+        device = storage[0].device
         # An expert has at most num_physical - E + 1 replicas (every other expert keeps one).
-        max_replicas = layout.num_physical - self.num_logical + 1
-        self.register_buffer("physical_to_logical", torch.empty(layout.num_physical, dtype=torch.long,
-                                                                device=device), persistent=False)
-        self.register_buffer("logical_to_physical", torch.empty(self.num_logical, max_replicas, dtype=torch.long,
-                                                                device=device), persistent=False)
-        self.register_buffer("logical_replica_count", torch.empty(self.num_logical, dtype=torch.long,
-                                                                  device=device), persistent=False)
+        max_replicas = layout.num_physical - num_logical + 1
+        self.physical_to_logical = torch.empty(layout.num_physical, dtype=torch.long, device=device)
+        self.logical_to_physical = torch.empty(num_logical, max_replicas, dtype=torch.long, device=device)
+        self.logical_replica_count = torch.empty(num_logical, dtype=torch.long, device=device)
         # Tokens routed to each physical slot, accumulated on device (no host sync) for EPLB; the balancer
         # re-points this at a row of its per-step buffer.
-        self.register_buffer("expert_load", torch.zeros(layout.num_physical, dtype=torch.long, device=device),
-                             persistent=False)
-        self.set_placement(torch.arange(layout.num_physical, device="cpu") % self.num_logical)
+        self.expert_load = torch.zeros(layout.num_physical, dtype=torch.long, device=device)
+        # Set by elastic.distributed.expert_parallel when experts are spread over several ranks.
+        self.ep_comm: Callable[[FusedMoE, ExpertSlots, torch.Tensor, torch.Tensor, torch.Tensor],
+                               torch.Tensor] | None = None
+        self.set_placement(torch.arange(layout.num_physical, device="cpu") % num_logical)
 
-    # The layout is the one record of this layer's share of the slots; these read it.
     @property
     def slots_per_rank(self) -> int:
         return self.layout.slots_per_rank
@@ -127,6 +111,11 @@ class FusedMoE(nn.Module):
     def num_physical(self) -> int:
         return self.layout.num_physical
 
+    @property
+    def capacity(self) -> int:
+        """Slots the storage holds (at least slots_per_rank)."""
+        return self.storage[0].shape[0]
+
     def set_placement(self, physical_to_logical: torch.Tensor) -> None:
         """Rewrite the maps in place from a slot assignment [num_physical] (the slot weights are the caller's)."""
         p2l, l2p, counts = placement_maps(physical_to_logical, self.num_logical, self.logical_to_physical.shape[1])
@@ -134,13 +123,106 @@ class FusedMoE(nn.Module):
         self.logical_to_physical.copy_(l2p)
         self.logical_replica_count.copy_(counts)
 
+    def local_experts(self) -> torch.Tensor:
+        return self.physical_to_logical[self.first_slot:self.first_slot + self.slots_per_rank]
+
+
+class FusedMoE(nn.Module):
+    def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
+                 renormalize: bool, ep_size: int = 1, ep_rank: int = 0, num_redundant: int = 0,
+                 backend: ExpertBackend = fused_moe, router: TopkRouter | None = None) -> None:
+        super().__init__()
+        self.num_logical = num_experts
+        self.top_k, self.renormalize, self.backend, self.router = top_k, renormalize, backend, router
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        # The live slots' weights, as parameters (the loader fills them; .data follows the live slots).
+        self.w13 = nn.Parameter(torch.empty(0), requires_grad=False)  # [slots_per_rank, 2I, H]
+        self.w2 = nn.Parameter(torch.empty(0), requires_grad=False)  # [slots_per_rank, H, I]
+        self.w13.weight_loader = self._load_expert
+        self.w2.weight_loader = self._load_expert
+        self.live: ExpertSlots
+        self.staged: ExpertSlots | None = None
+        self.set_layout(ExpertLayout.for_ranks(num_experts, num_redundant, ep_size, ep_rank))
+
+    # ---- layouts ----------------------------------------------------------------------------------------
+    def new_slots(self, layout: ExpertLayout, zero: bool = False) -> ExpertSlots:
+        """Slots for `layout`: on the live storage when it holds enough slots (its first slots keep their
+        weights), else on new storage (allocated, not filled; zeroed if `zero`, so that a forward over it
+        before it is filled computes finite garbage)."""
+        storage = (self.w13.data, self.w2.data) if not hasattr(self, "live") else self.live.storage
+        if storage[0].shape[:1] < (layout.slots_per_rank,):
+            i, h, spr = self.intermediate_size, self.hidden_size, layout.slots_per_rank
+            alloc = torch.zeros if zero else torch.empty
+            like = dict(dtype=self.w13.dtype, device=self.w13.device)
+            storage = (alloc(spr, 2 * i, h, **like), alloc(spr, h, i, **like))
+        return ExpertSlots(self.num_logical, layout, storage)
+
+    def set_layout(self, layout: ExpertLayout) -> None:
+        """Serve from new slots for `layout` (initial placement: logical e in slot e, extra slots replicate
+        round-robin). Captured CUDA graphs must be re-captured after this; weights loaded or moved in."""
+        self.activate(self.new_slots(layout))
+
+    def stage(self, layout: ExpertLayout) -> ExpertSlots:
+        """The next layout's slots, built beside the live ones (elastic scaling): a forward run under
+        `ForwardContext(use_staged=True)` (a CUDA-graph capture) uses them; `activate` swaps them in."""
+        self.staged = self.new_slots(layout, zero=True)
+        return self.staged
+
+    def activate(self, slots: ExpertSlots) -> None:
+        self.live, self.staged = slots, None
+        self.w13.data, self.w2.data = slots.w13, slots.w2
+
+    # The live slots are the one record of this layer's share of the experts; these read them.
+    @property
+    def layout(self) -> ExpertLayout:
+        return self.live.layout
+
+    @property
+    def slots_per_rank(self) -> int:
+        return self.live.slots_per_rank
+
+    @property
+    def first_slot(self) -> int:
+        return self.live.first_slot
+
+    @property
+    def num_physical(self) -> int:
+        return self.live.num_physical
+
+    @property
+    def physical_to_logical(self) -> torch.Tensor:
+        return self.live.physical_to_logical
+
+    @property
+    def logical_to_physical(self) -> torch.Tensor:
+        return self.live.logical_to_physical
+
+    @property
+    def logical_replica_count(self) -> torch.Tensor:
+        return self.live.logical_replica_count
+
+    @property
+    def expert_load(self) -> torch.Tensor:
+        return self.live.expert_load
+
+    @property
+    def ep_comm(self) -> Callable | None:
+        return self.live.ep_comm
+
+    @ep_comm.setter
+    def ep_comm(self, comm: Callable | None) -> None:
+        self.live.ep_comm = comm
+
+    def set_placement(self, physical_to_logical: torch.Tensor) -> None:
+        self.live.set_placement(physical_to_logical)
+
+    # ---- loading ------------------------------------------------------------------------------------------
     def _load_expert(self, param: nn.Parameter, loaded: torch.Tensor, expert_id: int, shard_id: int | None) -> None:
         """Copy one checkpoint expert's tensor into every local slot holding that expert.
 
         shard_id: 0 gate rows / 1 up rows of w13; None for w2 (down) or a whole fused gate_up tensor.
         """
-        local = self.physical_to_logical[self.first_slot:self.first_slot + self.slots_per_rank]
-        for slot in torch.nonzero(local == expert_id).flatten().tolist():
+        for slot in torch.nonzero(self.live.local_experts() == expert_id).flatten().tolist():
             target = param.data[slot]
             if shard_id is not None:
                 half = target.shape[0] // 2
@@ -151,29 +233,31 @@ class FusedMoE(nn.Module):
 
     def needs_expert(self, expert_id: int) -> bool:
         """Whether this rank stores a replica of `expert_id` (so the loader can skip reading the rest)."""
-        local = self.physical_to_logical[self.first_slot:self.first_slot + self.slots_per_rank]
-        return bool((local == expert_id).any())
+        return bool((self.live.local_experts() == expert_id).any())
 
+    # ---- forward ------------------------------------------------------------------------------------------
     def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         # hidden [T, H]; router_logits [T, E] -> [T, H]
         # One kernel on CUDA: softmax/top-k, replica choice (token index % replica count), the
         # logical->physical gather, the expert-load count and the local-slot mask.
         ctx = get_forward_context()
-        load = self.expert_load if ctx.record_expert_load else None
+        slots = self.staged if ctx.use_staged and self.staged is not None else self.live
+        load = slots.expert_load if ctx.record_expert_load else None
         if self.router is not None:
             topk_weights, ids = self.router(router_logits)
-            physical, local = ids_to_slots(ids, self.logical_to_physical, self.logical_replica_count, load,
-                                           self.first_slot, self.slots_per_rank, ctx.num_valid_tokens)
+            physical, local = ids_to_slots(ids, slots.logical_to_physical, slots.logical_replica_count, load,
+                                           slots.first_slot, slots.slots_per_rank, ctx.num_valid_tokens)
         else:
             topk_weights, physical, local = route_to_slots(
-                router_logits, self.top_k, self.renormalize, self.logical_to_physical, self.logical_replica_count,
-                load, self.first_slot, self.slots_per_rank,
+                router_logits, self.top_k, self.renormalize, slots.logical_to_physical,
+                slots.logical_replica_count, load, slots.first_slot, slots.slots_per_rank,
                 num_valid=ctx.num_valid_tokens)  # [T, K] f32, [T, K] int64 global, [T, K] int32
-        if self.ep_comm is not None:
-            return self.ep_comm(self, hidden, topk_weights, physical)
-        return self.backend(hidden, self.w13, self.w2, topk_weights, local)
+        if slots.ep_comm is not None:
+            return slots.ep_comm(self, slots, hidden, topk_weights, physical)
+        return self.backend(hidden, slots.w13, slots.w2, topk_weights, local)
 
-    def compute_local(self, hidden: torch.Tensor, topk_weights: torch.Tensor, physical: torch.Tensor) -> torch.Tensor:
+    def compute_local(self, slots: ExpertSlots, hidden: torch.Tensor, topk_weights: torch.Tensor,
+                      physical: torch.Tensor) -> torch.Tensor:
         """Contributions of this rank's slots only. physical [N, K] global slot ids (-1: none)."""
-        return self.backend(hidden, self.w13, self.w2, topk_weights,
-                            slots_to_local(physical, self.first_slot, self.slots_per_rank))
+        return self.backend(hidden, slots.w13, slots.w2, topk_weights,
+                            slots_to_local(physical, slots.first_slot, slots.slots_per_rank))

@@ -120,9 +120,10 @@ class EngineReady(msgspec.Struct, tag=True):
     block_size: int
     max_model_len: int
     pid: int | None = None
-    # Device memory left once the KV cache is allocated (CUDA; None on CPU): how many more expert slots a
-    # scale-down may give this rank.
+    # Device memory left once the KV cache is allocated (CUDA; None on CPU), and the expert slots per layer
+    # its storage holds: what a scale-down that gives this rank more slots needs (elastic_ep/capacity.py).
     free_memory_bytes: int | None = None
+    expert_slot_capacity: int | None = None
 
 
 class EngineStartupFailed(msgspec.Struct, tag=True):

@@ -145,6 +145,7 @@ class ScaleCommitted(msgspec.Struct, tag=True):
     blocking_s: float = 0.0  # this engine served nothing for this long
     rolled_back: bool = False  # the commit failed before anything changed: the old layout serves on
     free_memory_bytes: int | None = None  # (CUDA) after the switch: the next scale-down checks against it
+    expert_slot_capacity: int | None = None  # and the expert slots per layer its storage holds
 
 
 # ---- API server -> the launcher's process (several API servers) --------------------------------------
