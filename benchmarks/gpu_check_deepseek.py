@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 from checkpoints import DEEPSEEK_FAMILIES  # noqa: E402
-from gpu_check_engine import compare_family  # noqa: E402
+from gpu_check_engine import compare_family, print_families  # noqa: E402
 
 from elastic.kernels import mla_attention, mla_attention_reference, store_latent, store_latent_reference  # noqa: E402
 
@@ -109,11 +109,7 @@ def main() -> None:
         print(json.dumps(result["kernels"][-1]), flush=True)
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
-    print(f"\n{'family':<12} {'dtype':<9} {'rel err':>9} {'top1':>6} {'greedy=':>8} {'prefix':>7} {'recapture':>9}")
-    for r in result["families"]:
-        print(f"{r['family']:<12} {r['dtype']:<9} {r['logit_rel_err']:9.2e} {r['prefill_top1_agree']:6.3f} "
-              f"{r['greedy_identical']:8.2f} {r['greedy_mean_matching_prefix']:7.1f} "
-              f"{str(r.get('same_after_graph_recapture', '-')):>9}")
+    print_families(result["families"])
     print(f"\n{'kernel case':<24} {'rel err':>9} {'graph=':>7} {'us':>8} {'latent GB/s':>12}")
     for r in result["kernels"]:
         if "exact" in r:

@@ -82,6 +82,14 @@ def dummy_30b(root: Path, num_prompts: int, input_len: int, output_len: int) -> 
                 peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1))
 
 
+def print_families(rows: list[dict]) -> None:
+    print(f"\n{'family':<12} {'dtype':<9} {'rel err':>9} {'top1':>6} {'greedy=':>8} {'prefix':>7} {'recapture':>9}")
+    for r in rows:
+        print(f"{r['family']:<12} {r['dtype']:<9} {r['logit_rel_err']:9.2e} {r['prefill_top1_agree']:6.3f} "
+              f"{r['greedy_identical']:8.2f} {r['greedy_mean_matching_prefix']:7.1f} "
+              f"{str(r.get('same_after_graph_recapture', '-')):>9}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path)
@@ -99,11 +107,7 @@ def main() -> None:
             result["qwen3_30b_a3b"] = dummy_30b(Path(tmp), args.num_prompts, args.input_len, args.output_len)
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
-    print(f"\n{'family':<10} {'dtype':<9} {'rel err':>9} {'top1':>6} {'greedy=':>8} {'prefix':>7} {'recapture':>9}")
-    for r in result["families"]:
-        print(f"{r['family']:<10} {r['dtype']:<9} {r['logit_rel_err']:9.2e} {r['prefill_top1_agree']:6.3f} "
-              f"{r['greedy_identical']:8.2f} {r['greedy_mean_matching_prefix']:7.1f} "
-              f"{str(r.get('same_after_graph_recapture', '-')):>9}")
+    print_families(result["families"])
     if "qwen3_30b_a3b" in result:
         print(json.dumps(result["qwen3_30b_a3b"], indent=1))
 

@@ -102,9 +102,10 @@ def _num_sms(device: torch.device) -> int:
 
 
 def decode_split(num_reqs: int, num_kv_heads: int, max_seq_len: int,
-                 device: torch.device) -> tuple[int, int]:
-    """-> (num_splits, partition tokens). Host arithmetic on host ints only (graph-safe)."""
-    cfg = DECODE_CFG
+                 device: torch.device, cfg: dict | None = None) -> tuple[int, int]:
+    """-> (num_splits, partition tokens) for num_reqs x num_kv_heads programs (cfg: DECODE_CFG's keys, default
+    DECODE_CFG). Host arithmetic on host ints only (graph-safe)."""
+    cfg = DECODE_CFG if cfg is None else cfg
     tiles = max(1, cdiv(max_seq_len, cfg["BLOCK_N"]))
     want = cdiv(cfg["waves"] * _num_sms(device), max(1, num_reqs * num_kv_heads))
     splits = max(1, min(want, cfg["max_splits"], cdiv(tiles, cfg["min_tiles_per_split"])))

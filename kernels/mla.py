@@ -13,11 +13,10 @@ positions of its seq_lens[b]-token context (already in the cache), each attendin
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from ._backend import cdiv, next_pow2, use_triton
+from .attention import decode_split
 
 _TRITON_DTYPES = (torch.bfloat16, torch.float16)
 # Buffer allocator; tests swap in a NaN-filling one to prove no unwritten element is consumed.
@@ -89,21 +88,9 @@ def mla_attention_reference(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: t
     return out
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4                                  # interpreter runs: keep grids tiny
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def mla_decode_split(num_programs: int, max_seq_len: int, device: torch.device) -> tuple[int, int]:
     """-> (num_splits, partition tokens) for `num_programs` (request, head block) pairs. Host ints only."""
-    cfg = DECODE_CFG
-    tiles = max(1, cdiv(max_seq_len, cfg["BLOCK_N"]))
-    want = cdiv(cfg["waves"] * _num_sms(device), max(1, num_programs))
-    splits = max(1, min(want, cfg["max_splits"], cdiv(tiles, cfg["min_tiles_per_split"])))
-    partition = cdiv(tiles, splits) * cfg["BLOCK_N"]
-    return cdiv(max(1, max_seq_len), partition), partition
+    return decode_split(num_programs, 1, max_seq_len, device, DECODE_CFG)
 
 
 def mla_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
