@@ -87,9 +87,14 @@ def test_chunked_prefill_preemption_and_prefix_cache(case):
 
 
 def test_data_parallel_expert_parallel_equals_transformers(case):
-    """DP=2 with the experts spread over both ranks (a redundant slot for V3 so replicas are exercised)."""
+    """DP=2 with the experts spread over both ranks; for V3 a redundant slot (replicas) and an EPLB rebalance
+    (the balancer gets the model's expert groups) between two identical batches."""
     family, path, expected = case
-    extra = dict(ep_dispatch="alltoall") if family == "deepseek_v2" else dict(ep_dispatch="allgather",
-                                                                              num_redundant_experts=1)
+    extra = dict(ep_dispatch="alltoall") if family == "deepseek_v2" else dict(
+        ep_dispatch="allgather", num_redundant_experts=1, enable_eplb=True, eplb_step_interval=10**6)
     with LLM(str(path), **LLM_ARGS, data_parallel_size=2, **extra) as llm:
         assert _generate(llm) == expected
+        if family == "deepseek_v3":
+            stats = llm.rebalance_experts()["stats"]
+            assert stats["rebalances"] + stats["skipped"] == 1
+            assert _generate(llm) == expected
