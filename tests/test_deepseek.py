@@ -75,6 +75,15 @@ def test_matches_transformers(case):
     assert _generate(llm) == expected
 
 
+def test_plain_softmax_routing_takes_the_fused_router(checkpoint_dir):
+    """V2 greedy without scaling (DeepSeek-V2-Lite's routing) is FusedMoE's own softmax top-k."""
+    path = checkpoint_dir("deepseek_v2", topk_method="greedy", routed_scaling_factor=1.0)
+    llm = LLM(str(path), **LLM_ARGS)
+    assert all(moe.router is None for moe in llm.engine.runner.model.moe_layers())
+    ref = hf_logits(path, PROMPTS[2])
+    assert (llm.engine.prompt_logits(PROMPTS[2]) - ref).norm() / ref.norm() < 1e-4
+
+
 def test_chunked_prefill_preemption_and_prefix_cache(case):
     """Latent rows written by earlier chunks, recomputed after preemption, or shared through the prefix cache
     give the same tokens."""

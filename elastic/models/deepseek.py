@@ -14,7 +14,7 @@ from elastic.config.model_arch import ModelArch
 from elastic.kernels.routing import grouped_topk
 from elastic.layers.linear import default_weight_loader
 from elastic.layers.mla import MlaAttention
-from elastic.layers.moe import FusedMoE
+from elastic.layers.moe import FusedMoE, TopkRouter
 from elastic.models.moe_decoder import DecoderLayer, DenseMLP, MoeForCausalLM
 
 
@@ -37,12 +37,15 @@ class ExpertGate(nn.Module):
         return F.linear(x.float(), self.weight)  # [T, E] fp32
 
 
-def expert_choice(arch: ModelArch, gate: ExpertGate):
-    """The FusedMoE router of one layer: router logits -> (weights, logical ids).
+def expert_choice(arch: ModelArch, gate: ExpertGate) -> TopkRouter | None:
+    """The FusedMoE router of one layer: router logits -> (weights, logical ids); None where the choice is
+    FusedMoE's own softmax top-k (V2 greedy without scaling, e.g. DeepSeek-V2-Lite: one fused kernel on CUDA).
     V2 renormalises *instead of* scaling when norm_topk_prob is set (DeepSeek's own V2 code; every released V2
     config has it off, where transformers agrees); V3 renormalises and then scales."""
     v2_renorm = arch.scoring_func == "softmax" and arch.norm_topk_prob
     scaling = 1.0 if v2_renorm else arch.routed_scaling_factor
+    if arch.scoring_func == "softmax" and arch.num_expert_groups == 1 and scaling == 1.0:
+        return None
 
     def choose(router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return grouped_topk(router_logits, arch.top_k, arch.norm_topk_prob, arch.scoring_func,
