@@ -31,6 +31,7 @@ import zmq
 
 from elastic.protocol.from_coordinator import CoordinatorHello, LoadSnapshot, StartDPWave
 from elastic.protocol.to_coordinator import CoordinatorInput, EngineLoad, ScaleElasticEP, StartWaveRequest, WaveComplete
+from elastic.transport import security
 
 logger = logging.getLogger(__name__)
 
@@ -116,9 +117,9 @@ class CoordinatorServer:
         self.sockets = (self.inbound, self.engine_pub, self.frontend_pub)
         for sock in self.sockets:
             sock.setsockopt(zmq.LINGER, 0)
-        self.inbound.bind(addresses.input)
-        self.engine_pub.bind(addresses.engine_pub)
-        self.frontend_pub.bind(addresses.frontend_pub)
+        security.bind(self.inbound, addresses.input, "DP coordinator")
+        security.bind(self.engine_pub, addresses.engine_pub, "DP coordinator")
+        security.bind(self.frontend_pub, addresses.frontend_pub, "DP coordinator")
         self.bound = CoordinatorAddresses(*(s.getsockopt_string(zmq.LAST_ENDPOINT) for s in self.sockets))
         self.encoder = msgspec.msgpack.Encoder()
         self.decoder = msgspec.msgpack.Decoder(CoordinatorInput)

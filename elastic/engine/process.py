@@ -34,6 +34,7 @@ from elastic.engine.scale_agent import ScaleAgent, set_cpu_threads
 from elastic.executor.model_runner import free_device_bytes
 from elastic.engine.waves import DPWaves, RequestWave
 from elastic.parent_watch import watch_parent
+from elastic.transport import security
 from elastic.protocol.from_engine import (EngineCoreOutput, EngineCoreOutputs, EngineDead, EngineHello, EngineReady,
                                           EngineStartupFailed, RejectedRequest, SchedulerStats, UtilityResult)
 from elastic.protocol.scaling import CoordinatorLink, JoinInfo, MigratedRequest
@@ -336,8 +337,20 @@ def _set_device_and_threads(config: EngineConfig) -> None:
 
 
 def _handshake(sock: zmq.Socket, decoder: msgspec.msgpack.Decoder) -> HandshakeAddresses:
-    if not sock.poll(int(HANDSHAKE_TIMEOUT_S * 1000)):
-        raise TimeoutError(f"no answer from the front end to HELLO within {HANDSHAKE_TIMEOUT_S:.0f}s")
+    """The answer to HELLO; over tcp with a shared secret, a head that refuses our key is told at once."""
+    watch = security.HandshakeWatch(sock) if security.is_secured(sock) else None
+    deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
+    try:
+        while not sock.poll(200):
+            if watch is not None and watch.refused():
+                raise security.AuthenticationError(
+                    f"the head refused our connection: this node's data-parallel key (fingerprint "
+                    f"{security.key_fingerprint()}) differs from the head's")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no answer from the front end to HELLO within {HANDSHAKE_TIMEOUT_S:.0f}s")
+    finally:
+        if watch is not None:
+            watch.close()
     return decoder.decode(sock.recv())
 
 
@@ -383,12 +396,12 @@ def _connect_queues(ctx: zmq.Context, identity: bytes,
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, identity)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(address)
+        security.connect(sock, address)
         inputs.append(sock)
     for address in addresses.frontend_output_addresses or [addresses.output_address]:
         sock = ctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, _OUTPUT_LINGER_MS)
-        sock.connect(address)
+        security.connect(sock, address)
         outputs.append(sock)
     return inputs, outputs
 
@@ -426,7 +439,7 @@ def run_engine_core(config: EngineConfig, engine_index: int, handshake_address: 
     handshake = ctx.socket(zmq.DEALER)
     handshake.setsockopt(zmq.IDENTITY, identity)
     handshake.setsockopt(zmq.LINGER, _OUTPUT_LINGER_MS)
-    handshake.connect(handshake_address)
+    security.connect(handshake, handshake_address)
     sockets = [handshake]
     core: Any = None
     exit_code = 0
@@ -460,6 +473,9 @@ def run_engine_core(config: EngineConfig, engine_index: int, handshake_address: 
             sockets += proc.extra_sockets
     except SystemExit as e:
         exit_code = e.code if isinstance(e.code, int) else 0
+    except security.AuthenticationError as e:
+        logger.error("engine core %d: %s", engine_index, e)
+        exit_code = 1
     finally:
         if core is not None:
             core.shutdown()  # process groups, when there are any

@@ -22,6 +22,8 @@ from typing import Any
 import msgspec
 import zmq
 
+from elastic.transport import security
+
 from elastic.protocol.from_coordinator import CoordinatorHello, CoordinatorToEngine, StartDPWave
 from elastic.protocol.from_engine import SchedulerStats
 from elastic.protocol.to_coordinator import EngineLoad, StartWaveRequest, WaveComplete
@@ -49,11 +51,11 @@ class DPWaves:
         self.push = ctx.socket(zmq.PUSH)
         self.push.setsockopt(zmq.LINGER, 1000)  # a last WaveComplete / load report still gets out on close
         self.push.setsockopt(zmq.SNDHWM, 0)  # never block the busy loop on the coordinator
-        self.push.connect(input_address)
+        security.connect(self.push, input_address)
         self.sub = ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
-        self.sub.connect(pub_address)
+        security.connect(self.sub, pub_address)
         self.encoder = msgspec.msgpack.Encoder()
         self.decoder = msgspec.msgpack.Decoder(CoordinatorToEngine)
         self.last_load: tuple[int, int] | None = None

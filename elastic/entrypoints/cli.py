@@ -92,6 +92,16 @@ def serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         server_config = ServerConfig(**cli_values(args, ServerConfig))
     except (ValueError, FileNotFoundError, OSError) as e:
         parser.error(str(e))  # exits 2 with the usage line
+    try:
+        from elastic.transport.security import load_key_file
+
+        load_key_file(config.parallel.data_parallel_key_file)  # into the environment: child processes inherit it
+    except (OSError, ValueError) as e:
+        parser.error(f"--data-parallel-key-file: {e}")
+    if config.parallel.headless:  # engine ranks only, for a head elsewhere (docs/deployment.md)
+        from elastic.cluster.headless import run_headless
+
+        return run_headless(config, server_config.log_level)
     if server_config.api_server_count > 1:
         from elastic.entrypoints.multi_server import run_multi_server
 

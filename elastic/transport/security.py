@@ -16,6 +16,7 @@ import ipaddress
 import logging
 import os
 import threading
+import uuid
 from typing import Any
 
 import zmq
@@ -111,7 +112,7 @@ def connect(sock: zmq.Socket, address: str) -> None:
 
 
 def is_secured(sock: zmq.Socket) -> bool:
-    return bool(sock.getsockopt(zmq.CURVE_SERVER)) or bool(sock.getsockopt(zmq.CURVE_SERVERKEY).strip(b"\0"))
+    return sock.getsockopt(zmq.MECHANISM) == zmq.CURVE
 
 
 # ---- refusals: logged where they happen ------------------------------------------------------------------
@@ -172,8 +173,17 @@ class _RefusalLog:
 _refusals = _RefusalLog()
 
 
+def _monitor(sock: zmq.Socket, events: int) -> zmq.Socket:
+    """A plain (blocking-API) PAIR on `sock`'s monitor, also for asyncio sockets: read from any thread."""
+    address = f"inproc://monitor-{uuid.uuid4().hex}"
+    sock.monitor(address, events)
+    pair = zmq.Context.shadow(sock.context.underlying).socket(zmq.PAIR)
+    pair.connect(address)
+    return pair
+
+
 def _watch(sock: zmq.Socket, what: str) -> None:
-    _refusals.add(sock.get_monitor_socket(_REFUSAL_EVENTS), what)
+    _refusals.add(_monitor(sock, _REFUSAL_EVENTS), what)
 
 
 class HandshakeWatch:
@@ -181,9 +191,9 @@ class HandshakeWatch:
     succeeds. After `max_failures` such drops in a row, `refused()` says so (the shared secrets differ)."""
 
     def __init__(self, sock: zmq.Socket, max_failures: int = 3) -> None:
-        self.monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
-                                               | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                                               | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+        self.sock = sock
+        self.monitor = _monitor(sock, zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+                                | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
         self.failures, self.max_failures, self.succeeded = 0, max_failures, False
 
     def refused(self) -> bool:
@@ -196,4 +206,5 @@ class HandshakeWatch:
         return not self.succeeded and self.failures >= self.max_failures
 
     def close(self) -> None:
+        self.sock.disable_monitor()
         self.monitor.close(linger=0)
