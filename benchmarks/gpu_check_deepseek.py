@@ -57,6 +57,7 @@ def check_kernel(name: str) -> dict:
     row = dict(case=name, max_abs_err=float((got - ref).abs().max()), rel_err=float((got - ref).norm() / ref.norm()))
     if q_len == 1:
         stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())  # the inputs were made on the default stream
         with torch.cuda.stream(stream):  # warm up and capture off the default stream, as cuda_graphs does
             mla_attention(*args)
             graph = torch.cuda.CUDAGraph()

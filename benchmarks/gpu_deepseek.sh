@@ -5,7 +5,8 @@
 #   2. benchmarks/decode.py on the DeepSeek-V2-Lite shape (dummy weights) at batch 1, 16 and 64 against its
 #      memory floor, with the latent cache's bytes per token beside an expanded K/V cache;
 #   3. offline throughput of the same shape (serving numbers).
-# Each part runs under its own timeout, so one failure keeps the others' results. ~5 minutes on one H100.
+# Each part runs under its own timeout (at most 460 s in all), so one failure keeps the others' results;
+# ~5 minutes on one H100.
 #   bash benchmarks/gpu_deepseek.sh        # results in ${OUT:-.}/deepseek_*.json and *.log
 set -uo pipefail
 out=${OUT:-.}
@@ -21,10 +22,10 @@ part() {  # part NAME SECONDS command...
   tail -25 "$out/deepseek_$name.log"
 }
 
-part check 150 python3 benchmarks/gpu_check_deepseek.py --out "$out/deepseek_check.json"
+part check 120 python3 benchmarks/gpu_check_deepseek.py --out "$out/deepseek_check.json"
 part decode 200 python3 benchmarks/decode.py --shape deepseek-v2-lite --batch-sizes 1,16,64 --context 1024 \
     --out "$out/deepseek_decode.json"
-part offline 120 python3 benchmarks/offline.py --shape deepseek-v2-lite --device cuda --num-prompts 256 \
+part offline 140 python3 benchmarks/offline.py --shape deepseek-v2-lite --device cuda --num-prompts 256 \
     --input-len 512 --output-len 128 --max-num-seqs 128 --json "$out/deepseek_offline.json"
 
 echo
