@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+from collections import Counter
 import threading
 import time
 from pathlib import Path
@@ -25,13 +26,14 @@ import zmq
 
 from elastic.distributed.group import create_store
 from elastic.distributed.parallel_state import ParallelState
-from elastic.engine.reconfigure import commit_barrier, placement_of, resize_placement
+from elastic.engine.reconfigure import commit_barrier, placement_of, slots_per_rank
 from elastic.engine.scale_agent import set_cpu_threads
 from elastic.executor.model_runner import free_device_bytes
-from elastic.layers.moe import FusedMoE
+from elastic.eplb.transfer import execute_moves, plan_moves
+from elastic.layers.moe import ExpertLayout, FusedMoE
 from elastic.models.loader import checkpoint_files, map_name
 from elastic.protocol.fault import HEARTBEAT_INTERVAL_S, RankFault, RecoverLayout, abort_key, heartbeat_key
-from elastic.protocol.scaling import ScaleCommitted
+from elastic.protocol.scaling import ParallelLayout, ScaleCommitted
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +42,7 @@ class FaultWatcher:
     """Heartbeats (a counter the launcher watches) and the abort signal (a counter the launcher bumps), both
     on the launcher's TCPStore, from a thread: they work while the main thread is blocked in a collective."""
 
-    def __init__(self, engine_id: int, host: str, port: int, on_abort: Callable[[], None]) -> None:
+    def __init__(self, engine_id: int, host: str, port: int, on_abort: Callable[[int], None]) -> None:
         self.engine_id, self.host, self.port, self.on_abort = engine_id, host, port, on_abort
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="fault-watcher", daemon=True)
@@ -49,19 +51,19 @@ class FaultWatcher:
     def _run(self) -> None:
         try:
             store = create_store(self.host, self.port, is_master=False, timeout=datetime.timedelta(seconds=10))
-            seen = store.add(abort_key(self.engine_id), 0)
         except Exception as e:  # no store (the launcher is gone): nothing to watch
             logger.warning("fault watcher not started: %s", e)
             return
+        key, handled = abort_key(self.engine_id), -1
         while not self.stopped.wait(HEARTBEAT_INTERVAL_S):
             try:
                 store.add(heartbeat_key(self.engine_id), 1)
-                signalled = store.add(abort_key(self.engine_id), 0)
+                epoch = int(store.get(key)) if store.check([key]) else -1
             except Exception:  # the launcher is gone; the death pipe ends this process
                 return
-            if signalled != seen:
-                seen = signalled
-                self.on_abort()
+            if epoch != handled:  # a failure in the layout of that epoch; a later layout is not affected
+                handled = epoch
+                self.on_abort(epoch)
 
     def stop(self) -> None:
         self.stopped.set()
@@ -83,9 +85,12 @@ class RankRecovery:
         if self.watcher is None and layout.is_distributed and layout.store_port:
             self.watcher = FaultWatcher(self.engine_id, layout.store_host, layout.store_port, self._abort)
 
-    def _abort(self) -> None:
-        """(watcher thread) The launcher says a peer failed: whatever this step computes may be garbage."""
+    def _abort(self, epoch: int) -> None:
+        """(watcher thread) The launcher says a peer of the layout of `epoch` failed: if that is still this
+        rank's layout, whatever its step computes may be garbage."""
         core = self.proc.core
+        if epoch < core.layout.epoch:
+            return  # recovered already (the signal is polled, the recovery may be quicker)
         core.peer_failed.set()  # first: the step checks it after its last collective
         parallel = core.parallel
         for group in (parallel.ep, parallel.dp) if parallel is not None else ():
@@ -106,7 +111,7 @@ class RankRecovery:
             logger.error("engine %d: a collective failed (%s: %s); waiting for the recovery", self.engine_id,
                          type(error).__name__, error)
             self.broken = True
-            self._send(RankFault(self.engine_id, f"{type(error).__name__}: {error}"))
+            self._send(RankFault(self.engine_id, f"{type(error).__name__}: {error}", core.layout.epoch))
         return True
 
     def recover(self, msg: RecoverLayout) -> None:
@@ -146,12 +151,11 @@ class RankRecovery:
         compact, new, lost = survivor_placement(old, msg.old_world_size, msg.survivors, layout.world_size,
                                                 core.config.model.arch.num_experts,
                                                 core.config.parallel.num_redundant_experts)
-        core.layout = layout  # the expert moves below are numbered by the new ranks
-        core.reconfigure(layout, groups, compact, placeholders(compact, new, lost, layout.world_size),
-                         groups.ep if groups is not None else None, layout.world_size)
         layers = core.runner.model.moe_layers()
-        for moe, row in zip(layers, new):
-            moe.set_placement(row)
+        move_to_survivors(layers, compact, new, lost, layout, core.config, groups)
+        core.layout = layout
+        # The experts are in place: the switch moves nothing more (groups, KV agreement, balancer, graphs).
+        core.reconfigure(layout, groups, new, new, None, layout.world_size)
         restored = restore_experts(core.runner.model, layers, lost, core.config.model)
         core.balancer = core._make_balancer()  # over the final placement
         core.wave.number, core.wave.running = wave, True  # every rank steps once, then the exchange decides
@@ -160,7 +164,7 @@ class RankRecovery:
         if core.config.torch_device.type == "cpu":
             set_cpu_threads(layout.world_size)
         if restored:
-            logger.info("engine %d: restored %d expert replica(s) the dead rank(s) held alone from the checkpoint",
+            logger.info("engine %d: restored %d tensor(s) of experts only the dead rank(s) held, from the checkpoint",
                         self.engine_id, restored)
 
     def _send(self, msg: Any) -> None:
@@ -179,10 +183,39 @@ def survivor_placement(old: torch.Tensor, old_world: int, survivors: list[int], 
     if old.numel() == 0:
         return old, old, []
     old_spr = old.shape[1] // old_world
+    new_spr = slots_per_rank(num_experts, num_redundant, new_world)
     compact = torch.cat([old[:, r * old_spr:(r + 1) * old_spr] for r in survivors], dim=1)
-    new = resize_placement(compact, new_world, new_world, num_experts, num_redundant)
+    new = torch.tensor([_survivor_layer(row.tolist(), old_spr, new_spr, new_world, num_experts)
+                        for row in compact], dtype=torch.long)
     lost = [set(range(num_experts)) - set(row.tolist()) for row in compact]
     return compact, new, lost
+
+
+def _survivor_layer(old: list[int], old_spr: int, new_spr: int, world: int, num_experts: int) -> list[int]:
+    """One layer: each survivor keeps one copy of the experts it holds, in their slots (no move); the
+    experts nobody holds go to the ranks with the most free slots; free slots keep what they held if it is
+    not on the rank twice, else take a replica of the expert with the fewest."""
+    new = [-1] * (new_spr * world)
+    for rank in range(world):
+        for j in range(min(old_spr, new_spr)):
+            expert = old[rank * old_spr + j]
+            if expert not in new[rank * new_spr:(rank + 1) * new_spr] and expert not in new:
+                new[rank * new_spr + j] = expert
+    for expert in (e for e in range(num_experts) if e not in new):
+        free = [sum(new[r * new_spr + j] < 0 for j in range(new_spr)) for r in range(world)]
+        rank = max(range(world), key=lambda r: (free[r], -r))
+        new[rank * new_spr + next(j for j in range(new_spr) if new[rank * new_spr + j] < 0)] = expert
+    replicas = Counter(e for e in new if e >= 0)
+    for slot in (s for s in range(len(new)) if new[s] < 0):
+        rank, j = divmod(slot, new_spr)
+        on_rank = set(new[rank * new_spr:(rank + 1) * new_spr])
+        held = old[rank * old_spr + j] if j < old_spr else -1
+        if held < 0 or held in on_rank:
+            held = min((e for e in range(num_experts) if e not in on_rank), key=lambda e: (replicas[e], e),
+                       default=min(range(num_experts), key=lambda e: (replicas[e], e)))
+        new[slot] = held
+        replicas[held] += 1
+    return new
 
 
 def placeholders(compact: torch.Tensor, new: torch.Tensor, lost: list[set[int]], world: int) -> torch.Tensor:
@@ -197,6 +230,25 @@ def placeholders(compact: torch.Tensor, new: torch.Tensor, lost: list[set[int]],
             if expert in missing:
                 out[layer, slot] = compact[layer, (slot // new_spr) * old_spr]
     return out
+
+
+def move_to_survivors(layers: list[FusedMoE], compact: torch.Tensor, new: torch.Tensor, lost: list[set[int]],
+                      layout: ParallelLayout, config: Any, groups: ParallelState | None) -> None:
+    """Every layer to its slots over the survivors: experts a survivor holds are copied (locally or over
+    the new group, moving only what changes); slots of lost experts get a local placeholder copy, to be
+    overwritten by restore_experts."""
+    world = layout.world_size
+    expert_layout = ExpertLayout.for_ranks(config.model.arch.num_experts, config.parallel.num_redundant_experts,
+                                           world, layout.rank)
+    sources = placeholders(compact, new, lost, world)
+    old_spr, new_spr = compact.shape[1] // world, new.shape[1] // world
+    for moe, old_row, source_row, new_row in zip(layers, compact.tolist(), sources.tolist(), new):
+        live, staged = moe.live, moe.stage(expert_layout)
+        moves = plan_moves(old_row, old_spr, source_row, new_spr)
+        execute_moves(moves, layout.rank, (live.w13, live.w2), (staged.w13, staged.w2),
+                      groups.ep if groups is not None else None)
+        staged.set_placement(new_row)
+        moe.activate(staged)
 
 
 def restore_experts(model: torch.nn.Module, layers: list[FusedMoE], lost: list[set[int]], config: Any) -> int:

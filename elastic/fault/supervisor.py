@@ -29,7 +29,7 @@ from elastic.config import EngineConfig
 from elastic.elastic_ep.operation import ScaleError
 from elastic.elastic_ep.orchestrator import ScaleOrchestrator
 from elastic.fault.metrics import FaultMetrics
-from elastic.protocol.fault import abort_key, heartbeat_key
+from elastic.protocol.fault import RankFault, abort_key, heartbeat_key
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ class FaultSupervisor:
         self.beats: dict[int, tuple[int, float]] = {}  # engine id -> (counter, when it last changed)
         self.reports: dict[int, str] = {}  # RankFault reports since the last recovery
         self.rebuild = False  # every rank's collective failed and none died: rebuild over all of them
+        self.blame: asyncio.Task | None = None
         self.closed = False
         launcher.on_fault = self.collective_failed
         loop = asyncio.get_running_loop()
@@ -88,15 +89,18 @@ class FaultSupervisor:
             self.task = self._spawn(self._recover(), "recover")
         return True
 
-    def collective_failed(self, engine_id: int, error: str) -> None:
+    def collective_failed(self, report: RankFault) -> None:
         """A member's step lost a peer. If no process died, whoever stays silent hangs."""
-        self.reports[engine_id] = error
-        self._spawn(self._blame_silent(), "blame")
+        if report.epoch < self.launcher.membership.epoch:
+            return  # about a layout already recovered
+        self.reports[report.engine_index] = report.error
+        if self.blame is None or self.blame.done():
+            self.blame = self._spawn(self._blame_silent(), "blame")
 
     async def _blame_silent(self) -> None:
         await asyncio.sleep(_HANG_GRACE_S)
-        if self.dead or self.closed:
-            return  # a death explains it; the recovery is under way
+        if self.dead or self.closed or not self.reports:
+            return  # a death explains it (the recovery is under way or done)
         members = self.launcher.member_ids()
         silent = [i for i in members if i not in self.reports]
         if not silent:  # every rank failed and none died (a network hiccup): rebuild over all of them
@@ -134,9 +138,9 @@ class FaultSupervisor:
 
     def _signal_abort(self, engine_ids: list[int]) -> None:
         """Survivors blocked in a collective with the dead rank get out (their watcher aborts NCCL)."""
-        store = self.launcher.store
+        store, epoch = self.launcher.store, str(self.launcher.membership.epoch)
         for engine_id in engine_ids if store is not None else ():
-            store.add(abort_key(engine_id), 1)
+            store.set(abort_key(engine_id), epoch)
 
     # ---- recovery -------------------------------------------------------------------------------------
     async def _recover(self) -> None:

@@ -323,14 +323,16 @@ class AsyncLLM:
             lost = [rid for rid, s in state.samples.items() if s.engine_index == engine_index]
             if lost and not state.finished:
                 self.client.release(engine_index, len(lost))
-                self._park(state, lost)
+                self._park(state, lost, rerun=False)
+        self._rerun_parked()
 
-    def _park(self, state: _RequestState, request_ids: list[str]) -> None:
+    def _park(self, state: _RequestState, request_ids: list[str], rerun: bool = True) -> None:
         now = time.monotonic()
         for rid in request_ids:
             state.samples[rid].engine_index = -1
             self.parked[rid] = (state, now)
-        self._rerun_parked()
+        if rerun:
+            self._rerun_parked()
         if self.parked and (self.rerun_task is None or self.rerun_task.done()):
             self.rerun_task = asyncio.get_running_loop().create_task(self._rerun_loop(), name="rerun")
 

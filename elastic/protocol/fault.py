@@ -30,6 +30,7 @@ class RecoverLayout(msgspec.Struct, tag=True):
 class RankFault(msgspec.Struct, tag=True):
     engine_index: int
     error: str
+    epoch: int = 0  # of the layout whose collective failed (a report about an older one is stale)
 
 
 # ---- keys on the launcher's TCPStore (it hosts the rendezvous of the ranks' groups) -------------------
@@ -41,5 +42,6 @@ def heartbeat_key(engine_id: int) -> str:
 
 
 def abort_key(engine_id: int) -> str:
-    """The launcher bumps it when a peer of this engine failed: abort the collectives under way."""
+    """The launcher sets it to the membership epoch in which a peer of this engine failed: abort the
+    collectives of that layout (a later one, after the recovery, is not affected)."""
     return f"elastic/abort/{engine_id}"
