@@ -124,7 +124,7 @@ class EngineLauncher:
         self._encoder = msgspec.msgpack.Encoder()
         self.closed = False
         # Fault recovery (elastic/fault/): an engine whose step's collective failed says so here.
-        self.on_fault: Callable[[int, str], None] | None = None
+        self.on_fault: Callable[[RankFault], None] | None = None
         self.remote = RemoteNodes(self)  # ranks on other machines (docs/deployment.md)
 
     @property
@@ -376,7 +376,7 @@ class EngineLauncher:
                             f"engine core {engine.index} failed to start: {msg.error}"))  # type: ignore[union-attr]
             elif isinstance(msg, RankFault):
                 if self.on_fault is not None:
-                    self.on_fault(engine.index, msg.error)
+                    self.on_fault(msg)
             else:
                 if isinstance(msg, ScaleCommitted) and msg.free_memory_bytes is not None:
                     engine.free_memory_bytes = msg.free_memory_bytes  # its slots per rank just changed
