@@ -54,16 +54,16 @@ def slots_to_local(physical: torch.Tensor, first_slot: int, slots_per_rank: int)
     return local.to(torch.int32)
 
 
-def grouped_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool, scoring_func: str = "softmax",
-                 score_bias: torch.Tensor | None = None, num_groups: int = 1, topk_groups: int = 1,
-                 group_score: str = "max", scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def grouped_topk_reference(router_logits: torch.Tensor, top_k: int, renormalize: bool, scoring_func: str = "softmax",
+                           score_bias: torch.Tensor | None = None, num_groups: int = 1, topk_groups: int = 1,
+                           group_score: str = "max", scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek routing. router_logits [T, E] -> (weights [T, K] f32, ids [T, K] int32).
 
     scores = softmax (V2) or sigmoid (V3) of the fp32 logits; the choice ranks scores + score_bias [E]
     (V3's e_score_correction_bias) but the weights are the unbiased scores. With num_groups > 1 the experts
     form equal groups ranked by their best score ("max", V2 group_limited_greedy) or their two best ("top2_sum",
     V3), and only the best topk_groups groups are eligible. Weights are renormalised when asked, then
-    multiplied by `scaling` (routed_scaling_factor). Plain torch ops: sync-free and graph-capturable on CUDA."""
+    multiplied by `scaling` (routed_scaling_factor)."""
     logits = router_logits.float()
     scores = torch.softmax(logits, dim=-1) if scoring_func == "softmax" else torch.sigmoid(logits)
     choice = scores if score_bias is None else scores + score_bias.float()
@@ -87,12 +87,41 @@ def grouped_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool, sco
     return weights, ids.to(torch.int32)
 
 
-def ids_to_slots(ids: torch.Tensor, logical_to_physical: torch.Tensor, logical_replica_count: torch.Tensor,
-                 expert_load: torch.Tensor | None, first_slot: int, slots_per_rank: int,
-                 num_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The slot half of route_to_slots for expert ids chosen elsewhere (grouped_topk): ids [T, K] ->
-    (physical [T, K] int64, local [T, K] int32), counting expert_load as route_to_slots does. Torch ops only:
-    sync-free and graph-capturable."""
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def grouped_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool, scoring_func: str = "softmax",
+                 score_bias: torch.Tensor | None = None, num_groups: int = 1, topk_groups: int = 1,
+                 group_score: str = "max", scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """See grouped_topk_reference. One Triton kernel on CUDA (graph-capturable) when the experts and groups
+    are powers of two (every DeepSeek model), the torch reference elsewhere."""
+    T, E = router_logits.shape
+    if (not use_triton(router_logits) or T == 0 or E > 1024 or not _is_pow2(E) or not _is_pow2(num_groups)
+            or num_groups > E or (group_score == "top2_sum" and E // num_groups < 2)):
+        return grouped_topk_reference(router_logits, top_k, renormalize, scoring_func, score_bias, num_groups,
+                                      topk_groups, group_score, scaling)
+    from .routing_triton import _grouped_topk_kernel
+
+    if router_logits.stride(-1) != 1:
+        router_logits = router_logits.contiguous()
+    weights = _alloc(T, top_k, dtype=torch.float32, device=router_logits.device)
+    ids = _alloc(T, top_k, dtype=torch.int32, device=router_logits.device)
+    bias = score_bias.contiguous() if score_bias is not None else weights   # dummy: never read without HAS_BIAS
+    block_t = _block_t(T, E)
+    _grouped_topk_kernel[(cdiv(T, block_t),)](
+        router_logits, bias, weights, ids, T, router_logits.stride(0), float(scaling), TOP_K=top_k,
+        RENORM=renormalize, SIGMOID=scoring_func == "sigmoid", HAS_BIAS=score_bias is not None,
+        GROUPS=num_groups, TOPK_GROUPS=topk_groups, TOP2=group_score == "top2_sum", BLOCK_T=block_t, E=E,
+        BLOCK_K=next_pow2(top_k), num_warps=4)
+    return weights, ids
+
+
+def ids_to_slots_reference(ids: torch.Tensor, logical_to_physical: torch.Tensor,
+                           logical_replica_count: torch.Tensor, expert_load: torch.Tensor | None, first_slot: int,
+                           slots_per_rank: int, num_valid: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """See ids_to_slots."""
     ids = ids.long()
     # Replicas of one expert take tokens in turn (token index modulo replica count).
     token_index = torch.arange(ids.shape[0], device=ids.device)[:, None]
@@ -105,6 +134,36 @@ def ids_to_slots(ids: torch.Tensor, logical_to_physical: torch.Tensor, logical_r
     return physical, slots_to_local(physical, first_slot, slots_per_rank)
 
 
+def ids_to_slots(ids: torch.Tensor, logical_to_physical: torch.Tensor, logical_replica_count: torch.Tensor,
+                 expert_load: torch.Tensor | None, first_slot: int, slots_per_rank: int,
+                 num_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The slot half of route_to_slots for expert ids chosen elsewhere (grouped_topk): ids [T, K] ->
+    (physical [T, K] int64, local [T, K] int32), counting expert_load as route_to_slots does.
+    One Triton kernel on CUDA (graph-capturable), the torch reference elsewhere."""
+    T, K = ids.shape
+    if not use_triton(ids) or T == 0:
+        return ids_to_slots_reference(ids, logical_to_physical, logical_replica_count, expert_load, first_slot,
+                                      slots_per_rank, num_valid)
+    from .routing_triton import _ids_to_slots_kernel
+
+    assert logical_to_physical.dtype == logical_replica_count.dtype == torch.int64
+    assert expert_load is None or (expert_load.dtype == torch.int64 and expert_load.is_contiguous())
+    if ids.stride(-1) != 1:
+        ids = ids.contiguous()
+    l2p = logical_to_physical if logical_to_physical.stride(-1) == 1 else logical_to_physical.contiguous()
+    counts = logical_replica_count.contiguous()
+    physical = _alloc(T, K, dtype=torch.int64, device=ids.device)
+    local = _alloc(T, K, dtype=torch.int32, device=ids.device)
+    block_t = max(1, min(64, next_pow2(T)))
+    _ids_to_slots_kernel[(cdiv(T, block_t),)](
+        ids, physical, local, l2p, counts,
+        expert_load if expert_load is not None else physical,      # dummy: never touched unless RECORD
+        num_valid if num_valid is not None else counts,            # dummy: never read unless HAS_VALID
+        T, ids.stride(0), l2p.stride(0), first_slot, slots_per_rank, TOP_K=K, RECORD=expert_load is not None,
+        HAS_VALID=num_valid is not None, BLOCK_T=block_t, BLOCK_K=next_pow2(K), num_warps=4)
+    return physical, local
+
+
 def route_to_slots_reference(router_logits: torch.Tensor, top_k: int, renormalize: bool,
                              logical_to_physical: torch.Tensor, logical_replica_count: torch.Tensor,
                              expert_load: torch.Tensor | None, first_slot: int, slots_per_rank: int,
@@ -112,8 +171,8 @@ def route_to_slots_reference(router_logits: torch.Tensor, top_k: int, renormaliz
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """See route_to_slots."""
     weights, ids = topk_route_reference(router_logits, top_k, renormalize)
-    physical, local = ids_to_slots(ids, logical_to_physical, logical_replica_count, expert_load, first_slot,
-                                   slots_per_rank, num_valid)
+    physical, local = ids_to_slots_reference(ids, logical_to_physical, logical_replica_count, expert_load,
+                                             first_slot, slots_per_rank, num_valid)
     return weights, physical, local
 
 

@@ -1,6 +1,7 @@
-"""MLA kernels (CPU only): the latent-cache reference against expanded multi-head attention in float64, DeepSeek
-routing against transformers' own routers, and the Triton kernels under the interpreter against the reference
-(fp16: the interpreter's bf16 tl.dot is wrong; bf16 is checked on the GPU by benchmarks/gpu_deepseek.sh)."""
+"""DeepSeek kernels (CPU only): the latent-cache reference against expanded multi-head attention in float64,
+grouped routing against transformers' own routers, and the Triton kernels (MLA store and attention, grouped top-k,
+ids to slots) under the interpreter against the references (attention in fp16: the interpreter's bf16 tl.dot is
+wrong; bf16 is checked on the GPU by benchmarks/gpu_deepseek.sh)."""
 from __future__ import annotations
 
 import pytest
@@ -96,6 +97,7 @@ def interp(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("ELASTIC_TRITON_ON_CPU", "1")
     monkeypatch.setattr(ek.mla, "_alloc", poisoned)
+    monkeypatch.setattr(ek.routing, "_alloc", poisoned)
 
 
 @needs_triton
@@ -135,3 +137,41 @@ def test_mla_attention_triton(interp, monkeypatch, name):
     if max(q_lens) == 1:
         splits, _ = ek.mla.mla_decode_split(len(seq_lens) * -(-H // 8), max(seq_lens) + 3, q_lat.device)
         assert splits > 1, "the split-context merge must be exercised"
+
+
+@needs_triton
+@pytest.mark.parametrize("T", [1, 13, 40])
+@pytest.mark.parametrize("cfg", [
+    dict(E=16, K=4, renorm=True, scoring="sigmoid", bias=True, groups=4, topk_groups=2, score="top2_sum", scale=2.5),
+    dict(E=8, K=3, renorm=False, scoring="softmax", bias=False, groups=4, topk_groups=2, score="max", scale=1.5),
+    dict(E=64, K=6, renorm=False, scoring="softmax", bias=False, groups=1, topk_groups=1, score="max", scale=1.0),
+])
+def test_grouped_topk_triton(interp, T, cfg):
+    g = gen("grouped_tr", T, tuple(cfg.items()))
+    logits = torch.randn(T, cfg["E"], generator=g) * 2
+    bias = torch.randn(cfg["E"], generator=g) * 0.3 if cfg["bias"] else None
+    args = (logits, cfg["K"], cfg["renorm"], cfg["scoring"], bias, cfg["groups"], cfg["topk_groups"], cfg["score"],
+            cfg["scale"])
+    w, ids = ek.routing.grouped_topk(*args)
+    rw, rids = ek.routing.grouped_topk_reference(*args)
+    order, ref_order = ids.long().sort(dim=1)[1], rids.long().sort(dim=1)[1]
+    assert torch.equal(ids.gather(1, order), rids.gather(1, ref_order))
+    torch.testing.assert_close(w.gather(1, order), rw.gather(1, ref_order), rtol=1e-5, atol=1e-6)
+
+
+@needs_triton
+def test_ids_to_slots_triton(interp):
+    g = gen("ids_to_slots")
+    E, S, T, K = 8, 11, 9, 3                                       # 3 experts with a second replica
+    p2l = torch.arange(S) % E
+    counts = torch.bincount(p2l, minlength=E)
+    l2p = torch.full((E, 2), -1, dtype=torch.long)
+    for slot, e in enumerate(p2l.tolist()):
+        l2p[e, int((l2p[e] >= 0).sum())] = slot
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).to(torch.int32)
+    valid = torch.tensor([7])
+    load, ref_load = torch.zeros(S, dtype=torch.long), torch.zeros(S, dtype=torch.long)
+    phys, local = ek.routing.ids_to_slots(ids, l2p, counts, load, 4, 4, valid)
+    rphys, rlocal = ek.routing.ids_to_slots_reference(ids, l2p, counts, ref_load, 4, 4, valid)
+    assert torch.equal(phys, rphys) and torch.equal(local, rlocal) and torch.equal(load, ref_load)
+    assert int(load.sum()) == 7 * K                                # padding rows count no load
