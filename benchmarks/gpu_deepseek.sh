@@ -7,7 +7,9 @@
 #   3. offline throughput of the same shape (serving numbers).
 # Each part runs under its own timeout (at most 460 s in all), so one failure keeps the others' results;
 # ~5 minutes on one H100.
-#   bash benchmarks/gpu_deepseek.sh        # results in ${OUT:-.}/deepseek_*.json and *.log
+#   bash benchmarks/gpu_deepseek.sh          # results in ${OUT:-.}/deepseek_*.json and *.log
+#   TUNE=1 bash benchmarks/gpu_deepseek.sh   # first tunes the fused-MoE table for E=64, I=1408 (+4 min; the
+#                                            # table is copied to $OUT, to be committed under kernels/configs/)
 set -uo pipefail
 out=${OUT:-.}
 mkdir -p "$out"
@@ -22,6 +24,10 @@ part() {  # part NAME SECONDS command...
   tail -25 "$out/deepseek_$name.log"
 }
 
+if [ "${TUNE:-0}" = 1 ]; then  # optional: tune the fused-MoE table for V2-Lite's experts first (kept in $OUT)
+  part tune 240 python3 benchmarks/moe_kernel.py --tune --no-bench --shapes deepseek-v2-lite --out "$out/deepseek_tune.json"
+  cp kernels/configs/E=64,N=1408,* "$out/" 2>/dev/null
+fi
 part check 120 python3 benchmarks/gpu_check_deepseek.py --out "$out/deepseek_check.json"
 part decode 200 python3 benchmarks/decode.py --shape deepseek-v2-lite --batch-sizes 1,16,64 --context 1024 \
     --out "$out/deepseek_decode.json"

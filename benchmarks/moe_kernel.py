@@ -32,6 +32,7 @@ SHAPES = {  # name: (hidden H, experts E, top-k K, expert intermediate I)
     "olmoe": (2048, 64, 8, 1024),
     "mixtral": (4096, 8, 2, 14336),
     "qwen2-moe": (2048, 60, 4, 1408),
+    "deepseek-v2-lite": (2048, 64, 6, 1408),
 }
 TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 
