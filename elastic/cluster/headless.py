@@ -50,11 +50,7 @@ async def _serve(config: EngineConfig, log_level: str) -> int:
         await stop.wait()
         if lost:
             return 1
-        if agent.engine_ids:
-            logger.info("stopping: asking the head to shrink the group without engine(s) %s", agent.engine_ids)
-            reply = await agent.leave(timeout=config.parallel.scale_phase_timeout * 2)
-            if reply.status == 200:
-                await agent.wait_engines_exited(config.parallel.scale_phase_timeout)
+        await agent.shutdown()
         return 0
     finally:
         agent.close()

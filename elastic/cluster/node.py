@@ -75,6 +75,8 @@ class NodeAgent:
         self.tasks: list[asyncio.Task] = []
         self.encoder = msgspec.msgpack.Encoder()
         self.decoder = msgspec.msgpack.Decoder(HeadToNode)
+        self.spawned: set[int] = set()  # every engine id this node was asked to start
+        self.exited: dict[int, str] = {}  # engine id -> how it ended
         self.lost: str | None = None
         self.closed = False
 
@@ -171,6 +173,7 @@ class NodeAgent:
         proc.start()
         reader.close()
         self.procs[engine_id], self.slots[engine_id], self.death_writers[engine_id] = proc, slot, writer
+        self.spawned.add(engine_id)
         asyncio.get_running_loop().add_reader(proc.sentinel, self._on_exit, engine_id)
         logger.info("started engine core %d for rank %d on %s (pid %d)", engine_id, rank, device, proc.pid)
 
@@ -180,7 +183,7 @@ class NodeAgent:
         proc.join(1.0)
         self.slots.pop(engine_id, None)
         self.death_writers.pop(engine_id).close()
-        reason = describe_exit(proc.exitcode)
+        reason = self.exited[engine_id] = describe_exit(proc.exitcode)
         logger.info("engine core %d %s", engine_id, reason)
         if not self.closed:
             self._send(NodeEngineExited(engine_id, reason))
@@ -207,6 +210,14 @@ class NodeAgent:
         if reply.status != 200:
             logger.error("leaving the group failed (%d): %s", reply.status, reply.body.get("error"))
         return reply
+
+    async def shutdown(self) -> None:
+        """This node's ranks leave (SIGTERM to its API server): the head shrinks the group, they exit."""
+        timeout = self.config.parallel.scale_phase_timeout
+        if self.lost is None and self.procs:
+            logger.info("asking the head to shrink the group without engine(s) %s", self.engine_ids)
+            if (await self.leave(timeout=2 * timeout)).status == 200:
+                await self.wait_engines_exited(timeout)
 
     async def wait_engines_exited(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

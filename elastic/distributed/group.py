@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed import PrefixStore, Store, TCPStore
 
+from elastic.transport.net import local_address_towards
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = datetime.timedelta(seconds=120)
@@ -39,8 +41,8 @@ class StatelessGroup:
         if backend == "gloo":
             opts = dist.ProcessGroupGloo._Options()
             opts._timeout = timeout
-            # Bind to the rendezvous host's interface (loopback for local ranks), never a guessed one.
-            opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+            # Bind to the interface that reaches the rendezvous host (loopback for local ranks), never a guess.
+            opts._devices = [dist.ProcessGroupGloo.create_device(hostname=local_address_towards(host))]
             self.pg: dist.ProcessGroup = dist.ProcessGroupGloo(prefixed, rank, world_size, opts)
         elif backend == "nccl":
             opts = dist.ProcessGroupNCCL.Options()

@@ -50,6 +50,7 @@ class LocalScaler:
     def __init__(self, engine: AsyncLLM, metrics: ScaleMetrics | None = None) -> None:
         self.engine, self.metrics = engine, metrics
         self._orchestrator: ScaleOrchestrator | None = None
+        engine.client.orchestrator_factory = self._get  # ranks joining or leaving from other nodes scale too
         if metrics is not None:
             metrics.set_size(engine.config.parallel.data_parallel_size)
 
@@ -58,6 +59,7 @@ class LocalScaler:
         if self._orchestrator is None and client.launcher is not None and self.engine.is_ready:
             def publish(update: MembershipUpdate) -> None:
                 client.apply_membership(update.membership, update.coordinator_frontend_pub)
+                client.launcher.remote.publish(update)  # API servers of other nodes (external/hybrid LB)
 
             self._orchestrator = ScaleOrchestrator(client.launcher, self.engine.config, publish, self.metrics)
         return self._orchestrator

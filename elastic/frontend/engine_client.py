@@ -29,6 +29,7 @@ import zmq
 import zmq.asyncio
 
 from elastic.cluster.launcher import EngineLauncher, EngineStartupError, describe_exit
+from elastic.frontend.node_frontend import start_node_frontend
 from elastic.frontend.ipc import make_ipc_namespace, remove_ipc_namespace
 from elastic.config import EngineConfig
 from elastic.protocol.from_coordinator import LoadSnapshot
@@ -120,6 +121,10 @@ class EngineCoreClient:
         self.fault_handler: Callable[[int, str], bool] | None = None
         self.on_engine_lost: Callable[[int], None] | None = None
         self.rejoin: MembershipUpdate | None = None  # attached, replacing an API server that died
+        # Beyond one host (docs/deployment.md): a front end on a node other than the head registers its
+        # engines there through a NodeAgent; the head's scaling orchestrator handles ranks that join or leave.
+        self.node: Any = None  # elastic.cluster.node.NodeAgent
+        self.orchestrator_factory: Callable[[], Any] | None = None
         self.started = False
         self._startup_failure: asyncio.Future | None = None  # while waiting for registrations
         self.closing = False
@@ -132,10 +137,13 @@ class EngineCoreClient:
 
     # ---- start-up -------------------------------------------------------------------------------------
     def _bind(self) -> None:
-        if self.frontend is None:
+        if self.frontend is None and not self.config.parallel.is_head:
+            self.tmpdir = make_ipc_namespace()  # a node's own engines are local; the head is the NodeAgent's
+        elif self.frontend is None:
             self.tmpdir = make_ipc_namespace() if self.address is None else None
             self.launcher = EngineLauncher(self.config, on_exit=self._on_launcher_exit, socket_dir=self.tmpdir,
                                            **self._launcher_args)  # type: ignore[arg-type]
+            self.launcher.remote.get_orchestrator = lambda: self.orchestrator_factory and self.orchestrator_factory()
         if self.frontend is not None:
             input_addr, output_addr = self.frontend.input_address, self.frontend.output_address
         elif self.tmpdir is not None:
@@ -178,6 +186,8 @@ class EngineCoreClient:
                     proc = self.launcher.engines[engine.index]
                     engine.pid, engine.num_kv_blocks, engine.proc = proc.pid, proc.num_kv_blocks, proc.proc
                 await self._await_registrations(_REGISTRATION_TIMEOUT_S)
+            elif self.frontend is None:  # this node's ranks, registered with a head elsewhere
+                self.node = await start_node_frontend(self)
             else:
                 assert self.frontend is not None
                 if self.frontend.coordinator_frontend_pub:
@@ -197,7 +207,7 @@ class EngineCoreClient:
 
     async def _await_registrations(self, timeout: float) -> None:
         """Each engine sends its READY on our input socket; until then our ROUTER cannot address it."""
-        pending = {e.identity: e for e in self.engines}
+        pending = {e.identity: e for e in self.engines if self.is_local(e.index)}
         inbox = zmq.asyncio.Socket.from_socket(self.input)
         decoder = msgspec.msgpack.Decoder(EngineReady)
 
@@ -405,7 +415,15 @@ class EngineCoreClient:
     def is_ready(self) -> bool:
         """Started (every engine registered) and not closed. A member added by a scale-up may register a
         moment after the membership names it: it is routed to once it has, and the server stays ready."""
-        return self.started and not self.closed and any(e.ready for e in self.engines)
+        return self.started and not self.closed and any(e.ready for e in self.engines if self.is_local(e.index))
+
+    def is_local(self, engine_id: int) -> bool:
+        """External/hybrid LB: this front end routes to its own node's engines only (docs/deployment.md)."""
+        if not self.config.parallel.local_load_balancing:
+            return True
+        if self.node is not None:
+            return engine_id in self.node.spawned
+        return self.launcher is None or not self.launcher.remote.is_remote(engine_id)
 
     @property
     def dead_reason(self) -> str | None:
@@ -415,7 +433,7 @@ class EngineCoreClient:
     def pick_engine(self, exclude: int | None = None) -> EngineHandle:
         """The live, active engine with the lowest load score; ties go to the lowest rank."""
         live = [e for e in self.engines if e.ready and e.dead_reason is None and e.state == ACTIVE
-                and e.index != exclude]
+                and e.index != exclude and self.is_local(e.index)]
         if not live:
             raise EngineDeadError(self.dead_reason or "no engine core is ready")
         counts = self.lb_counts
@@ -466,6 +484,8 @@ class EngineCoreClient:
         if self.closed:
             return
         self.closing = True
+        if self.node is not None:  # this node's ranks leave: the head shrinks the group without them
+            await self.node.shutdown()
         if self.launcher is not None:
             for engine in self.engines:
                 if engine.ready and engine.dead_reason is None:
@@ -485,6 +505,8 @@ class EngineCoreClient:
             task.cancel()
         if self.launcher is not None:
             self.launcher.close()
+        if self.node is not None:
+            self.node.close()
         for fut in [fut for _, fut in self.utility_calls.values()]:
             if not fut.done():
                 fut.set_exception(EngineDeadError("the engine client is shut down"))

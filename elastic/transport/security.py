@@ -12,7 +12,6 @@ secret is refused with an error, so a remote socket is never open to anyone. ipc
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import logging
 import os
 import threading
@@ -22,6 +21,8 @@ from typing import Any
 import zmq
 import zmq.utils.z85
 from zmq.utils.monitor import recv_monitor_message
+
+from elastic.transport.net import is_loopback
 
 logger = logging.getLogger(__name__)
 
@@ -66,15 +67,6 @@ def _tcp_host(address: str) -> str | None:
     if not address.startswith("tcp://"):
         return None
     return address[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_bind_allowed(host: str) -> None:
