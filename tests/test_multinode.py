@@ -13,7 +13,7 @@ import httpx
 import pytest
 from conftest import random_prompts
 from netns import Hosts, NodeProcess
-from server_fixtures import free_port, wait_until
+from server_fixtures import free_port, parse_metrics, wait_until
 
 from elastic import LLM, SamplingParams
 
@@ -212,5 +212,12 @@ def test_hybrid_lb(model, hosts, nodes) -> None:
     with Load([worker.url]) as load:  # concurrent requests: the worker's API server uses both its ranks
         check_outputs(head.url, expected)
     load.check(expected)
-    served = [line for line in worker.log().splitlines() if "engine core" in line and "ready" in line]
-    assert len(served) >= 2, served
+    assert served_by_engine(head) == {"0"}
+    assert served_by_engine(worker) == {"1", "2"}  # both of the worker's ranks, none of the head's
+
+
+def served_by_engine(node: NodeProcess) -> set[str]:
+    """The engines (labels) through which this API server finished requests."""
+    values = parse_metrics(httpx.get(node.url + "/metrics", timeout=10).text)
+    return {dict(labels)["engine"] for (name, labels), v in values.items()
+            if name == "vllm:request_success_total" and v > 0}
