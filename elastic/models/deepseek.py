@@ -3,8 +3,6 @@ other families (physical slots, expert parallelism and EPLB unchanged), always-o
 MLPs in the first `first_k_dense_replace` layers. The decoder skeleton is moe_decoder's."""
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn

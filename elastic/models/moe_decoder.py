@@ -110,7 +110,8 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, arch: ModelArch, parallel: ParallelConfig, layer_class: type[DecoderLayer] = DecoderLayer) -> None:
+    def __init__(self, arch: ModelArch, parallel: ParallelConfig,
+                 layer_class: type[DecoderLayer] = DecoderLayer) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
