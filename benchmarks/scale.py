@@ -44,9 +44,10 @@ class Scale:
 
 
 async def stream_request(client: httpx.AsyncClient, body: dict[str, Any], req: Request,
-                         now: Callable[[], float]) -> None:
+                         now: Callable[[], float], token_ids: list[int] | None = None) -> None:
     """One streamed /v1/completions call: token times, count and any error (HTTP status, an error event,
-    a dropped connection) into `req`. Shared with benchmarks/autoscale_trace.py."""
+    a dropped connection) into `req`, the tokens into `token_ids` if given. Shared with
+    benchmarks/autoscale_trace.py and benchmarks/chaos.py."""
     try:
         async with client.stream("POST", "/v1/completions", json=body) as r:
             if r.status_code != 200:
@@ -64,6 +65,8 @@ async def stream_request(client: httpx.AsyncClient, body: dict[str, Any], req: R
                 req.first = req.first if req.first is not None else t
                 req.token_times += [t] * len(ids)
                 req.tokens += len(ids)
+                if token_ids is not None:
+                    token_ids += ids
     except httpx.HTTPError as e:
         req.error = f"{type(e).__name__}: {e}"
     finally:
