@@ -136,7 +136,7 @@ class RankRecovery:
         agent = self.proc.agent
         if agent is not None and agent.op is not None:
             agent._abort(agent.op.op)  # a scale the failure interrupted: forget it
-        core.scale_hold = core.scale_sync = False
+        core.scale_commit_pending = core.scale_hold = core.scale_sync = False  # no scale step is awaited
         old = placement_of(core.runner.model.moe_layers())
         core.runner.release_cuda_graphs()  # they hold the broken communicators
         if core.parallel is not None:
@@ -243,12 +243,24 @@ def move_to_survivors(layers: list[FusedMoE], compact: torch.Tensor, new: torch.
     sources = placeholders(compact, new, lost, world)
     old_spr, new_spr = compact.shape[1] // world, new.shape[1] // world
     for moe, old_row, source_row, new_row in zip(layers, compact.tolist(), sources.tolist(), new):
-        live, staged = moe.live, moe.stage(expert_layout)
+        src, target = _slots(moe, expert_layout)
         moves = plan_moves(old_row, old_spr, source_row, new_spr)
-        execute_moves(moves, layout.rank, (live.w13, live.w2), (staged.w13, staged.w2),
+        execute_moves(moves, layout.rank, src, (target.w13.data if target is moe else target.w13,
+                                                target.w2.data if target is moe else target.w2),
                       groups.ep if groups is not None else None)
-        staged.set_placement(new_row)
-        moe.activate(staged)
+        target.set_placement(new_row)
+        if target is not moe:
+            moe.activate(target)
+
+
+def _slots(moe: FusedMoE, layout: ExpertLayout) -> tuple[tuple[torch.Tensor, torch.Tensor], Any]:
+    """(the slots in force, the slots to fill for `layout`). Layers that stage the next layout's slots
+    beside the live ones fill the staged ones; otherwise the layer's own are re-laid out (sources kept)."""
+    if hasattr(moe, "stage"):
+        return (moe.live.w13, moe.live.w2), moe.stage(layout)
+    src = (moe.w13.data, moe.w2.data)
+    moe.set_layout(layout)
+    return src, moe
 
 
 def restore_experts(model: torch.nn.Module, layers: list[FusedMoE], lost: list[set[int]], config: Any) -> int:
