@@ -243,24 +243,25 @@ def move_to_survivors(layers: list[FusedMoE], compact: torch.Tensor, new: torch.
     sources = placeholders(compact, new, lost, world)
     old_spr, new_spr = compact.shape[1] // world, new.shape[1] // world
     for moe, old_row, source_row, new_row in zip(layers, compact.tolist(), sources.tolist(), new):
-        src, target = _slots(moe, expert_layout)
+        src, dst, target = _slots(moe, expert_layout)
         moves = plan_moves(old_row, old_spr, source_row, new_spr)
-        execute_moves(moves, layout.rank, src, (target.w13.data if target is moe else target.w13,
-                                                target.w2.data if target is moe else target.w2),
-                      groups.ep if groups is not None else None)
+        execute_moves(moves, layout.rank, src, dst, groups.ep if groups is not None else None)
         target.set_placement(new_row)
         if target is not moe:
             moe.activate(target)
 
 
-def _slots(moe: FusedMoE, layout: ExpertLayout) -> tuple[tuple[torch.Tensor, torch.Tensor], Any]:
-    """(the slots in force, the slots to fill for `layout`). Layers that stage the next layout's slots
-    beside the live ones fill the staged ones; otherwise the layer's own are re-laid out (sources kept)."""
+def _slots(moe: FusedMoE, layout: ExpertLayout) -> tuple[tuple[torch.Tensor, torch.Tensor],
+                                                         tuple[torch.Tensor, torch.Tensor], Any]:
+    """(the weights in force, the weights to fill for `layout`, what takes the placement). Layers that stage
+    the next layout's slots beside the live ones fill the staged ones; otherwise the layer is re-laid out
+    (its old tensors kept as the sources)."""
     if hasattr(moe, "stage"):
-        return (moe.live.w13, moe.live.w2), moe.stage(layout)
+        staged = moe.stage(layout)
+        return (moe.live.w13, moe.live.w2), (staged.w13, staged.w2), staged
     src = (moe.w13.data, moe.w2.data)
     moe.set_layout(layout)
-    return src, moe
+    return src, (moe.w13.data, moe.w2.data), moe
 
 
 def restore_experts(model: torch.nn.Module, layers: list[FusedMoE], lost: list[set[int]], config: Any) -> int:
