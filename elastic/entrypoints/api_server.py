@@ -2,7 +2,9 @@
 
 The HTTP port opens at once and answers 503 until the engine core is READY (load balancers and readiness
 probes see a starting server, not a refused connection); an engine that fails to start stops the server
-with exit code 1. After an engine death the server stays up answering 503, so an orchestrator replaces it.
+with exit code 1. A dead engine rank (or coordinator) is recovered by the server itself (elastic/fault/):
+/health, the liveness, stays 200 meanwhile and GET /ready, the readiness, answers 503. A death nothing can
+recover (a lone engine with --no-restart-failed-ranks) leaves the server answering 503.
 """
 from __future__ import annotations
 

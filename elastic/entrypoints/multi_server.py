@@ -10,8 +10,10 @@
 
 The parent reserves the port (bound with SO_REUSEPORT, never listening), relays engine deaths to every API
 server (EngineDead, `relayed`), and owns the shutdown: SIGTERM / SIGINT -> SIGTERM to the API servers
-(graceful drain) -> engines and coordinator stopped -> socket files removed. An API server that dies on its
-own takes everything down (exit 1), as does an engine that fails to start.
+(graceful drain) -> engines and coordinator stopped -> socket files removed. Once the engines run, the fault
+supervisor (elastic/fault/) recovers dead ranks and the coordinator, and an API server that dies is started
+again in its place (same queues: the engines reconnect; the others keep serving). An engine that fails to
+start takes everything down (exit 1), as does an API server that keeps dying.
 
 Metrics add up across the K processes with prometheus-client's multiprocess mode: counters and histograms
 are summed over the processes; each engine's gauges are exported once (every server receives the same

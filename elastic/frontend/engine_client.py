@@ -8,8 +8,10 @@ an EngineDead message, or a death relayed by the launcher of several API servers
 
 With data parallelism (N engines), requests go to the live engine with the lowest load score
 (waiting * 4 + running, as vLLM): the DP coordinator's last LoadSnapshot plus what this front end routed
-since. The ranks step in lockstep, so one dead rank stops them all: every in-flight request fails at once
-and the remaining ranks are terminated rather than left hanging in a collective.
+since. The ranks step in lockstep, so one dead rank stops them all. In a server (`recovers`) the fault
+supervisor recovers it and this client re-runs the dead rank's requests elsewhere (`on_engine_lost`);
+otherwise (offline `LLM`) every in-flight request fails at once and the remaining ranks are terminated
+rather than left hanging in a collective.
 
 Two ways to run: owning the engines (one API server: an EngineLauncher spawns them and the coordinator
 here), or attached (one of several API servers: `frontend` names this server's queues, the parent
