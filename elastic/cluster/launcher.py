@@ -24,7 +24,7 @@ import zmq
 import zmq.asyncio
 
 from elastic.cluster.coordinator import CoordinatorAddresses, CoordinatorProcess
-from elastic.cluster.remote import RemoteNodes
+from elastic.cluster.remote import remote_ranks
 from elastic.config import EngineConfig, ParallelConfig
 from elastic.engine.process import run_engine_core
 from elastic.protocol.fault import RankFault
@@ -125,7 +125,7 @@ class EngineLauncher:
         self.closed = False
         # Fault recovery (elastic/fault/): an engine whose step's collective failed says so here.
         self.on_fault: Callable[[RankFault], None] | None = None
-        self.remote = RemoteNodes(self)  # ranks on other machines (docs/deployment.md)
+        self.remote = remote_ranks(self)  # ranks on other machines: nodes or Ray (docs/deployment.md)
 
     @property
     def data_parallel(self) -> bool:

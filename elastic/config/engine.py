@@ -237,6 +237,9 @@ def _check_node_options(p: ParallelConfig) -> None:
                          "--data-parallel-rpc-port (the head's handshake port) on every node")
     if p.headless and ranks.start == 0:
         raise ValueError("--headless nodes run ranks after the head's: give --data-parallel-start-rank")
+    if p.data_parallel_backend == "ray" and p.data_parallel_address is None:
+        raise ValueError("--data-parallel-backend ray needs --data-parallel-address: the address Ray's actors reach "
+                         "this node at")
     if p.data_parallel_backend == "ray" and (remote or p.local_load_balancing):
         raise ValueError("--data-parallel-backend ray places every rank itself: it excludes --headless, "
                          "--data-parallel-rank, --data-parallel-hybrid-lb and --data-parallel-size-local")
