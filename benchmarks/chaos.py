@@ -206,11 +206,11 @@ def recovery_times(kills: list[dict[str, Any]], log: str) -> None:
 
 
 def stalls(load: Load, kills: list[dict[str, Any]]) -> None:
-    """Per kill, what clients saw: the longest gap between two tokens (all streams together) from the kill
-    to 120 s after it; nearly the time until serving again."""
+    """Per kill, what clients saw: the longest gap between two tokens (all streams together) in the 10 s
+    after the kill (the kill itself counts as the first), about the time until serving again."""
     times = sorted(t for _, r, _ in load.requests for t in r.token_times)
     for kill in kills:
-        window = [kill["t"]] + [t for t in times if kill["t"] < t <= kill["t"] + 120]
+        window = [kill["t"]] + [t for t in times if kill["t"] < t <= kill["t"] + 10]
         kill["stall_s"] = round(max((b - a for a, b in zip(window, window[1:])), default=float("nan")), 3)
 
 
