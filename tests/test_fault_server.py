@@ -46,7 +46,8 @@ def kill(pid: int) -> None:
 @pytest.fixture(scope="module")
 def three_ranks(model):  # noqa: F811
     path, _ = model
-    with ServerProcess(path, *TEST_SERVER_ARGS, *SCALE_ARGS, "-dp", "3", env=ENV) as server:
+    env = {**ENV, "ELASTIC_HEARTBEAT_TIMEOUT_S": "5"}  # a frozen rank is found in seconds, not 20 s
+    with ServerProcess(path, *TEST_SERVER_ARGS, *SCALE_ARGS, "-dp", "3", env=env) as server:
         server.wait_ready(180)
         yield server
 
@@ -68,6 +69,30 @@ def test_kill_one_rank_of_three(three_ranks, model) -> None:  # noqa: F811
     assert server.metric("elastic:recoveries_total", result="succeeded") >= 1
     assert server.metric("elastic:requests_rerun_total") >= 1
     assert server.get("/ready").status_code == 200 and server.health() == 200
+
+
+def test_a_frozen_rank_is_found_by_its_heartbeats(three_ranks, model) -> None:  # noqa: F811
+    """SIGSTOP (alive, connections open, silent): its heartbeats stop, it is killed and recovered from."""
+    server, (_, expected) = three_ranks, model
+    pids = engine_pids(server)
+    victim = max(i for i, pid in pids.items() if _alive(pid))  # a current member (ids grow with each rank)
+    done = server.log().count("recovery: restored succeeded")
+    with Load(server) as load:
+        os.kill(pids[victim], signal.SIGSTOP)
+        wait_until(lambda: f"engine core {victim} was killed by SIGKILL" in server.log(), 60, "the frozen rank killed")
+        wait_until(lambda: server.log().count("recovery: restored succeeded") > done, RECOVERY_S, "back at 3")
+        n = len(load.results)
+        wait_until(lambda: len(load.results) >= n + len(PROMPTS), 120, "requests served at size 3")
+    check(load, expected)
+    assert server.metric("elastic:rank_failures_total", cause="heartbeat") == 1
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 def test_kill_the_coordinator(three_ranks, model) -> None:  # noqa: F811
@@ -99,6 +124,7 @@ def test_dp1_engine_and_an_api_server_killed(model) -> None:  # noqa: F811
             wait_until(lambda: len(load.results) >= n + len(PROMPTS), 120, "requests served by the new engine")
         check(load, expected)
         assert size(server) == 1 and server.metric("elastic:requests_rerun_total") >= 1
+        assert server.metric("elastic:rank_failures_total", cause="exit") == 1  # from the parent process
         pid = _api_server_pid(server, 1)
         with Load(server) as load:
             kill(pid)

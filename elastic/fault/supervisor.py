@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import Any
 
@@ -33,7 +34,8 @@ from elastic.protocol.fault import RankFault, abort_key, heartbeat_key
 
 logger = logging.getLogger(__name__)
 
-HEARTBEAT_TIMEOUT_S = 20.0  # generous: a busy host must never get a healthy rank killed
+# Generous: a busy host must never get a healthy rank killed. ELASTIC_HEARTBEAT_TIMEOUT_S: a test hook.
+HEARTBEAT_TIMEOUT_S = float(os.environ.get("ELASTIC_HEARTBEAT_TIMEOUT_S", "20"))
 _HEARTBEAT_CHECK_S = 1.0
 _HANG_GRACE_S = 2.0  # after a RankFault, time for a dead peer's exit to be seen before blaming a silent one
 _MAX_ATTEMPTS = 3
