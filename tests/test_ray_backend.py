@@ -13,7 +13,7 @@ import tempfile
 
 import httpx
 import pytest
-from server_fixtures import TEST_SERVER_ARGS, ServerProcess, free_port, wait_until
+from server_fixtures import TEST_SERVER_ARGS, ServerProcess, free_port, process_group_pids, wait_until
 from test_multinode import MAX_TOKENS, PROMPTS, Load, check_outputs, model  # noqa: F401 - `model` is a fixture
 
 pytest.importorskip("ray")
@@ -36,13 +36,14 @@ def ray_cluster():
         assert proc.poll() is None, open(log.name, "rb").read()[-2000:]
         yield f"127.0.0.1:{port}"
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
+        for sig, grace in ((signal.SIGTERM, 2), (signal.SIGKILL, 10)):  # the whole cluster: its own group
             try:
                 os.killpg(proc.pid, sig)
-                proc.wait(10)
+                proc.wait(grace)
                 break
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 continue
+        wait_until(lambda: not process_group_pids(proc.pid), 10, "the Ray cluster's processes to exit")
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
 

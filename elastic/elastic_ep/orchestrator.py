@@ -323,8 +323,10 @@ def _raise_errors(replies: list[Any]) -> None:
 
 
 def _visible_gpus(config: EngineConfig) -> int | None:
-    if not config.device.startswith("cuda"):
-        return None
+    p = config.parallel
+    if not config.device.startswith("cuda") or p.data_parallel_backend == "ray" or p.local_load_balancing \
+            or p.local_ranks != range(p.data_parallel_size):
+        return None  # ranks placed beyond this host (Ray, other nodes): not bounded by its GPUs
     import torch
 
     return torch.cuda.device_count()
