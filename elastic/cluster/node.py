@@ -203,10 +203,16 @@ class NodeAgent:
         """Ask the head to shrink the group without this node's ranks; their engines then exit."""
         self.leave_reply = asyncio.get_running_loop().create_future()
         self._send(NodeLeave(self.engine_ids, drain_timeout))
-        try:
-            reply = await asyncio.wait_for(self.leave_reply, timeout)
-        except asyncio.TimeoutError:
-            reply = NodeLeaveReply(504, {"error": f"the head did not answer within {timeout:g}s"})
+        deadline = time.monotonic() + timeout
+        # The head answers, or it stops our engines itself (it is shutting down), or it falls silent.
+        while not self.leave_reply.done() and self.procs and self.lost is None and time.monotonic() < deadline:
+            await asyncio.wait([self.leave_reply], timeout=0.1)
+        if self.leave_reply.done():
+            reply = self.leave_reply.result()
+        elif not self.procs:
+            reply = NodeLeaveReply(200, {"result": "stopped by the head"})
+        else:
+            reply = NodeLeaveReply(504, {"error": self.lost or f"the head did not answer within {timeout:g}s"})
         if reply.status != 200:
             logger.error("leaving the group failed (%d): %s", reply.status, reply.body.get("error"))
         return reply
