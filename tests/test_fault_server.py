@@ -133,9 +133,11 @@ def test_dp1_engine_and_an_api_server_killed(model) -> None:  # noqa: F811
                        "the restarted API server")
             n = len(load.results)
             wait_until(lambda: len(load.results) >= n + 2 * len(PROMPTS), 120, "requests served by both")
-        # Only streams the dead server carried break (their connection closes); nothing else fails.
-        broken = [r for _, r in load.results if isinstance(r, str)]
-        assert len(broken) <= len(PROMPTS) and all(_connection_lost(r) for r in broken), broken[:5]
+        # Only connections of the dead server break: the stream it carried, or one still in its accept queue
+        # (at most two per client); nothing else fails.
+        broken = [i for i, r in load.results if isinstance(r, str)]
+        assert all(broken.count(i) <= 2 for i in broken), broken
+        assert all(_connection_lost(r) for _, r in load.results if isinstance(r, str)), load.results[:5]
         load.results = [(i, r) for i, r in load.results if not isinstance(r, str)]
         check(load, expected)
         assert server.stop() == 0
