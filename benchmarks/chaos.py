@@ -41,7 +41,7 @@ _CONNECTION_LOST = ("RemoteProtocolError", "ReadError", "ConnectError", "WriteEr
 # ---- the server and its processes ------------------------------------------------------------------------
 def start_server(model: Path, port: int, args: argparse.Namespace, log: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "elastic", "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
-           "-dp", str(args.dp), "--api-server-count", str(args.api_servers), "--admin-api-key", ADMIN_KEY,
+           "-dp", str(args.start_dp or args.dp), "--api-server-count", str(args.api_servers), "--admin-api-key", ADMIN_KEY,
            "--served-model-name", "m", "--disable-uvicorn-access-log", *args.serve_args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
@@ -72,6 +72,15 @@ def stop_server(proc: subprocess.Popen) -> None:
             return
         except (ProcessLookupError, subprocess.TimeoutExpired):
             continue
+
+
+def grow(url: str, size: int) -> None:
+    """Reach the full size by POST /scale (a server started small sizes its KV cache for one rank holding every
+    expert, so a shrink back to it after a failure fits in memory)."""
+    r = httpx.post(url + "/scale", json={"new_data_parallel_size": size}, timeout=900,
+                   headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    if r.status_code != 200 or r.json().get("result") != "succeeded":
+        raise RuntimeError(f"scaling to {size} ranks failed: {r.status_code} {r.text[:300]}")
 
 
 def alive(pid: int) -> bool:
@@ -293,7 +302,8 @@ async def run(args: argparse.Namespace, url: str, log_path: Path) -> dict[str, A
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=None, help="checkpoint dir (default: a tiny random qwen3_moe)")
-    ap.add_argument("--dp", type=int, default=3)
+    ap.add_argument("--dp", type=int, default=3, help="ranks during the run")
+    ap.add_argument("--start-dp", type=int, default=None, help="start with this many ranks, then scale to --dp")
     ap.add_argument("--api-servers", type=int, default=2)
     ap.add_argument("--duration", type=float, default=120.0, help="seconds of load (kills stop 5 s before)")
     ap.add_argument("--kill-every", type=float, default=20.0, help="mean seconds between kills")
@@ -330,6 +340,9 @@ def main() -> None:
         proc = start_server(model, port, args, log_path)
         try:
             wait_ready(url, proc, 300)
+            if args.start_dp and args.start_dp != args.dp:
+                grow(url, args.dp)
+                wait_ready(url, proc, 300)
             result = asyncio.run(run(args, url, log_path))
         finally:
             stop_server(proc)

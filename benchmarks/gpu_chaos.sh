@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Fault recovery on 2 GPUs (device machine, repo root): a Qwen3-30B-A3B-shaped dummy model at -dp 2 under
-# 32 streaming clients; kill -9 of rank 1, then (once back at 2 ranks) of the DP coordinator. Measures the
+# Fault recovery on 2 GPUs (device machine, repo root): a Qwen3-30B-A3B-shaped dummy model, started at one
+# rank (so its KV cache leaves room for one rank to hold every expert) and scaled to 2, under 32 streaming
+# clients; kill -9 of rank 1, then (once back at 2 ranks) of the DP coordinator. Measures the
 # time from each kill to serving again (server side, and the longest token gap clients saw), the time back
 # at 2 ranks, and the failed requests (there should be none). Total < 7 minutes.
 #   bash benchmarks/gpu_chaos.sh [more serve args...]
@@ -11,7 +12,7 @@ set -uo pipefail
 out=${OUT:-.}
 model=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from shapes import dummy_model_dir; print(dummy_model_dir('qwen3-30b-a3b'))")
 cd benchmarks
-timeout 400 python3 chaos.py --model "$model" --dp 2 --api-servers 1 --sequence rank-1,coordinator \
+timeout 400 python3 chaos.py --model "$model" --start-dp 1 --dp 2 --api-servers 1 --sequence rank-1,coordinator \
     --duration 150 --kill-every 40 --concurrency 32 --prompts 64 --input-len 512 --output-len 128 \
     --vocab-size 151936 --out "$out/chaos_gpu.json" --plot "$out/chaos_gpu.png" --server-log "$out/chaos_gpu.log" \
     -- --load-format dummy --skip-tokenizer-init --max-model-len 4096 "$@" > "$out/chaos_gpu.txt" 2>&1
