@@ -76,6 +76,7 @@ class NodeAgent:
         self.encoder = msgspec.msgpack.Encoder()
         self.decoder = msgspec.msgpack.Decoder(HeadToNode)
         self.spawned: set[int] = set()  # every engine id this node was asked to start
+        self.membership: Any = None  # the head's record when it welcomed us (protocol.scaling.Membership)
         self.exited: dict[int, str] = {}  # engine id -> how it ended
         self.lost: str | None = None
         self.closed = False
@@ -111,6 +112,7 @@ class NodeAgent:
         welcome: NodeWelcome = self.welcome.result()
         if not welcome.accepted:
             raise NodeRefused(f"the head refused this node: {welcome.error}")
+        self.membership = welcome.membership
         self.tasks.append(asyncio.get_running_loop().create_task(self._heartbeats(), name="node-heartbeats"))
 
     # ---- from the head -------------------------------------------------------------------------------------

@@ -160,7 +160,7 @@ class RemoteNodes:
                    and r not in self.node_of and not launcher.engines[r].ready]
         if hello.ranks and initial == hello.ranks:  # ranks of the initial layout
             self.nodes[identity] = node
-            self._send(node, NodeWelcome(True, world_size=size))
+            self._send(node, NodeWelcome(True, world_size=size, membership=launcher.membership))
             for rank in hello.ranks:
                 self._bind(node, rank)
                 self._send(node, NodeSpawn(rank, rank))
@@ -168,7 +168,7 @@ class RemoteNodes:
             return
         if len(hello.ranks) == 1 and hello.ranks[0] >= size and launcher.handshake_address:
             self.nodes[identity] = node
-            self._send(node, NodeWelcome(True, world_size=size))
+            self._send(node, NodeWelcome(True, world_size=size, membership=launcher.membership))
             logger.info("%s asks to join as rank %d (the group has %d)", node.name, hello.ranks[0], size)
             self._spawn_task(self._join(node, hello.ranks[0]), f"join-{hello.node_id}")
             return

@@ -36,6 +36,8 @@ async def start_node_frontend(client: Any) -> NodeAgent:
                       on_lost=on_lost)
     client.node = agent
     await agent.start()
+    if agent.membership is not None:  # the head's record, not the one our own -dp implies (a joiner is no member)
+        client.apply_membership(agent.membership)
     inbox = zmq.asyncio.Socket.from_socket(client.input)
     decoder = msgspec.msgpack.Decoder(EngineReady)
     deadline = time.monotonic() + _START_TIMEOUT_S

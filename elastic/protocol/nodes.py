@@ -13,7 +13,7 @@ from typing import Any, Union
 
 import msgspec
 
-from elastic.protocol.scaling import MembershipUpdate
+from elastic.protocol.scaling import Membership, MembershipUpdate
 
 NODE_IDENTITY_PREFIX = b"node-"
 HEARTBEAT_INTERVAL_S = 1.0
@@ -55,9 +55,12 @@ NodeToHead = Union[NodeHello, NodeHeartbeat, NodeEngineExited, NodeLeave]
 
 # ---- head -> node ------------------------------------------------------------------------------------
 class NodeWelcome(msgspec.Struct, tag=True):
+    """`membership`: the head's record now (a joining rank is not in it until its scale-up commits)."""
+
     accepted: bool
     error: str | None = None
     world_size: int = 0
+    membership: Membership | None = None
 
 
 class NodeSpawn(msgspec.Struct, tag=True):
