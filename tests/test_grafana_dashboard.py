@@ -8,6 +8,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from elastic.elastic_ep.metrics import ScaleMetrics
+from elastic.fault.metrics import FaultMetrics, RerunCounter
 from elastic.metrics import ServerMetrics
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "docs" / "grafana-elastic.json"
@@ -23,6 +24,8 @@ def _expressions(dashboard: dict) -> str:
 def _server_families() -> set[str]:
     metrics = ServerMetrics("m", max_model_len=256)
     ScaleMetrics(metrics.registry, "m")
+    FaultMetrics(metrics.registry, "m")
+    RerunCounter(metrics.registry, "m")
     registry: CollectorRegistry = metrics.registry
     return {f.name for f in registry.collect() if f.name.startswith(("vllm:", "elastic:"))}
 
