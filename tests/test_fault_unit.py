@@ -48,6 +48,9 @@ class _Launcher:
     def member_ids(self) -> list[int]:
         return [m.engine_id for m in self.membership.ranked()]
 
+    def fail_waiters(self, engine_id: int, reason: str) -> None:
+        self.failed_waiters = getattr(self, "failed_waiters", []) + [engine_id]
+
     async def restart_coordinator(self) -> None:
         self.coordinator_restarts += 1
 
@@ -124,6 +127,16 @@ def test_a_single_engine_is_restarted_and_the_coordinator_too() -> None:
         await asyncio.sleep(0.05)
         assert orchestrator.calls == [("restart_dead", [0])] and launcher.member_ids() == [100]
         assert launcher.coordinator_restarts == 1
+        supervisor.close()
+
+    asyncio.run(main())
+
+
+def test_a_collective_failure_during_a_scale_ends_its_waits() -> None:
+    async def main() -> None:
+        supervisor, launcher, _ = _supervise([0, 1, 2])
+        supervisor.collective_failed(RankFault(0, "gloo: connection reset", epoch=0))
+        assert launcher.failed_waiters == [0] and supervisor.reports == {0: "gloo: connection reset"}
         supervisor.close()
 
     asyncio.run(main())

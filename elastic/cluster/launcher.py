@@ -385,6 +385,12 @@ class EngineLauncher:
                 if fut is not None and not fut.done():
                     fut.set_result(msg)
 
+    def fail_waiters(self, engine_id: int, reason: str) -> None:
+        """Whoever awaits this engine's answer stops waiting (fault recovery: its step's collective failed,
+        so a scale it was committing will not hear from it)."""
+        if engine_id in self.engines:
+            self._fail_waiters(self.engines[engine_id], reason)
+
     def _fail_waiters(self, engine: EngineProcess, reason: str) -> None:
         for fut in engine.waiters.values():
             if not fut.done():

@@ -96,6 +96,8 @@ class FaultSupervisor:
         if report.epoch < self.launcher.membership.epoch:
             return  # about a layout already recovered
         self.reports[report.engine_index] = report.error
+        if self.state != RECOVERING:  # a scale it was committing will not hear from it: end that scale now
+            self.launcher.fail_waiters(report.engine_index, f"engine core {report.engine_index}: {report.error}")
         if self.blame is None or self.blame.done():
             self.blame = self._spawn(self._blame_silent(), "blame")
 
