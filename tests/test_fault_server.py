@@ -9,10 +9,11 @@ from __future__ import annotations
 import os
 import re
 import signal
+import threading
 
 import pytest
 from server_fixtures import TEST_SERVER_ARGS, ServerProcess, wait_until
-from test_scaling_server import ENV, MAX_TOKENS, NUM_GREEDY, PROMPTS, SCALE_ARGS, Load, model, models  # noqa: F401
+from test_scaling_server import ADMIN, ENV, MAX_TOKENS, NUM_GREEDY, PROMPTS, SCALE_ARGS, Load, model, models  # noqa: F401
 
 RECOVERY_S = 180  # a replacement rank starts a Python interpreter and torch on a busy 2-core host
 
@@ -93,6 +94,28 @@ def _alive(pid: int) -> bool:
         return True
     except ProcessLookupError:
         return False
+
+
+def test_a_rank_dies_during_a_scale(three_ranks, model) -> None:  # noqa: F811
+    """A scale-up under way when an old rank dies rolls back; then the recovery runs (3 -> 2 -> 3)."""
+    server, (_, expected) = three_ranks, model
+    pids = engine_pids(server)
+    victim = min(i for i, pid in pids.items() if _alive(pid))
+    done = server.log().count("recovery: restored succeeded")
+    with Load(server) as load:
+        result: dict = {}
+        scaler = threading.Thread(target=lambda: result.update(server.post(
+            "/scale", json={"new_data_parallel_size": 4}, headers=ADMIN, timeout=300).json()))
+        scaler.start()
+        wait_until(lambda: "3 -> 4 ranks" in server.log(), 30, "the scale to start")
+        kill(pids[victim])
+        scaler.join(300)
+        assert result["result"] in ("rolled_back", "failed"), result
+        wait_until(lambda: server.log().count("recovery: restored succeeded") > done, RECOVERY_S, "back at 3")
+        n = len(load.results)
+        wait_until(lambda: len(load.results) >= n + len(PROMPTS), 120, "requests served at size 3")
+    check(load, expected)
+    assert size(server) == 3
 
 
 def test_kill_the_coordinator(three_ranks, model) -> None:  # noqa: F811
