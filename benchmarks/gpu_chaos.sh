@@ -9,7 +9,7 @@
 # Greedy outputs are not compared ("wrong" in the JSON means nothing here): the experts only rank 1 held
 # are restored as fresh random weights, since a dummy model has no checkpoint to read them from.
 set -uo pipefail
-out=${OUT:-.}
+out=$(realpath "${OUT:-.}")
 model=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from shapes import dummy_model_dir; print(dummy_model_dir('qwen3-30b-a3b'))")
 cd benchmarks
 timeout 400 python3 chaos.py --model "$model" --start-dp 1 --dp 2 --api-servers 1 --sequence rank-1,coordinator \
