@@ -41,7 +41,8 @@ _CONNECTION_LOST = ("RemoteProtocolError", "ReadError", "ConnectError", "WriteEr
 # ---- the server and its processes ------------------------------------------------------------------------
 def start_server(model: Path, port: int, args: argparse.Namespace, log: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "elastic", "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
-           "-dp", str(args.start_dp or args.dp), "--api-server-count", str(args.api_servers), "--admin-api-key", ADMIN_KEY,
+           "-dp", str(args.start_dp or args.dp), "--api-server-count", str(args.api_servers),
+           "--admin-api-key", ADMIN_KEY,
            "--served-model-name", "m", "--disable-uvicorn-access-log", *args.serve_args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,

@@ -13,7 +13,8 @@ import threading
 
 import pytest
 from server_fixtures import TEST_SERVER_ARGS, ServerProcess, wait_until
-from test_scaling_server import ADMIN, ENV, MAX_TOKENS, NUM_GREEDY, PROMPTS, SCALE_ARGS, Load, model, models  # noqa: F401
+from test_scaling_server import (ADMIN, ENV, MAX_TOKENS, NUM_GREEDY, PROMPTS, SCALE_ARGS, Load, model,  # noqa: F401
+                                 models)
 
 RECOVERY_S = 180  # a replacement rank starts a Python interpreter and torch on a busy 2-core host
 

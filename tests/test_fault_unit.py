@@ -75,7 +75,8 @@ class _Orchestrator:
 
     async def scale(self, target: int) -> dict:
         self.calls.append(("scale", target))
-        return self._set(self.launcher.member_ids() + list(range(200, 200 + target - self.launcher.membership.world_size)))
+        new = range(200, 200 + target - self.launcher.membership.world_size)
+        return self._set(self.launcher.member_ids() + list(new))
 
 
 def _supervise(members: list[int], restart: bool = True) -> tuple[FaultSupervisor, _Launcher, _Orchestrator]:
