@@ -321,6 +321,7 @@ def main() -> None:
     ap.add_argument("--server-log", type=Path, default=None)
     ap.add_argument("serve_args", nargs="*", help="more `elastic serve` arguments (after --)")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # `timeout`: still stop the server (finally below)
     args.targets = args.targets.split(",")
     args.sequence = [s for s in args.sequence.split(",") if s]
     if not args.serve_args:
