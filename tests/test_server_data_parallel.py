@@ -4,7 +4,6 @@ and one dead rank fails every in-flight request at once instead of hanging the o
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import signal
@@ -106,10 +105,14 @@ def test_stream_and_quiet_at_rest(dp2_server) -> None:
     assert max(used) <= 2, f"CPU ticks (1/100 s) used at rest by engines and coordinator: {used}"
 
 
-def test_dp3_kill_one_rank_fails_fast(checkpoint_dir) -> None:
+def test_dp3_kill_one_rank_recovers(checkpoint_dir) -> None:
+    """kill -9 one rank of three (Mixtral, one redundant expert): the in-flight requests of every rank complete
+    (the dead rank's re-run on a survivor), the survivors serve on at size 2 (--no-restart-failed-ranks) with
+    the unscaled outputs; docs/reliability.md. The old fail-fast remains for a lone engine without restarts
+    (test_server_lifecycle.py)."""
     path = checkpoint_dir("mixtral")
     with ServerProcess(path, *TEST_SERVER_ARGS, *LONG_CONTEXT, "--served-model-name", "m", "-dp", "3",
-                       "--num-redundant-experts", "1") as server:
+                       "--num-redundant-experts", "1", "--no-restart-failed-ranks") as server:
         server.wait_ready()
         assert asyncio.run(completions_concurrently(server)) == reference(path)
         assert min(success_by_engine(server, 3)) > 0
@@ -117,40 +120,32 @@ def test_dp3_kill_one_rank_fails_fast(checkpoint_dir) -> None:
         results: dict[str, object] = {}
 
         def stream(i: int) -> None:
-            req = {"model": "m", "prompt": PROMPTS[i], "max_tokens": LONG_TOKENS, "ignore_eos": True, "stream": True}
-            with httpx.stream("POST", server.base_url + "/v1/completions", json=req, timeout=60) as r:
+            req = {"model": "m", "prompt": PROMPTS[i], "max_tokens": 200, "ignore_eos": True, "stream": True}
+            with httpx.stream("POST", server.base_url + "/v1/completions", json=req, timeout=120) as r:
                 results[f"stream{i}"] = [line for line in r.iter_lines() if line.startswith("data: ")]
 
         def plain() -> None:
-            req = {"model": "m", "prompt": PROMPTS[3], "max_tokens": LONG_TOKENS, "ignore_eos": True}
-            results["plain"] = server.post("/v1/completions", json=req)
+            req = {"model": "m", "prompt": PROMPTS[3], "max_tokens": 200, "ignore_eos": True}
+            results["plain"] = server.post("/v1/completions", json=req, timeout=120)
 
         threads = [threading.Thread(target=stream, args=(i,)) for i in range(3)] + [threading.Thread(target=plain)]
         for t in threads:
             t.start()
         wait_until(lambda: server.metric("vllm:num_requests_running") == 4, 60, "4 running requests")
         engines = pids_in_log(server, "engine")
-        killed_at = time.monotonic()
         os.kill(engines[1], signal.SIGKILL)
+        assert server.health() == 200  # liveness holds while the server recovers by itself
         for t in threads:
-            t.join(30)
+            t.join(120)
         assert not any(t.is_alive() for t in threads), "in-flight requests hung after a rank died"
-        assert time.monotonic() - killed_at < 5
-        for i in range(3):  # every rank's requests failed, not just those of the dead one
+        for i in range(3):  # every request completes, the dead rank's too
             events = results[f"stream{i}"]
-            assert events[-1] == "data: [DONE]"  # type: ignore[index]
-            error = json.loads(events[-2][len("data: "):])["error"]  # type: ignore[index]
-            assert error["code"] == 503 and "engine core 1" in error["message"] and "SIGKILL" in error["message"]
-        plain_response = results["plain"]
-        assert isinstance(plain_response, httpx.Response) and plain_response.status_code == 503
-        health = httpx.get(server.base_url + "/health", timeout=10)
-        assert health.status_code == 503 and "SIGKILL" in health.json()["error"]["message"]
-        # The surviving ranks are stopped promptly rather than left blocked in a collective.
-        wait_until(lambda: not set(engines.values()) & set(process_group_pids(server.pgid)), 10,
-                   "the surviving ranks to exit")
-        assert time.monotonic() - killed_at < 10
-        assert "stopping the other 2 data-parallel rank(s)" in server.log()
-        assert server.post("/v1/completions", json={"model": "m", "prompt": "x"}).status_code == 503
+            assert events[-1] == "data: [DONE]" and not any('"error"' in e for e in events), events[-3:]  # type: ignore
+        assert results["plain"].status_code == 200  # type: ignore[attr-defined]
+        wait_until(lambda: "recovery: serving succeeded" in server.log(), 60, "serving at 2 ranks")
+        assert asyncio.run(completions_concurrently(server)) == reference(path)
+        assert server.get("/scale").json()["data_parallel_size"] == 2 and server.get("/ready").status_code == 200
+        assert engines[0] in process_group_pids(server.pgid) and engines[2] in process_group_pids(server.pgid)
         assert server.stop() == 0
         assert server.leftover_pids() == []
         assert server.socket_files() == []

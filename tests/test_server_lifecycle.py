@@ -60,7 +60,9 @@ def test_engine_startup_failure_exits_nonzero(checkpoint: Path, tmp_path: Path, 
 
 
 def test_starting_engine_death_and_shutdown(checkpoint: Path) -> None:
-    with ServerProcess(checkpoint, *TEST_SERVER_ARGS, "--served-model-name", "m") as server:
+    # Without restarts a lone engine's death is final: the fail-fast path (docs/reliability.md has the rest).
+    with ServerProcess(checkpoint, *TEST_SERVER_ARGS, "--served-model-name", "m",
+                       "--no-restart-failed-ranks") as server:
         # Hold the engine in its start-up (it needs seconds just to import torch) to see the server starting.
         engine = server.engine_pid()
         os.kill(engine, signal.SIGSTOP)
