@@ -177,7 +177,7 @@ class AsyncLLM:
         """None when requests are served now (GET /ready), else why not. While a dead rank is recovered
         the server is live (/health) but not ready: requests are accepted and wait for a rank."""
         reason = self.status()
-        if reason is None and (self.client.recovering or self.parked):
+        if reason is None and (any(e.lost for e in self.client.by_id.values()) or self.parked):
             return "recovering from a failed rank; requests wait for it"
         return reason
 
