@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import subprocess
 import threading
 from typing import Any
 
@@ -83,6 +84,10 @@ def test_head_and_headless_node_dp4(model, hosts, nodes) -> None:
     head.wait_ready()
     check_outputs(head.url, expected)
     assert "runs rank(s) [2, 3]" in head.log()
+    if hosts.isolated:  # every listening TCP socket of the head is on its configured address
+        listening = subprocess.run([*hosts.prefix["head"], "ss", "-ltnH"], capture_output=True, text=True).stdout
+        local = [line.split()[3] for line in listening.splitlines()]
+        assert local and all(a.startswith(hosts.address["head"] + ":") for a in local), local
 
     intruder = NodeProcess(hosts, "worker", path, *ARGS, *topology(hosts, 4, port, "--data-parallel-size-local", "1",
                                                                      "--data-parallel-start-rank", "3", "--headless"),

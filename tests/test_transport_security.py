@@ -116,3 +116,35 @@ def test_node_roles(checkpoint) -> None:
     p = create_engine_config(checkpoint, device="cpu", data_parallel_size=2, data_parallel_external_rank=0,
                              data_parallel_address="10.0.0.1", data_parallel_rpc_port=13345).parallel
     assert list(p.local_ranks) == [0] and p.is_head and p.local_load_balancing
+
+
+def test_authenticated_store(monkeypatch) -> None:
+    """The groups' store across machines: every torch Store operation, waits answered when the key comes
+    or with an error at the timeout; a client with another secret gets nothing."""
+    import datetime
+    import threading
+
+    from elastic.transport import store
+    from elastic.transport.store import StoreClient, StoreServer
+
+    monkeypatch.setattr(store, "REPLY_SLACK_S", 0.5)
+    monkeypatch.setenv(security.KEY_ENV, "k" * 32)
+    server = StoreServer("127.0.0.1")
+    try:
+        client = StoreClient("127.0.0.1", server.port, datetime.timedelta(seconds=5))
+        client.set("a", b"1")
+        assert client.get("a") == b"1" and server.get("a") == b"1"
+        assert client.add("n", 2) == 2 and server.add("n", 3) == 5 and client.check(["a", "n"])
+        assert client.compare_set("c", b"", b"x") == b"x" and client.compare_set("c", b"y", b"z") == b"x"
+        assert client.num_keys() == 3 and client.delete_key("c") and not client.check(["c"])
+        threading.Timer(0.2, lambda: server.set("late", "v")).start()
+        assert client.get("late") == b"v"  # waited for it
+        client.set_timeout(datetime.timedelta(seconds=0.3))
+        with pytest.raises(RuntimeError, match="timed out"):
+            client.get("never")
+        monkeypatch.setenv(security.KEY_ENV, "x" * 32)
+        stranger = StoreClient("127.0.0.1", server.port, datetime.timedelta(seconds=0.2))
+        with pytest.raises(TimeoutError):
+            stranger.get("a")
+    finally:
+        server.close()

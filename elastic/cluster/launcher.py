@@ -487,4 +487,6 @@ class EngineLauncher:
         if self.coordinator_push is not None:
             self.coordinator_push.close(linger=0)
         self.ctx.term()
-        self.store = None  # the TCPStore server stops with its last reference
+        if hasattr(self.store, "close"):
+            self.store.close()  # the authenticated store's thread (transport/store.py)
+        self.store = None  # a TCPStore server stops with its last reference

@@ -14,6 +14,8 @@ import torch.distributed as dist
 from torch.distributed import PrefixStore, Store, TCPStore
 
 from elastic.transport.net import local_address_towards
+from elastic.transport.security import shared_secret
+from elastic.transport.store import StoreClient, StoreServer
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +24,10 @@ DEFAULT_TIMEOUT = datetime.timedelta(seconds=120)
 
 def create_store(host: str, port: int, is_master: bool,
                  timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> TCPStore:
-    """The rendezvous store. The master passes port 0 and publishes `store.port` (no port race)."""
+    """The rendezvous store. The master passes port 0 and publishes `store.port` (no port race). With a
+    shared secret (ranks on several machines) it is the authenticated one, bound on `host` only."""
+    if shared_secret() is not None:
+        return StoreServer(host) if is_master else StoreClient(host, port, timeout)  # type: ignore[return-value]
     return TCPStore(host, port, is_master=is_master, timeout=timeout, wait_for_workers=False, use_libuv=True)
 
 
