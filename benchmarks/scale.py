@@ -161,6 +161,26 @@ async def drive(args: argparse.Namespace) -> dict[str, Any]:
             "requests": [asdict(r) for r in load.requests]}
 
 
+def throughput_by_size(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Output tokens/s of each settled stretch (between two scales) and the DP size serving it."""
+    tokens = sorted(t for r in result["requests"] for t in r["token_times"])
+    edges, size = [(0.0, result["initial_size"])], result["initial_size"]
+    stretches = []
+    for s in result["scales"]:
+        if s["reply"].get("result") == "succeeded":
+            size = s["target"]
+        edges.append((s["start"], None))
+        edges.append((s["end"], size))
+    edges.append((tokens[-1] if tokens else 0.0, None))
+    for (start, size_here), (end, _) in zip(edges, edges[1:]):
+        if size_here is None or end - start < 1.0:
+            continue
+        count = sum(start <= t < end for t in tokens)
+        stretches.append({"size": size_here, "seconds": round(end - start, 2),
+                          "output_tok_s": round(count / (end - start), 1)})
+    return stretches
+
+
 def plot(result: dict[str, Any], path: Path, bin_s: float = 0.5) -> None:
     import matplotlib
 
@@ -218,7 +238,8 @@ def main() -> None:
     ap.add_argument("--plot", type=Path, default=None, help="write a PNG: throughput, latency, DP size over time")
     args = ap.parse_args()
     result = asyncio.run(drive(args))
-    for name in ("steady_state", "during_scale"):
+    result["throughput_by_size"] = throughput_by_size(result)
+    for name in ("steady_state", "during_scale", "throughput_by_size"):
         print(f"{name:>13}: {json.dumps(result[name])}")
     if args.out:
         args.out.write_text(json.dumps(result))

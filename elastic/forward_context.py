@@ -35,6 +35,9 @@ class ForwardContext:
     # MoE layers run on their staged slots (the next layout's; elastic scaling captures its graphs beside
     # the live ones, from another thread).
     use_staged: bool = False
+    # A CUDA-graph warm-up: expert-parallel collectives are replaced by local stand-ins of the same shapes,
+    # so a rank warms up (and then captures) without waiting for the others.
+    stand_in_collectives: bool = False
 
 
 _local = threading.local()

@@ -32,7 +32,8 @@ class ExpertParallelComm:
     def _allgather(self, moe: FusedMoE, slots: ExpertSlots, hidden: torch.Tensor, weights: torch.Tensor,
                    physical: torch.Tensor) -> torch.Tensor:
         # hidden [T, H]; weights [T, K] f32; physical [T, K] global slot ids
-        sizes = get_forward_context().dp_num_tokens
+        ctx = get_forward_context()
+        sizes = ctx.dp_num_tokens
         if sizes is None:
             raise RuntimeError("allgather dispatch needs dp_num_tokens in the forward context")
         num_tokens, top_k = physical.shape
@@ -40,9 +41,15 @@ class ExpertParallelComm:
         hidden_p = F.pad(hidden, (0, 0, 0, pad))  # [T_max, H]
         # Slot ids travel as float32 beside the weights: exact below 2**24 slots, one collective fewer.
         meta = F.pad(torch.cat([physical.float(), weights], dim=1), (0, 0, 0, pad), value=-1.0)  # [T_max, 2K]
-        all_hidden = self.group.all_gather(hidden_p)  # [W * T_max, H]
-        all_meta = self.group.all_gather(meta)
+        if ctx.stand_in_collectives:  # a CUDA-graph warm-up: same shapes and kernels, no other rank
+            world = self.group.world_size
+            all_hidden, all_meta = hidden_p.repeat(world, 1), meta.repeat(world, 1)
+        else:
+            all_hidden = self.group.all_gather(hidden_p)  # [W * T_max, H]
+            all_meta = self.group.all_gather(meta)
         partial = moe.compute_local(slots, all_hidden, all_meta[:, top_k:], all_meta[:, :top_k].long())
+        if ctx.stand_in_collectives:
+            return partial[:num_tokens]
         return self.group.reduce_scatter(partial)[:num_tokens]
 
     def _alltoall(self, moe: FusedMoE, slots: ExpertSlots, hidden: torch.Tensor, weights: torch.Tensor,

@@ -14,16 +14,16 @@ import msgspec
 import torch
 import torch.distributed as dist
 
-from elastic.config import EngineConfig, ParallelConfig
+from elastic.config import EngineConfig
 from elastic.distributed.expert_parallel import apply_expert_parallel
 from elastic.distributed.group import StatelessGroup
 from elastic.distributed.parallel_state import ParallelState
 from elastic.engine.block_manager import BlockManager
 from elastic.engine.reconfigure import recv_dense_weights, resize_placement, share_placement, transfer_experts
 from elastic.engine.scheduler import Scheduler
+from elastic.engine.staging import StagedLayout, parallel_config_for
 from elastic.engine.waves import RequestWave
 from elastic.eplb.balancer import ExpertBalancer
-from elastic.executor.cuda_graphs import DecodeGraphs
 from elastic.executor.model_runner import ModelRunner
 from elastic.layers.moe import ExpertLayout
 from elastic.protocol.from_engine import EngineCoreOutput, SchedulerStats
@@ -34,17 +34,6 @@ from elastic.sampling_params import SamplingParams
 from elastic.validation import validate_request
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class StagedLayout:
-    """The next layout of a scale operation, built beside the live one (EngineCore.stage)."""
-
-    layout: ParallelLayout
-    groups: ParallelState | None  # None at size 1
-    config: EngineConfig  # with the new parallel layout
-    balancer: ExpertBalancer | None
-    graphs: DecodeGraphs | None
 
 
 class EngineCore:
@@ -59,41 +48,58 @@ class EngineCore:
         self.wave = wave if wave is not None else RequestWave()
         self._failed: list[EngineCoreOutput] = []  # requests that failed alone, reported with the next step
         # Elastic scaling: `scale_hold` keeps rebalances from starting while an operation runs (its staged
-        # slots are filled from the placement in force); `scale_sync` is set while this rank waits for every
-        # rank to reach the same step (to freeze the placement, then to switch layouts).
+        # slots are filled from the placement in force); `scale_sync` keeps this rank stepping while the
+        # ranks go through an operation's agreed steps, and `scale_agree` is its vote, in the per-step DP
+        # exchange, that it is ready for the next one (freeze the placement, or switch layouts).
         self.scale_hold = False
         self.scale_sync = False
+        self.scale_agree = False
         # Fault recovery: set (by another thread) when a peer rank failed; a step under way is then void.
         self.peer_failed = threading.Event()
         start = time.perf_counter()
         p = config.parallel
         self.layout = ParallelLayout(epoch, p.data_parallel_size, p.data_parallel_rank, p.store_host, p.store_port)
-        self.parallel = ParallelState(self.layout, config.torch_device) if self.layout.is_distributed else None
+        self.parallel: ParallelState | None = None
         if join is None:
+            self._connect_groups()
             self.runner = ModelRunner(config)
+            self._connect_experts()
+            self._set_up_communicator()
+            num_blocks = self._agree_kv_blocks(self.runner.determine_num_blocks())
         else:  # random weights at the real shapes (no checkpoint read), replaced right away
             self.runner = ModelRunner(dataclasses.replace(config, model=dataclasses.replace(config.model,
                                                                                             load_format="dummy")))
             self.runner.config = config
-        if join is None:
-            self._connect_experts()
-            num_blocks = self._agree_kv_blocks(self.runner.determine_num_blocks())
-        else:
-            self._receive_weights(join)
             num_blocks = self._adopt_kv_blocks(join.num_kv_blocks)
+            # Only now meet the serving ranks: each collective below pairs with one of their staging steps,
+            # so nothing slow may come between them (engine/staging.py).
+            self._connect_groups()
+            self._receive_weights(join)
+            self._connect_experts()
+            self._set_up_communicator()
         self.balancer = self._make_balancer()
         self.runner.allocate_kv_cache(num_blocks)
-        self.runner.capture_cuda_graphs()  # a joining rank: together with the serving ranks' staged graphs
+        self.runner.capture_cuda_graphs()
         self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
         logger.info("engine ready in %.1fs: %d KV blocks of %d tokens (%d tokens)", time.perf_counter() - start,
                     num_blocks, config.cache.block_size, num_blocks * config.cache.block_size)
 
     # ---- start-up phases, re-run by reconfigure() ---------------------------------------------------------
+    def _connect_groups(self) -> None:
+        if self.layout.is_distributed:
+            self.parallel = ParallelState(self.layout, self.config.torch_device)
+
     def _connect_experts(self) -> None:
         """Route every MoE layer through this layout's EP group (or none: a single rank computes locally)."""
         group = self.parallel.ep if self.parallel is not None else None
         apply_expert_parallel(self.runner.model, group, self.config.parallel.ep_dispatch)
+
+    def _set_up_communicator(self) -> None:
+        """One collective on the EP group now (every rank): NCCL sets its communicator up at the first one,
+        which must not be a CUDA-graph capture (captures record collectives without running them)."""
+        if self.parallel is not None:
+            self.parallel.ep.barrier()
 
     def _agree_kv_blocks(self, num_blocks: int) -> int:
         """Every rank gets the same capacity: the smallest one measured (a joining rank offers the size the
@@ -104,16 +110,15 @@ class EngineCore:
 
     def _adopt_kv_blocks(self, num_blocks: int) -> int:
         """A joining rank takes the serving ranks' KV size (they cannot shrink theirs while they hold
-        requests) if it can hold it; measured before its MoE layers join the group (profiling runs alone)."""
+        requests) if it can hold it; measured before it joins the groups (profiling runs alone)."""
         own = self.runner.determine_num_blocks()
         if own < num_blocks:
             raise RuntimeError(f"this rank can hold {own} KV blocks; the serving ranks have {num_blocks}")
-        self._connect_experts()
         return num_blocks
 
     def _receive_weights(self, join: JoinInfo) -> None:
         """A joining rank: non-expert weights from one serving rank, then its experts from all of them, in
-        the order the serving ranks' `stage` sends them."""
+        the order the serving ranks' staging sends them (engine/staging.py)."""
         assert self.parallel is not None
         recv_dense_weights(self.runner.model, self.parallel.ep, join.weights_from)
         old_p2l = share_placement(self.parallel.dp, None, self.parallel.ep.timeout.total_seconds())
@@ -123,39 +128,11 @@ class EngineCore:
         transfer_experts(old_p2l, new_p2l, join.old_world_size, self.layout.world_size, self.layout.rank, None,
                          [m.live for m in moe], self.parallel.ep)
 
-    # ---- elastic scaling: the next layout beside the live one, then the switch ----------------------------
-    def stage(self, layout: ParallelLayout, groups: ParallelState | None, old_p2l: torch.Tensor,
-              transfer: StatelessGroup | None, old_world: int) -> StagedLayout:
-        """Build `layout` beside the live one while this rank serves (called from a background thread):
-        expert slots filled over `transfer` (the new group when growing, a group of the old ranks when
-        shrinking), their placement, an EPLB balancer, CUDA graphs. Every rank of the new layout calls this
-        (a joining rank does the same at start-up); `activate` swaps it in at the switch."""
-        arch, redundant = self.config.model.arch, self.config.parallel.num_redundant_experts
-        new_p2l = resize_placement(old_p2l, old_world, layout.world_size, arch.num_experts, redundant)
-        expert_layout = ExpertLayout.for_ranks(arch.num_experts, redundant, layout.world_size, layout.rank)
-        moe = self.runner.model.moe_layers()
-        staged = [m.stage(expert_layout) for m in moe]
-        transfer_experts(old_p2l, new_p2l, old_world, layout.world_size, self.layout.rank, [m.live for m in moe],
-                         staged, transfer)
-        ep_group = groups.ep if groups is not None else None
-        apply_expert_parallel(self.runner.model, ep_group, self.config.parallel.ep_dispatch, staged=True)
-        config = dataclasses.replace(self.config, parallel=self._parallel_config(layout))
-        balancer = (ExpertBalancer(staged, config.eplb, layout.rank, layout.world_size, ep_group,
-                                   num_groups=config.model.arch.num_expert_groups)
-                    if config.eplb.enable_eplb and moe else None)
-        graphs = self.runner.stage_cuda_graphs(config.parallel)
-        return StagedLayout(layout, groups, config, balancer, graphs)
-
-    def send_experts(self, old_p2l: torch.Tensor, new_world: int, transfer: StatelessGroup | None) -> None:
-        """A leaving rank's part of `stage`: its experts to the ranks that stay."""
-        arch, redundant = self.config.model.arch, self.config.parallel.num_redundant_experts
-        new_p2l = resize_placement(old_p2l, self.layout.world_size, new_world, arch.num_experts, redundant)
-        transfer_experts(old_p2l, new_p2l, self.layout.world_size, new_world, self.layout.rank,
-                         [m.live for m in self.runner.model.moe_layers()], None, transfer)
-
-    def activate(self, staged: StagedLayout) -> None:
+    # ---- elastic scaling: the switch to a layout staged beside the live one (engine/staging.py) ------------
+    def activate(self, staged: StagedLayout) -> ParallelState | None:
         """The switch (blocking, at the step every rank agreed on): staged slots, groups, balancer and
-        graphs become the live ones; the old ones go."""
+        graphs become the live ones. Returns the replaced groups, for the caller to destroy once the switch
+        is reported (tearing communicators down takes time nobody needs to wait for)."""
         self.runner.release_cuda_graphs()  # they hold the old communicators and slot tensors
         for moe in self.runner.model.moe_layers():
             assert moe.staged is not None
@@ -164,8 +141,7 @@ class EngineCore:
         self.parallel, self.layout, self.balancer = staged.groups, staged.layout, staged.balancer
         self.config = self.runner.config = staged.config
         self.runner.graphs = staged.graphs
-        if old_groups is not None and old_groups is not staged.groups:
-            old_groups.destroy()
+        return old_groups if old_groups is not staged.groups else None
 
     def reconfigure(self, layout: ParallelLayout, groups: ParallelState | None, old_p2l: torch.Tensor,
                     new_p2l: torch.Tensor, transfer: StatelessGroup | None, old_world: int) -> None:
@@ -184,8 +160,9 @@ class EngineCore:
         if self.parallel is not None and self.parallel is not groups:
             self.parallel.destroy()
         self.parallel, self.layout = groups, layout
-        self.config = self.runner.config = dataclasses.replace(self.config, parallel=self._parallel_config(layout))
+        self.config = self.runner.config = dataclasses.replace(self.config, parallel=parallel_config_for(self.config.parallel, layout))
         self._connect_experts()
+        self._set_up_communicator()
         if self._agree_kv_blocks(self.num_kv_blocks) != self.num_kv_blocks:
             raise RuntimeError("ranks disagree on the KV cache size after a reconfiguration")
         self.balancer = self._make_balancer()  # the window's shape follows the number of slots
@@ -202,11 +179,6 @@ class EngineCore:
         """This rank left (a scale-down; its experts went to the survivors while it prepared)."""
         self.shutdown()
         self.balancer = None
-
-    def _parallel_config(self, layout: ParallelLayout) -> ParallelConfig:
-        return dataclasses.replace(self.config.parallel, data_parallel_size=layout.world_size,
-                                   data_parallel_rank=layout.rank, store_host=layout.store_host,
-                                   store_port=layout.store_port)
 
     def take_requests(self) -> list[Request]:
         """Remove every request without reporting it (they continue on another engine)."""
@@ -348,7 +320,7 @@ class EngineCore:
             decode_only = all(n == 1 for _, n in out.scheduled)
             # A pending scale commit keeps every rank stepping until all are ready (no rebalance may start
             # then, and none may be under way at the switch); ParallelState.all_scale_ready says when.
-            scale_ready = self.scale_sync and not (self.balancer is not None and self.balancer.busy)
+            scale_ready = self.scale_sync and self.scale_agree and not (self.balancer is not None and self.balancer.busy)
             has_work = self.scheduler.has_unfinished() or self._eplb_pending or self.scale_sync
             dp_num_tokens, self.wave.running, all_decode, eplb_due = self.parallel.exchange_step(
                 out.num_tokens or 1, has_work, decode_only, eplb_due, scale_ready,

@@ -460,7 +460,8 @@ def run_engine_core(config: EngineConfig, engine_index: int, handshake_address: 
         sockets += inputs + outputs
         ready = encoder.encode(EngineReady(engine_index, core.num_kv_blocks, config.cache.block_size,
                                            config.model.max_model_len, pid=os.getpid(),
-                                           free_memory_bytes=free_device_bytes(config)))
+                                           free_memory_bytes=free_device_bytes(config),
+                                           expert_slot_capacity=core.expert_slot_capacity))
         for sock in inputs:
             sock.send(ready)  # registers our identity with each front end's ROUTER (and says READY to it)
         handshake.send(ready)  # for an engine started by a scale-up: prepared, waiting for the commit

@@ -25,17 +25,17 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 import msgspec
 import torch
 import zmq
 
-from elastic.distributed.group import StatelessGroup
 from elastic.distributed.parallel_state import ParallelState
-from elastic.engine.core import StagedLayout
-from elastic.engine.reconfigure import commit_barrier, placement_of, send_dense_weights, share_placement
+from elastic.engine.reconfigure import commit_barrier, placement_of
+from elastic.engine.staging import LayoutStaging, StagedLayout
 from elastic.executor.model_runner import free_device_bytes
 from elastic.protocol.fault import RecoverLayout
 from elastic.protocol.scaling import (AbortScale, CommitScale, ControlToEngine, JoinInfo, ParallelLayout, PrepareScale,
@@ -67,10 +67,13 @@ class _Op:
     layout: ParallelLayout | None  # None: this engine leaves
     started: float = field(default_factory=time.monotonic)
     standby: ParallelState | None = None  # the next layout's groups
-    transfer: StatelessGroup | None = None  # a shrink's group of the old ranks, for the experts' moves
+    groups_built: threading.Event = field(default_factory=threading.Event)
+    frozen: bool = False  # the placement in force is fixed; the staging pieces run (one per step)
+    pieces: deque[Callable[[], None]] = field(default_factory=deque)
+    staging: LayoutStaging | None = None
+    stage_started: float = 0.0
+    capturing: bool = False  # the pieces are done; the graphs are being captured in the background
     staged: StagedLayout | None = None
-    old_p2l: torch.Tensor | None = None  # the placement in force, frozen while the operation runs
-    frozen: threading.Event = field(default_factory=threading.Event)
     error: str | None = None
     done: threading.Event = field(default_factory=threading.Event)
     cancelled: bool = False
@@ -78,6 +81,7 @@ class _Op:
     commit: CommitScale | None = None
     drain_deadline: float = 0.0
     joined: bool = False  # this engine was started by the scale-up
+    send_weights_to: list[int] = field(default_factory=list)
     timeout_s: float = 60.0
 
     @property
@@ -94,6 +98,7 @@ class ScaleAgent:
         self.exit_requested = False  # a rank that left, once told to go (or a joined rank rolled back)
         self.left = False  # left the layout; still hands back requests that reach it, until RetireEngine
         self._cleanup = threading.Lock()  # a cancelled op's staged state is dropped by whichever side ends last
+        self._replaced: ParallelState | None = None  # groups a switch replaced, destroyed once it is reported
         if join is not None:  # prepared at start-up; READY told the launcher so
             core = proc.core
             self.op = _Op(join.op, join.old_world_size, core.layout.world_size, core.layout, standby=core.parallel,
@@ -131,14 +136,17 @@ class ScaleAgent:
             self.proc.recovery.recover(msg)  # a peer died: carry on over the survivors (engine/recovery.py)
 
     def poll(self) -> None:
-        """Progress that needs no message: a single rank's freeze, a leaving engine drained, a background
-        preparation done, a commit that needs no agreement."""
+        """Progress that needs no message: a single rank's staging (one piece per loop), a leaving engine
+        drained, the preparation done, a commit that needs no agreement."""
         op, core = self.op, self.proc.core
         if op is None:
             return
         rebalancing = core.balancer is not None and core.balancer.busy  # a rebalance under way finishes first
-        if core.parallel is None and not op.frozen.is_set() and not rebalancing:
-            self._freeze(op)  # nothing to agree on: a single old rank
+        if core.parallel is None and op.groups_built.is_set() and not op.done.is_set():
+            if not op.frozen and not rebalancing:
+                self._freeze(op)  # nothing to agree on: a single old rank
+            elif op.frozen:
+                self._next_piece(op)
         if op.layout is None and not op.prepared_sent:
             if core.has_unfinished_requests() and time.monotonic() >= op.drain_deadline:
                 self.proc.migrate_out()
@@ -150,26 +158,35 @@ class ScaleAgent:
             self._commit(time.monotonic())  # nothing to agree on (a single old rank, or a joined one)
 
     def after_step(self, step_end: float) -> None:
-        """Every rank saw all ranks ready in this step's exchange: all freeze the placement, or all switch
-        layouts, after this same step."""
+        """After every step (the same step on every rank): the next staging piece; or, when every rank
+        voted ready in this step's exchange, all freeze the placement, or all switch layouts."""
         core, op = self.proc.core, self.op
-        if op is None or not core.scale_sync or core.parallel is None or not core.parallel.all_scale_ready:
+        if op is None or core.parallel is None:
             return
-        core.scale_sync = False
-        if not op.frozen.is_set():
+        if op.frozen and not op.done.is_set():
+            self._next_piece(op)
+            return
+        if op.groups_built.is_set() and not op.frozen:
+            core.scale_agree = True  # this rank can freeze now
+        if not core.scale_sync or not core.scale_agree or not core.parallel.all_scale_ready:
+            return
+        core.scale_agree = False
+        if not op.frozen:
             self._freeze(op)
         elif op.commit is not None:
+            core.scale_sync = False
             self._commit(step_end)
 
     # ---- phases -------------------------------------------------------------------------------------------
     def _prepare(self, msg: PrepareScale) -> None:
         if self.op is not None:
             self._abort(self.op.op)  # a newer operation replaces one the launcher gave up on
-        op = self.op = _Op(msg.op, msg.old_world_size, msg.new_world_size, msg.layout, timeout_s=msg.timeout_s)
+        op = self.op = _Op(msg.op, msg.old_world_size, msg.new_world_size, msg.layout,
+                           send_weights_to=list(msg.send_weights_to), timeout_s=msg.timeout_s)
         core = self.proc.core
         core.scale_hold = True  # no rebalance starts from now on: the placement is about to freeze
         if core.parallel is not None:
-            core.scale_sync = True  # every old rank agrees on the step at which it freezes
+            core.scale_sync = True  # every old rank steps until they agree on the step to freeze at
             core.start_wave()
         if msg.coordinator is not None and self.proc.dp is None:
             self.proc.attach_coordinator(msg.coordinator)
@@ -177,59 +194,76 @@ class ScaleAgent:
             self.proc.stop_accepting()
             op.drain_deadline = op.started + msg.drain_timeout_s
             logger.info("engine %d leaves (operation %s): handing its requests back", self.engine_id, msg.op)
-        threading.Thread(target=self._build, args=(op, msg), name="scale-prepare", daemon=True).start()
+        threading.Thread(target=self._build_groups, args=(op,), name="scale-groups", daemon=True).start()
+
+    def _build_groups(self, op: _Op) -> None:
+        """Background: the next layout's groups (their rendezvous waits for every rank, new ones included);
+        creating them runs no collective, so it cannot get in the way of the live groups."""
+        try:
+            device = self.proc.core.config.torch_device
+            if device.type == "cuda" and device.index is not None:
+                torch.cuda.set_device(device)  # a new thread starts on device 0
+            if op.layout is not None and op.layout.is_distributed:
+                timeout = datetime.timedelta(seconds=op.timeout_s)
+                op.standby = ParallelState(op.layout, device, timeout, timeout)
+        except Exception as e:  # a peer that never came, or died; the deadline
+            self._fail(op, e)
+        finally:
+            op.groups_built.set()
+            if op.cancelled:
+                self._drop(op)
 
     def _freeze(self, op: _Op) -> None:
         """At a step every old rank agreed on (no rebalance under way, none can start): the placement the
-        next layout is computed from."""
-        op.old_p2l = placement_of(self.proc.core.runner.model.moe_layers())
-        op.frozen.set()
-
-    def _build(self, op: _Op, msg: PrepareScale) -> None:
-        """Background, while the busy loop serves: groups, weights for new ranks, the staged layout."""
+        next layout is computed from; the staging pieces run from the next step on."""
+        op.frozen = True
+        if op.error is not None:
+            op.done.set()
+            return
         core = self.proc.core
+        op.staging = LayoutStaging(core, op.layout, op.standby, op.old_world, op.new_world,
+                                   placement_of(core.runner.model.moe_layers()), op.send_weights_to, op.timeout_s)
+        op.pieces.extend(op.staging.pieces())
+        op.stage_started = time.monotonic()
+
+    def _next_piece(self, op: _Op) -> None:
+        """One staging piece (on every rank at the same step); after the last, the graphs in the background."""
+        if op.capturing:
+            return
         try:
-            device = core.config.torch_device
+            if op.pieces and op.error is None:
+                op.pieces.popleft()()
+        except Exception as e:
+            self._fail(op, e)
+            op.pieces.clear()
+        if op.pieces:
+            return
+        self.proc.core.scale_sync = False  # the ranks may go idle until the commit
+        if op.error is not None or op.layout is None:
+            op.done.set()
+            return
+        op.capturing = True
+        threading.Thread(target=self._capture, args=(op,), name="scale-capture", daemon=True).start()
+
+    def _capture(self, op: _Op) -> None:
+        try:
+            device = self.proc.core.config.torch_device
             if device.type == "cuda" and device.index is not None:
-                torch.cuda.set_device(device)  # a new thread starts on device 0; NCCL must use this rank's GPU
-            timeout = datetime.timedelta(seconds=msg.timeout_s)
-            if msg.layout is not None and msg.layout.is_distributed:
-                op.standby = ParallelState(msg.layout, device, timeout, timeout)
-                if msg.send_weights_to:
-                    send_dense_weights(core.runner.model, op.standby.ep, msg.send_weights_to)
-            if op.new_world < op.old_world and core.parallel is not None:
-                op.transfer = StatelessGroup(core.parallel.store, f"xfer/{msg.op}", core.layout.rank, op.old_world,
-                                             core.parallel.ep.backend, core.parallel.ep.device,
-                                             host=core.layout.store_host, timeout=timeout)
-            if not op.frozen.wait(msg.timeout_s) or op.cancelled:
-                raise TimeoutError("the ranks did not agree on a step to freeze the expert placement at")
-            self._stage(op, msg.timeout_s)
-        except Exception as e:  # a peer that never came, or died; the deadline
-            op.error = f"{type(e).__name__}: {e}"
-            logger.warning("preparing operation %s failed: %s", op.op, op.error)
+                torch.cuda.set_device(device)
+            assert op.staging is not None
+            op.staged = op.staging.capture()
+            logger.info("operation %s: next layout (%d ranks) staged beside serving in %.2fs", op.op,
+                        op.new_world, time.monotonic() - op.stage_started)
+        except Exception as e:
+            self._fail(op, e)
         finally:
-            if op.transfer is not None:
-                op.transfer.destroy()  # the experts have moved (or never will)
-                op.transfer = None
             op.done.set()
             if op.cancelled:
                 self._drop(op)
 
-    def _stage(self, op: _Op, timeout_s: float) -> None:
-        core = self.proc.core
-        assert op.old_p2l is not None
-        if op.layout is None:
-            core.send_experts(op.old_p2l, op.new_world, op.transfer)
-            return
-        old_p2l = op.old_p2l
-        if op.growing:  # the new ranks learn the placement from rank 0 (they have none)
-            assert op.standby is not None
-            old_p2l = share_placement(op.standby.dp, old_p2l, timeout_s)
-        transfer = op.standby.ep if op.growing and op.standby is not None else op.transfer
-        started = time.monotonic()
-        op.staged = core.stage(op.layout, op.standby, old_p2l, transfer, op.old_world)
-        logger.info("operation %s: next layout (%d ranks) staged beside serving in %.2fs", op.op,
-                    op.layout.world_size, time.monotonic() - started)
+    def _fail(self, op: _Op, e: Exception) -> None:
+        op.error = op.error or f"{type(e).__name__}: {e}"
+        logger.warning("preparing operation %s failed: %s", op.op, op.error)
 
     def _commit_requested(self, msg: CommitScale) -> None:
         op = self.op
@@ -244,7 +278,7 @@ class ScaleAgent:
             os._exit(3)  # test hook: a new rank dies between its preparation and the commit's barrier
         core = self.proc.core
         if core.parallel is not None and not op.joined:  # agree on the step with the other old ranks
-            core.scale_sync = True
+            core.scale_sync = core.scale_agree = True
             core.start_wave()  # a paused rank steps (dummy batches) until every rank is ready
 
     def _commit(self, started: float) -> None:
@@ -272,6 +306,9 @@ class ScaleAgent:
         self._send(ScaleCommitted(self.engine_id, op.op, blocking_s=blocking,
                                   free_memory_bytes=free_device_bytes(core.config),
                                   expert_slot_capacity=core.expert_slot_capacity))
+        if self._replaced is not None:  # the old layout's groups, once serving goes on
+            self._replaced.destroy()
+            self._replaced = None
 
     def _grow(self, op: _Op) -> bool:
         """Old and new ranks meet on the new group (rank 0 tells the wave), then switch."""
@@ -296,7 +333,7 @@ class ScaleAgent:
 
     def _switch(self, op: _Op) -> None:
         assert op.staged is not None and op.layout is not None
-        self.proc.core.activate(op.staged)
+        self._replaced = self.proc.core.activate(op.staged)
         self._after_switch(op.layout)
 
     def _after_switch(self, layout: ParallelLayout) -> None:
@@ -313,12 +350,12 @@ class ScaleAgent:
             return
         self.op = None
         op.cancelled = True
-        op.frozen.set()  # a background preparation waiting for the freeze gives up
         core = self.proc.core
-        core.scale_hold = core.scale_sync = False
+        core.scale_hold = core.scale_sync = core.scale_agree = False
         if op.layout is None:
             self.proc.resume_accepting()
-        if op.done.is_set() and not op.joined:
+        background = not op.groups_built.is_set() or (op.capturing and not op.done.is_set())
+        if not background:
             self._drop(op)  # else the background thread drops it when it returns
         logger.info("operation %s aborted; serving on with the old layout", op_id)
 

@@ -7,6 +7,7 @@ and swaps them in at the switch.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -65,12 +66,14 @@ class DecodeGraphs:
                 ctx = ForwardContext(attn=self._metadata(bs), num_valid_tokens=self.num_valid,
                                      dp_num_tokens=[bs] * self.dp_size if self.dp_size > 1 else None,
                                      use_staged=self.staged)
-                with set_forward_context(ctx):
-                    self.hidden[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])  # warm-up, autotune
-                    side.synchronize()
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=self.pool, capture_error_mode=mode):
-                        self.hidden[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])
+                # Warm-up (compiles, autotunes) with stand-in collectives, then the capture, which records the
+                # real ones without running them: no rank waits for another here.
+                with set_forward_context(dataclasses.replace(ctx, stand_in_collectives=True)):
+                    self.hidden[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])
+                side.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with set_forward_context(ctx), torch.cuda.graph(graph, pool=self.pool, capture_error_mode=mode):
+                    self.hidden[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])
                 self.graphs[bs] = graph
             side.synchronize()
         logger.info("captured %d decode CUDA graphs (batch 1..%d)%s in %.1fs", len(self.graphs), self.sizes[-1],

@@ -30,7 +30,8 @@ def deinterleaved_rope_loader(num_heads: int, head_dim: int, rope_start: int) ->
     rotate (x0, x1), (x2, x3)... pairs; reordering those rows to (x0, x2, ..., x1, x3, ...) at load makes the
     rotation the rotate-halves one (the same q.k, as q and k are reordered alike) at no cost per step."""
     rope = head_dim - rope_start
-    order = torch.cat([torch.arange(0, rope, 2), torch.arange(1, rope, 2)]) + rope_start
+    # On the CPU explicitly: models are built under a `torch.device` context, checkpoint tensors come on the CPU.
+    order = torch.cat([torch.arange(0, rope, 2, device="cpu"), torch.arange(1, rope, 2, device="cpu")]) + rope_start
 
     def load(param: nn.Parameter, loaded: torch.Tensor) -> None:
         per_head = loaded.reshape(num_heads, head_dim, *loaded.shape[1:]).clone()

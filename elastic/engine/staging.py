@@ -1,0 +1,135 @@
+"""The next layout of a scale operation, built beside the serving one, one piece per step.
+
+Two NCCL communicators must never have collectives in flight at once on a GPU: a kernel of one waits for its
+peers while a driver call of the other thread (an allocation, a sync) holds the GPU back, and two ranks
+can wait on each other for ever. So every piece that moves data runs on the engine's own thread between
+two steps, in the same order on every rank (ranks step in lockstep, so the pieces pair up across ranks):
+
+    grow (old ranks)    dense weights to our new ranks -> placement shared, slots allocated -> one MoE layer's
+                        experts per step, over the new group -> balancer (and the new group warmed up)
+    shrink (survivors)  slots allocated -> one layer per step, over the old group -> new group warmed up
+    shrink (leaving)    one layer per step, sending only
+    joining rank        the same pieces at start-up, all at once (EngineCore._receive_weights)
+
+Only the CUDA-graph capture runs in a background thread (`capture`): its warm-ups use stand-in
+collectives, and a capture records collectives without running them, so it talks to no other rank.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from elastic.config import EngineConfig, ParallelConfig
+from elastic.distributed.expert_parallel import apply_expert_parallel
+from elastic.distributed.parallel_state import ParallelState
+from elastic.engine.reconfigure import resize_placement, send_dense_weights, share_placement, transfer_layer
+from elastic.eplb.balancer import ExpertBalancer
+from elastic.executor.cuda_graphs import DecodeGraphs
+from elastic.layers.moe import ExpertLayout, ExpertSlots
+from elastic.protocol.scaling import ParallelLayout
+
+if TYPE_CHECKING:
+    from elastic.engine.core import EngineCore
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class StagedLayout:
+    """The next layout, ready to swap in (EngineCore.activate)."""
+
+    layout: ParallelLayout
+    groups: ParallelState | None  # None at size 1
+    config: EngineConfig  # with the new parallel layout
+    balancer: ExpertBalancer | None
+    graphs: DecodeGraphs | None
+
+
+class LayoutStaging:
+    def __init__(self, core: EngineCore, layout: ParallelLayout | None, groups: ParallelState | None,
+                 old_world: int, new_world: int, old_p2l: torch.Tensor, send_weights_to: list[int],
+                 timeout_s: float) -> None:
+        """`layout`: this rank's next layout (None: it leaves); `groups`: that layout's, built beforehand
+        (None at size 1); `old_p2l`: the placement in force, frozen at a step every old rank agreed on."""
+        self.core, self.layout, self.groups = core, layout, groups
+        self.old_world, self.new_world, self.old_p2l = old_world, new_world, old_p2l
+        self.send_weights_to, self.timeout_s = send_weights_to, timeout_s
+        self.rank = core.layout.rank  # ranks keep their numbers across a resize
+        self.moe = core.runner.model.moe_layers()
+        self.new_p2l: torch.Tensor | None = None
+        self.slots: list[ExpertSlots] | None = None  # this rank's next slots (None: it leaves)
+        self.balancer: ExpertBalancer | None = None
+        config = core.config
+        self.config = dataclasses.replace(config, parallel=parallel_config_for(config.parallel, layout)) \
+            if layout is not None else config
+
+    @property
+    def growing(self) -> bool:
+        return self.new_world > self.old_world
+
+    def pieces(self) -> list[Callable[[], None]]:
+        """What to run, one per step, in this order (the same count and order of collectives on every rank)."""
+        layers = [self._layer_piece(i) for i in range(len(self.moe))]
+        if self.layout is None:
+            return [self._place, *layers]
+        if self.growing:
+            return [self._send_dense, self._place, *layers, self._connect]
+        return [self._place, *layers, self._connect]
+
+    # ---- pieces (the engine's thread, between steps) ----------------------------------------------------------
+    def _send_dense(self) -> None:
+        if self.send_weights_to:
+            assert self.groups is not None
+            send_dense_weights(self.core.runner.model, self.groups.ep, self.send_weights_to)
+
+    def _place(self) -> None:
+        """The next placement (computed alike on every rank) and, unless this rank leaves, its slots."""
+        if self.growing:  # the new ranks learn the placement from rank 0 (they have none)
+            assert self.groups is not None
+            self.old_p2l = share_placement(self.groups.dp, self.old_p2l, self.timeout_s)
+        arch, redundant = self.config.model.arch, self.config.parallel.num_redundant_experts
+        self.new_p2l = resize_placement(self.old_p2l, self.old_world, self.new_world, arch.num_experts, redundant)
+        if self.layout is not None:
+            expert_layout = ExpertLayout.for_ranks(arch.num_experts, redundant, self.new_world, self.layout.rank)
+            self.slots = [m.stage(expert_layout) for m in self.moe]
+
+    def _layer_piece(self, i: int) -> Callable[[], None]:
+        def piece() -> None:
+            assert self.new_p2l is not None
+            transfer_layer(i, self.old_p2l, self.new_p2l, self.old_world, self.new_world, self.rank,
+                           [m.live for m in self.moe], self.slots, self._transfer_group())
+        return piece
+
+    def _transfer_group(self):  # noqa: ANN202 - StatelessGroup | None
+        if self.growing:
+            return self.groups.ep if self.groups is not None else None  # the new ranks are only there
+        return self.core.parallel.ep if self.core.parallel is not None else None  # leaving ranks are only here
+
+    def _connect(self) -> None:
+        """The next slots reach the other ranks over the new group; its communicator is set up now, on this
+        thread (a capture must not be the first to use it); the balancer over the new slots."""
+        ep = self.groups.ep if self.groups is not None else None
+        if ep is not None:
+            ep.barrier()
+        apply_expert_parallel(self.core.runner.model, ep, self.config.parallel.ep_dispatch, staged=True)
+        if self.config.eplb.enable_eplb and self.slots:
+            assert self.layout is not None
+            self.balancer = ExpertBalancer(self.slots, self.config.eplb, self.layout.rank, self.new_world, ep,
+                                           num_groups=self.config.model.arch.num_expert_groups)
+
+    # ---- the background part ---------------------------------------------------------------------------------
+    def capture(self) -> StagedLayout:
+        """The next layout's CUDA graphs over the staged slots (a background thread, beside serving)."""
+        assert self.layout is not None
+        graphs = self.core.runner.stage_cuda_graphs(self.config.parallel)
+        return StagedLayout(self.layout, self.groups, self.config, self.balancer, graphs)
+
+
+def parallel_config_for(parallel: ParallelConfig, layout: ParallelLayout | None) -> ParallelConfig:
+    if layout is None:
+        return parallel
+    return dataclasses.replace(parallel, data_parallel_size=layout.world_size, data_parallel_rank=layout.rank,
+                               store_host=layout.store_host, store_port=layout.store_port)
