@@ -24,7 +24,7 @@ import zmq
 import zmq.asyncio
 
 from elastic.cluster.coordinator import CoordinatorAddresses, CoordinatorProcess
-from elastic.cluster.remote import remote_ranks
+from elastic.cluster.placement import remote_ranks
 from elastic.config import EngineConfig, ParallelConfig
 from elastic.engine.process import run_engine_core
 from elastic.protocol.fault import RankFault

@@ -33,15 +33,6 @@ logger = logging.getLogger(__name__)
 _JOIN_WAIT_S = 600.0  # a joining rank waits this long for its turn (ranks join one at a time, in order)
 
 
-def remote_ranks(launcher: EngineLauncher) -> RemoteNodes:
-    """The launcher's view of ranks it does not start as local processes: nodes, or Ray actors."""
-    if launcher.config.parallel.data_parallel_backend == "ray":
-        from elastic.cluster.ray_backend import RayRanks
-
-        return RayRanks(launcher)
-    return RemoteNodes(launcher)
-
-
 def new_node_identity() -> bytes:
     return NODE_IDENTITY_PREFIX + uuid.uuid4().hex[:12].encode()
 

@@ -267,9 +267,12 @@ class EngineCoreClient:
                 ready = decoder.decode(payload)
             except (msgspec.DecodeError, msgspec.ValidationError):
                 continue
-            engine = self.by_id.setdefault(ready.engine_index, EngineHandle(ready.engine_index, identity,
-                                                                              state=JOINING))
-            engine.ready, engine.num_kv_blocks, engine.pid = True, ready.num_kv_blocks, ready.pid
+            self.register(identity, ready)
+
+    def register(self, identity: bytes, ready: EngineReady) -> None:
+        """An engine's READY on our input queue: it can be addressed (routed to once the membership says)."""
+        engine = self.by_id.setdefault(ready.engine_index, EngineHandle(ready.engine_index, identity, state=JOINING))
+        engine.ready, engine.num_kv_blocks, engine.pid = True, ready.num_kv_blocks, ready.pid
 
     # ---- membership (elastic scaling) ------------------------------------------------------------------
     def apply_membership(self, membership: Membership, coordinator_frontend_pub: str | None = None) -> None:

@@ -16,15 +16,13 @@ import zmq.asyncio
 from elastic.cluster.launcher import EngineStartupError
 from elastic.cluster.node import NodeAgent
 from elastic.protocol.from_engine import EngineReady
-from elastic.protocol.scaling import ACTIVE, JOINING
+from elastic.protocol.scaling import ACTIVE
 
 _START_TIMEOUT_S = 900.0  # weights may be loading; a join waits for the scale-up too
 
 
 async def start_node_frontend(client: Any) -> NodeAgent:
     """`client`: the EngineCoreClient (bound already). Returns the registered, serving NodeAgent."""
-    from elastic.frontend.engine_client import EngineHandle
-
     def on_lost(reason: str) -> None:
         for engine in list(client.engines):
             if client.is_local(engine.index):
@@ -54,8 +52,7 @@ async def start_node_frontend(client: Any) -> NodeAgent:
             ready = decoder.decode(payload)
         except (msgspec.DecodeError, msgspec.ValidationError):
             continue
-        engine = client.by_id.setdefault(ready.engine_index, EngineHandle(ready.engine_index, identity, state=JOINING))
-        engine.ready, engine.num_kv_blocks, engine.pid = True, ready.num_kv_blocks, ready.pid
+        client.register(identity, ready)
     return agent
 
 
