@@ -30,6 +30,7 @@ from elastic.config import ParallelConfig
 EngineLauncher = EngineProcess = Any
 logger = logging.getLogger(__name__)
 
+_MISSING_LOG_INTERVAL_S = 30.0
 _JOIN_WAIT_S = 600.0  # a joining rank waits this long for its turn (ranks join one at a time, in order)
 
 
@@ -116,6 +117,7 @@ class RemoteNodes:
 
     def start(self) -> None:
         self._spawn_task(self._heartbeats(), "node-heartbeats")
+        self._spawn_task(self._report_missing(), "node-wait")
 
     def close(self) -> None:
         for node in list(self.nodes.values()):
@@ -228,6 +230,18 @@ class RemoteNodes:
                 if status != 409 or time.monotonic() > deadline:
                     return NodeLeaveReply(status, {"error": str(e)})
             await asyncio.sleep(0.2)
+
+    async def _report_missing(self) -> None:
+        """While ranks of the starting layout wait for a node to offer them, say which and where."""
+        while True:
+            await asyncio.sleep(_MISSING_LOG_INTERVAL_S)
+            launcher = self.launcher
+            missing = [i for i, e in launcher.engines.items() if not self.is_local(i) and i not in self.node_of
+                       and not e.ready and e.exit_reason is None and i < launcher.membership.world_size]
+            if not missing:
+                return
+            logger.info("waiting for a node to offer rank(s) %s: start it with --data-parallel-address and "
+                        "--data-parallel-rpc-port pointing at %s", missing, launcher.handshake_address)
 
     # ---- liveness ------------------------------------------------------------------------------------------
     async def _heartbeats(self) -> None:
