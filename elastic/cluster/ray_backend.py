@@ -79,6 +79,9 @@ class RayRanks(RemoteNodes):
     def is_local(self, engine_id: int) -> bool:
         return False
 
+    async def _report_missing(self) -> None:
+        return  # Ray places every rank: there is no node to wait for
+
     def is_remote(self, engine_id: int) -> bool:
         return engine_id in self.placed
 
