@@ -59,6 +59,7 @@ def test_kill_one_rank_of_three(three_ranks, model) -> None:  # noqa: F811
     server, (_, expected) = three_ranks, model
     victim = engine_pids(server)[1]
     with Load(server) as load:
+        wait_until(lambda: server.metric("vllm:num_requests_running", engine="1") > 0, 60, "requests on rank 1")
         kill(victim)
         wait_until(lambda: "recovery: serving succeeded" in server.log(), RECOVERY_S, "serving at size 2")
         assert "3 -> 2 ranks" in server.log()

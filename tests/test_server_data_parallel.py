@@ -156,7 +156,7 @@ def test_two_api_servers_share_the_port(checkpoint_dir) -> None:
     coordinator, and /metrics adds up across them whichever process answers the scrape."""
     path = checkpoint_dir("qwen3_moe")
     with ServerProcess(path, *TEST_SERVER_ARGS, *LONG_CONTEXT, "--served-model-name", "m", "-dp", "2",
-                       "--api-server-count", "2") as server:
+                       "--api-server-count", "2", "--no-restart-failed-ranks") as server:
         server.wait_ready()
         expected = reference(path)
         num_rounds = 3
@@ -177,26 +177,26 @@ def test_two_api_servers_share_the_port(checkpoint_dir) -> None:
             gauges = [labels for name, labels in samples if name == "vllm:num_requests_running"]
             assert sorted(dict(g)["engine"] for g in gauges) == ["0", "1"], gauges  # once per engine, no pid
 
-        # One rank dies: every API server fails its requests and reports it.
+        # One rank dies: every API server re-runs its requests of that rank on the survivor (docs/reliability.md).
         results: dict[str, httpx.Response] = {}
 
         def plain(i: int) -> None:
-            req = {"model": "m", "prompt": PROMPTS[i], "max_tokens": LONG_TOKENS, "ignore_eos": True}
-            results[str(i)] = httpx.post(server.base_url + "/v1/completions", json=req, timeout=60)
+            req = {"model": "m", "prompt": PROMPTS[i], "max_tokens": 64, "ignore_eos": True}
+            results[str(i)] = httpx.post(server.base_url + "/v1/completions", json=req, timeout=120)
 
         threads = [threading.Thread(target=plain, args=(i,)) for i in range(4)]
         for t in threads:
             t.start()
         wait_until(lambda: server.metric("vllm:num_requests_running") == 4, 60, "4 running requests")
-        killed_at = time.monotonic()
         os.kill(pids_in_log(server, "engine")[1], signal.SIGKILL)
         for t in threads:
-            t.join(30)
-        assert time.monotonic() - killed_at < 5 and not any(t.is_alive() for t in threads)
-        assert all(r.status_code == 503 and "SIGKILL" in r.text for r in results.values()), \
+            t.join(120)
+        assert not any(t.is_alive() for t in threads)
+        assert all(r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 64 for r in results.values()), \
             [(r.status_code, r.text[:200]) for r in results.values()]
-        for _ in range(4):
-            assert httpx.get(server.base_url + "/health", timeout=10).status_code == 503
+        wait_until(lambda: "recovery: serving succeeded" in server.log(), 60, "serving at 1 rank")
+        for _ in range(4):  # liveness held, and every API server serves again
+            assert httpx.get(server.base_url + "/health", timeout=10).status_code == 200
         assert server.stop() == 0, server.log()[-3000:]
         assert server.leftover_pids() == []
         assert server.socket_files() == []
