@@ -71,7 +71,8 @@ def check_outputs(url: str, expected: list[list[int]]) -> None:
 
 def test_head_and_headless_node_dp4(model, hosts, nodes) -> None:
     """Ranks 0-1 on the head, 2-3 on a headless node: outputs equal DP=1. A node with the wrong key is
-    refused without effect. SIGTERM to the headless node shrinks the group to the head's two ranks."""
+    refused without effect. SIGTERM to the headless node shrinks the group to the head's two ranks; a new
+    headless node offering ranks 2-3 grows it back to four."""
     path, expected = model
     port, env = free_port(), key_env()
     head = NodeProcess(hosts, "head", path, *ARGS, *topology(hosts, 4, port, "--data-parallel-size-local", "2"),
@@ -101,6 +102,14 @@ def test_head_and_headless_node_dp4(model, hosts, nodes) -> None:
     worker.stop()
     assert worker.wait_exit(120) == 0
     assert httpx.get(head.url + "/scale", timeout=10).json()["data_parallel_size"] == 2
+
+    # A headless node offering the next ranks joins: the group grows back to 4 without a POST /scale.
+    again = NodeProcess(hosts, "worker", path, *ARGS, *topology(hosts, 4, port, "--data-parallel-size-local", "2",
+                                                                  "--data-parallel-start-rank", "2", "--headless"),
+                        http=False, env=env, name="again")
+    nodes.append(again)
+    wait_until(lambda: httpx.get(head.url + "/scale", timeout=10).json()["data_parallel_size"] == 4, 180,
+               "the node's ranks to join")
     check_outputs(head.url, expected)
 
 
@@ -198,7 +207,7 @@ def test_external_lb_two_ranks_then_2_3_2_under_load(model, hosts, nodes) -> Non
         wait_until(lambda: len(load.results) >= before + len(PROMPTS), 120, "requests after the shrink")
     assert load.check(expected) >= 3 * len(PROMPTS)
     log = rank0.log()
-    assert "asks to join as rank 2" in log and "join-" in log and "leave-" in log
+    assert "asks to join as rank(s) [2]" in log and "join-" in log and "leave-" in log
 
 
 def test_hybrid_lb(model, hosts, nodes) -> None:

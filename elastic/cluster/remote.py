@@ -159,11 +159,12 @@ class RemoteNodes:
                 self._send(node, NodeSpawn(rank, rank))
             logger.info("%s runs rank(s) %s", node.name, hello.ranks)
             return
-        if len(hello.ranks) == 1 and hello.ranks[0] >= size and launcher.handshake_address:
+        ranks = hello.ranks
+        if ranks and ranks[0] >= size and ranks == list(range(ranks[0], ranks[-1] + 1)) and launcher.handshake_address:
             self.nodes[identity] = node
             self._send(node, NodeWelcome(True, world_size=size, membership=launcher.membership))
-            logger.info("%s asks to join as rank %d (the group has %d)", node.name, hello.ranks[0], size)
-            self._spawn_task(self._join(node, hello.ranks[0]), f"join-{hello.node_id}")
+            logger.info("%s asks to join as rank(s) %s (the group has %d)", node.name, ranks, size)
+            self._spawn_task(self._join(node, ranks), f"join-{hello.node_id}")
             return
         error = (f"rank(s) {hello.ranks} are not free: the head runs {size} rank(s), this node may offer ranks "
                  f"of the starting layout that no node has claimed, or the next rank ({size}) to join")
@@ -183,24 +184,27 @@ class RemoteNodes:
             self.launcher.engine_exited(engine, reason)
 
     # ---- joining and leaving: scale operations -----------------------------------------------------------
-    async def _join(self, node: RemoteNode, rank: int) -> None:
+    async def _join(self, node: RemoteNode, ranks: list[int]) -> None:
+        """One scale-up to ranks[-1] + 1 with the new ranks placed on `node`, once the group has ranks[0]
+        ranks (nodes join one after another, in rank order)."""
         deadline = time.monotonic() + _JOIN_WAIT_S
         while time.monotonic() < deadline and node.identity in self.nodes:
             orchestrator = self.get_orchestrator() if self.get_orchestrator is not None else None
             size = self.launcher.membership.world_size
-            if orchestrator is not None and size == rank and orchestrator.status()["state"] == "idle":
-                self.joins[rank] = node
-                result = await orchestrator.scale(rank + 1, None, f"join-{node.hello.node_id}")
-                self.joins.pop(rank, None)
-                logger.info("%s joining as rank %d: %s%s", node.name, rank, result["result"],
+            if orchestrator is not None and size == ranks[0] and orchestrator.status()["state"] == "idle":
+                self.joins.update({rank: node for rank in ranks})
+                result = await orchestrator.scale(ranks[-1] + 1, None, f"join-{node.hello.node_id}")
+                for rank in ranks:
+                    self.joins.pop(rank, None)
+                logger.info("%s joining as rank(s) %s: %s%s", node.name, ranks, result["result"],
                             f" ({result['error']})" if result.get("error") else "")
                 if result["result"] != "succeeded":
                     self._send(node, NodeWelcome(False, f"the scale-up failed: {result.get('error')}"))
                 return
-            if size > rank:
+            if size > ranks[0]:
                 break
             await asyncio.sleep(0.2)
-        self._send(node, NodeWelcome(False, f"rank {rank} could not join (the group has "
+        self._send(node, NodeWelcome(False, f"rank(s) {ranks} could not join (the group has "
                                             f"{self.launcher.membership.world_size} ranks)"))
 
     async def _leave(self, node: RemoteNode, msg: NodeLeave) -> None:
