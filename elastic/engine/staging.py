@@ -5,10 +5,11 @@ peers while a driver call of the other thread (an allocation, a sync) holds the 
 can wait on each other for ever. So every piece that moves data runs on the engine's own thread between
 two steps, in the same order on every rank (ranks step in lockstep, so the pieces pair up across ranks):
 
-    grow (old ranks)    dense weights to our new ranks -> placement shared, slots allocated -> one MoE layer's
-                        experts per step, over the new group -> balancer (and the new group warmed up)
-    shrink (survivors)  slots allocated -> one layer per step, over the old group -> new group warmed up
-    shrink (leaving)    one layer per step, sending only
+    grow (old ranks)    dense weights to our new ranks -> placement shared, slots allocated -> MoE layers'
+                        experts, up to 1 GiB per rank per step, over the new group -> balancer (and the new
+                        group's communicator set up)
+    shrink (survivors)  slots allocated -> layers' experts over the old group -> new group set up
+    shrink (leaving)    layers' experts, sending only
     joining rank        the same pieces at start-up, all at once (EngineCore._receive_weights)
 
 Only the CUDA-graph capture runs in a background thread (`capture`): its warm-ups use stand-in
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections import Counter
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -26,6 +28,7 @@ from elastic.config import EngineConfig, ParallelConfig
 from elastic.distributed.expert_parallel import apply_expert_parallel
 from elastic.distributed.parallel_state import ParallelState
 from elastic.engine.reconfigure import resize_placement, send_dense_weights, share_placement, transfer_layer
+from elastic.eplb.transfer import plan_moves
 from elastic.eplb.balancer import ExpertBalancer
 from elastic.executor.cuda_graphs import DecodeGraphs
 from elastic.layers.moe import ExpertLayout, ExpertSlots
@@ -35,6 +38,8 @@ if TYPE_CHECKING:
     from elastic.engine.core import EngineCore
 
 logger = logging.getLogger(__name__)
+
+_STEP_BYTES = 1 << 30  # experts a rank receives in one staging step: a few ms over NVLink, one step's pause
 
 
 @dataclasses.dataclass
@@ -59,7 +64,9 @@ class LayoutStaging:
         self.send_weights_to, self.timeout_s = send_weights_to, timeout_s
         self.rank = core.layout.rank  # ranks keep their numbers across a resize
         self.moe = core.runner.model.moe_layers()
-        self.new_p2l: torch.Tensor | None = None
+        arch, redundant = core.config.model.arch, core.config.parallel.num_redundant_experts
+        # The same on every old rank (they froze the same placement), so every rank plans the same pieces.
+        self.new_p2l = resize_placement(old_p2l, old_world, new_world, arch.num_experts, redundant)
         self.slots: list[ExpertSlots] | None = None  # this rank's next slots (None: it leaves)
         self.balancer: ExpertBalancer | None = None
         config = core.config
@@ -72,7 +79,7 @@ class LayoutStaging:
 
     def pieces(self) -> list[Callable[[], None]]:
         """What to run, one per step, in this order (the same count and order of collectives on every rank)."""
-        layers = [self._layer_piece(i) for i in range(len(self.moe))]
+        layers = [self._layers_piece(group) for group in self._layer_groups()]
         if self.layout is None:
             return [self._place, *layers]
         if self.growing:
@@ -86,21 +93,39 @@ class LayoutStaging:
             send_dense_weights(self.core.runner.model, self.groups.ep, self.send_weights_to)
 
     def _place(self) -> None:
-        """The next placement (computed alike on every rank) and, unless this rank leaves, its slots."""
-        if self.growing:  # the new ranks learn the placement from rank 0 (they have none)
+        """The new ranks learn the placement in force (they have none); this rank's next slots."""
+        if self.growing:
             assert self.groups is not None
-            self.old_p2l = share_placement(self.groups.dp, self.old_p2l, self.timeout_s)
-        arch, redundant = self.config.model.arch, self.config.parallel.num_redundant_experts
-        self.new_p2l = resize_placement(self.old_p2l, self.old_world, self.new_world, arch.num_experts, redundant)
+            share_placement(self.groups.dp, self.old_p2l, self.timeout_s)
         if self.layout is not None:
+            arch, redundant = self.config.model.arch, self.config.parallel.num_redundant_experts
             expert_layout = ExpertLayout.for_ranks(arch.num_experts, redundant, self.new_world, self.layout.rank)
             self.slots = [m.stage(expert_layout) for m in self.moe]
 
-    def _layer_piece(self, i: int) -> Callable[[], None]:
+    def _layer_groups(self) -> list[list[int]]:
+        """MoE layers batched so that no rank receives more than _STEP_BYTES of experts in one step."""
+        if not self.moe:
+            return []
+        slot_bytes = self.moe[0].w13.data[0].nbytes + self.moe[0].w2.data[0].nbytes
+        old_spr, new_spr = self.old_p2l.shape[1] // self.old_world, self.new_p2l.shape[1] // self.new_world
+        groups: list[list[int]] = [[]]
+        size = 0
+        for i in range(len(self.moe)):
+            moves = plan_moves(self.old_p2l[i].tolist(), old_spr, self.new_p2l[i].tolist(), new_spr)
+            received = Counter(m.dst_rank for m in moves if m.src_rank != m.dst_rank)
+            layer_bytes = max(received.values(), default=0) * slot_bytes
+            if groups[-1] and size + layer_bytes > _STEP_BYTES:
+                groups.append([])
+                size = 0
+            groups[-1].append(i)
+            size += layer_bytes
+        return groups
+
+    def _layers_piece(self, layers: list[int]) -> Callable[[], None]:
         def piece() -> None:
-            assert self.new_p2l is not None
-            transfer_layer(i, self.old_p2l, self.new_p2l, self.old_world, self.new_world, self.rank,
-                           [m.live for m in self.moe], self.slots, self._transfer_group())
+            for i in layers:
+                transfer_layer(i, self.old_p2l, self.new_p2l, self.old_world, self.new_world, self.rank,
+                               [m.live for m in self.moe], self.slots, self._transfer_group())
         return piece
 
     def _transfer_group(self):  # noqa: ANN202 - StatelessGroup | None

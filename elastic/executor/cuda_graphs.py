@@ -57,27 +57,36 @@ class DecodeGraphs:
     def capture(self) -> None:
         start = time.perf_counter()
         self.pool = torch.cuda.graph_pool_handle()
-        # Staged graphs are captured while another thread serves: warm-ups run on a side stream and wait
-        # only for it, and the capture checks only this thread's CUDA calls.
-        side = torch.cuda.Stream(self.device) if self.staged else torch.cuda.current_stream(self.device)
+        # A stream of our own (captures cannot use the legacy default stream). Staged graphs are captured while
+        # another thread serves, so only this stream is waited for and only this thread's CUDA calls are
+        # checked; no device-wide sync and cache release per graph either (torch.cuda.graph does both, which
+        # would stall the serving thread once per size).
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
         mode = "thread_local" if self.staged else "global"
         with torch.cuda.stream(side):
             for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
-                ctx = ForwardContext(attn=self._metadata(bs), num_valid_tokens=self.num_valid,
-                                     dp_num_tokens=[bs] * self.dp_size if self.dp_size > 1 else None,
-                                     use_staged=self.staged)
-                # Warm-up (compiles, autotunes) with stand-in collectives, then the capture, which records the
-                # real ones without running them: no rank waits for another here.
-                with set_forward_context(dataclasses.replace(ctx, stand_in_collectives=True)):
-                    self.hidden[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])
-                side.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with set_forward_context(ctx), torch.cuda.graph(graph, pool=self.pool, capture_error_mode=mode):
-                    self.hidden[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])
-                self.graphs[bs] = graph
-            side.synchronize()
+                self.graphs[bs] = self._capture_size(bs, side, mode)
+        side.synchronize()
         logger.info("captured %d decode CUDA graphs (batch 1..%d)%s in %.1fs", len(self.graphs), self.sizes[-1],
                     " for the next layout, beside serving," if self.staged else "", time.perf_counter() - start)
+
+    def _capture_size(self, bs: int, side: torch.cuda.Stream, mode: str) -> torch.cuda.CUDAGraph:
+        ctx = ForwardContext(attn=self._metadata(bs), num_valid_tokens=self.num_valid,
+                             dp_num_tokens=[bs] * self.dp_size if self.dp_size > 1 else None, use_staged=self.staged)
+        # Warm-up (compiles, autotunes) with stand-in collectives, then the capture, which records the real ones
+        # without running them: no rank waits for another here.
+        with set_forward_context(dataclasses.replace(ctx, stand_in_collectives=True)):
+            self.hidden[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])
+        side.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with set_forward_context(ctx):
+            graph.capture_begin(pool=self.pool, capture_error_mode=mode)
+            try:
+                self.hidden[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])
+            finally:
+                graph.capture_end()
+        return graph
 
     def release(self) -> None:
         self.graphs.clear()
