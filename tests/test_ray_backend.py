@@ -14,7 +14,7 @@ import tempfile
 import httpx
 import pytest
 from server_fixtures import TEST_SERVER_ARGS, ServerProcess, free_port, process_group_pids, wait_until
-from test_multinode import MAX_TOKENS, PROMPTS, Load, check_outputs, model  # noqa: F401 - `model` is a fixture
+from test_multinode import PROMPTS, Load, check_outputs, model  # noqa: F401 - `model` is a fixture
 
 pytest.importorskip("ray")
 
@@ -75,4 +75,3 @@ def test_ray_dp2_scales_2_3_2_under_load(model, ray_cluster) -> None:  # noqa: F
         assert log.count("asked Ray to place engine core") == 3
         assert httpx.get(server.base_url + "/scale", timeout=10).json()["data_parallel_size"] == 2
         assert server.stop() == 0
-    assert MAX_TOKENS > 0

@@ -29,8 +29,7 @@ from elastic.config import EngineConfig
 from elastic.engine.process import run_engine_core
 from elastic.protocol.nodes import (HEARTBEAT_INTERVAL_S, HEARTBEAT_TIMEOUT_S, HeadToNode, NodeEngineExited,
                                     NodeHeartbeat, NodeHello, NodeLeave, NodeLeaveReply, NodeMembership, NodeSpawn,
-                                    NodeStop,
-                                    NodeWelcome)
+                                    NodeStop, NodeWelcome)
 from elastic.protocol.scaling import MembershipUpdate
 from elastic.transport import security
 

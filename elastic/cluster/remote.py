@@ -19,9 +19,8 @@ from typing import Any, Callable
 import msgspec
 
 from elastic.protocol.nodes import (HEARTBEAT_INTERVAL_S, HEARTBEAT_TIMEOUT_S, NODE_IDENTITY_PREFIX, HeadToNode,
-                                    NodeEngineExited, NodeHeartbeat, NodeHello, NodeLeave, NodeLeaveReply, NodeMembership,
-                                    NodeSpawn,
-                                    NodeStop, NodeToHead, NodeWelcome)
+                                    NodeEngineExited, NodeHeartbeat, NodeHello, NodeLeave, NodeLeaveReply,
+                                    NodeMembership, NodeSpawn, NodeStop, NodeToHead, NodeWelcome)
 from elastic.protocol.scaling import MembershipUpdate
 
 from elastic.config import ParallelConfig

@@ -156,9 +156,9 @@ class _RefusalLog:
             return True
         if event["event"] == zmq.EVENT_MONITOR_STOPPED:
             return True
+        endpoint = event.get("endpoint", b"").decode(errors="replace")
         logger.error("refused a connection to the %s at %s: it failed the CURVE handshake (its data-parallel "
-                     "key differs from ours, fingerprint %s)", what, event.get("endpoint", b"").decode(errors="replace"),
-                     key_fingerprint())
+                     "key differs from ours, fingerprint %s)", what, endpoint, key_fingerprint())
         return False
 
 
