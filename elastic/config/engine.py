@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # torch is imported where it is needed: parsing the CLI stays
 _DTYPES = {"float32": "float32", "float": "float32", "bfloat16": "bfloat16", "float16": "float16",
            "half": "float16"}  # name -> torch attribute
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
-EP_DISPATCH_MODES = ("alltoall", "allgather")
+EP_DISPATCH_MODES = ("auto", "alltoall", "allgather")
 DP_BACKENDS = ("mp", "ray")
 BLOCK_SIZES = (8, 16, 32, 64, 128)
 
@@ -115,7 +115,8 @@ class ParallelConfig:
     enable_expert_parallel: bool = option(
         False, "accepted for vLLM compatibility: MoE layers are always expert-parallel over the ranks")
     ep_dispatch: str = option(
-        "alltoall", "how tokens reach their experts' ranks: all-to-all, or all-gather + reduce-scatter",
+        "auto", "how tokens reach their experts' ranks: all-to-all, or all-gather + reduce-scatter (auto: "
+                "all-gather where decode steps replay CUDA graphs, which all-to-all cannot, else all-to-all)",
         choices=EP_DISPATCH_MODES)
     num_redundant_experts: int = option(
         0, "extra expert slots per MoE layer holding replicas (EPLB places them; slots per rank are "
@@ -286,6 +287,11 @@ class EngineConfig:
     parallel: ParallelConfig
     eplb: EplbConfig = EplbConfig()
 
+    def __post_init__(self) -> None:
+        if self.parallel.ep_dispatch == "auto":  # resolved once, so every rank and every scale agree
+            _set(self, "parallel", dataclasses.replace(self.parallel,
+                                                       ep_dispatch=_auto_dispatch(self.model, self.cache)))
+
     @property
     def device(self) -> str:  # "cpu" | "cuda" | "cuda:N"
         return self.model.device
@@ -339,3 +345,12 @@ def create_engine_config(model: str, **options: Any) -> EngineConfig:
     return EngineConfig(model=ModelConfig(str(model), **pick(ModelConfig)), cache=CacheConfig(**pick(CacheConfig)),
                         scheduler=SchedulerConfig(**pick(SchedulerConfig)),
                         parallel=ParallelConfig(**pick(ParallelConfig)), eplb=EplbConfig(**pick(EplbConfig)))
+
+
+def _auto_dispatch(model: ModelConfig, cache: CacheConfig) -> str:
+    """All-gather where decode steps replay CUDA graphs (CUDA, bf16/fp16, not eager): all-to-all needs its
+    split sizes on the host every layer, so it cannot be captured, and measured 4-5x slower serving on 2 H100s
+    (docs/distributed.md). Elsewhere all-to-all, which moves only the tokens a rank needs."""
+    graphs = model.device.startswith("cuda") and str(model.dtype).removeprefix("torch.") in (
+        "bfloat16", "float16") and not cache.enforce_eager
+    return "allgather" if graphs else "alltoall"
