@@ -160,7 +160,8 @@ class EngineCore:
         if self.parallel is not None and self.parallel is not groups:
             self.parallel.destroy()
         self.parallel, self.layout = groups, layout
-        self.config = self.runner.config = dataclasses.replace(self.config, parallel=parallel_config_for(self.config.parallel, layout))
+        parallel = parallel_config_for(self.config.parallel, layout)
+        self.config = self.runner.config = dataclasses.replace(self.config, parallel=parallel)
         self._connect_experts()
         self._set_up_communicator()
         if self._agree_kv_blocks(self.num_kv_blocks) != self.num_kv_blocks:
@@ -318,9 +319,10 @@ class EngineCore:
         plans_ready = self.balancer is not None and self.balancer.plan_ready
         if self.parallel is not None:
             decode_only = all(n == 1 for _, n in out.scheduled)
-            # A pending scale commit keeps every rank stepping until all are ready (no rebalance may start
-            # then, and none may be under way at the switch); ParallelState.all_scale_ready says when.
-            scale_ready = self.scale_sync and self.scale_agree and not (self.balancer is not None and self.balancer.busy)
+            # A scale operation keeps every rank stepping until all are ready to freeze the placement or to
+            # switch (no rebalance may be under way then); ParallelState.all_scale_ready says when.
+            rebalancing = self.balancer is not None and self.balancer.busy
+            scale_ready = self.scale_sync and self.scale_agree and not rebalancing
             has_work = self.scheduler.has_unfinished() or self._eplb_pending or self.scale_sync
             dp_num_tokens, self.wave.running, all_decode, eplb_due = self.parallel.exchange_step(
                 out.num_tokens or 1, has_work, decode_only, eplb_due, scale_ready,
