@@ -13,7 +13,8 @@ from elastic.cluster.coordinator import Coordinator
 from elastic.config import create_engine_config
 from elastic.elastic_ep.capacity import check_target, expert_bytes
 from elastic.elastic_ep.operation import IDLE, PREPARING, ROLLED_BACK, SUCCEEDED, ScaleError, ScaleTracker
-from elastic.engine.reconfigure import resize_placement, slots_per_rank
+from elastic.engine.reconfigure import resize_placement, slots_per_rank, transfer_layer
+from elastic.layers.moe import ExpertLayout, FusedMoE
 from elastic.eplb.transfer import plan_moves
 from elastic.protocol import from_engine, scaling, to_engine
 from elastic.protocol.to_coordinator import EngineLoad, ScaleElasticEP
@@ -64,6 +65,43 @@ def test_resize_keeps_survivors_slots_in_place() -> None:
     shrunk = resize_placement(grown, 4, 2, 8, 0)
     for layer in range(maps.shape[0]):
         assert shrunk[layer, :2].tolist() == grown[layer, :2].tolist()
+
+
+def _layer_with_experts(num_experts: int, redundant: int, world: int) -> FusedMoE:
+    """Rank 0's FusedMoE at `world` ranks, each slot's weights filled with its expert's id."""
+    moe = FusedMoE(num_experts, 2, hidden_size=4, intermediate_size=3, renormalize=True, ep_size=world, ep_rank=0,
+                   num_redundant=redundant)
+    for slot, expert in enumerate(moe.live.local_experts().tolist()):
+        moe.w13.data[slot].fill_(expert)
+        moe.w2.data[slot].fill_(expert)
+    return moe
+
+
+def test_staging_beside_serving_never_writes_a_serving_slot() -> None:
+    """A scale-up stages rank 0's next slots on its live storage (fewer slots per rank): the slots that keep
+    serving until the switch keep their weights untouched, and the staged placement matches the weights."""
+    moe = _layer_with_experts(8, 0, 1)  # 8 slots on one rank
+    serving = moe.w13.data.clone()
+    old = moe.live.physical_to_logical.cpu()[None]  # [1 layer, 8 slots]
+    new = resize_placement(old, 1, 2, 8, 0)  # 4 slots per rank
+    staged = moe.stage(ExpertLayout.for_ranks(8, 0, 2, 0))
+    assert staged.storage[0] is moe.live.storage[0]  # no new memory: a view of the live storage
+    transfer_layer(0, old, new, 1, 2, 0, [moe.live], [staged], group=None)  # rank 1's moves need a group
+    assert torch.equal(moe.w13.data, serving)  # nothing written where the live layout reads
+    for slot, expert in enumerate(staged.local_experts().tolist()):
+        assert bool((staged.w13[slot] == expert).all())
+    # A placement that would rewrite a serving slot is refused rather than corrupting live weights.
+    bad = new.clone()
+    bad[0, [0, 1]] = bad[0, [1, 0]]
+    with pytest.raises(RuntimeError, match="serves expert"):
+        transfer_layer(0, old, bad, 1, 2, 0, [moe.live], [moe.stage(ExpertLayout.for_ranks(8, 0, 2, 0))], None)
+
+
+def test_shrink_stages_new_storage_when_the_old_is_too_small() -> None:
+    moe = _layer_with_experts(8, 0, 2)  # rank 0 of 2: 4 slots
+    staged = moe.stage(ExpertLayout.for_ranks(8, 0, 1, 0))  # back to one rank: 8 slots
+    assert staged.storage[0] is not moe.live.storage[0] and staged.capacity == 8
+    assert bool((staged.w13 == 0).all())  # zeroed until filled: a warm-up over it computes finite garbage
 
 
 # ---- the state machine ------------------------------------------------------------------------------------
