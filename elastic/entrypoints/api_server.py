@@ -49,6 +49,8 @@ def build_app(engine: AsyncLLM, metrics: ServerMetrics, args: ServerConfig) -> F
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.exit_code = 0
         starter = asyncio.create_task(_start_engine(app, engine, args), name="engine-start")
+        if engine.client.rejoin is not None:  # replacing an API server that died: listen once it serves
+            await asyncio.wait([starter])
         try:
             yield
         finally:

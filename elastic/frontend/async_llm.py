@@ -238,9 +238,16 @@ class AsyncLLM:
                 if engine.dead_reason is not None:
                     raise
                 # Unreachable but not dead: it left the layout (elastic scale-down) before our membership
-                # record said so. Another engine takes the request.
+                # record said so, or it died and the news is on its way. Another engine takes the request;
+                # with none, a recovering server lets it wait for one.
                 engine.state = LEAVING
-                engine = self.client.pick_engine(exclude=engine.index)
+                try:
+                    engine = self.client.pick_engine(exclude=engine.index)
+                except EngineDeadError:
+                    if not self.client.recovers:
+                        raise
+                    self._park(state, list(state.samples))
+                    return
                 for sample in state.samples.values():
                     sample.engine_index = engine.index
                 self.client.add_requests(engine, reqs)
