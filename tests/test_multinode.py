@@ -199,9 +199,11 @@ def test_external_lb_two_ranks_then_2_3_2_under_load(model, hosts, nodes) -> Non
         wait_until(lambda: len(load.results) >= before + len(PROMPTS), 120, "requests on three ranks")
         # The new rank's own endpoint serves, on its own engine.
         wait_until(lambda: served_by_engine(rank2) == {"2"}, 120, "requests served by the new rank")
+        # Out of the balancer first, then SIGTERM: what it runs finishes there (the drain), then it leaves.
+        # (Requests sent to it meanwhile would race uvicorn closing keep-alive connections at exit.)
+        urls.remove(rank2.url)
         rank2.stop()
         assert rank2.wait_exit(120) == 0
-        urls.remove(rank2.url)
         assert httpx.get(rank0.url + "/scale", timeout=10).json()["data_parallel_size"] == 2
         before = len(load.results)
         wait_until(lambda: len(load.results) >= before + len(PROMPTS), 120, "requests after the shrink")
