@@ -19,9 +19,9 @@ from elastic.distributed.expert_parallel import apply_expert_parallel
 from elastic.distributed.group import StatelessGroup
 from elastic.distributed.parallel_state import ParallelState
 from elastic.engine.block_manager import BlockManager
-from elastic.engine.reconfigure import recv_dense_weights, resize_placement, share_placement, transfer_experts
+from elastic.engine.reconfigure import (StagedLayout, parallel_config_for, recv_dense_weights, resize_placement,
+                                        share_placement, transfer_experts)
 from elastic.engine.scheduler import Scheduler
-from elastic.engine.staging import StagedLayout, parallel_config_for
 from elastic.engine.waves import RequestWave
 from elastic.eplb.balancer import ExpertBalancer
 from elastic.executor.model_runner import ModelRunner

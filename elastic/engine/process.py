@@ -31,15 +31,15 @@ import zmq
 from elastic.config import EngineConfig
 from elastic.engine.recovery import RankRecovery
 from elastic.engine.scale_agent import ScaleAgent, set_cpu_threads
-from elastic.executor.model_runner import free_device_bytes
 from elastic.engine.waves import DPWaves, RequestWave
+from elastic.executor.model_runner import free_device_bytes
 from elastic.parent_watch import watch_parent
-from elastic.transport import security
 from elastic.protocol.from_engine import (EngineCoreOutput, EngineCoreOutputs, EngineDead, EngineHello, EngineReady,
                                           EngineStartupFailed, RejectedRequest, SchedulerStats, UtilityResult)
 from elastic.protocol.scaling import CoordinatorLink, JoinInfo, MigratedRequest
 from elastic.protocol.to_engine import (AbortRequests, EngineCoreInput, EngineCoreRequest, HandshakeAddresses,
                                         ShutdownEngine, UtilityCall, engine_identity)
+from elastic.transport import security
 
 logger = logging.getLogger(__name__)
 

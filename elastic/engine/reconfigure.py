@@ -14,6 +14,7 @@ The control protocol around these (prepare beside serving, commit at an agreed s
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from collections import Counter
 
@@ -21,13 +22,37 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from elastic.config import EngineConfig, ParallelConfig
 from elastic.distributed.group import StatelessGroup
+from elastic.distributed.parallel_state import ParallelState
+from elastic.eplb.balancer import ExpertBalancer
 from elastic.eplb.transfer import SlotMove, execute_moves, plan_moves
+from elastic.executor.cuda_graphs import DecodeGraphs
 from elastic.layers.moe import ExpertLayout, ExpertSlots, FusedMoE
+from elastic.protocol.scaling import ParallelLayout
 
 
 def slots_per_rank(num_experts: int, num_redundant: int, world_size: int) -> int:
     return ExpertLayout.for_ranks(num_experts, num_redundant, world_size, 0).slots_per_rank
+
+
+# ---- the next layout -----------------------------------------------------------------------------------
+@dataclasses.dataclass
+class StagedLayout:
+    """The next layout, ready to swap in (EngineCore.activate)."""
+
+    layout: ParallelLayout
+    groups: ParallelState | None  # None at size 1
+    config: EngineConfig  # with the new parallel layout
+    balancer: ExpertBalancer | None
+    graphs: DecodeGraphs | None
+
+
+def parallel_config_for(parallel: ParallelConfig, layout: ParallelLayout | None) -> ParallelConfig:
+    if layout is None:
+        return parallel
+    return dataclasses.replace(parallel, data_parallel_size=layout.world_size, data_parallel_rank=layout.rank,
+                               store_host=layout.store_host, store_port=layout.store_port)
 
 
 # ---- placement ----------------------------------------------------------------------------------------

@@ -35,7 +35,8 @@ import zmq
 
 from elastic.distributed.parallel_state import ParallelState
 from elastic.engine.reconfigure import commit_barrier, placement_of
-from elastic.engine.staging import LayoutStaging, StagedLayout
+from elastic.engine.reconfigure import StagedLayout
+from elastic.engine.staging import LayoutStaging
 from elastic.executor.model_runner import free_device_bytes
 from elastic.protocol.fault import RecoverLayout
 from elastic.protocol.scaling import (AbortScale, CommitScale, ControlToEngine, JoinInfo, ParallelLayout, PrepareScale,

@@ -24,13 +24,12 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from elastic.config import EngineConfig, ParallelConfig
 from elastic.distributed.expert_parallel import apply_expert_parallel
 from elastic.distributed.parallel_state import ParallelState
-from elastic.engine.reconfigure import resize_placement, send_dense_weights, share_placement, transfer_layer
-from elastic.eplb.transfer import plan_moves
+from elastic.engine.reconfigure import (StagedLayout, parallel_config_for, resize_placement, send_dense_weights,
+                                        share_placement, transfer_layer)
 from elastic.eplb.balancer import ExpertBalancer
-from elastic.executor.cuda_graphs import DecodeGraphs
+from elastic.eplb.transfer import plan_moves
 from elastic.layers.moe import ExpertLayout, ExpertSlots
 from elastic.protocol.scaling import ParallelLayout
 
@@ -40,17 +39,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _STEP_BYTES = 1 << 30  # experts a rank receives in one staging step: a few ms over NVLink, one step's pause
-
-
-@dataclasses.dataclass
-class StagedLayout:
-    """The next layout, ready to swap in (EngineCore.activate)."""
-
-    layout: ParallelLayout
-    groups: ParallelState | None  # None at size 1
-    config: EngineConfig  # with the new parallel layout
-    balancer: ExpertBalancer | None
-    graphs: DecodeGraphs | None
 
 
 class LayoutStaging:
@@ -151,10 +139,3 @@ class LayoutStaging:
         assert self.layout is not None
         graphs = self.core.runner.stage_cuda_graphs(self.config.parallel)
         return StagedLayout(self.layout, self.groups, self.config, self.balancer, graphs)
-
-
-def parallel_config_for(parallel: ParallelConfig, layout: ParallelLayout | None) -> ParallelConfig:
-    if layout is None:
-        return parallel
-    return dataclasses.replace(parallel, data_parallel_size=layout.world_size, data_parallel_rank=layout.rank,
-                               store_host=layout.store_host, store_port=layout.store_port)
