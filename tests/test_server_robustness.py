@@ -66,7 +66,7 @@ def assert_harmless(response: httpx.Response, what: Any) -> None:
     """A client error at worst: never a 5xx, never a traceback or a server path in the body."""
     assert response.status_code < 500, (what, response.status_code, response.text[:500])
     text = response.text
-    assert "Traceback" not in text and 'File "' not in text and ".py" not in text, (what, text[:500])
+    assert "Traceback" not in text and 'File "' not in text and '.py", line' not in text, (what, text[:500])
     if response.status_code >= 400:
         error = response.json()["error"]
         assert set(error) == {"message", "type", "param", "code"} and error["message"], (what, error)
