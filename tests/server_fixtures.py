@@ -83,6 +83,9 @@ class ServerProcess:
         self.log_path = self.tmpdir / "server.log"
         cmd = [sys.executable, "-m", "elastic", "serve"] + ([str(model)] if model is not None else [])
         cmd += ["--host", "127.0.0.1", "--port", str(self.port), *args]
+        # With several API servers on one port, /health answers from whichever the kernel picks: ready means
+        # that every one of them said so in the log.
+        self.api_servers = int(args[list(args).index("--api-server-count") + 1]) if "--api-server-count" in args else 1
         if api_key:
             cmd += ["--api-key", api_key]
         full_env = dict(os.environ)
@@ -159,7 +162,7 @@ class ServerProcess:
     def wait_ready(self, timeout: float = 120) -> ServerProcess:
         def ready() -> bool:
             self._alive_or_raise()
-            return self.health() == 200
+            return self.health() == 200 and self.log().count("ready: serving") >= self.api_servers
 
         wait_until(ready, timeout, "the server to become ready")
         return self
