@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from elastic.cluster.coordinator import Coordinator
+from elastic.cluster.launcher import pick_device
 from elastic.config import create_engine_config
 from elastic.elastic_ep.capacity import check_target, expert_bytes
 from elastic.elastic_ep.operation import IDLE, PREPARING, ROLLED_BACK, SUCCEEDED, ScaleError, ScaleTracker
@@ -102,6 +103,15 @@ def test_shrink_stages_new_storage_when_the_old_is_too_small() -> None:
     staged = moe.stage(ExpertLayout.for_ranks(8, 0, 1, 0))  # back to one rank: 8 slots
     assert staged.storage[0] is not moe.live.storage[0] and staged.capacity == 8
     assert bool((staged.w13 == 0).all())  # zeroed until filled: a warm-up over it computes finite garbage
+
+
+def test_a_replacement_rank_never_lands_on_a_survivors_gpu() -> None:
+    assert pick_device("cuda", 2, 3, {"cuda:0", "cuda:1"}) == "cuda:2"  # the usual: rank i on cuda:i
+    # 3 ranks, rank 1 (cuda:1) died: the survivor on cuda:2 is rank 1 now; the replacement, rank 2, takes cuda:1.
+    assert pick_device("cuda", 2, 3, {"cuda:0", "cuda:2"}) == "cuda:1"
+    assert pick_device("cuda:2", 1, 2, {"cuda:3"}) == "cuda:2"  # counted from the first device
+    assert pick_device("cuda:2", 0, 2, {"cuda:2"}) == "cuda:3"
+    assert pick_device("cpu", 1, 2, {"cpu"}) == "cpu"
 
 
 # ---- the state machine ------------------------------------------------------------------------------------

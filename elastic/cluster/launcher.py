@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import multiprocessing
 import signal
@@ -70,6 +71,18 @@ def rank_device(device: str, rank: int, world: int) -> str:
     return f"cuda:{first + rank}"
 
 
+def pick_device(device: str, rank: int, world: int, taken: set[str]) -> str:
+    """The rank's GPU (`rank_device`), or the lowest one from the first device on that no live engine of
+    this host holds: after a rank dies, the survivors keep their GPUs under new rank numbers, so a
+    replacement must not land on a survivor's GPU by its rank."""
+    preferred = rank_device(device, rank, world)
+    if not preferred.startswith("cuda:") or preferred not in taken:
+        return preferred
+    first = int(device.split(":")[1]) if ":" in device else 0
+    taken_indices = {int(d.split(":")[1]) if ":" in d else 0 for d in taken if d.startswith("cuda")}
+    return f"cuda:{next(i for i in itertools.count(first) if i not in taken_indices)}"
+
+
 @dataclass
 class EngineProcess:
     index: int  # the engine id: stable for the process's life, unlike its DP rank
@@ -88,6 +101,7 @@ class EngineProcess:
     retiring: bool = False
     free_memory_bytes: int | None = None  # reported with READY (CUDA)
     expert_slot_capacity: int | None = None  # expert slots per layer its storage holds (READY, each commit)
+    device: str | None = None  # the device it was started on (this host's engines)
     waiters: dict[tuple[type, str], asyncio.Future] = field(default_factory=dict, repr=False)
 
 
@@ -208,7 +222,10 @@ class EngineLauncher:
         # spawn, not fork: torch (CUDA, OpenMP threads) is not fork-safe.
         mp = multiprocessing.get_context("spawn")
         reader, writer = mp.Pipe(duplex=False)
-        device = rank_device(self.config.device, parallel.data_parallel_rank, parallel.data_parallel_size)
+        taken = {e.device for e in self.engines.values()
+                 if e.device is not None and e.exited is not None and not e.exited.done()}
+        device = engine.device = pick_device(self.config.device, parallel.data_parallel_rank,
+                                             parallel.data_parallel_size, taken)
         config = dataclasses.replace(self.config, parallel=parallel,
                                      model=dataclasses.replace(self.config.model, device=device))
         proc = mp.Process(target=run_engine_core, name=f"EngineCore_{engine.index}",
