@@ -66,6 +66,39 @@ def expanded_kv_bytes_per_token(arch, elem: int) -> int:
     return arch.num_layers * arch.num_heads * (arch.mla.qk_head_dim + arch.mla.v_head_dim) * elem
 
 
+def time_decode_steps(engine, bs: int, context: int, steps: int, rng: random.Random) -> tuple[float, int] | None:
+    """Median decode step time at batch `bs` (prompts of `context` tokens prefilled first) and the expert
+    slots one step touches over all layers; None when the KV cache cannot hold the whole batch."""
+    arch, moe_layers = engine.config.model.arch, engine.runner.model.moe_layers()
+    ids = [f"b{bs}-{i}" for i in range(bs)]
+    for rid in ids:
+        prompt = [rng.randrange(arch.vocab_size) for _ in range(context)]
+        engine.add_request(EngineCoreRequest(rid, prompt, SamplingParams(temperature=0, max_tokens=steps + 8,
+                                                                         ignore_eos=True)))
+    started: set[str] = set()
+    while len(started) < bs:  # prefill everything first
+        started.update(o.request_id for o in engine.step())
+    for _ in range(3):  # warm-up decode steps
+        engine.step()
+    running = len(engine.scheduler.running)
+    if running < bs:  # the KV cache cannot hold them all: the row would time a smaller batch
+        print(f"batch {bs}: only {running} requests fit in the KV cache ({engine.num_kv_blocks} blocks); skipped",
+              flush=True)
+        engine.abort_requests(ids)
+        return None
+    before = [m.expert_load.clone() for m in moe_layers]
+    engine.step()
+    touched = sum(int(((m.expert_load - b) > 0).sum()) for m, b in zip(moe_layers, before))
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize(engine.runner.device)
+        t0 = time.perf_counter()
+        engine.step()  # ends with the sampled tokens on the host
+        times.append(time.perf_counter() - t0)
+    engine.abort_requests(ids)
+    return statistics.median(times), touched
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="qwen3-30b-a3b", choices=sorted(SHAPES))
@@ -84,45 +117,21 @@ def main() -> None:
     arch = llm.config.model.arch
     bandwidth = copy_bandwidth(device)
     fixed, per_expert = weight_bytes(model)
-    moe_layers = model.moe_layers()
     runner = engine.runner
     kv_per_token = runner.kv_bytes_per_block() // runner.block_size  # what the cache stores (MLA: the latent row)
     kv_expanded = expanded_kv_bytes_per_token(arch, llm.config.model.dtype.itemsize)
     rng = random.Random(0)
     rows = []
     for bs in batch_sizes:
-        ids = [f"b{bs}-{i}" for i in range(bs)]
-        for rid in ids:
-            prompt = [rng.randrange(arch.vocab_size) for _ in range(args.context)]
-            engine.add_request(EngineCoreRequest(rid, prompt, SamplingParams(temperature=0, max_tokens=args.steps + 8,
-                                                                             ignore_eos=True)))
-        started: set[str] = set()
-        while len(started) < bs:  # prefill everything first
-            started.update(o.request_id for o in engine.step())
-        for _ in range(3):  # warm-up decode steps
-            engine.step()
-        running = len(engine.scheduler.running)
-        if running < bs:  # the KV cache cannot hold them all: the row would time a smaller batch
-            print(f"batch {bs}: only {running} requests fit in the KV cache ({engine.num_kv_blocks} blocks); skipped",
-                  flush=True)
-            engine.abort_requests(ids)
+        timed = time_decode_steps(engine, bs, args.context, args.steps, rng)
+        if timed is None:
             continue
-        before = [m.expert_load.clone() for m in moe_layers]
-        engine.step()
-        touched = sum(int(((m.expert_load - b) > 0).sum()) for m, b in zip(moe_layers, before))
-        times = []
-        for _ in range(args.steps):
-            torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            engine.step()  # ends with the sampled tokens on the host
-            times.append(time.perf_counter() - t0)
-        engine.abort_requests(ids)
-        step = statistics.median(times)
+        step, touched = timed
         kv_bytes = bs * (args.context + 6 + args.steps // 2) * kv_per_token
         floor_bytes = fixed + touched * per_expert + kv_bytes
         floor = floor_bytes / bandwidth
         rows.append(dict(batch=bs, step_ms=step * 1e3, floor_ms=floor * 1e3, ratio=step / floor,
-                         experts_touched_per_layer=touched / len(moe_layers), floor_gb=floor_bytes / 1e9,
+                         experts_touched_per_layer=touched / len(model.moe_layers()), floor_gb=floor_bytes / 1e9,
                          tokens_per_s=bs / step))
         print(json.dumps(rows[-1]), flush=True)
     result = dict(shape=args.shape, gpu=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"),

@@ -155,18 +155,21 @@ def transfer_experts(old_p2l: torch.Tensor, new_p2l: torch.Tensor, old_world: in
 
 def transfer_layer(i: int, old_p2l: torch.Tensor, new_p2l: torch.Tensor, old_world: int, new_world: int,
                    rank: int, src: list[ExpertSlots] | None, dst: list[ExpertSlots] | None,
-                   group: StatelessGroup | None, serving: bool = True) -> int:
+                   group: StatelessGroup | None, serving: bool = True,
+                   moves: list[SlotMove] | None = None) -> int:
     """Fill MoE layer `i`'s next-layout slots `dst[i]` from its slots in force `src[i]`, moving only what is
     not already in place (elastic/eplb/transfer.py), and set their placement; returns the bytes received.
     src: None on a rank the scale-up adds (it owns no old slots); dst: None on a rank that leaves (it only
     sends). Every rank of `group` calls this with the same maps, so all plan the same moves. `serving`: the
     `src` slots serve meanwhile, so a slot that both share (same storage, a first slot that stays) must
-    already hold its expert, and is never written (else every row is read before any is written)."""
+    already hold its expert, and is never written (else every row is read before any is written).
+    `moves`: the layer's plan when the caller made it already (plan_moves of the same maps)."""
     old_spr, new_spr = old_p2l.shape[1] // old_world, new_p2l.shape[1] // new_world
     old_row, new_row = old_p2l[i].tolist(), new_p2l[i].tolist()
     source = src[i] if src is not None else None
     target = dst[i] if dst is not None else None
-    moves = plan_moves(old_row, old_spr, new_row, new_spr)
+    if moves is None:
+        moves = plan_moves(old_row, old_spr, new_row, new_spr)
     if serving and source is not None and target is not None and source.storage[0] is target.storage[0]:
         moves = [m for m in moves if not _in_place(m, rank, old_row, old_spr, source.slots_per_rank)]
     either = source or target

@@ -29,7 +29,7 @@ from elastic.distributed.parallel_state import ParallelState
 from elastic.engine.reconfigure import (StagedLayout, parallel_config_for, resize_placement, send_dense_weights,
                                         share_placement, transfer_layer)
 from elastic.eplb.balancer import ExpertBalancer
-from elastic.eplb.transfer import plan_moves
+from elastic.eplb.transfer import SlotMove, plan_moves
 from elastic.layers.moe import ExpertLayout, ExpertSlots
 from elastic.protocol.scaling import ParallelLayout
 
@@ -57,6 +57,7 @@ class LayoutStaging:
         self.new_p2l = resize_placement(old_p2l, old_world, new_world, arch.num_experts, redundant)
         self.slots: list[ExpertSlots] | None = None  # this rank's next slots (None: it leaves)
         self.balancer: ExpertBalancer | None = None
+        self.plans: list[list[SlotMove]] = []  # each MoE layer's moves (_layer_groups)
         config = core.config
         self.config = dataclasses.replace(config, parallel=parallel_config_for(config.parallel, layout)) \
             if layout is not None else config
@@ -98,8 +99,9 @@ class LayoutStaging:
         old_spr, new_spr = self.old_p2l.shape[1] // self.old_world, self.new_p2l.shape[1] // self.new_world
         groups: list[list[int]] = [[]]
         size = 0
-        for i in range(len(self.moe)):
-            moves = plan_moves(self.old_p2l[i].tolist(), old_spr, self.new_p2l[i].tolist(), new_spr)
+        self.plans = [plan_moves(self.old_p2l[i].tolist(), old_spr, self.new_p2l[i].tolist(), new_spr)
+                      for i in range(len(self.moe))]
+        for i, moves in enumerate(self.plans):
             received = Counter(m.dst_rank for m in moves if m.src_rank != m.dst_rank)
             layer_bytes = max(received.values(), default=0) * slot_bytes
             if groups[-1] and size + layer_bytes > _STEP_BYTES:
@@ -113,7 +115,7 @@ class LayoutStaging:
         def piece() -> None:
             for i in layers:
                 transfer_layer(i, self.old_p2l, self.new_p2l, self.old_world, self.new_world, self.rank,
-                               [m.live for m in self.moe], self.slots, self._transfer_group())
+                               [m.live for m in self.moe], self.slots, self._transfer_group(), moves=self.plans[i])
         return piece
 
     def _transfer_group(self):  # noqa: ANN202 - StatelessGroup | None

@@ -1,6 +1,8 @@
 """Attention over the paged KV cache. The batch's layout comes from the forward context."""
 from __future__ import annotations
 
+import abc
+
 import torch
 from torch import nn
 
@@ -8,17 +10,17 @@ from elastic.forward_context import get_forward_context
 from elastic.kernels import paged_attention, store_kvcache
 
 
-class PagedCacheLayer(nn.Module):
+class PagedCacheLayer(nn.Module, abc.ABC):
     """A layer owning paged KV-cache tensors. The model runner sizes and allocates the cache from
     kv_cache_shapes(), so each attention kind says what it stores per token (K and V, or MLA's one latent row)."""
 
+    @abc.abstractmethod
     def kv_cache_shapes(self) -> list[tuple[int, ...]]:
         """Per-token shape of each cache tensor of this layer."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def bind_kv_cache(self, caches: list[torch.Tensor]) -> None:
         """caches: [num_blocks, block_size, *shape] per entry of kv_cache_shapes()."""
-        raise NotImplementedError
 
 
 class Attention(PagedCacheLayer):
