@@ -5,6 +5,11 @@
 The floor of one decode step is the bytes it must read over the copy bandwidth measured in the same run:
 non-expert weights (lm_head included, embedding rows excluded) + the distinct experts the step's tokens
 touch (counted per layer from the router's choices) + the KV cache read by attention.
+
+With --data-parallel-size N > 1 (or --device cpu) it runs N engine cores in lockstep, one per GPU, as the
+engine processes of the server do (benchmarks/decode_dp.py):
+
+    python benchmarks/decode.py --shape qwen3-30b-a3b --data-parallel-size 2 --batch-sizes 1,16,64,128
 """
 from __future__ import annotations
 
@@ -107,12 +112,25 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--model-dir", type=Path, help="a local checkpoint (its weights) instead of --shape")
+    ap.add_argument("--data-parallel-size", type=int, default=1, help="engine cores in lockstep, one per GPU")
+    # No choices here: the engine config validates (modes are being added in elastic/distributed/).
+    ap.add_argument("--ep-dispatch", default="auto", help="the engine's ep_dispatch (auto, alltoall, ...)")
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu (gloo ranks: a smoke check, not a number)")
     args = ap.parse_args()
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    if args.model_dir is not None:
+        args.shape = args.model_dir.name
+    if args.data_parallel_size > 1 or args.device != "cuda":
+        from decode_dp import run_data_parallel
+
+        run_data_parallel(args, batch_sizes)
+        return
     device = torch.device("cuda")
-    llm = LLM(str(dummy_model_dir(args.shape)), load_format="dummy", device="cuda", skip_tokenizer_init=True,
+    model_dir, load_format = (args.model_dir, "auto") if args.model_dir else (dummy_model_dir(args.shape), "dummy")
+    llm = LLM(str(model_dir), load_format=load_format, device="cuda", skip_tokenizer_init=True,
               max_model_len=args.context + args.steps + 16, max_num_seqs=max(batch_sizes),
-              enforce_eager=args.enforce_eager)
+              enforce_eager=args.enforce_eager, ep_dispatch=args.ep_dispatch)
     engine, model = llm.engine, llm.engine.runner.model
     arch = llm.config.model.arch
     bandwidth = copy_bandwidth(device)
