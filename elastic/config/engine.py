@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # torch is imported where it is needed: parsing the CLI stays
 _DTYPES = {"float32": "float32", "float": "float32", "bfloat16": "bfloat16", "float16": "float16",
            "half": "float16"}  # name -> torch attribute
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
-EP_DISPATCH_MODES = ("auto", "alltoall", "allgather")
+EP_DISPATCH_MODES = ("auto", "alltoall", "allgather", "p2p")
 DP_BACKENDS = ("mp", "ray")
 BLOCK_SIZES = (8, 16, 32, 64, 128)
 

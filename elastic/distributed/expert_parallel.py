@@ -6,28 +6,48 @@ tokens reach the ranks holding their experts by one of two exact paths:
 - all-gather / reduce-scatter: every rank sees every rank's tokens (padded to the step's largest
   rank), computes its own slots' contributions, and a reduce-scatter sums them back to the owners.
   Fixed shapes per step, so it stays capturable in a CUDA graph.
+- peer-to-peer ("p2p"): the all-gather's data flow through buffers every rank maps (NVLink, see
+  peer_exchange.py) with device-side barriers: decode steps of up to `capacity` tokens per rank; larger steps
+  (prefill) take the all-gather path over NCCL. Ranks on several hosts take the all-gather path throughout.
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn.functional as F
 
 from elastic.distributed.group import StatelessGroup
+from elastic.distributed.peer_exchange import ExchangeShape, PeerExchange
 from elastic.forward_context import get_forward_context
 from elastic.layers.moe import ExpertSlots, FusedMoE
 
+logger = logging.getLogger(__name__)
+
 
 class ExpertParallelComm:
-    def __init__(self, group: StatelessGroup, mode: str) -> None:
-        if mode not in ("alltoall", "allgather"):
+    def __init__(self, group: StatelessGroup, mode: str, exchange: PeerExchange | None = None) -> None:
+        if mode not in ("alltoall", "allgather", "p2p"):
             raise ValueError(f"unknown expert-parallel dispatch mode {mode!r}")
-        self.group, self.mode = group, mode
+        self.group, self.mode, self.exchange = group, mode, exchange
 
     def __call__(self, moe: FusedMoE, slots: ExpertSlots, hidden: torch.Tensor, topk_weights: torch.Tensor,
                  physical: torch.Tensor) -> torch.Tensor:
-        if self.mode == "allgather":
-            return self._allgather(moe, slots, hidden, topk_weights, physical)
-        return self._alltoall(moe, slots, hidden, topk_weights, physical)
+        if self.mode == "alltoall":
+            return self._alltoall(moe, slots, hidden, topk_weights, physical)
+        sizes = get_forward_context().dp_num_tokens
+        if self.exchange is not None and sizes is not None and max(sizes) <= self.exchange.capacity:
+            return self._p2p(moe, slots, hidden, topk_weights, physical, max(sizes))
+        return self._allgather(moe, slots, hidden, topk_weights, physical)
+
+    def _p2p(self, moe: FusedMoE, slots: ExpertSlots, hidden: torch.Tensor, weights: torch.Tensor,
+             physical: torch.Tensor, rows: int) -> torch.Tensor:
+        # hidden [T, H] -> every rank's rows [W * rows, H] here -> this rank's experts -> summed back [T, H].
+        # A CUDA-graph warm-up runs the same kernels on this rank's own buffers only.
+        local = get_forward_context().stand_in_collectives
+        all_hidden, all_weights, all_physical = self.exchange.dispatch(hidden, physical, weights, rows, local)
+        partial = moe.compute_local(slots, all_hidden, all_weights, all_physical)  # [W * rows, H]
+        return self.exchange.combine_into(partial, hidden.shape[0], rows, local)
 
     def _allgather(self, moe: FusedMoE, slots: ExpertSlots, hidden: torch.Tensor, weights: torch.Tensor,
                    physical: torch.Tensor) -> torch.Tensor:
@@ -73,12 +93,23 @@ class ExpertParallelComm:
 
 
 def apply_expert_parallel(model: torch.nn.Module, group: StatelessGroup | None, mode: str,
-                          staged: bool = False) -> None:
+                          staged: bool = False, p2p_capacity: int = 512) -> None:
     """Route every MoE layer of `model` through `group` (None: a single rank computes locally), for its live
-    slots or, with `staged`, for the next layout's slots that elastic scaling is preparing."""
-    comm = ExpertParallelComm(group, mode) if group is not None else None
-    for module in model.modules():
-        if isinstance(module, FusedMoE):
-            slots = module.staged if staged else module.live
-            assert slots is not None, "stage the layers' slots first"
-            slots.ep_comm = comm
+    slots or, with `staged`, for the next layout's slots that elastic scaling is preparing. A collective of
+    the group in "p2p" mode (the exchange buffers; `p2p_capacity`: tokens per rank they hold)."""
+    layers = [m for m in model.modules() if isinstance(m, FusedMoE)]
+    comm = None
+    if group is not None:
+        exchange = None
+        if mode == "p2p" and layers:
+            if PeerExchange.supported(group):
+                moe = layers[0]
+                shape = ExchangeShape(group.world_size, p2p_capacity, moe.hidden_size, moe.top_k, moe.w13.dtype)
+                exchange = PeerExchange.over_group(group, shape)
+            else:
+                logger.info("%s: ranks on several hosts; expert-parallel exchange by all-gather over NCCL", group)
+        comm = ExpertParallelComm(group, mode, exchange)
+    for module in layers:
+        slots = module.staged if staged else module.live
+        assert slots is not None, "stage the layers' slots first"
+        slots.ep_comm = comm

@@ -43,6 +43,7 @@ class StatelessGroup:
         self.timeout = timeout
         self.device = device or torch.device("cpu")
         prefixed = PrefixStore(name, store)
+        self.store = prefixed  # this group's own keys (rendezvous of buffers built over the group)
         if backend == "gloo":
             opts = dist.ProcessGroupGloo._Options()
             opts._timeout = timeout

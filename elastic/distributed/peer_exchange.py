@@ -1,0 +1,151 @@
+"""The peer-to-peer expert-parallel exchange: one buffer per rank that every rank of the EP group maps
+(torch symmetric memory, peer-to-peer over NVLink; multicast is never used), and the per-layer protocol of
+elastic.kernels.ep_p2p on it: dispatch + barrier, local experts, combine + barrier + sum.
+
+Compared with NCCL all-gather + reduce-scatter it moves the same bytes but as a few fixed-shape kernels
+(no proxy thread, no protocol handshakes), so a decode step's MoE exchange costs a few microseconds more than
+the copies. It serves steps of at most `capacity` tokens per rank (decode, CUDA graphs); larger steps
+(prefill chunks) take NCCL, whose bandwidth is as good there.
+
+A dead peer leaves a barrier waiting: `abort()` (fault recovery, from another thread) raises a flag the
+barrier kernel polls, so the step under way finishes (void) instead of spinning for ever.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+from elastic.distributed.group import StatelessGroup
+from elastic.kernels import ep_p2p
+
+logger = logging.getLogger(__name__)
+
+_ALIGN = 256
+
+
+@dataclass(frozen=True)
+class ExchangeShape:
+    world: int
+    capacity: int  # tokens per rank
+    hidden_size: int
+    top_k: int
+    dtype: torch.dtype
+
+    def regions(self) -> dict[str, tuple[int, tuple[int, ...], torch.dtype]]:
+        """name -> (byte offset, shape, dtype) inside one rank's buffer."""
+        rows = self.world * self.capacity
+        shapes = {"tokens": ((rows, self.hidden_size), self.dtype), "meta": ((rows, 2 * self.top_k), torch.float32),
+                  "combine": ((rows, self.hidden_size), self.dtype), "pad": ((self.world,), torch.int64)}
+        out, offset = {}, 0
+        for name, (shape, dtype) in shapes.items():
+            out[name] = (offset, shape, dtype)
+            nbytes = dtype.itemsize
+            for n in shape:
+                nbytes *= n
+            offset += -(-nbytes // _ALIGN) * _ALIGN
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        offset, shape, dtype = self.regions()["pad"]
+        return offset + shape[0] * dtype.itemsize
+
+
+class PeerExchange:
+    def __init__(self, shape: ExchangeShape, rank: int, buffer: torch.Tensor, peer_addresses: list[int]) -> None:
+        """`buffer`: this rank's (uint8, zeroed, at least shape.nbytes); `peer_addresses`: every rank's buffer
+        as mapped into this process, in rank order."""
+        self.shape, self.rank = shape, rank
+        self.world, self.capacity = shape.world, shape.capacity
+        device = buffer.device
+        self.buffer = buffer  # keeps the mapping alive
+        tables, views = {}, {}
+        for name, (offset, dims, dtype) in shape.regions().items():
+            tables[name] = torch.tensor([a + offset for a in peer_addresses], dtype=torch.int64, device=device)
+            numel = 1
+            for n in dims:
+                numel *= n
+            views[name] = buffer[offset:offset + numel * dtype.itemsize].view(dtype).view(dims)
+        self.tables, self.combine = tables, views["combine"]
+        self.local_tables = {name: t[rank].repeat(self.world) for name, t in tables.items()}
+        self.tokens, self.meta = views["tokens"], views["meta"]
+        self.sequence = torch.zeros(1, dtype=torch.int64, device=device)  # barriers passed (device counter)
+        self.abort_flag = torch.zeros(1, dtype=torch.int32, device=device)
+
+    @classmethod
+    def over_group(cls, group: StatelessGroup, shape: ExchangeShape) -> PeerExchange:
+        """Allocate and map every rank's buffer (a collective of the whole group)."""
+        # Never multicast (NVLS): this exchange only uses peer-to-peer mappings.
+        os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+        import torch.distributed._symmetric_memory as symm_mem
+
+        name = f"{group.name}/p2p"
+        symm_mem._SymmetricMemory.set_group_info(name, group.rank, group.world_size,
+                                                 torch.distributed.PrefixStore("symm/", group.store))
+        buffer = symm_mem.empty(shape.nbytes, dtype=torch.uint8, device=group.device)
+        buffer.zero_()
+        handle = symm_mem.rendezvous(buffer, name)
+        exchange = cls(shape, group.rank, buffer, list(handle.buffer_ptrs))
+        exchange.handle = handle
+        group.barrier()  # every buffer is zeroed before any rank writes into another's
+        return exchange
+
+    @staticmethod
+    def supported(group: StatelessGroup) -> bool:
+        """Whether every rank of `group` is a CUDA device of this host (decided alike on every rank: a
+        collective over the group's store)."""
+        if group.device.type != "cuda":
+            return False
+        host = f"{socket.gethostname()}/{_boot_id()}"
+        group.store.set(f"p2p-host/{group.rank}", host)
+        hosts = {group.store.get(f"p2p-host/{r}").decode() for r in range(group.world_size)}
+        return len(hosts) == 1
+
+    # ---- one MoE layer --------------------------------------------------------------------------------------
+    def dispatch(self, hidden: torch.Tensor, physical: torch.Tensor, weights: torch.Tensor, rows: int,
+                 local: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's tokens to every rank; -> every rank's rows here: (hidden [W*rows, H], weights [W*rows, K]
+        f32, global slot ids [W*rows, K]). `local`: a CUDA-graph warm-up (the same kernels, compiled for these
+        shapes, write this rank's buffers only and wait for no one)."""
+        tables = self.local_tables if local else self.tables
+        ep_p2p.p2p_dispatch(hidden, physical, weights, tables["tokens"], tables["meta"], rows, self.rank)
+        if not local:
+            self.barrier()
+        top_k = self.shape.top_k
+        meta = self.meta[:self.world * rows]
+        return self.tokens[:self.world * rows], meta[:, top_k:], meta[:, :top_k].long()
+
+    def combine_into(self, partial: torch.Tensor, num_tokens: int, rows: int, local: bool = False) -> torch.Tensor:
+        """partial [W*rows, H] (this rank's experts' share for every rank's rows) -> this rank's [T, H] sums."""
+        tables = self.local_tables if local else self.tables
+        ep_p2p.p2p_combine_push(partial.to(self.combine.dtype), tables["combine"], rows, self.rank)
+        if not local:
+            self.barrier()
+        return ep_p2p.p2p_combine_reduce(self.combine, num_tokens, rows, self.world)
+
+    def barrier(self) -> None:
+        ep_p2p.p2p_barrier(self.tables["pad"], self.sequence, self.abort_flag, self.rank)
+
+    def abort(self) -> None:
+        """Release this rank's barriers now and for good (a peer died; another thread calls this while the
+        engine's thread may be waiting on the device). A copy engine sets the flag, not a kernel: the
+        waiting kernel may hold the stream, never the copy engines."""
+        stream = torch.cuda.Stream(self.abort_flag.device) if self.abort_flag.is_cuda else None
+        one = torch.ones(1, dtype=torch.int32, pin_memory=self.abort_flag.is_cuda)
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            self.abort_flag.copy_(one, non_blocking=True)
+        if stream is not None:
+            stream.synchronize()
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
