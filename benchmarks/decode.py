@@ -78,7 +78,7 @@ def time_decode_steps(engine, bs: int, context: int, steps: int, rng: random.Ran
     ids = [f"b{bs}-{i}" for i in range(bs)]
     for rid in ids:
         prompt = [rng.randrange(arch.vocab_size) for _ in range(context)]
-        engine.add_request(EngineCoreRequest(rid, prompt, SamplingParams(temperature=0, max_tokens=steps + 8,
+        engine.add_request(EngineCoreRequest(rid, prompt, SamplingParams(temperature=0, max_tokens=steps + 8 + bs,
                                                                          ignore_eos=True)))
     started: set[str] = set()
     while len(started) < bs:  # prefill everything first
@@ -129,7 +129,8 @@ def main() -> None:
     device = torch.device("cuda")
     model_dir, load_format = (args.model_dir, "auto") if args.model_dir else (dummy_model_dir(args.shape), "dummy")
     llm = LLM(str(model_dir), load_format=load_format, device="cuda", skip_tokenizer_init=True,
-              max_model_len=args.context + args.steps + 16, max_num_seqs=max(batch_sizes),
+              # room for what early requests decode while later ones prefill: none finishes while timed
+              max_model_len=args.context + args.steps + 16 + max(batch_sizes), max_num_seqs=max(batch_sizes),
               enforce_eager=args.enforce_eager, ep_dispatch=args.ep_dispatch)
     engine, model = llm.engine, llm.engine.runner.model
     arch = llm.config.model.arch

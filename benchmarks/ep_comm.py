@@ -5,7 +5,8 @@
 Per rank: T tokens (1..256), hidden 2048 bf16, top-8 of 128 experts (uniform routing). The expert
 compute is replaced by the identity so only communication is timed. The floor is the bytes a rank must
 send to other ranks (dispatch + combine) over the per-rank bandwidth of a large NCCL all-to-all measured
-in the same run.
+in the same run. All-gather and p2p are also timed from a CUDA graph (as decode steps run them: 20 calls
+per graph, no launch overhead); all-to-all cannot be captured (host sync).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from elastic.distributed.expert_parallel import ExpertParallelComm  # noqa: E402
 from elastic.distributed.group import StatelessGroup, create_store  # noqa: E402
+from elastic.distributed.peer_exchange import ExchangeShape, PeerExchange  # noqa: E402
 from elastic.forward_context import ForwardContext, set_forward_context  # noqa: E402
 
 HIDDEN, EXPERTS, TOP_K = 2048, 128, 8
@@ -56,6 +58,20 @@ def time_cuda(fn, iters: int = 50) -> float:
     return statistics.median(times)  # microseconds
 
 
+def time_graph(fn, calls: int = 20) -> float:
+    """Microseconds per call of `fn` replayed from a CUDA graph holding `calls` of them."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # warm-up on the capture stream
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            for _ in range(calls):
+                fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    return time_cuda(graph.replay, iters=20) / calls
+
+
 def worker(rank: int, world: int, port: int, out_path: str | None) -> None:
     torch.cuda.set_device(rank)
     device = torch.device("cuda", rank)
@@ -67,6 +83,7 @@ def worker(rank: int, world: int, port: int, out_path: str | None) -> None:
     a2a_us = time_cuda(lambda: group.all_to_all(big, split, split), iters=10)
     link_bps = big.numel() * 2 * (world - 1) / world / (a2a_us * 1e-6)
     moe = IdentityExperts(world)
+    exchange = PeerExchange.over_group(group, ExchangeShape(world, max(TOKENS), HIDDEN, TOP_K, torch.bfloat16))
     gen = torch.Generator(device=device).manual_seed(rank)
     rows = []
     for tokens in TOKENS:
@@ -75,10 +92,12 @@ def worker(rank: int, world: int, port: int, out_path: str | None) -> None:
         weights = torch.rand(tokens, TOP_K, device=device, generator=gen)
         remote = float((physical // moe.slots_per_rank != rank).float().sum())  # pairs leaving this rank
         result = {"tokens_per_rank": tokens}
-        for mode in ("alltoall", "allgather"):
-            comm = ExpertParallelComm(group, mode)
+        for mode in ("alltoall", "allgather", "p2p"):
+            comm = ExpertParallelComm(group, mode, exchange if mode == "p2p" else None)
             with set_forward_context(ForwardContext(attn=None, dp_num_tokens=[tokens] * world)):
                 result[f"{mode}_us"] = time_cuda(lambda: comm(moe, moe, hidden, weights, physical))
+                if mode != "alltoall":
+                    result[f"{mode}_graph_us"] = time_graph(lambda: comm(moe, moe, hidden, weights, physical))
         # alltoall sends each remote (token, k) pair's hidden row out and its result back
         a2a_bytes = 2 * remote * HIDDEN * 2
         # allgather sends this rank's rows to every other rank, reduce-scatter sends the others' sums back
@@ -92,10 +111,13 @@ def worker(rank: int, world: int, port: int, out_path: str | None) -> None:
                       hidden=HIDDEN, experts=EXPERTS, top_k=TOP_K, link_gbs_per_rank=link_bps / 1e9,
                       big_all_to_all_us=a2a_us, rows=rows)
         print(f"{report['gpu']} x{world}: 256 MiB all-to-all {a2a_us:.0f} us -> {link_bps / 1e9:.0f} GB/s per rank")
-        print(f"{'tok/rank':>8} {'a2a us':>8} {'a2a floor':>9} {'ag us':>8} {'ag floor':>9}")
+        print("per layer, dispatch + combine, us (graph: replayed from a CUDA graph, as decode steps run)")
+        print(f"{'tok/rank':>8} {'a2a':>7} {'a2a floor':>9} {'ag':>7} {'ag graph':>8} {'p2p':>7} {'p2p graph':>9} "
+              f"{'ag floor':>8}")
         for r in rows:
-            print(f"{r['tokens_per_rank']:>8} {r['alltoall_us']:8.1f} {r['alltoall_floor_us']:9.1f} "
-                  f"{r['allgather_us']:8.1f} {r['allgather_floor_us']:9.1f}")
+            print(f"{r['tokens_per_rank']:>8} {r['alltoall_us']:7.1f} {r['alltoall_floor_us']:9.1f} "
+                  f"{r['allgather_us']:7.1f} {r['allgather_graph_us']:8.1f} {r['p2p_us']:7.1f} "
+                  f"{r['p2p_graph_us']:9.1f} {r['allgather_floor_us']:8.1f}")
         if out_path:
             Path(out_path).write_text(json.dumps(report, indent=1))
     group.destroy()

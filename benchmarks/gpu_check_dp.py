@@ -44,7 +44,7 @@ def rank_main(rank: int, world: int, port: int, path: str, engine_args: dict, pr
         from elastic.protocol.to_engine import EngineCoreRequest
 
         config = create_engine_config(path, device="cuda", data_parallel_size=world, **engine_args)
-        config = dataclasses.replace(config, device=f"cuda:{rank}",
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, device=f"cuda:{rank}"),
                                      parallel=dataclasses.replace(config.parallel.for_rank(rank), store_port=port))
         engine = EngineCore(config)
         params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
@@ -113,7 +113,7 @@ def llm_check(world: int) -> None:
         for family in ("qwen3_moe", "qwen2_moe"):
             path = str(make_checkpoint(family, Path(tmp) / family))
             one = single_gpu(path, dict(max_model_len=256, dtype="float32", kv_cache_memory=1 << 30), prompts, 24)
-            for mode in ("alltoall", "allgather"):
+            for mode in ("alltoall", "allgather", "p2p"):
                 llm = LLM(path, device="cuda", dtype="float32", max_model_len=256, kv_cache_memory=1 << 30,
                           data_parallel_size=world, ep_dispatch=mode)
                 outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -135,6 +135,8 @@ def main() -> None:
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--skip-30b", action="store_true")
     ap.add_argument("--llm-only", action="store_true", help="only the LLM(data_parallel_size=N) check")
+    ap.add_argument("--families", default="qwen3_moe,qwen2_moe")
+    ap.add_argument("--modes", default="alltoall,allgather,p2p", help="dispatch paths of the tiny checks")
     args = ap.parse_args()
     if args.llm_only:
         return llm_check(args.world)
@@ -144,13 +146,13 @@ def main() -> None:
     report: dict = {"gpu": torch.cuda.get_device_name(0), "world": world, "date": time.strftime("%Y-%m-%d"),
                     "tiny": [], "dummy_30b": []}
     with tempfile.TemporaryDirectory() as tmp:
-        for family in ("qwen3_moe", "qwen2_moe"):
+        for family in args.families.split(","):
             path = str(make_checkpoint(family, Path(tmp) / family))
             base = dict(max_model_len=256, kv_cache_memory=1 << 30)
             cpu_ref = single_gpu(path, dict(base, dtype="float32"), prompts, 24, device="cpu")
             for dtype in ("float32", "bfloat16"):
                 one = single_gpu(path, dict(base, dtype=dtype), prompts, 24)
-                for mode in ("alltoall", "allgather"):
+                for mode in args.modes.split(","):
                     dp, _ = run_dp(path, world, dict(base, dtype=dtype, ep_dispatch=mode), prompts, 24)
                     row = dict(family=family, dtype=dtype, mode=mode, identical_to_dp1=dp == one,
                                prefix_vs_dp1=matching_prefix(dp, one), prefix_vs_cpu_fp32=matching_prefix(dp, cpu_ref),
@@ -160,7 +162,7 @@ def main() -> None:
         if not args.skip_30b:
             path = str(dummy_model_dir("qwen3-30b-a3b", tmp))
             big = [[rng.randrange(151936) for _ in range(512)] for _ in range(64 * world)]
-            for mode in ("alltoall", "allgather"):
+            for mode in ("allgather", "p2p"):
                 engine_args = dict(load_format="dummy", skip_tokenizer_init=True, max_model_len=1024, ep_dispatch=mode)
                 tokens, seconds = run_dp(path, world, engine_args, big, 64)
                 row = dict(mode=mode, requests=len(big), input_len=512, output_len=64, elapsed_s=seconds,

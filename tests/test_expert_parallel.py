@@ -89,7 +89,7 @@ def reference(checkpoint_dir):
 
 @pytest.mark.parametrize("family, world, mode, redundant", [
     ("qwen3_moe", 2, "alltoall", 0),
-    ("qwen3_moe", 2, "allgather", 0),
+    ("qwen3_moe", 2, "p2p", 0),         # no peer-mapped memory on the CPU: all-gather over gloo
     ("qwen2_moe", 2, "alltoall", 0),
     ("qwen2_moe", 3, "allgather", 1),   # 8 experts + 1 replica = 3 slots per rank
     ("mixtral", 3, "alltoall", 1),

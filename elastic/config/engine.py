@@ -115,8 +115,10 @@ class ParallelConfig:
     enable_expert_parallel: bool = option(
         False, "accepted for vLLM compatibility: MoE layers are always expert-parallel over the ranks")
     ep_dispatch: str = option(
-        "auto", "how tokens reach their experts' ranks: all-to-all, or all-gather + reduce-scatter (auto: "
-                "all-gather where decode steps replay CUDA graphs, which all-to-all cannot, else all-to-all)",
+        "auto", "how tokens reach their experts' ranks: all-to-all; all-gather + reduce-scatter (NCCL); or p2p, "
+                "the all-gather's data flow through peer-mapped buffers with device-side barriers (NVLink, ranks "
+                "of one host; NCCL all-gather for prefill steps and across hosts). auto: p2p on CUDA, else "
+                "all-to-all",
         choices=EP_DISPATCH_MODES)
     num_redundant_experts: int = option(
         0, "extra expert slots per MoE layer holding replicas (EPLB places them; slots per rank are "
@@ -290,7 +292,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.parallel.ep_dispatch == "auto":  # resolved once, so every rank and every scale agree
             _set(self, "parallel", dataclasses.replace(self.parallel,
-                                                       ep_dispatch=_auto_dispatch(self.model, self.cache)))
+                                                       ep_dispatch=_auto_dispatch(self.model)))
 
     @property
     def device(self) -> str:  # "cpu" | "cuda" | "cuda:N"
@@ -347,10 +349,8 @@ def create_engine_config(model: str, **options: Any) -> EngineConfig:
                         parallel=ParallelConfig(**pick(ParallelConfig)), eplb=EplbConfig(**pick(EplbConfig)))
 
 
-def _auto_dispatch(model: ModelConfig, cache: CacheConfig) -> str:
-    """All-gather where decode steps replay CUDA graphs (CUDA, bf16/fp16, not eager): all-to-all needs its
-    split sizes on the host every layer, so it cannot be captured, and measured 4-5x slower serving on 2 H100s
-    (docs/distributed.md). Elsewhere all-to-all, which moves only the tokens a rank needs."""
-    graphs = model.device.startswith("cuda") and str(model.dtype).removeprefix("torch.") in (
-        "bfloat16", "float16") and not cache.enforce_eager
-    return "allgather" if graphs else "alltoall"
+def _auto_dispatch(model: ModelConfig) -> str:
+    """p2p on CUDA: no host sync, so decode steps replay CUDA graphs (all-to-all needs its split sizes on the
+    host every layer: measured 4-5x slower serving on 2 H100s), and fewer, smaller launches than NCCL's
+    all-gather (docs/distributed.md). On the CPU all-to-all, which moves only the tokens a rank needs."""
+    return "p2p" if model.device.startswith("cuda") else "alltoall"

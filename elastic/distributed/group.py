@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -58,6 +59,8 @@ class StatelessGroup:
         else:
             raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
         self._destroyed = False
+        # Called by abort(): device-side waits of buffers built over this group (peer_exchange.py).
+        self.on_abort: list[Callable[[], None]] = []
 
     # ---- collectives (blocking on the host for gloo; stream-ordered for NCCL) --------------------------
     def all_reduce(self, tensor: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
@@ -101,6 +104,14 @@ class StatelessGroup:
     def barrier(self) -> None:
         # A tiny all-reduce rather than pg.barrier(): works the same on both backends.
         self.all_reduce(torch.zeros(1, device=self.device))
+
+    def abort(self) -> None:
+        """A peer died: waits under way on the device return (with garbage) instead of hanging, and the next
+        collective fails. Gloo needs nothing: a closed peer connection raises."""
+        for hook in self.on_abort:
+            hook()
+        if self.backend == "nccl":
+            self.pg.abort()
 
     def destroy(self) -> None:
         """Release communicators, threads and sockets now (not at garbage collection)."""

@@ -92,6 +92,7 @@ class PeerExchange:
         handle = symm_mem.rendezvous(buffer, name)
         exchange = cls(shape, group.rank, buffer, list(handle.buffer_ptrs))
         exchange.handle = handle
+        group.on_abort.append(exchange.abort)
         group.barrier()  # every buffer is zeroed before any rank writes into another's
         return exchange
 

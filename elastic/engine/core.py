@@ -75,8 +75,8 @@ class EngineCore:
             # so nothing slow may come between them (engine/staging.py).
             self._connect_groups()
             self._receive_weights(join)
+            self._set_up_communicator()  # pairs with the serving ranks' staging step `_connect`
             self._connect_experts()
-            self._set_up_communicator()
         self.balancer = self._make_balancer()
         self.runner.allocate_kv_cache(num_blocks)
         self.runner.capture_cuda_graphs()
@@ -93,7 +93,8 @@ class EngineCore:
     def _connect_experts(self) -> None:
         """Route every MoE layer through this layout's EP group (or none: a single rank computes locally)."""
         group = self.parallel.ep if self.parallel is not None else None
-        apply_expert_parallel(self.runner.model, group, self.config.parallel.ep_dispatch)
+        apply_expert_parallel(self.runner.model, group, self.config.parallel.ep_dispatch,
+                              p2p_capacity=self.runner.max_graph_batch)
 
     def _set_up_communicator(self) -> None:
         """One collective on the EP group now (every rank): NCCL sets its communicator up at the first one,

@@ -92,7 +92,7 @@ class RankRecovery:
         if epoch < core.layout.epoch:
             return  # recovered already (the signal is polled, the recovery may be quicker)
         core.peer_failed.set()  # first: the step checks it after its last collective
-        abort_nccl(core.parallel)
+        abort_groups(core.parallel)
         logger.warning("engine %d: a peer rank failed; its collectives are aborted", self.engine_id)
 
     def step_failed(self, error: Exception) -> bool:
@@ -134,7 +134,7 @@ class RankRecovery:
         old = placement_of(core.runner.model.moe_layers())
         core.runner.release_cuda_graphs()  # they hold the broken communicators
         if core.parallel is not None:
-            abort_nccl(core.parallel)  # a communicator with a dead peer cannot be shut down in order
+            abort_groups(core.parallel)  # a communicator with a dead peer cannot be shut down in order
             core.parallel.destroy()
             core.parallel = None
         groups, wave = None, core.wave.number
@@ -170,15 +170,14 @@ class RankRecovery:
             self.watcher.stop()
 
 
-def abort_nccl(parallel: ParallelState | None) -> None:
-    """Abort this rank's NCCL communicators: kernels waiting for a dead peer return, and the collective under
-    way (or the next) fails instead of hanging. Gloo needs none: a closed peer connection raises."""
+def abort_groups(parallel: ParallelState | None) -> None:
+    """Abort this rank's communicators: kernels waiting for a dead peer (NCCL's, the peer-to-peer exchange's
+    barriers) return, and the collective under way (or the next) fails instead of hanging."""
     for group in (parallel.ep, parallel.dp) if parallel is not None else ():
-        if group.backend == "nccl":
-            try:
-                group.pg.abort()
-            except Exception as e:  # already torn down
-                logger.debug("abort of %s: %s", group, e)
+        try:
+            group.abort()
+        except Exception as e:  # already torn down
+            logger.debug("abort of %s: %s", group, e)
 
 
 # ---- placement over the survivors -----------------------------------------------------------------------

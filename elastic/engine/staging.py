@@ -129,7 +129,8 @@ class LayoutStaging:
         ep = self.groups.ep if self.groups is not None else None
         if ep is not None:
             ep.barrier()
-        apply_expert_parallel(self.core.runner.model, ep, self.config.parallel.ep_dispatch, staged=True)
+        apply_expert_parallel(self.core.runner.model, ep, self.config.parallel.ep_dispatch, staged=True,
+                              p2p_capacity=self.core.runner.max_graph_batch)
         if self.config.eplb.enable_eplb and self.slots:
             assert self.layout is not None
             self.balancer = ExpertBalancer(self.slots, self.config.eplb, self.layout.rank, self.new_world, ep,

@@ -102,6 +102,11 @@ class ModelRunner:
         self.release_cuda_graphs()
         self.graphs = self._capture(self.config.parallel, staged=False)
 
+    @property
+    def max_graph_batch(self) -> int:
+        """Largest decode batch captured in a CUDA graph (also what the peer-to-peer EP exchange holds)."""
+        return min(self.config.scheduler.max_num_seqs, 512)
+
     def stage_cuda_graphs(self, parallel: ParallelConfig) -> DecodeGraphs | None:
         """The next layout's graphs (over the MoE layers' staged slots), captured from a background thread
         while the live graphs serve; every rank of the next layout calls this together."""
@@ -110,14 +115,14 @@ class ModelRunner:
     def _capture(self, parallel: ParallelConfig, staged: bool) -> DecodeGraphs | None:
         if self.device.type != "cuda" or self.config.cache.enforce_eager:
             return None
-        if parallel.is_distributed and parallel.ep_dispatch != "allgather":
+        if parallel.is_distributed and parallel.ep_dispatch == "alltoall":
             logger.info("no CUDA graphs: the all-to-all expert dispatch syncs with the host")
             return None
         if not HAS_TRITON or self.config.model.dtype not in (torch.bfloat16, torch.float16):
             logger.info("no CUDA graphs: the Triton kernels need bf16/fp16 (the fp32 reference path syncs)")
             return None
         arch, max_len = self.config.model.arch, self.config.model.max_model_len
-        graphs = DecodeGraphs(self.model, min(self.config.scheduler.max_num_seqs, 512),
+        graphs = DecodeGraphs(self.model, self.max_graph_batch,
                               -(-max_len // self.block_size), max_len, arch.hidden_size,
                               self.config.model.dtype, self.device, parallel.data_parallel_size, staged)
         graphs.capture()

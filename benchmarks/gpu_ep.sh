@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Expert-parallel fast path on 2+ GPUs (device machine, repo root; PYTHONPATH and elastic/kernels set up by the
+# caller). Each part runs under its own timeout so one failure keeps the others' results (${OUT:-.}/ep_*):
+#   1. benchmarks/ep_comm.py: dispatch + combine per layer, all-to-all / all-gather / p2p, eager and graphed;
+#   2. benchmarks/gpu_check_dp.py on tiny checkpoints: DP=N greedy vs DP=1 (fp32 identical; bf16 agreement),
+#      then the 30B-shaped dummy's offline throughput for all-gather vs p2p;
+#   3. benchmarks/decode.py, Qwen3-30B-A3B shape: DP=1 on one GPU, then DP=N with p2p and with all-gather,
+#      step time against each rank's memory floor at 1/16/64/128 tokens per rank.
+#   WORLD=2 bash benchmarks/gpu_ep.sh
+set -uo pipefail
+out=${OUT:-.}
+world=${WORLD:-2}
+mkdir -p "$out"
+status=()
+
+part() {  # part NAME SECONDS command...
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$out/ep_$name.log" 2>&1
+  local rc=$?
+  status+=("$(printf '%-14s rc=%-3s %4ss' "$name" "$rc" "$((SECONDS - t0))")")
+  tail -${TAIL:-16} "$out/ep_$name.log"
+}
+
+part comm 100 python3 benchmarks/ep_comm.py --world "$world" --out "$out/ep_comm.json"
+part check 160 python3 benchmarks/gpu_check_dp.py --world "$world" --families qwen3_moe --modes allgather,p2p \
+    ${SKIP_30B:+--skip-30b} --out "$out/ep_check.json"
+for run in "1 auto" "$world p2p" "$world allgather"; do
+  set -- $run
+  part "decode_dp$1_$2" ${DECODE_S:-105} python3 benchmarks/decode.py --shape qwen3-30b-a3b --data-parallel-size "$1" \
+      --ep-dispatch "$2" --batch-sizes ${BATCHES:-1,16,64,128} --context 1024 --out "$out/ep_decode_dp$1_$2.json"
+done
+echo
+echo "== expert-parallel summary ($(python3 -c 'import torch; print(torch.cuda.get_device_name())' 2>/dev/null), $world GPUs)"
+printf '%s\n' "${status[@]}"
