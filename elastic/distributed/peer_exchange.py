@@ -1,6 +1,6 @@
-"""The peer-to-peer expert-parallel exchange: one buffer per rank that every rank of the EP group maps
-(torch symmetric memory, peer-to-peer over NVLink; multicast is never used), and the per-layer protocol of
-elastic.kernels.ep_p2p on it: dispatch + barrier, local experts, combine + barrier + sum.
+"""The peer-to-peer expert-parallel exchange: one buffer per rank that every rank of the EP group maps (CUDA
+IPC, peer-to-peer over NVLink; nothing multicast), and the per-layer protocol of elastic.kernels.ep_p2p on
+it: dispatch + barrier, local experts, combine + barrier + sum.
 
 Compared with NCCL all-gather + reduce-scatter it moves the same bytes but as a few fixed-shape kernels
 (no proxy thread, no protocol handshakes), so a decode step's MoE exchange costs a few microseconds more than
@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import socket
 from dataclasses import dataclass
 
+import msgspec
 import torch
 
 from elastic.distributed.group import StatelessGroup
@@ -79,21 +79,26 @@ class PeerExchange:
 
     @classmethod
     def over_group(cls, group: StatelessGroup, shape: ExchangeShape) -> PeerExchange:
-        """Allocate and map every rank's buffer (a collective of the whole group)."""
-        # Never multicast (NVLS): this exchange only uses peer-to-peer mappings.
-        os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
-        import torch.distributed._symmetric_memory as symm_mem
-
-        name = f"{group.name}/p2p"
-        symm_mem._SymmetricMemory.set_group_info(name, group.rank, group.world_size,
-                                                 torch.distributed.PrefixStore("symm/", group.store))
-        buffer = symm_mem.empty(shape.nbytes, dtype=torch.uint8, device=group.device)
-        buffer.zero_()
-        handle = symm_mem.rendezvous(buffer, name)
-        exchange = cls(shape, group.rank, buffer, list(handle.buffer_ptrs))
-        exchange.handle = handle
+        """Allocate this rank's buffer and map every other rank's (a collective of the whole group): CUDA IPC
+        handles travel through the group's store as msgpack (bytes and ints only)."""
+        device = group.device if group.device.index is not None else torch.device("cuda", torch.cuda.current_device())
+        buffer = torch.zeros(shape.nbytes, dtype=torch.uint8, device=device)
+        torch.cuda.synchronize(device)
+        # (device, handle, size, offset, ref-counter handle, ref-counter offset, event handle, event sync)
+        group.store.set(f"p2p-ipc/{group.rank}", msgspec.msgpack.encode(list(buffer.untyped_storage()._share_cuda_())))
+        addresses, peers = [], []
+        for r in range(group.world_size):
+            if r == group.rank:
+                addresses.append(buffer.data_ptr())
+                continue
+            _, *handle = msgspec.msgpack.decode(group.store.get(f"p2p-ipc/{r}"))
+            storage = torch.UntypedStorage._new_shared_cuda(device.index, *handle)  # mapped on this GPU
+            peers.append(storage)
+            addresses.append(storage.data_ptr())
+        exchange = cls(shape, group.rank, buffer, addresses)
+        exchange.peer_storages = peers  # the mappings live as long as the exchange
         group.on_abort.append(exchange.abort)
-        group.barrier()  # every buffer is zeroed before any rank writes into another's
+        group.barrier()  # every buffer is mapped and zeroed before any rank writes into another's
         return exchange
 
     @staticmethod
