@@ -69,6 +69,4 @@ def p2p_barrier(pad_table: torch.Tensor, sequence: torch.Tensor, abort: torch.Te
     """Wait (on the device) until every rank of the table reached this barrier, or `abort` [1] int32 is set."""
     from .ep_p2p_triton import p2p_barrier_kernel
 
-    world = pad_table.shape[0]
-    p2p_barrier_kernel[(1,)](pad_table, sequence, abort, rank, world, BLOCK_W=max(2, next_pow2(world)),
-                             num_warps=1)
+    p2p_barrier_kernel[(1,)](pad_table, sequence, abort, rank, pad_table.shape[0], num_warps=1)

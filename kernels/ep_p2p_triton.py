@@ -69,20 +69,19 @@ def p2p_combine_reduce_kernel(combine, out, rows, world, stride_out, H: tl.const
 
 
 @triton.jit
-def p2p_barrier_kernel(pad_table, sequence, abort, rank, world, BLOCK_W: tl.constexpr):
-    # grid (1,). `sequence` counts this rank's barriers on the device, so CUDA-graph replays advance it too.
-    peers = tl.arange(0, BLOCK_W)
-    live = peers < world
+def p2p_barrier_kernel(pad_table, sequence, abort, rank, world):
+    # grid (1,), scalar code. `sequence` counts this rank's barriers on the device, so CUDA-graph replays
+    # advance it too.
     n = tl.load(sequence) + 1
     tl.store(sequence, n)
-    pads = tl.load(pad_table + peers, mask=live, other=0).to(tl.pointer_type(tl.int64))
-    # Release: everything this rank wrote before (earlier kernels on this stream) is visible to a peer that
-    # sees n. Each lane tells one rank (itself included) that this rank reached barrier n.
-    tl.atomic_xchg(pads + rank, tl.full((BLOCK_W,), 0, tl.int64) + n, mask=live, sem="release", scope="sys")
+    # Release: everything this rank wrote before (earlier kernels on this stream) is visible to a rank that
+    # sees n. Tell every rank (itself too) that this rank reached barrier n.
+    for peer in range(world):
+        tl.atomic_xchg(_peer(pad_table, peer, tl.int64) + rank, n, sem="release", scope="sys")
     mine = _peer(pad_table, rank, tl.int64)
-    seen = tl.atomic_add(mine + peers, 0, mask=live, sem="acquire", scope="sys")
-    seen = tl.where(live, seen, n)
-    stop = tl.load(abort, volatile=True)
-    while (tl.min(seen, axis=0) < n) & (stop == 0):
-        seen = tl.where(live, tl.atomic_add(mine + peers, 0, mask=live, sem="acquire", scope="sys"), n)
+    for peer in range(world):
+        seen = tl.atomic_add(mine + peer, 0, sem="acquire", scope="sys")
         stop = tl.load(abort, volatile=True)
+        while (seen < n) & (stop == 0):
+            seen = tl.atomic_add(mine + peer, 0, sem="acquire", scope="sys")
+            stop = tl.load(abort, volatile=True)

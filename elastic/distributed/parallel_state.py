@@ -11,6 +11,7 @@ import datetime
 import torch
 
 from elastic.distributed.group import DEFAULT_TIMEOUT, StatelessGroup, create_store
+from elastic.distributed.host_exchange import SharedMemoryAllGather, on_one_host, shared_memory_usable
 from elastic.protocol.scaling import ParallelLayout
 
 __all__ = ["ParallelLayout", "ParallelState"]
@@ -33,6 +34,11 @@ class ParallelState:
         backend = "nccl" if device.type == "cuda" else "gloo"
         self.ep = StatelessGroup(self.store, f"ep/{layout.epoch}", self.rank, self.world_size, backend, device,
                                  host=host, timeout=timeout)
+        # The per-step exchange through shared memory where every rank is a GPU of this host (microseconds
+        # instead of a TCP round trip per step); gloo elsewhere.
+        self.host_exchange: SharedMemoryAllGather | None = None
+        if device.type == "cuda" and shared_memory_usable() and on_one_host(self.dp):
+            self.host_exchange = SharedMemoryAllGather(self.dp, width=6)
         # Whether every rank was ready to commit a prepared scale at the last exchange (elastic scaling).
         self.all_scale_ready = False
 
@@ -46,14 +52,18 @@ class ParallelState:
         kept in `all_scale_ready`: whether every rank has been told to commit a prepared scale, so that
         all of them switch layouts after this same step; and in `all_eplb_plan_ready`, whether every rank's
         background expert placement is computed (then all start moving experts after this step)."""
-        mine = torch.tensor([[num_tokens, int(has_work), int(decode_only), int(eplb_due), int(scale_ready),
-                              int(eplb_plan_ready)]], dtype=torch.long)
-        everyone = self.dp.all_gather(mine)  # [W, 6]
+        mine = [num_tokens, int(has_work), int(decode_only), int(eplb_due), int(scale_ready), int(eplb_plan_ready)]
+        if self.host_exchange is not None:
+            everyone = torch.from_numpy(self.host_exchange.all_gather(mine))  # [W, 6]
+        else:
+            everyone = self.dp.all_gather(torch.tensor([mine], dtype=torch.long))
         self.all_scale_ready = bool(everyone[:, 4].all())
         self.all_eplb_plan_ready = bool(everyone[:, 5].all())
         return (everyone[:, 0].tolist(), bool(everyone[:, 1].any()), bool(everyone[:, 2].all()),
                 bool(everyone[:, 3].any()))
 
     def destroy(self) -> None:
+        if self.host_exchange is not None:
+            self.host_exchange.close()
         self.ep.destroy()
         self.dp.destroy()

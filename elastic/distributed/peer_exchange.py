@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import socket
 from dataclasses import dataclass
 
 import msgspec
 import torch
 
 from elastic.distributed.group import StatelessGroup
+from elastic.distributed.host_exchange import on_one_host
 from elastic.kernels import ep_p2p
 
 logger = logging.getLogger(__name__)
@@ -105,12 +105,7 @@ class PeerExchange:
     def supported(group: StatelessGroup) -> bool:
         """Whether every rank of `group` is a CUDA device of this host (decided alike on every rank: a
         collective over the group's store)."""
-        if group.device.type != "cuda":
-            return False
-        host = f"{socket.gethostname()}/{_boot_id()}"
-        group.store.set(f"p2p-host/{group.rank}", host)
-        hosts = {group.store.get(f"p2p-host/{r}").decode() for r in range(group.world_size)}
-        return len(hosts) == 1
+        return group.device.type == "cuda" and on_one_host(group)
 
     # ---- one MoE layer --------------------------------------------------------------------------------------
     def dispatch(self, hidden: torch.Tensor, physical: torch.Tensor, weights: torch.Tensor, rows: int,
@@ -148,10 +143,3 @@ class PeerExchange:
         if stream is not None:
             stream.synchronize()
 
-
-def _boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
