@@ -334,12 +334,16 @@ def test_sigterm_under_load_ends_every_stream_cleanly(checkpoint: Path, api_serv
 
 @pytest.mark.parametrize("api_servers", ["1", "2"])
 def test_sigkill_leaves_nothing_behind(checkpoint: Path, api_servers: str) -> None:
+    """SIGKILL to the parent (no clean-up code runs in it): the orphaned engine exits by itself, and so does
+    everything else of the group; no socket of any kind is left."""
     with ServerProcess(checkpoint, *TEST_SERVER_ARGS, "--api-server-count", api_servers) as server:
         wait_all_ready(server, api_servers)
+        engine = server.engine_pid()
         assert raw_post(server, COMPLETION, {"prompt": "x", "max_tokens": 2}).status_code == 200
         assert server.abstract_sockets()
         server.proc.kill()  # no clean-up code runs in it
         server.proc.wait(10)
+        wait_until(lambda: engine not in process_group_pids(server.pgid), 20, "the orphaned engine to exit")
         wait_until(lambda: not process_group_pids(server.pgid), 30, "its children to exit")
         assert server.socket_files() == [], "socket or metrics files were left behind"
         assert not server.abstract_sockets()
