@@ -62,6 +62,8 @@ class ScaleOrchestrator:
         self.tracker = ScaleTracker(launcher.membership.world_size)
         self.next_epoch = launcher.membership.epoch + 1
         self.tasks: set[asyncio.Task] = set()
+        # Leaving ranks of the last scale-down, finishing after it (the next operation waits for them).
+        self.retiring: asyncio.Task | None = None
         if metrics is not None:
             metrics.set_size(self.tracker.size)
 
@@ -88,6 +90,8 @@ class ScaleOrchestrator:
         return {**op.summary(), "joined": not new}  # joined: an earlier call with this operation id ran it
 
     async def _run(self, op: ScaleOperation) -> None:
+        if self.retiring is not None:  # the last scale-down's leaving ranks are gone before anything starts
+            await asyncio.wait([self.retiring])
         logger.info("scale %s: %d -> %d ranks", op.operation_id, op.source, op.target)
         if self.metrics is not None:
             self.metrics.set_scaling(True)
@@ -186,21 +190,36 @@ class ScaleOrchestrator:
             raise _RolledBack(f"{type(e).__name__}: {e}") from None
         op.prepare_s = time.monotonic() - op.started
         self.tracker.enter(op, COMMITTING)
-        try:
-            commit = CommitScale(op.operation_id, min(self.timeout, _BARRIER_TIMEOUT_S))
-            results = await _gather([launcher.control(x.engine_id, commit, ScaleCommitted) for x in old],
+        commit = CommitScale(op.operation_id, min(self.timeout, _BARRIER_TIMEOUT_S))
+        leaving_commits = [launcher.control(x.engine_id, commit, ScaleCommitted) for x in leaving]
+        try:  # every rank switches at the same agreed step; the survivors' answers say the new size serves
+            results = await _gather([launcher.control(x.engine_id, commit, ScaleCommitted) for x in survivors],
                                     2 * self.timeout, "commit")
         except Exception as e:
             raise RuntimeError(f"the commit did not complete: {e}") from e
         _raise_errors(results)
-        op.blocking_s = max(r.blocking_s for r in results[:m])
+        op.blocking_s = max(r.blocking_s for r in results)
+        engines = [launcher.engines[x.engine_id] for x in leaving]
         for x in leaving:
             launcher.retire(x.engine_id)
         await self._switch(Membership(epoch, [Member(x.engine_id, x.rank) for x in survivors]))
+        # Done: the new size serves. The leaving ranks hand back late requests and exit in the background.
+        self.retiring = asyncio.get_running_loop().create_task(
+            self._retire(op.operation_id, engines, leaving_commits), name=f"retire-{op.operation_id}")
+        self.tasks.add(self.retiring)
+        self.retiring.add_done_callback(self.tasks.discard)
+
+    async def _retire(self, operation_id: str, engines: list[EngineProcess], commits: list[Any]) -> None:
+        """After a scale-down: the leaving ranks' own switch, the grace in which they hand back what API servers
+        sent them before the new membership reached those, then their exit."""
+        try:
+            _raise_errors(await _gather(commits, 2 * self.timeout, "commit"))
+        except Exception as e:  # they are stopped below in any case
+            logger.warning("scale %s: a leaving rank's commit: %s", operation_id, e)
         await asyncio.sleep(self.leave_grace_s)
-        for x in leaving:
-            launcher.control(x.engine_id, RetireEngine(op.operation_id))
-        await self._stop([launcher.engines[x.engine_id] for x in leaving], terminate=False)
+        for engine in engines:
+            self.launcher.control(engine.index, RetireEngine(operation_id))
+        await self._stop(engines, terminate=False)
 
     # ---- recovery from dead ranks (driven by elastic/fault/) ------------------------------------------------
     async def shrink_dead(self, dead: list[int], operation_id: str | None = None) -> dict[str, Any]:

@@ -73,7 +73,11 @@ class _Op:
     pieces: deque[Callable[[], None]] = field(default_factory=deque)
     staging: LayoutStaging | None = None
     stage_started: float = 0.0
-    capturing: bool = False  # the pieces are done; the graphs are being captured in the background
+    capturing: bool = False  # the graphs are being captured in the background (staging.connected)
+    capture_finished: bool = False
+    pieces_done: bool = False
+    piece_failed: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)  # pieces_done / capture_finished -> done
     staged: StagedLayout | None = None
     error: str | None = None
     done: threading.Event = field(default_factory=threading.Event)
@@ -228,23 +232,27 @@ class ScaleAgent:
         op.stage_started = time.monotonic()
 
     def _next_piece(self, op: _Op) -> None:
-        """One staging piece (on every rank at the same step); after the last, the graphs in the background."""
-        if op.capturing:
-            return
+        """One staging piece (on every rank at the same step), and the graphs in the background as soon as the
+        next slots are connected (after the last piece when growing; before the experts move when shrinking).
+        Prepared when both are done."""
         try:
-            if op.pieces and op.error is None:
+            if op.pieces and not op.piece_failed:
                 op.pieces.popleft()()
         except Exception as e:
             self._fail(op, e)
+            op.piece_failed = True
             op.pieces.clear()
+        if (op.error is None and op.layout is not None and not op.capturing and op.staging is not None
+                and op.staging.connected):
+            op.capturing = True
+            threading.Thread(target=self._capture, args=(op,), name="scale-capture", daemon=True).start()
         if op.pieces:
             return
         self.proc.core.scale_sync = False  # the ranks may go idle until the commit
-        if op.error is not None or op.layout is None:
-            op.done.set()
-            return
-        op.capturing = True
-        threading.Thread(target=self._capture, args=(op,), name="scale-capture", daemon=True).start()
+        with op.lock:
+            op.pieces_done = True
+            if not op.capturing or op.capture_finished:
+                op.done.set()
 
     def _capture(self, op: _Op) -> None:
         try:
@@ -258,7 +266,10 @@ class ScaleAgent:
         except Exception as e:
             self._fail(op, e)
         finally:
-            op.done.set()
+            with op.lock:
+                op.capture_finished = True
+                if op.pieces_done:
+                    op.done.set()
             if op.cancelled:
                 self._drop(op)
 
@@ -355,7 +366,7 @@ class ScaleAgent:
         core.scale_hold = core.scale_sync = core.scale_agree = False
         if op.layout is None:
             self.proc.resume_accepting()
-        background = not op.groups_built.is_set() or (op.capturing and not op.done.is_set())
+        background = not op.groups_built.is_set() or (op.capturing and not op.capture_finished)
         if not background:
             self._drop(op)  # else the background thread drops it when it returns
         logger.info("operation %s aborted; serving on with the old layout", op_id)

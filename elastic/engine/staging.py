@@ -6,7 +6,7 @@ can wait on each other for ever. So every piece that moves data runs on the engi
 two steps, in the same order on every rank (ranks step in lockstep, so the pieces pair up across ranks):
 
     grow (old ranks)    dense weights to our new ranks -> placement shared, slots allocated -> MoE layers'
-                        experts, up to 1 GiB per rank per step, over the new group -> balancer (and the new
+                        experts, up to 2 GiB per rank per step, over the new group -> balancer (and the new
                         group's communicator set up)
     shrink (survivors)  slots allocated -> layers' experts over the old group -> new group set up
     shrink (leaving)    layers' experts, sending only
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_STEP_BYTES = 1 << 30  # experts a rank receives in one staging step: a few ms over NVLink, one step's pause
+_STEP_BYTES = 2 << 30  # experts a rank receives in one staging step: ~10 ms over NVLink, one step's pause
 
 
 class LayoutStaging:
@@ -58,6 +58,7 @@ class LayoutStaging:
         self.slots: list[ExpertSlots] | None = None  # this rank's next slots (None: it leaves)
         self.balancer: ExpertBalancer | None = None
         self.plans: list[list[SlotMove]] = []  # each MoE layer's moves (_layer_groups)
+        self.connected = False  # the next slots are routed through the next group: graphs may be captured
         config = core.config
         self.config = dataclasses.replace(config, parallel=parallel_config_for(config.parallel, layout)) \
             if layout is not None else config
@@ -67,13 +68,15 @@ class LayoutStaging:
         return self.new_world > self.old_world
 
     def pieces(self) -> list[Callable[[], None]]:
-        """What to run, one per step, in this order (the same count and order of collectives on every rank)."""
+        """What to run, one per step, in this order (the same count and order of collectives on every rank).
+        A shrink connects the survivors' next group before moving experts, so that their graphs are captured
+        (`connected`) while the experts move; a leaving rank steps through that piece with nothing to do."""
         layers = [self._layers_piece(group) for group in self._layer_groups()]
         if self.layout is None:
-            return [self._place, *layers]
+            return [self._place, _nothing, *layers]
         if self.growing:
             return [self._send_dense, self._place, *layers, self._connect]
-        return [self._place, *layers, self._connect]
+        return [self._place, self._connect, *layers]
 
     # ---- pieces (the engine's thread, between steps) ----------------------------------------------------------
     def _send_dense(self) -> None:
@@ -135,6 +138,7 @@ class LayoutStaging:
             assert self.layout is not None
             self.balancer = ExpertBalancer(self.slots, self.config.eplb, self.layout.rank, self.new_world, ep,
                                            num_groups=self.config.model.arch.num_expert_groups)
+        self.connected = True
 
     # ---- the background part ---------------------------------------------------------------------------------
     def capture(self) -> StagedLayout:
@@ -142,3 +146,7 @@ class LayoutStaging:
         assert self.layout is not None
         graphs = self.core.runner.stage_cuda_graphs(self.config.parallel)
         return StagedLayout(self.layout, self.groups, self.config, self.balancer, graphs)
+
+
+def _nothing() -> None:
+    """A leaving rank's step while the survivors connect their next group (pieces pair up by position)."""
