@@ -159,15 +159,19 @@ def main() -> None:
                   kv_tokens=engine.num_kv_blocks * runner.block_size, rows=rows)
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
-    print(f"\n{args.shape} on {result['gpu']}, context {args.context}, copy bandwidth {bandwidth / 1e9:.0f} GB/s, "
-          f"CUDA graphs {'on' if result['cuda_graphs'] else 'off'}")
+    print_report(result, args.shape)
+
+
+def print_report(result: dict, shape: str) -> None:
+    kv_per_token, kv_expanded = result["kv_bytes_per_token"], result["kv_bytes_per_token_expanded"]
+    print(f"\n{shape} on {result['gpu']}, context {result['context']}, copy bandwidth "
+          f"{result['bandwidth_gbs']:.0f} GB/s, CUDA graphs {'on' if result['cuda_graphs'] else 'off'}")
     print(f"KV cache: {kv_per_token / 1024:.1f} KiB per token ({kv_expanded / 1024:.1f} KiB expanded, "
           f"{kv_expanded / kv_per_token:.1f}x), {result['kv_tokens']} tokens fit")
     print(f"{'batch':>5} {'step ms':>8} {'floor ms':>9} {'x floor':>8} {'experts/layer':>14} {'tok/s':>8}")
-    for r in rows:
+    for r in result["rows"]:
         print(f"{r['batch']:>5} {r['step_ms']:8.2f} {r['floor_ms']:9.2f} {r['ratio']:8.2f} "
               f"{r['experts_touched_per_layer']:14.1f} {r['tokens_per_s']:8.0f}")
-
 
 if __name__ == "__main__":
     main()

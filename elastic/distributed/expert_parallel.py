@@ -106,8 +106,9 @@ def apply_expert_parallel(model: torch.nn.Module, group: StatelessGroup | None, 
                 moe = layers[0]
                 shape = ExchangeShape(group.world_size, p2p_capacity, moe.hidden_size, moe.top_k, moe.w13.dtype)
                 exchange = PeerExchange.over_group(group, shape)
-            else:
-                logger.info("%s: ranks on several hosts; expert-parallel exchange by all-gather over NCCL", group)
+            if exchange is None:
+                logger.info("%s: no peer-to-peer exchange (ranks on several hosts, or no CUDA IPC / peer access); "
+                            "expert-parallel exchange by all-gather over NCCL", group)
         comm = ExpertParallelComm(group, mode, exchange)
     for module in layers:
         slots = module.staged if staged else module.live

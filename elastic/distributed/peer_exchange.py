@@ -76,25 +76,40 @@ class PeerExchange:
         self.tokens, self.meta = views["tokens"], views["meta"]
         self.sequence = torch.zeros(1, dtype=torch.int64, device=device)  # barriers passed (device counter)
         self.abort_flag = torch.zeros(1, dtype=torch.int32, device=device)
+        # Allocated now: abort() runs while the device may be waiting, and must not allocate pinned memory then.
+        self._one = torch.ones(1, dtype=torch.int32, pin_memory=device.type == "cuda")
 
     @classmethod
-    def over_group(cls, group: StatelessGroup, shape: ExchangeShape) -> PeerExchange:
+    def over_group(cls, group: StatelessGroup, shape: ExchangeShape) -> PeerExchange | None:
         """Allocate this rank's buffer and map every other rank's (a collective of the whole group): CUDA IPC
-        handles travel through the group's store as msgpack (bytes and ints only)."""
+        handles travel through the group's store as msgpack (bytes and ints only). None on every rank if any
+        rank cannot share or map (an allocator without IPC, GPUs without peer access): they fall back alike."""
         device = group.device if group.device.index is not None else torch.device("cuda", torch.cuda.current_device())
         buffer = torch.zeros(shape.nbytes, dtype=torch.uint8, device=device)
         torch.cuda.synchronize(device)
-        # (device, handle, size, offset, ref-counter handle, ref-counter offset, event handle, event sync)
-        group.store.set(f"p2p-ipc/{group.rank}", msgspec.msgpack.encode(list(buffer.untyped_storage()._share_cuda_())))
+        try:  # (device, handle, size, offset, ref-counter handle, ref-counter offset, event handle, event sync)
+            share: list | None = list(buffer.untyped_storage()._share_cuda_())
+        except RuntimeError as e:
+            logger.warning("%s: cannot share the p2p exchange buffer (%s)", group, e)
+            share = None
+        group.store.set(f"p2p-ipc/{group.rank}", msgspec.msgpack.encode(share))
+        shares = [msgspec.msgpack.decode(group.store.get(f"p2p-ipc/{r}")) for r in range(group.world_size)]
+        if any(s is None for s in shares):
+            return None
         addresses, peers = [], []
-        for r in range(group.world_size):
-            if r == group.rank:
-                addresses.append(buffer.data_ptr())
-                continue
-            _, *handle = msgspec.msgpack.decode(group.store.get(f"p2p-ipc/{r}"))
-            storage = torch.UntypedStorage._new_shared_cuda(device.index, *handle)  # mapped on this GPU
-            peers.append(storage)
-            addresses.append(storage.data_ptr())
+        try:
+            for r, (_, *handle) in enumerate(shares):
+                if r == group.rank:
+                    addresses.append(buffer.data_ptr())
+                    continue
+                storage = torch.UntypedStorage._new_shared_cuda(device.index, *handle)  # mapped on this GPU
+                peers.append(storage)
+                addresses.append(storage.data_ptr())
+        except RuntimeError as e:
+            logger.warning("%s: cannot map a peer's p2p exchange buffer (%s)", group, e)
+            addresses = []
+        if not _all_agree(group, "p2p-mapped", bool(addresses)):
+            return None
         exchange = cls(shape, group.rank, buffer, addresses)
         exchange.peer_storages = peers  # the mappings live as long as the exchange
         group.on_abort.append(exchange.abort)
@@ -137,9 +152,13 @@ class PeerExchange:
         engine's thread may be waiting on the device). A copy engine sets the flag, not a kernel: the
         waiting kernel may hold the stream, never the copy engines."""
         stream = torch.cuda.Stream(self.abort_flag.device) if self.abort_flag.is_cuda else None
-        one = torch.ones(1, dtype=torch.int32, pin_memory=self.abort_flag.is_cuda)
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            self.abort_flag.copy_(one, non_blocking=True)
+            self.abort_flag.copy_(self._one, non_blocking=True)
         if stream is not None:
             stream.synchronize()
 
+
+def _all_agree(group: StatelessGroup, key: str, ok: bool) -> bool:
+    """Whether `ok` holds on every rank (through the group's store)."""
+    group.store.set(f"{key}/{group.rank}", b"1" if ok else b"0")
+    return all(group.store.get(f"{key}/{r}") == b"1" for r in range(group.world_size))
