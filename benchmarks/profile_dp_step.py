@@ -35,7 +35,7 @@ def rank_main(rank: int, world: int, port: int, path: str, batch: int, mode: str
 
     config = create_engine_config(path, device="cuda", data_parallel_size=world, load_format="dummy",
                                   skip_tokenizer_init=True, max_model_len=2048, ep_dispatch=mode)
-    config = dataclasses.replace(config, device=f"cuda:{rank}",
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, device=f"cuda:{rank}"),
                                  parallel=dataclasses.replace(config.parallel.for_rank(rank), store_port=port))
     engine = EngineCore(config)
     rng = random.Random(rank)
@@ -73,7 +73,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--mode", default="allgather", choices=["allgather", "alltoall"])
+    ap.add_argument("--mode", default="allgather", choices=["p2p", "allgather", "alltoall"])
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
     store = create_store("127.0.0.1", 0, is_master=True)
