@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from types import SimpleNamespace
 
 import msgspec
 import pytest
@@ -15,6 +16,7 @@ from elastic.config import create_engine_config
 from elastic.elastic_ep.capacity import check_target, expert_bytes
 from elastic.elastic_ep.operation import IDLE, PREPARING, ROLLED_BACK, SUCCEEDED, ScaleError, ScaleTracker
 from elastic.engine.reconfigure import resize_placement, slots_per_rank, transfer_layer
+from elastic.engine.staging import LayoutStaging, _nothing
 from elastic.layers.moe import ExpertLayout, FusedMoE
 from elastic.eplb.transfer import plan_moves
 from elastic.protocol import from_engine, scaling, to_engine
@@ -145,6 +147,32 @@ def test_tracker_idempotency_conflicts_and_history() -> None:
 
 
 # ---- sizes ------------------------------------------------------------------------------------------------
+def test_shrink_pieces_pair_up_between_survivors_and_leaving_ranks(checkpoint_dir) -> None:
+    """Staging pieces run one per step on every rank and pair up by position: a survivor connects its next
+    group before the experts move (so its graphs are captured meanwhile), a leaving rank steps through that
+    piece doing nothing, and both then run the same layer pieces."""
+    config = create_engine_config(str(checkpoint_dir("qwen3_moe")), device="cpu", dtype="float32",
+                                  data_parallel_size=2)
+
+    def staging(rank: int, layout: scaling.ParallelLayout | None) -> LayoutStaging:
+        layers = [_layer_with_experts(8, 0, 2) for _ in range(3)]
+        model = SimpleNamespace(moe_layers=lambda: layers, modules=lambda: layers)
+        core = SimpleNamespace(config=config, layout=SimpleNamespace(rank=rank),
+                               runner=SimpleNamespace(model=model, max_graph_batch=8))
+        old = _initial(8, 0, 2)
+        return LayoutStaging(core, layout, None, 2, 1, old, [], timeout_s=5)
+
+    survivor = staging(0, scaling.ParallelLayout(1, 1, 0, "127.0.0.1", 0))
+    leaving = staging(1, None)
+    mine, theirs = survivor.pieces(), leaving.pieces()
+    assert len(mine) == len(theirs) >= 3
+    assert mine[1] == survivor._connect and theirs[1] is _nothing
+    assert not survivor.connected
+    mine[0]()  # the next slots
+    mine[1]()  # connect: from here the graphs may be captured while the layer pieces move experts
+    assert survivor.connected
+
+
 def test_check_target(tmp_path: Path, checkpoint_dir) -> None:
     config = create_engine_config(str(checkpoint_dir("qwen3_moe")), device="cpu", dtype="float32",
                                   data_parallel_size=2, max_data_parallel_size=4)
