@@ -44,7 +44,7 @@ def _start(fn, *args) -> multiprocessing.Process:
     return proc
 
 
-def _run_ranks(world: int, fn, timeout: float = 120) -> None:
+def _run_ranks(world: int, fn, timeout: float = 60) -> None:
     """fn(rank) in one forked process per rank; each writes its results into shared tensors."""
     procs = [_start(fn, r) for r in range(world)]
     try:
