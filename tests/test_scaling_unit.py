@@ -16,7 +16,7 @@ from elastic.config import create_engine_config
 from elastic.elastic_ep.capacity import check_target, expert_bytes
 from elastic.elastic_ep.operation import IDLE, PREPARING, ROLLED_BACK, SUCCEEDED, ScaleError, ScaleTracker
 from elastic.engine.reconfigure import resize_placement, slots_per_rank, transfer_layer
-from elastic.engine.staging import LayoutStaging, _nothing
+from elastic.engine.staging import LayoutStaging, PlacementPlan, _nothing
 from elastic.layers.moe import ExpertLayout, FusedMoE
 from elastic.eplb.transfer import plan_moves
 from elastic.protocol import from_engine, scaling, to_engine
@@ -159,8 +159,8 @@ def test_shrink_pieces_pair_up_between_survivors_and_leaving_ranks(checkpoint_di
         model = SimpleNamespace(moe_layers=lambda: layers, modules=lambda: layers)
         core = SimpleNamespace(config=config, layout=SimpleNamespace(rank=rank),
                                runner=SimpleNamespace(model=model, max_graph_batch=8))
-        old = _initial(8, 0, 2)
-        return LayoutStaging(core, layout, None, 2, 1, old, [], timeout_s=5)
+        plan = PlacementPlan.compute(_initial(8, 0, 2), 2, 1, 8, 0)
+        return LayoutStaging(core, layout, None, 2, 1, plan, [], timeout_s=5)
 
     survivor = staging(0, scaling.ParallelLayout(1, 1, 0, "127.0.0.1", 0))
     leaving = staging(1, None)

@@ -36,7 +36,7 @@ import zmq
 from elastic.distributed.parallel_state import ParallelState
 from elastic.engine.reconfigure import commit_barrier, placement_of
 from elastic.engine.reconfigure import StagedLayout
-from elastic.engine.staging import LayoutStaging
+from elastic.engine.staging import LayoutStaging, PlacementPlan
 from elastic.executor.model_runner import free_device_bytes
 from elastic.protocol.fault import RecoverLayout
 from elastic.protocol.scaling import (AbortScale, CommitScale, ControlToEngine, JoinInfo, ParallelLayout, PrepareScale,
@@ -72,6 +72,7 @@ class _Op:
     frozen: bool = False  # the placement in force is fixed; the staging pieces run (one per step)
     pieces: deque[Callable[[], None]] = field(default_factory=deque)
     staging: LayoutStaging | None = None
+    plan: PlacementPlan | None = None  # computed beside serving, before the freeze
     stage_started: float = 0.0
     capturing: bool = False  # the graphs are being captured in the background (staging.connected)
     capture_finished: bool = False
@@ -211,12 +212,20 @@ class ScaleAgent:
             if op.layout is not None and op.layout.is_distributed:
                 timeout = datetime.timedelta(seconds=op.timeout_s)
                 op.standby = ParallelState(op.layout, device, timeout, timeout)
+            # The plan off the engine's thread; no rebalance can start any more, so the placement read now
+            # is the one frozen unless a rebalance under way still changes it (the freeze checks).
+            op.plan = self._plan(op, placement_of(self.proc.core.runner.model.moe_layers()))
         except Exception as e:  # a peer that never came, or died; the deadline
             self._fail(op, e)
         finally:
             op.groups_built.set()
             if op.cancelled:
                 self._drop(op)
+
+    def _plan(self, op: _Op, placement: torch.Tensor) -> PlacementPlan:
+        config = self.proc.core.config
+        return PlacementPlan.compute(placement, op.old_world, op.new_world, config.model.arch.num_experts,
+                                     config.parallel.num_redundant_experts)
 
     def _freeze(self, op: _Op) -> None:
         """At a step every old rank agreed on (no rebalance under way, none can start): the placement the
@@ -226,8 +235,10 @@ class ScaleAgent:
             op.done.set()
             return
         core = self.proc.core
-        op.staging = LayoutStaging(core, op.layout, op.standby, op.old_world, op.new_world,
-                                   placement_of(core.runner.model.moe_layers()), op.send_weights_to, op.timeout_s)
+        frozen = placement_of(core.runner.model.moe_layers())
+        plan = op.plan if op.plan is not None and torch.equal(op.plan.old_p2l, frozen) else self._plan(op, frozen)
+        op.staging = LayoutStaging(core, op.layout, op.standby, op.old_world, op.new_world, plan,
+                                   op.send_weights_to, op.timeout_s)
         op.pieces.extend(op.staging.pieces())
         op.stage_started = time.monotonic()
 
