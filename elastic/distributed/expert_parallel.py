@@ -35,16 +35,16 @@ class ExpertParallelComm:
                  physical: torch.Tensor) -> torch.Tensor:
         if self.mode == "alltoall":
             return self._alltoall(moe, slots, hidden, topk_weights, physical)
-        sizes = get_forward_context().dp_num_tokens
+        ctx = get_forward_context()
+        sizes = ctx.dp_num_tokens
         if self.exchange is not None and sizes is not None and max(sizes) <= self.exchange.capacity:
-            return self._p2p(moe, slots, hidden, topk_weights, physical, max(sizes))
+            return self._p2p(moe, slots, hidden, topk_weights, physical, max(sizes), ctx.stand_in_collectives)
         return self._allgather(moe, slots, hidden, topk_weights, physical)
 
     def _p2p(self, moe: FusedMoE, slots: ExpertSlots, hidden: torch.Tensor, weights: torch.Tensor,
-             physical: torch.Tensor, rows: int) -> torch.Tensor:
+             physical: torch.Tensor, rows: int, local: bool) -> torch.Tensor:
         # hidden [T, H] -> every rank's rows [W * rows, H] here -> this rank's experts -> summed back [T, H].
-        # A CUDA-graph warm-up runs the same kernels on this rank's own buffers only.
-        local = get_forward_context().stand_in_collectives
+        # `local`: a CUDA-graph warm-up runs the same kernels on this rank's own buffers only.
         all_hidden, all_weights, all_physical = self.exchange.dispatch(hidden, physical, weights, rows, local)
         partial = moe.compute_local(slots, all_hidden, all_weights, all_physical)  # [W * rows, H]
         return self.exchange.combine_into(partial, hidden.shape[0], rows, local)

@@ -105,6 +105,12 @@ class StatelessGroup:
         # A tiny all-reduce rather than pg.barrier(): works the same on both backends.
         self.all_reduce(torch.zeros(1, device=self.device))
 
+    def gather_via_store(self, key: str, value: bytes | str) -> list[bytes]:
+        """Every rank's `value` under `key`, in rank order, through the group's store: no backend collective,
+        so it works before the communicator exists and beside another thread's collectives."""
+        self.store.set(f"{key}/{self.rank}", value)
+        return [self.store.get(f"{key}/{r}") for r in range(self.world_size)]
+
     def abort(self) -> None:
         """A peer died: waits under way on the device return (with garbage) instead of hanging, and the next
         collective fails. Gloo needs nothing: a closed peer connection raises."""

@@ -28,9 +28,7 @@ _SHM_DIR = "/dev/shm"
 
 def on_one_host(group: StatelessGroup) -> bool:
     """Whether every rank of `group` runs on this host (decided alike on every rank, through the store)."""
-    host = f"{socket.gethostname()}/{_boot_id()}"
-    group.store.set(f"host/{group.rank}", host)
-    return len({group.store.get(f"host/{r}").decode() for r in range(group.world_size)}) == 1
+    return len(set(group.gather_via_store("host", f"{socket.gethostname()}/{_boot_id()}"))) == 1
 
 
 def shared_memory_usable() -> bool:

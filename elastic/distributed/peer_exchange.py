@@ -63,7 +63,8 @@ class PeerExchange:
         self.shape, self.rank = shape, rank
         self.world, self.capacity = shape.world, shape.capacity
         device = buffer.device
-        self.buffer = buffer  # keeps the mapping alive
+        self.buffer = buffer
+        self.peer_storages: list[torch.UntypedStorage] = []  # the other ranks' buffers mapped here (over_group)
         tables, views = {}, {}
         for name, (offset, dims, dtype) in shape.regions().items():
             tables[name] = torch.tensor([a + offset for a in peer_addresses], dtype=torch.int64, device=device)
@@ -92,8 +93,7 @@ class PeerExchange:
         except RuntimeError as e:
             logger.warning("%s: cannot share the p2p exchange buffer (%s)", group, e)
             share = None
-        group.store.set(f"p2p-ipc/{group.rank}", msgspec.msgpack.encode(share))
-        shares = [msgspec.msgpack.decode(group.store.get(f"p2p-ipc/{r}")) for r in range(group.world_size)]
+        shares = [msgspec.msgpack.decode(s) for s in group.gather_via_store("p2p-ipc", msgspec.msgpack.encode(share))]
         if any(s is None for s in shares):
             return None
         addresses, peers = [], []
@@ -108,10 +108,10 @@ class PeerExchange:
         except RuntimeError as e:
             logger.warning("%s: cannot map a peer's p2p exchange buffer (%s)", group, e)
             addresses = []
-        if not _all_agree(group, "p2p-mapped", bool(addresses)):
-            return None
+        if b"0" in group.gather_via_store("p2p-mapped", b"1" if addresses else b"0"):
+            return None  # some rank could not map every buffer: all fall back alike
         exchange = cls(shape, group.rank, buffer, addresses)
-        exchange.peer_storages = peers  # the mappings live as long as the exchange
+        exchange.peer_storages = peers
         group.on_abort.append(exchange.abort)
         group.barrier()  # every buffer is mapped and zeroed before any rank writes into another's
         return exchange
@@ -157,8 +157,3 @@ class PeerExchange:
         if stream is not None:
             stream.synchronize()
 
-
-def _all_agree(group: StatelessGroup, key: str, ok: bool) -> bool:
-    """Whether `ok` holds on every rank (through the group's store)."""
-    group.store.set(f"{key}/{group.rank}", b"1" if ok else b"0")
-    return all(group.store.get(f"{key}/{r}") == b"1" for r in range(group.world_size))
