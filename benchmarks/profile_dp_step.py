@@ -1,6 +1,6 @@
 """Where a data-parallel decode step spends its time: torch.profiler over a few lockstep steps on rank 0.
 
-    python benchmarks/profile_dp_step.py --world 2 --batch 8 --mode allgather
+    python benchmarks/profile_dp_step.py --world 2 --batches 1,64 --mode p2p
 
 Qwen3-30B-A3B shape, dummy weights, one engine core per GPU stepping in lockstep (as the engine
 processes of the server do). Prints the per-step wall time and the top operators by self CPU and CUDA time.
@@ -28,21 +28,28 @@ from elastic.distributed.group import create_store  # noqa: E402
 from elastic.sampling_params import SamplingParams  # noqa: E402
 
 
-def rank_main(rank: int, world: int, port: int, path: str, batch: int, mode: str, steps: int) -> None:
+def rank_main(rank: int, world: int, port: int, path: str, batches: list[int], mode: str, steps: int) -> None:
     torch.cuda.set_device(rank)
     from elastic.engine.core import EngineCore
-    from elastic.protocol.to_engine import EngineCoreRequest
 
     config = create_engine_config(path, device="cuda", data_parallel_size=world, load_format="dummy",
                                   skip_tokenizer_init=True, max_model_len=2048, ep_dispatch=mode)
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, device=f"cuda:{rank}"),
                                  parallel=dataclasses.replace(config.parallel.for_rank(rank), store_port=port))
     engine = EngineCore(config)
+    for batch in batches:
+        profile_batch(engine, rank, world, batch, mode, steps)
+    engine.shutdown()
+
+
+def profile_batch(engine, rank: int, world: int, batch: int, mode: str, steps: int) -> None:  # noqa: ANN001
+    from elastic.protocol.to_engine import EngineCoreRequest
+
     rng = random.Random(rank)
     for i in range(batch):
         prompt = [rng.randrange(151936) for _ in range(1024)]
-        engine.add_request(EngineCoreRequest(f"{rank}-{i}", prompt, SamplingParams(max_tokens=steps * 3,
-                                                                                   ignore_eos=True)))
+        engine.add_request(EngineCoreRequest(f"{batch}-{rank}-{i}", prompt,
+                                             SamplingParams(max_tokens=steps * 3, ignore_eos=True)))
     engine.start_wave()
     for _ in range(10):  # prefill and warm-up
         engine.step()
@@ -53,33 +60,36 @@ def rank_main(rank: int, world: int, port: int, path: str, batch: int, mode: str
         engine.step()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+    profiled = 5
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
+        for _ in range(profiled):
             engine.step()
         torch.cuda.synchronize()
     if rank == 0:
-        print(f"DP={world} {mode} batch {batch}/rank: median step {statistics.median(times) * 1e3:.2f} ms", flush=True)
         table = prof.key_averages()
-        print(table.table(sort_by="self_cpu_time_total", row_limit=18), flush=True)
-        print(table.table(sort_by="self_cuda_time_total", row_limit=12), flush=True)
+        busy = sum(e.self_device_time_total for e in table
+                   if e.device_type == torch.autograd.DeviceType.CUDA) / profiled / 1e3
+        print(f"DP={world} {mode} batch {batch}/rank: median step {statistics.median(times) * 1e3:.2f} ms, "
+              f"GPU kernels {busy:.2f} ms/step", flush=True)
+        print(table.table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
+        print(table.table(sort_by="self_cuda_time_total", row_limit=30), flush=True)
     engine.abort_requests(list(engine.scheduler.requests))
     while engine.global_unfinished:
         engine.step()
-    engine.shutdown()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--world", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batches", default="8", help="tokens per rank, comma-separated (one model load)")
     ap.add_argument("--mode", default="allgather", choices=["p2p", "allgather", "alltoall"])
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
     store = create_store("127.0.0.1", 0, is_master=True)
     with tempfile.TemporaryDirectory() as tmp:
         path = str(dummy_model_dir("qwen3-30b-a3b", tmp))
-        mp.start_processes(rank_main, args=(args.world, store.port, path, args.batch, args.mode, args.steps),
+        mp.start_processes(rank_main, args=(args.world, store.port, path, [int(b) for b in args.batches.split(',')], args.mode, args.steps),
                            nprocs=args.world, start_method="spawn")
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-import time
 
 import msgspec
 import torch
@@ -19,6 +18,7 @@ from elastic.distributed.expert_parallel import apply_expert_parallel
 from elastic.distributed.group import StatelessGroup
 from elastic.distributed.parallel_state import ParallelState
 from elastic.engine.block_manager import BlockManager
+from elastic.engine.phase_clock import PhaseClock
 from elastic.engine.reconfigure import (StagedLayout, parallel_config_for, recv_dense_weights, resize_placement,
                                         share_placement, transfer_experts)
 from elastic.engine.scheduler import Scheduler
@@ -56,34 +56,51 @@ class EngineCore:
         self.scale_agree = False
         # Fault recovery: set (by another thread) when a peer rank failed; a step under way is then void.
         self.peer_failed = threading.Event()
-        start = time.perf_counter()
+        clock = PhaseClock()
         p = config.parallel
         self.layout = ParallelLayout(epoch, p.data_parallel_size, p.data_parallel_rank, p.store_host, p.store_port)
         self.parallel: ParallelState | None = None
         if join is None:
             self._connect_groups()
+            clock.mark("groups")
             self.runner = ModelRunner(config)
+            clock.mark("model")
             self._connect_experts()
             self._set_up_communicator()
+            clock.mark("experts")
             num_blocks = self._agree_kv_blocks(self.runner.determine_num_blocks())
-        else:  # random weights at the real shapes (no checkpoint read), replaced right away
-            self.runner = ModelRunner(dataclasses.replace(config, model=dataclasses.replace(config.model,
-                                                                                            load_format="dummy")))
-            self.runner.config = config
-            num_blocks = self._adopt_kv_blocks(join.num_kv_blocks)
-            # Only now meet the serving ranks: each collective below pairs with one of their staging steps,
-            # so nothing slow may come between them (engine/staging.py).
-            self._connect_groups()
-            self._receive_weights(join)
-            self._set_up_communicator()  # pairs with the serving ranks' staging step `_connect`
-            self._connect_experts()
+            clock.mark("kv sizing")
+        else:
+            num_blocks = self._join(config, join, clock)
         self.balancer = self._make_balancer()
         self.runner.allocate_kv_cache(num_blocks)
+        clock.mark("kv allocation")
         self.runner.capture_cuda_graphs()
+        clock.mark("graphs")
         self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
-        logger.info("engine ready in %.1fs: %d KV blocks of %d tokens (%d tokens)", time.perf_counter() - start,
-                    num_blocks, config.cache.block_size, num_blocks * config.cache.block_size)
+        logger.info("engine ready in %.1fs (%s): %d KV blocks of %d tokens (%d tokens)", clock.total_s,
+                    clock.summary(), num_blocks, config.cache.block_size, num_blocks * config.cache.block_size)
+
+    def _join(self, config: EngineConfig, join: JoinInfo, clock: PhaseClock) -> int:
+        """Start-up of an engine started by a scale-up: random weights at the real shapes (no checkpoint
+        read), replaced right away by the serving ranks' own. Returns the KV blocks it adopts."""
+        self.runner = ModelRunner(dataclasses.replace(config, model=dataclasses.replace(config.model,
+                                                                                        load_format="dummy")))
+        self.runner.config = config
+        clock.mark("model")
+        num_blocks = self._adopt_kv_blocks(join.num_kv_blocks)
+        clock.mark("kv sizing")
+        # Only now meet the serving ranks: each collective below pairs with one of their staging steps,
+        # so nothing slow may come between them (engine/staging.py).
+        self._connect_groups()
+        clock.mark("groups")
+        self._receive_weights(join)
+        clock.mark("weights")
+        self._set_up_communicator()  # pairs with the serving ranks' staging step `_connect`
+        self._connect_experts()
+        clock.mark("experts")
+        return num_blocks
 
     # ---- start-up phases, re-run by reconfigure() ---------------------------------------------------------
     def _connect_groups(self) -> None:

@@ -31,6 +31,7 @@ import zmq
 from elastic.config import EngineConfig
 from elastic.engine.recovery import RankRecovery
 from elastic.engine.scale_agent import ScaleAgent, set_cpu_threads
+from elastic.engine.phase_clock import process_age_s
 from elastic.engine.waves import DPWaves, RequestWave
 from elastic.executor.model_runner import free_device_bytes
 from elastic.parent_watch import watch_parent
@@ -428,6 +429,8 @@ def run_engine_core(config: EngineConfig, engine_index: int, handshake_address: 
     from elastic.logger import setup_logging
 
     setup_logging(log_level)
+    logger.info("engine core %d: process up %.2fs after spawn (interpreter and imports)", engine_index,
+                process_age_s())
     signal.signal(signal.SIGTERM, _raise_system_exit)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if death_pipe is not None:
@@ -465,7 +468,8 @@ def run_engine_core(config: EngineConfig, engine_index: int, handshake_address: 
         for sock in inputs:
             sock.send(ready)  # registers our identity with each front end's ROUTER (and says READY to it)
         handshake.send(ready)  # for an engine started by a scale-up: prepared, waiting for the commit
-        logger.info("engine core %d ready: %d KV blocks", engine_index, core.num_kv_blocks)
+        logger.info("engine core %d ready %.2fs after spawn: %d KV blocks", engine_index, process_age_s(),
+                    core.num_kv_blocks)
         proc = EngineCoreProc(core, engine_index, inputs, outputs, addresses.stats_interval_s, dp,
                               control=handshake, join=addresses.join, ctx=ctx)
         try:

@@ -46,6 +46,7 @@ class DecodeGraphs:
         self.num_valid = torch.zeros(1, dtype=torch.long, device=device)  # real rows of this replay (expert load)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool: object | None = None
+        self.warmup_s = 0.0  # of the capture time: eager warm-up runs (compiles) vs recording the graphs
 
     def _metadata(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -68,17 +69,21 @@ class DecodeGraphs:
             for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
                 self.graphs[bs] = self._capture_size(bs, side, mode)
         side.synchronize()
-        logger.info("captured %d decode CUDA graphs (batch 1..%d)%s in %.1fs", len(self.graphs), self.sizes[-1],
-                    " for the next layout, beside serving," if self.staged else "", time.perf_counter() - start)
+        total = time.perf_counter() - start
+        logger.info("captured %d decode CUDA graphs (batch 1..%d)%s in %.1fs (warm-up runs %.1fs, recording %.1fs)",
+                    len(self.graphs), self.sizes[-1], " for the next layout, beside serving," if self.staged else "",
+                    total, self.warmup_s, total - self.warmup_s)
 
     def _capture_size(self, bs: int, side: torch.cuda.Stream, mode: str) -> torch.cuda.CUDAGraph:
         ctx = ForwardContext(attn=self._metadata(bs), num_valid_tokens=self.num_valid,
                              dp_num_tokens=[bs] * self.dp_size if self.dp_size > 1 else None, use_staged=self.staged)
         # Warm-up (compiles, autotunes) with stand-in collectives, then the capture, which records the real ones
         # without running them: no rank waits for another here.
+        started = time.perf_counter()
         with set_forward_context(dataclasses.replace(ctx, stand_in_collectives=True)):
             self.hidden[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])
         side.synchronize()
+        self.warmup_s += time.perf_counter() - started
         graph = torch.cuda.CUDAGraph()
         with set_forward_context(ctx):
             graph.capture_begin(pool=self.pool, capture_error_mode=mode)
