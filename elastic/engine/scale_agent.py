@@ -272,8 +272,9 @@ class ScaleAgent:
                 torch.cuda.set_device(device)
             assert op.staging is not None
             op.staged = op.staging.capture()
-            logger.info("operation %s: next layout (%d ranks) staged beside serving in %.2fs", op.op,
-                        op.new_world, time.monotonic() - op.stage_started)
+            logger.info("operation %s: next layout (%d ranks) staged beside serving in %.2fs (placement frozen "
+                        "%.2fs after the operation began)", op.op, op.new_world, time.monotonic() - op.stage_started,
+                        op.stage_started - op.started)
         except Exception as e:
             self._fail(op, e)
         finally:

@@ -46,6 +46,7 @@ class DecodeGraphs:
         self.num_valid = torch.zeros(1, dtype=torch.long, device=device)  # real rows of this replay (expert load)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool: object | None = None
+        self.warm_up_layers: list[int] = model.warm_up_layers()
         self.warmup_s = 0.0  # of the capture time: eager warm-up runs (compiles) vs recording the graphs
 
     def _metadata(self, bs: int) -> AttentionMetadata:
@@ -78,10 +79,11 @@ class DecodeGraphs:
         ctx = ForwardContext(attn=self._metadata(bs), num_valid_tokens=self.num_valid,
                              dp_num_tokens=[bs] * self.dp_size if self.dp_size > 1 else None, use_staged=self.staged)
         # Warm-up (compiles, autotunes) with stand-in collectives, then the capture, which records the real ones
-        # without running them: no rank waits for another here.
+        # without running them: no rank waits for another here. One layer of each kind launches every kernel
+        # shape the whole forward does; the warm-up's output is thrown away.
         started = time.perf_counter()
         with set_forward_context(dataclasses.replace(ctx, stand_in_collectives=True)):
-            self.hidden[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])
+            self.model(self.input_ids[:bs], self.positions[:bs], layers=self.warm_up_layers)
         side.synchronize()
         self.warmup_s += time.perf_counter() - started
         graph = torch.cuda.CUDAGraph()

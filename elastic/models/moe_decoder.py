@@ -1,6 +1,8 @@
 """One decoder for every supported MoE family; `ModelArch` switches the few places they differ."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -119,10 +121,12 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(layer_class(arch, i, parallel) for i in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                layers: Sequence[int] | None = None) -> torch.Tensor:
+        """`layers`: run only these (a warm-up that compiles every kernel the whole model launches)."""
         x = self.embed_tokens(input_ids)  # [T, hidden]
         residual: torch.Tensor | None = None
-        for layer in self.layers:
+        for layer in self.layers if layers is None else [self.layers[i] for i in layers]:
             x, residual = layer(positions, x, residual)
         if residual is None:
             return self.norm(x)
@@ -143,8 +147,21 @@ class MoeForCausalLM(nn.Module):
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, positions)  # hidden states [T, hidden]
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                layers: Sequence[int] | None = None) -> torch.Tensor:
+        return self.model(input_ids, positions, layers)  # hidden states [T, hidden]
+
+    def warm_up_layers(self) -> list[int]:
+        """One layer of each kind: the first (no residual yet), then the first of every (attention, MLP)
+        type after it. A forward over these launches every kernel shape the whole model does, at a fraction
+        of the cost (CUDA-graph warm-ups: one per batch size, and again for every new layout)."""
+        chosen, seen = [0], set()
+        for i, layer in enumerate(self.model.layers[1:], start=1):
+            kind = (type(layer.self_attn), type(layer.mlp))
+            if kind not in seen:
+                seen.add(kind)
+                chosen.append(i)
+        return chosen
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # [N, vocab]
