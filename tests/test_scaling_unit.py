@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from elastic.cluster.coordinator import Coordinator
-from elastic.cluster.launcher import pick_device
+from elastic.cluster.devices import pick_device
 from elastic.config import create_engine_config
 from elastic.elastic_ep.capacity import check_target, expert_bytes
 from elastic.elastic_ep.operation import IDLE, PREPARING, ROLLED_BACK, SUCCEEDED, ScaleError, ScaleTracker

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import itertools
 import logging
 import multiprocessing
 import signal
@@ -25,7 +24,9 @@ import zmq
 import zmq.asyncio
 
 from elastic.cluster.coordinator import CoordinatorAddresses, CoordinatorProcess
+from elastic.cluster.devices import pick_device
 from elastic.cluster.placement import remote_ranks
+from elastic.cluster.standby import StandbyPool
 from elastic.config import EngineConfig, ParallelConfig
 from elastic.engine.process import run_engine_core
 from elastic.protocol.fault import RankFault
@@ -63,26 +64,6 @@ def make_socket_dir() -> str:
     return tempfile.mkdtemp(prefix="elastic-", dir=base)
 
 
-def rank_device(device: str, rank: int, world: int) -> str:
-    """One GPU per DP rank: engine i uses cuda:i (cuda:N+i when a first device N is given)."""
-    if world == 1 or not device.startswith("cuda"):
-        return device
-    first = int(device.split(":")[1]) if ":" in device else 0
-    return f"cuda:{first + rank}"
-
-
-def pick_device(device: str, rank: int, world: int, taken: set[str]) -> str:
-    """The rank's GPU (`rank_device`), or the lowest one from the first device on that no live engine of
-    this host holds: after a rank dies, the survivors keep their GPUs under new rank numbers, so a
-    replacement must not land on a survivor's GPU by its rank."""
-    preferred = rank_device(device, rank, world)
-    if not preferred.startswith("cuda:") or preferred not in taken:
-        return preferred
-    first = int(device.split(":")[1]) if ":" in device else 0
-    taken_indices = {int(d.split(":")[1]) if ":" in d else 0 for d in taken if d.startswith("cuda")}
-    return f"cuda:{next(i for i in itertools.count(first) if i not in taken_indices)}"
-
-
 @dataclass
 class EngineProcess:
     index: int  # the engine id: stable for the process's life, unlike its DP rank
@@ -102,6 +83,9 @@ class EngineProcess:
     free_memory_bytes: int | None = None  # reported with READY (CUDA)
     expert_slot_capacity: int | None = None  # expert slots per layer its storage holds (READY, each commit)
     device: str | None = None  # the device it was started on (this host's engines)
+    # A standby (cluster/standby.py): the (size, rank) it prewarms for until a scale-up claims it.
+    standby: tuple[int, int] | None = None
+    hello_seen: bool = False  # its HELLO came before anyone claimed it: the claim answers at once
     waiters: dict[tuple[type, str], asyncio.Future] = field(default_factory=dict, repr=False)
 
 
@@ -140,6 +124,7 @@ class EngineLauncher:
         # Fault recovery (elastic/fault/): an engine whose step's collective failed says so here.
         self.on_fault: Callable[[RankFault], None] | None = None
         self.remote = remote_ranks(self)  # ranks on other machines: nodes or Ray (docs/deployment.md)
+        self.standby = StandbyPool(self)
 
     @property
     def data_parallel(self) -> bool:
@@ -217,19 +202,22 @@ class EngineLauncher:
         await self._handshake(frontend_inputs, frontend_outputs)
         # From now on the handshake socket is the control channel (and greets engines a scale starts).
         self.control_task = asyncio.get_running_loop().create_task(self._control_loop(), name="engine-control")
+        self.standby.refill()
 
-    def _spawn(self, engine: EngineProcess, handshake_address: str, parallel: ParallelConfig) -> None:
+    def _spawn(self, engine: EngineProcess, handshake_address: str, parallel: ParallelConfig,
+               device: str | None = None) -> None:
         # spawn, not fork: torch (CUDA, OpenMP threads) is not fork-safe.
         mp = multiprocessing.get_context("spawn")
         reader, writer = mp.Pipe(duplex=False)
         taken = {e.device for e in self.engines.values()
                  if e.device is not None and e.exited is not None and not e.exited.done()}
-        device = engine.device = pick_device(self.config.device, parallel.data_parallel_rank,
-                                             parallel.data_parallel_size, taken)
+        device = engine.device = device or pick_device(self.config.device, parallel.data_parallel_rank,
+                                                       parallel.data_parallel_size, taken)
         config = dataclasses.replace(self.config, parallel=parallel,
                                      model=dataclasses.replace(self.config.model, device=device))
         proc = mp.Process(target=run_engine_core, name=f"EngineCore_{engine.index}",
-                          args=(config, engine.index, handshake_address, reader, self.log_level))
+                          args=(config, engine.index, handshake_address, reader, self.log_level),
+                          kwargs={"standby": engine.standby is not None})
         proc.start()
         reader.close()  # only the child keeps the read end: our exit then closes the pipe
         engine.proc, engine.death_writer, engine.pid = proc, writer, proc.pid
@@ -308,15 +296,38 @@ class EngineLauncher:
     def spawn_joining(self, rank: int, layout_world: int, epoch: int, join: JoinInfo) -> EngineProcess:
         """Start an engine for rank `rank` of a `layout_world`-rank layout; it is no member until the
         scale commits (its exit is the scale's business, not a serving failure). Await its `ready_fut`."""
+        parallel = self._rank_parallel(rank, layout_world)
+        standby = self.standby.claim(rank, layout_world) if join is not None and not self.remote.offers(rank) \
+            else None
+        if standby is not None:
+            return self._answer_standby(standby, parallel, epoch, join)
         engine_id = self.next_engine_id
         self.next_engine_id += 1
         engine = EngineProcess(engine_id, engine_identity(engine_id))
-        parallel = self._rank_parallel(rank, layout_world)
         engine.ready_fut = asyncio.get_running_loop().create_future()
         self.engines[engine_id] = engine
         if not self.remote.start_engine(engine, parallel):  # a node offered this rank: it starts it there
             self._spawn(engine, self.handshake_address, parallel)
         engine.hello_reply = self._hello_reply(parallel, epoch, join, engine_id=engine_id)
+        return engine
+
+    def spawn_standby(self, device: str, rank: int, layout_world: int) -> EngineProcess:
+        """Start a standby engine on `device`, prewarming for rank `rank` of `layout_world` (cluster/standby.py)."""
+        engine_id = self.next_engine_id
+        self.next_engine_id += 1
+        engine = EngineProcess(engine_id, engine_identity(engine_id), standby=(layout_world, rank))
+        self.engines[engine_id] = engine
+        self._spawn(engine, self.handshake_address, self._rank_parallel(rank, layout_world), device=device)
+        logger.info("engine core %d: standby on %s, prewarming for rank %d of %d", engine_id, device, rank,
+                    layout_world)
+        return engine
+
+    def _answer_standby(self, engine: EngineProcess, parallel: ParallelConfig, epoch: int,
+                        join: JoinInfo) -> EngineProcess:
+        engine.ready_fut = asyncio.get_running_loop().create_future()
+        engine.hello_reply = self._hello_reply(parallel, epoch, join, engine_id=engine.index)
+        if engine.hello_seen:  # it waits in its handshake already
+            self.handshake.send_multipart([engine.identity, self._encoder.encode(engine.hello_reply)])
         return engine
 
     def control(self, engine_id: int, msg: Any, reply: type | None = None) -> asyncio.Future | None:
@@ -376,10 +387,12 @@ class EngineLauncher:
             if engine is None:
                 logger.warning("ignoring a control message from an unknown engine: %r", msg)
             elif isinstance(msg, EngineHello):
-                engine.pid = msg.pid
+                engine.pid, engine.hello_seen = msg.pid, True
                 if engine.hello_reply is not None:
                     await self.handshake.send_multipart([identity, self._encoder.encode(engine.hello_reply)])
                     logger.info("engine core %d (pid %d) said hello; joining", engine.index, msg.pid)
+                elif engine.standby is not None:
+                    logger.info("engine core %d (pid %d): standby, prewarmed", engine.index, msg.pid)
             elif isinstance(msg, (EngineReady, EngineStartupFailed)):
                 engine.ready = isinstance(msg, EngineReady)
                 engine.num_kv_blocks = msg.num_kv_blocks if isinstance(msg, EngineReady) else 0

@@ -23,7 +23,8 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from elastic.cluster.launcher import EngineStartupError, describe_exit, rank_device
+from elastic.cluster.devices import rank_device
+from elastic.cluster.launcher import EngineStartupError, describe_exit
 from elastic.cluster.remote import new_node_identity
 from elastic.config import EngineConfig
 from elastic.engine.process import run_engine_core

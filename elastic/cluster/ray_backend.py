@@ -89,6 +89,9 @@ class RayRanks(RemoteNodes):
         """An initial rank: Ray places it now."""
         self._place(engine, self.launcher._rank_parallel(engine.index))
 
+    def offers(self, rank: int) -> bool:
+        return True  # Ray places every rank
+
     def start_engine(self, engine: Any, parallel: Any) -> bool:
         self._place(engine, parallel)
         return True

@@ -84,6 +84,10 @@ class RemoteNodes:
         """An initial rank that a node will run: its exit is reported by that node."""
         engine.exited = asyncio.get_running_loop().create_future()
 
+    def offers(self, rank: int) -> bool:
+        """Whether a node offered to run rank `rank` (a scale-up then starts it there)."""
+        return rank in self.joins
+
     def start_engine(self, engine: EngineProcess, parallel: ParallelConfig) -> bool:
         """Place an engine a scale-up starts on the node that offered its rank; False: start it locally."""
         node = self.joins.pop(parallel.data_parallel_rank, None)

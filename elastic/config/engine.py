@@ -126,6 +126,10 @@ class ParallelConfig:
     max_data_parallel_size: int | None = option(
         None, "largest size POST /scale may grow to (default: the GPUs from the first device on; no limit on "
               "CPU)")
+    standby_engines: int | None = option(
+        None, "engine processes kept started on this host's spare GPUs, each prewarmed for the layout it will most "
+              "likely join (model built, KV sized, kernels compiled), so a scale-up skips that start-up (default: "
+              "one per spare GPU up to --max-data-parallel-size on CUDA; none on CPU; 0: none)")
     scale_phase_timeout: float = option(
         120.0, "seconds each phase of a POST /scale (prepare, commit) may take before the scale rolls back")
     # Beyond one machine (docs/deployment.md): which ranks this process runs, and how it reaches the head.
@@ -165,6 +169,8 @@ class ParallelConfig:
         if self.max_data_parallel_size is not None and self.max_data_parallel_size < self.data_parallel_size:
             raise ValueError(f"max_data_parallel_size={self.max_data_parallel_size} is below data_parallel_size="
                              f"{self.data_parallel_size}")
+        if self.standby_engines is not None and self.standby_engines < 0:
+            raise ValueError(f"standby_engines must be >= 0, got {self.standby_engines}")
         if self.scale_phase_timeout <= 0:
             raise ValueError(f"scale_phase_timeout must be positive, got {self.scale_phase_timeout}")
         _check_node_options(self)

@@ -1,19 +1,9 @@
 """Which data-parallel sizes a scale may ask for (anything else is a 400, before anything starts)."""
 from __future__ import annotations
 
+from elastic.cluster.devices import max_size
 from elastic.config import EngineConfig
 from elastic.elastic_ep.operation import ScaleError
-
-
-def max_size(config: EngineConfig, visible_gpus: int | None) -> int | None:
-    """The largest size: the option if set, else (CUDA) the GPUs from the first device on; None: no limit."""
-    if config.parallel.max_data_parallel_size is not None:
-        return config.parallel.max_data_parallel_size
-    device = config.device
-    if not device.startswith("cuda") or visible_gpus is None:
-        return None
-    first = int(device.split(":")[1]) if ":" in device else 0
-    return max(visible_gpus - first, 1)
 
 
 def expert_bytes(config: EngineConfig) -> int:

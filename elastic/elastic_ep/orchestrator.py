@@ -24,6 +24,7 @@ import logging
 import time
 from typing import Any, Awaitable, Callable
 
+from elastic.cluster.devices import visible_gpus
 from elastic.cluster.launcher import EngineLauncher, EngineProcess
 from elastic.config import EngineConfig
 from elastic.elastic_ep.capacity import check_target
@@ -68,13 +69,13 @@ class ScaleOrchestrator:
             metrics.set_size(self.tracker.size)
 
     def status(self) -> dict[str, Any]:
-        return self.tracker.status()
+        return {**self.tracker.status(), "standby": self.launcher.standby.describe()}
 
     async def scale(self, target: Any, drain_timeout: Any = None, operation_id: str | None = None) -> dict[str, Any]:
         """Run (or join, for the same operation id) a scale to `target` ranks; returns its summary when done.
         Raises ScaleError: 400 for an impossible size or argument, 409 while another operation runs."""
         size = self.tracker.size
-        target = check_target(self.config, size, target, _visible_gpus(self.config), self._survivor_room())
+        target = check_target(self.config, size, target, visible_gpus(self.config), self._survivor_room())
         if isinstance(drain_timeout, bool) or not isinstance(drain_timeout, (int, float, type(None))) or \
                 (drain_timeout is not None and not 0 <= drain_timeout <= 3600):
             raise ScaleError(400, f"drain_timeout must be a number of seconds in [0, 3600], got {drain_timeout!r}")
@@ -110,6 +111,7 @@ class ScaleOrchestrator:
             self.metrics.set_scaling(False)
             self.metrics.set_size(self.tracker.size)
             self.metrics.record(op.direction, op.result or FAILED, op.prepare_s, op.blocking_s, op.total_s)
+        self.launcher.standby.refill()  # claimed standbys are replaced on the GPUs still spare
 
     # ---- scale up ---------------------------------------------------------------------------------------
     async def _grow(self, op: ScaleOperation) -> None:
@@ -311,6 +313,7 @@ class ScaleOrchestrator:
             await asyncio.wait(exits, timeout=_EXIT_GRACE_S)
         for engine in engines:
             self.launcher.forget(engine.index)
+        self.launcher.standby.refill()  # their GPUs are spare now
 
     def _take_epoch(self) -> int:
         epoch = max(self.next_epoch, self.launcher.membership.epoch + 1)  # failed attempts use one up too
@@ -339,13 +342,3 @@ def _raise_errors(replies: list[Any]) -> None:
               for r in replies if isinstance(r, BaseException) or getattr(r, "error", None)]
     if errors:
         raise RuntimeError("; ".join(errors))
-
-
-def _visible_gpus(config: EngineConfig) -> int | None:
-    p = config.parallel
-    if not config.device.startswith("cuda") or p.data_parallel_backend == "ray" or p.local_load_balancing \
-            or p.local_ranks != range(p.data_parallel_size):
-        return None  # ranks placed beyond this host (Ray, other nodes): not bounded by its GPUs
-    import torch
-
-    return torch.cuda.device_count()

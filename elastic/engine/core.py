@@ -22,6 +22,7 @@ from elastic.engine.phase_clock import PhaseClock
 from elastic.engine.reconfigure import (StagedLayout, parallel_config_for, recv_dense_weights, resize_placement,
                                         share_placement, transfer_experts)
 from elastic.engine.scheduler import Scheduler
+from elastic.engine.standby import Prewarmed
 from elastic.engine.waves import RequestWave
 from elastic.eplb.balancer import ExpertBalancer
 from elastic.executor.model_runner import ModelRunner
@@ -38,11 +39,12 @@ logger = logging.getLogger(__name__)
 
 class EngineCore:
     def __init__(self, config: EngineConfig, wave: RequestWave | None = None, epoch: int = 0,
-                 join: JoinInfo | None = None) -> None:
+                 join: JoinInfo | None = None, prewarmed: Prewarmed | None = None) -> None:
         """Start-up in phases that elastic scaling runs again for the next layout (`stage`, beside serving,
         then `activate` at the switch): groups, expert slots and placement, KV budget agreement, CUDA graphs.
         `join`: this engine was started by a scale-up; its weights come from the serving ranks (no
-        checkpoint read), and its graphs are captured together with their staged ones."""
+        checkpoint read), and its graphs are captured together with their staged ones; `prewarmed`: what a
+        standby engine built before it was claimed (engine/standby.py)."""
         self.config = config
         # With DP: whether any rank of this rank's request wave has unfinished requests (shared with DPWaves).
         self.wave = wave if wave is not None else RequestWave()
@@ -71,7 +73,7 @@ class EngineCore:
             num_blocks = self._agree_kv_blocks(self.runner.determine_num_blocks())
             clock.mark("kv sizing")
         else:
-            num_blocks = self._join(config, join, clock)
+            num_blocks = self._join(config, join, clock, prewarmed)
         self.balancer = self._make_balancer()
         self.runner.allocate_kv_cache(num_blocks)
         clock.mark("kv allocation")
@@ -82,14 +84,20 @@ class EngineCore:
         logger.info("engine ready in %.1fs (%s): %d KV blocks of %d tokens (%d tokens)", clock.total_s,
                     clock.summary(), num_blocks, config.cache.block_size, num_blocks * config.cache.block_size)
 
-    def _join(self, config: EngineConfig, join: JoinInfo, clock: PhaseClock) -> int:
+    def _join(self, config: EngineConfig, join: JoinInfo, clock: PhaseClock, prewarmed: Prewarmed | None) -> int:
         """Start-up of an engine started by a scale-up: random weights at the real shapes (no checkpoint
         read), replaced right away by the serving ranks' own. Returns the KV blocks it adopts."""
-        self.runner = ModelRunner(dataclasses.replace(config, model=dataclasses.replace(config.model,
-                                                                                        load_format="dummy")))
+        own_blocks = None
+        if prewarmed is not None and prewarmed.fits(config):
+            self.runner, own_blocks = prewarmed.take(), prewarmed.num_blocks
+        else:
+            if prewarmed is not None:
+                prewarmed.release()
+            self.runner = ModelRunner(dataclasses.replace(config, model=dataclasses.replace(config.model,
+                                                                                            load_format="dummy")))
         self.runner.config = config
         clock.mark("model")
-        num_blocks = self._adopt_kv_blocks(join.num_kv_blocks)
+        num_blocks = self._adopt_kv_blocks(join.num_kv_blocks, own_blocks)
         clock.mark("kv sizing")
         # Only now meet the serving ranks: each collective below pairs with one of their staging steps,
         # so nothing slow may come between them (engine/staging.py).
@@ -126,10 +134,11 @@ class EngineCore:
             num_blocks = int(self.parallel.dp.all_reduce(torch.tensor([num_blocks]), dist.ReduceOp.MIN))
         return num_blocks
 
-    def _adopt_kv_blocks(self, num_blocks: int) -> int:
+    def _adopt_kv_blocks(self, num_blocks: int, own: int | None = None) -> int:
         """A joining rank takes the serving ranks' KV size (they cannot shrink theirs while they hold
-        requests) if it can hold it; measured before it joins the groups (profiling runs alone)."""
-        own = self.runner.determine_num_blocks()
+        requests) if it can hold it; measured before it joins the groups (profiling runs alone), unless a
+        standby measured it already (`own`)."""
+        own = self.runner.determine_num_blocks() if own is None else own
         if own < num_blocks:
             raise RuntimeError(f"this rank can hold {own} KV blocks; the serving ranks have {num_blocks}")
         return num_blocks

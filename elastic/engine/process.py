@@ -337,10 +337,11 @@ def _set_device_and_threads(config: EngineConfig) -> None:
         set_cpu_threads(config.parallel.data_parallel_size)  # this rank's share of the host's cores
 
 
-def _handshake(sock: zmq.Socket, decoder: msgspec.msgpack.Decoder) -> HandshakeAddresses:
-    """The answer to HELLO; over tcp with a shared secret, a head that refuses our key is told at once."""
+def _handshake(sock: zmq.Socket, decoder: msgspec.msgpack.Decoder, standby: bool = False) -> HandshakeAddresses:
+    """The answer to HELLO; over tcp with a shared secret, a head that refuses our key is told at once. A
+    standby engine waits for it as long as the launcher lives (it answers when a scale-up claims us)."""
     watch = security.HandshakeWatch(sock) if security.is_secured(sock) else None
-    deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
+    deadline = float("inf") if standby else time.monotonic() + HANDSHAKE_TIMEOUT_S
     try:
         while not sock.poll(200):
             if watch is not None and watch.refused():
@@ -356,7 +357,8 @@ def _handshake(sock: zmq.Socket, decoder: msgspec.msgpack.Decoder) -> HandshakeA
 
 
 def _start_core(config: EngineConfig, engine_index: int, wave: RequestWave, dp: DPWaves | None,
-                handshake: zmq.Socket, encoder: msgspec.msgpack.Encoder, addresses: HandshakeAddresses) -> Any:
+                handshake: zmq.Socket, encoder: msgspec.msgpack.Encoder, addresses: HandshakeAddresses,
+                prewarmed: Any = None) -> Any:
     """Load the model, join the DP/EP groups, size the KV cache. A failure is told to the front end (why),
     then the process exits non-zero."""
     try:
@@ -369,7 +371,7 @@ def _start_core(config: EngineConfig, engine_index: int, wave: RequestWave, dp: 
             _injected_join_failure(engine_index)
         # Loads the weights (progress bar; a joining engine receives them instead), joins the groups, sizes
         # the KV cache.
-        core = EngineCore(config, wave, epoch=addresses.epoch, join=addresses.join)
+        core = EngineCore(config, wave, epoch=addresses.epoch, join=addresses.join, prewarmed=prewarmed)
         if dp is not None:
             dp.wait_subscribed(HANDSHAKE_TIMEOUT_S)
         return core
@@ -422,10 +424,26 @@ def _serve(proc: EngineCoreProc, encoder: msgspec.msgpack.Encoder) -> int:
         return 1
 
 
+def _prewarm(config: EngineConfig, engine_index: int) -> Any:
+    """A standby engine's head start before HELLO (engine/standby.py); None if it failed (out of memory on
+    its GPU, say): the engine then starts from scratch when claimed."""
+    try:
+        from elastic.engine.standby import prewarm
+
+        _set_device_and_threads(config)
+        return prewarm(config)
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except Exception:
+        logger.exception("standby engine %d: prewarming failed; it starts from scratch when claimed", engine_index)
+        return None
+
+
 def run_engine_core(config: EngineConfig, engine_index: int, handshake_address: str,
                     death_pipe: Connection | None = None, log_level: str = "INFO", local: bool = True,
-                    headless: bool = False) -> None:
-    """Target of the engine core process (multiprocessing 'spawn', or a headless node's main)."""
+                    headless: bool = False, standby: bool = False) -> None:
+    """Target of the engine core process (multiprocessing 'spawn', or a headless node's main). `standby`:
+    started ahead of a scale-up on a spare GPU; it prewarms, then waits for the launcher to claim it."""
     from elastic.logger import setup_logging
 
     setup_logging(log_level)
@@ -447,8 +465,9 @@ def run_engine_core(config: EngineConfig, engine_index: int, handshake_address: 
     core: Any = None
     exit_code = 0
     try:
+        prewarmed = _prewarm(config, engine_index) if standby else None
         handshake.send(encoder.encode(EngineHello(engine_index, os.getpid(), local=local, headless=headless)))
-        addresses = _handshake(handshake, msgspec.msgpack.Decoder(HandshakeAddresses))
+        addresses = _handshake(handshake, msgspec.msgpack.Decoder(HandshakeAddresses), standby)
         config = _apply_parallel_handshake(config, addresses)
         wave, dp = RequestWave(), None
         if config.parallel.is_distributed:
@@ -458,7 +477,8 @@ def run_engine_core(config: EngineConfig, engine_index: int, handshake_address: 
             rank = config.parallel.data_parallel_rank  # the coordinator's tables are by rank
             dp = DPWaves(ctx, rank, addresses.coordinator_address, addresses.coordinator_pub_address, wave)
             sockets += dp.sockets
-        core = _start_core(config, engine_index, wave, dp, handshake, encoder, addresses)
+        core = _start_core(config, engine_index, wave, dp, handshake, encoder, addresses, prewarmed)
+        prewarmed = None
         inputs, outputs = _connect_queues(ctx, identity, addresses)
         sockets += inputs + outputs
         ready = encoder.encode(EngineReady(engine_index, core.num_kv_blocks, config.cache.block_size,

@@ -162,7 +162,7 @@ class _Parent:
             await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
             if starting.done():
                 starting.result()  # raises EngineStartupError
-                logger.info("all %d engine core(s) ready", len(self.launcher.engines))
+                logger.info("all %d engine core(s) ready", len(self.launcher.member_ids()))
                 self.scale_server.ready = True
                 self.supervisor = FaultSupervisor(self.launcher, self.orchestrator, self.config,
                                                   FaultMetrics.in_parent(self.config.model.served_model_name))

@@ -75,25 +75,41 @@ class DecodeGraphs:
                     len(self.graphs), self.sizes[-1], " for the next layout, beside serving," if self.staged else "",
                     total, self.warmup_s, total - self.warmup_s)
 
-    def _capture_size(self, bs: int, side: torch.cuda.Stream, mode: str) -> torch.cuda.CUDAGraph:
-        ctx = ForwardContext(attn=self._metadata(bs), num_valid_tokens=self.num_valid,
-                             dp_num_tokens=[bs] * self.dp_size if self.dp_size > 1 else None, use_staged=self.staged)
-        # Warm-up (compiles, autotunes) with stand-in collectives, then the capture, which records the real ones
-        # without running them: no rank waits for another here. One layer of each kind launches every kernel
-        # shape the whole forward does; the warm-up's output is thrown away.
+    def _context(self, bs: int) -> ForwardContext:
+        return ForwardContext(attn=self._metadata(bs), num_valid_tokens=self.num_valid,
+                              dp_num_tokens=[bs] * self.dp_size if self.dp_size > 1 else None, use_staged=self.staged)
+
+    def _warm_up(self, bs: int, side: torch.cuda.Stream) -> None:
+        """Compiles (and autotunes) what a batch of `bs` launches, with stand-in collectives: no rank waits for
+        another. One layer of each kind launches every kernel shape the whole forward does; its output is
+        thrown away."""
         started = time.perf_counter()
-        with set_forward_context(dataclasses.replace(ctx, stand_in_collectives=True)):
+        with set_forward_context(dataclasses.replace(self._context(bs), stand_in_collectives=True)):
             self.model(self.input_ids[:bs], self.positions[:bs], layers=self.warm_up_layers)
         side.synchronize()
         self.warmup_s += time.perf_counter() - started
+
+    def _capture_size(self, bs: int, side: torch.cuda.Stream, mode: str) -> torch.cuda.CUDAGraph:
+        # The warm-up, then the capture, which records the real collectives without running them.
+        self._warm_up(bs, side)
         graph = torch.cuda.CUDAGraph()
-        with set_forward_context(ctx):
+        with set_forward_context(self._context(bs)):
             graph.capture_begin(pool=self.pool, capture_error_mode=mode)
             try:
                 self.hidden[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])
             finally:
                 graph.capture_end()
         return graph
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Only the warm-ups of every size, no graph: a standby engine compiles the kernels of the layout it
+        expects to join before it is asked to (the compiled kernels stay in this process and on disk)."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for bs in reversed(self.sizes):
+                self._warm_up(bs, side)
 
     def release(self) -> None:
         self.graphs.clear()

@@ -113,6 +113,20 @@ class ModelRunner:
         return self._capture(parallel, staged=True)
 
     def _capture(self, parallel: ParallelConfig, staged: bool) -> DecodeGraphs | None:
+        graphs = self._decode_graphs(parallel, staged)
+        if graphs is not None:
+            graphs.capture()
+        return graphs
+
+    def warm_up_decode_graphs(self) -> bool:
+        """Compile every kernel the decode graphs of this layout launch, capturing none (a standby engine,
+        before it joins: its MoE layers run with stand-in collectives). False if this layout has no graphs."""
+        graphs = self._decode_graphs(self.config.parallel, staged=False)
+        if graphs is not None:
+            graphs.warm_up()
+        return graphs is not None
+
+    def _decode_graphs(self, parallel: ParallelConfig, staged: bool) -> DecodeGraphs | None:
         if self.device.type != "cuda" or self.config.cache.enforce_eager:
             return None
         if parallel.is_distributed and parallel.ep_dispatch == "alltoall":
@@ -122,11 +136,9 @@ class ModelRunner:
             logger.info("no CUDA graphs: the Triton kernels need bf16/fp16 (the fp32 reference path syncs)")
             return None
         arch, max_len = self.config.model.arch, self.config.model.max_model_len
-        graphs = DecodeGraphs(self.model, self.max_graph_batch,
-                              -(-max_len // self.block_size), max_len, arch.hidden_size,
-                              self.config.model.dtype, self.device, parallel.data_parallel_size, staged)
-        graphs.capture()
-        return graphs
+        return DecodeGraphs(self.model, self.max_graph_batch, -(-max_len // self.block_size), max_len,
+                            arch.hidden_size, self.config.model.dtype, self.device, parallel.data_parallel_size,
+                            staged)
 
     # ---- execution ------------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -1,0 +1,93 @@
+"""Standby engines: engine processes started ahead of a scale-up on this host's spare GPUs.
+
+A scale-up used to start its new ranks from nothing: a fresh interpreter and its imports, a CUDA context,
+the model, a KV profiling run, and the JIT compilation of every kernel of the new layout — most of its ten
+or more seconds. A standby does all of that before any scale is asked for (engine/standby.py), for the layout
+it will most likely join, then waits in its handshake. `EngineLauncher.spawn_joining` claims one instead of
+spawning; the pool is refilled after every scale, on the GPUs that are spare then.
+
+A standby is no member: it serves nothing, its exit fails nothing (the pool forgets it), and the launcher
+stops it with the others.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from elastic.cluster.devices import first_gpu, max_size, visible_gpus
+
+logger = logging.getLogger(__name__)
+
+
+def guess_layout(world: int, order: int, largest: int) -> tuple[int, int]:
+    """(size, rank) the `order`-th standby (1, 2, ...) most likely joins from `world` ranks: rank
+    world + order - 1 of the next power of two with room for it (autoscalers double), at most `largest`."""
+    rank = world + order - 1
+    size = 1
+    while size <= rank:
+        size *= 2
+    return min(size, largest), rank
+
+
+class StandbyPool:
+    def __init__(self, launcher: Any) -> None:  # EngineLauncher (which owns the pool)
+        self.launcher = launcher
+        config = launcher.config
+        p = config.parallel
+        single_host = p.data_parallel_backend == "mp" and not p.local_load_balancing and p.is_head \
+            and p.local_ranks == range(p.data_parallel_size)
+        largest = max_size(config, visible_gpus(config))
+        self.largest = largest if largest is not None else 1 << 30
+        self.gpus: list[str] = []  # where standbys may run; empty on CPU (any number may)
+        if not single_host:
+            self.count = 0
+        elif config.device.startswith("cuda") and largest is not None:
+            self.gpus = [f"cuda:{first_gpu(config) + i}" for i in range(largest)]
+            self.count = largest if p.standby_engines is None else p.standby_engines
+        else:  # CPU (tests): only when asked for
+            self.count = p.standby_engines or 0
+
+    def waiting(self) -> list[Any]:  # EngineProcess
+        return [e for e in self.launcher.engines.values() if e.standby is not None and e.exit_reason is None]
+
+    def describe(self) -> list[dict[str, Any]]:
+        """For GET /scale: each waiting standby, where, for which layout, and whether it finished prewarming."""
+        return [{"engine_id": e.index, "device": e.device, "prewarmed_for": {"data_parallel_size": e.standby[0],
+                                                                            "rank": e.standby[1]},
+                 "ready": e.hello_seen} for e in self.waiting()]
+
+    def refill(self) -> None:
+        """Start standbys on spare devices until `count` wait (after start-up, and after every scale)."""
+        if self.count <= 0 or self.launcher.closed:
+            return
+        self._forget_dead()
+        world = self.launcher.membership.world_size
+        waiting = self.waiting()
+        for device in self._spare_devices():
+            if len(waiting) >= self.count or world + len(waiting) >= self.largest:
+                return
+            size, rank = guess_layout(world, len(waiting) + 1, self.largest)
+            waiting.append(self.launcher.spawn_standby(device, rank, size))
+
+    def claim(self, rank: int, world: int) -> Any:  # EngineProcess | None
+        """A standby for rank `rank` of a `world`-rank layout: one prewarmed for exactly that if any."""
+        waiting = self.waiting()
+        exact = [e for e in waiting if e.standby == (world, rank)]
+        engine = (exact or waiting or [None])[0]
+        if engine is not None:
+            engine.standby = None
+            logger.info("engine core %d (standby on %s) claimed for rank %d of %d%s", engine.index, engine.device,
+                        rank, world, "" if exact else " (prewarmed for another layout: it rebuilds its model)")
+        return engine
+
+    def _spare_devices(self) -> list[str]:
+        if not self.gpus:
+            return [self.launcher.config.device] * self.count
+        taken = {e.device for e in self.launcher.engines.values() if e.exit_reason is None}
+        return [d for d in self.gpus if d not in taken]
+
+    def _forget_dead(self) -> None:
+        dead = [e.index for e in self.launcher.engines.values() if e.standby is not None and e.exit_reason]
+        for engine_id in dead:
+            logger.warning("standby engine %d %s", engine_id, self.launcher.engines[engine_id].exit_reason)
+            self.launcher.forget(engine_id)

@@ -1,0 +1,102 @@
+"""Standby engines: started ahead of a scale-up, prewarmed for the layout they will most likely join, claimed
+by POST /scale instead of a fresh spawn, and replaced afterwards (cluster/standby.py, engine/standby.py)."""
+from __future__ import annotations
+
+import re
+from types import SimpleNamespace
+from typing import Any
+
+from server_fixtures import TEST_SERVER_ARGS, ServerProcess, wait_until
+from test_scaling_server import ENV, PROMPTS, SCALE_ARGS, Load, model, models, scale  # noqa: F401 - fixtures
+
+from elastic.cluster.standby import StandbyPool, guess_layout
+from elastic.config import ParallelConfig
+
+
+def test_guess_layout_doubles_and_caps() -> None:
+    assert guess_layout(1, 1, 8) == (2, 1)  # 1 -> 2
+    assert guess_layout(1, 2, 8) == (4, 2) and guess_layout(1, 3, 8) == (4, 3)  # then 2 -> 4
+    assert guess_layout(2, 1, 8) == (4, 2)
+    assert guess_layout(4, 1, 8) == (8, 4)
+    assert guess_layout(2, 1, 3) == (3, 2)  # at most the largest size
+
+
+class _Launcher:
+    """What the pool reads of an EngineLauncher: config, engines, membership; spawn_standby and forget."""
+
+    def __init__(self, device: str, world: int, standby: int | None, largest: int | None = None) -> None:
+        parallel = ParallelConfig(data_parallel_size=world, standby_engines=standby, max_data_parallel_size=largest)
+        self.config = SimpleNamespace(device=device, parallel=parallel)
+        self.engines: dict[int, Any] = {i: self._engine(i, f"{device}:{i}" if device == "cuda" else device)
+                                        for i in range(world)}
+        self.membership = SimpleNamespace(world_size=world)
+        self.closed = False
+
+    @staticmethod
+    def _engine(index: int, device: str, standby: tuple[int, int] | None = None) -> Any:
+        return SimpleNamespace(index=index, device=device, standby=standby, exit_reason=None, hello_seen=False)
+
+    def spawn_standby(self, device: str, rank: int, size: int) -> Any:
+        engine = self.engines[len(self.engines)] = self._engine(len(self.engines), device, (size, rank))
+        return engine
+
+    def forget(self, engine_id: int) -> None:
+        del self.engines[engine_id]
+
+
+def test_pool_fills_spare_gpus_and_claims_the_exact_layout_first() -> None:
+    launcher = _Launcher("cuda", 1, None, largest=4)
+    pool = StandbyPool(launcher)
+    pool.refill()
+    assert [(e.device, e.standby) for e in pool.waiting()] == [("cuda:1", (2, 1)), ("cuda:2", (4, 2)),
+                                                                ("cuda:3", (4, 3))]
+    assert pool.claim(1, 2).index == 1  # prewarmed for rank 1 of 2
+    assert pool.claim(3, 4).index == 3  # the exact one, not the first waiting
+    launcher.engines[2].exit_reason = "was killed by SIGKILL"
+    assert pool.claim(2, 4) is None  # a dead standby is never claimed
+    pool.refill()  # forgets it; cuda:2 is spare again (cuda:1 and cuda:3 are held by the claimed engines)
+    assert 2 not in launcher.engines and [(e.device, e.standby) for e in pool.waiting()] == [("cuda:2", (2, 1))]
+
+
+def test_pool_is_off_by_default_on_cpu_and_when_asked() -> None:
+    for launcher in (_Launcher("cpu", 1, None), _Launcher("cuda", 1, 0, largest=4)):
+        pool = StandbyPool(launcher)
+        pool.refill()
+        assert pool.waiting() == []
+    cpu = _Launcher("cpu", 2, 1)
+    pool = StandbyPool(cpu)
+    pool.refill()
+    pool.refill()
+    assert [(e.device, e.standby) for e in pool.waiting()] == [("cpu", (4, 2))]
+
+
+def test_a_standby_engine_joins_under_load(model) -> None:  # noqa: F811 - the fixture
+    """1 -> 2 -> 1 with one standby: the scale-up claims it (prewarmed for rank 1 of 2: no model build, no KV
+    profiling at the scale), the scale-down frees its place, and a new standby takes it; every request of
+    the load completes with the unscaled run's tokens."""
+    path, expected = model
+    with ServerProcess(path, *TEST_SERVER_ARGS, *SCALE_ARGS, "--standby-engines", "1", env=ENV) as server:
+        server.wait_ready()
+        standby = wait_until(lambda: _ready_standby(server), 120, "the standby to prewarm")
+        assert standby["prewarmed_for"] == {"data_parallel_size": 2, "rank": 1}, standby
+        with Load(server) as load:
+            for size in (2, 1):
+                done = len(load.results)
+                assert scale(server, size)["result"] == "succeeded"
+                wait_until(lambda: len(load.results) >= done + len(PROMPTS), 120, "requests at the new size")
+        load.check(expected)
+        log = server.log()
+        assert f"engine core {standby['engine_id']} (standby on cpu) claimed for rank 1 of 2" in log, log[-3000:]
+        assert re.search(r"engine ready in [\d.]+s \(model 0\.0\ds, kv sizing 0\.0\ds", log), log[-3000:]
+        refilled = wait_until(lambda: _ready_standby(server), 120, "a new standby")
+        assert refilled["engine_id"] > standby["engine_id"]
+        assert server.stop() == 0, server.log()[-3000:]
+        assert server.leftover_pids() == []
+        assert "Traceback" not in server.log(), server.log()[-5000:]
+
+
+def _ready_standby(server: ServerProcess) -> dict[str, Any] | None:
+    standby = server.get("/scale").json()["standby"]
+    return standby[0] if standby and standby[0]["ready"] else None
+
+
