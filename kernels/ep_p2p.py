@@ -1,24 +1,50 @@
 """Peer-to-peer expert-parallel exchange: launchers of the Triton kernels in ep_p2p_triton.py.
 
-Each rank owns three buffers that every rank of the group can read and write (symmetric memory mapped over
-NVLink; the callers pass each buffer as a table of W raw addresses, one per rank):
+Each rank owns five regions that every rank of the group can read and write (symmetric memory mapped over
+NVLink; the callers pass each region as a table of W raw addresses, one per rank):
 
     tokens   [W * cap, H]    rows from every rank, rank s's at [s * rows, (s + 1) * rows)
-    meta     [W * cap, 2K]   f32: their slot ids (float) and routing weights, -1 slots on padding rows
+    weights  [W * cap, K]    f32 routing weights of those rows (0 on padding rows)
+    ids      [W * cap, K]    int32 slot index of each (row, k) among this rank's slots, -1 when the slot is on
+                             another rank or the row is padding (what the fused-MoE backend takes as is)
     combine  [W * cap, H]    partial results for this rank's rows, rank s's at [s * rows, ...)
     pad      [W]             int64 barrier signals, one per rank
+and, private to the rank (a Barrier): `sequence` (barriers passed), `arrivals` (CTAs of the kernel under way
+that are done), `abort`.
 
-One MoE layer, `rows` = the step's largest per-rank token count (every rank knows it):
-    dispatch   write my rows into every rank's tokens/meta at my block; barrier
-    compute    my experts over all W * rows rows of my own tokens buffer (contiguous) -> partial
-    combine    write partial's block d into rank d's combine at my block; barrier; sum my W blocks
+One MoE layer, `rows` = the step's largest per-rank token count (every rank knows it), three kernels:
+    dispatch   write my rows into every rank's tokens/weights/ids at my block; barrier
+    compute    my experts over all W * rows rows of my own buffers (contiguous) -> partial
+    push       write partial's block d into rank d's combine at my block; barrier
+    reduce     sum my W blocks in rank order (fp32)
 
 Two barriers per layer are enough. A rank writes a peer's tokens only after the last layer's second barrier,
 which the peer passed only after computing from them; it writes a peer's combine buffer only after this
 layer's first barrier, which the peer reached only after summing the last layer's.
+
+The barrier is the end of the dispatch and push kernels, run by the last of their CTAs:
+1. Every CTA stores its rows, then bar.sync (the stores of all its threads now precede, at CTA scope, what
+   its one signalling thread does next), then an acq_rel atomic add (system scope) on the rank's `arrivals`.
+2. The CTA whose add returns (number of CTAs - 1) read the end of an RMW chain holding every other CTA's add:
+   its acquire synchronizes with each of their releases, so every store of the grid, to this rank's memory or
+   over NVLink to a peer's, happens before its next step.
+3. It bumps `sequence` to n and release-stores n into every rank's pad (system scope). Release is
+   cumulative (causality order is transitive across the CTA-, GPU- and system-scope steps): a peer whose
+   acquire reads n sees all the grid's stores, not only the last CTA's.
+4. It acquire-waits until its own pad shows n from every rank (or `abort`). The kernel then ends, and the next
+   kernel on the stream (the experts, the reduce) sees all that this acquire saw.
+Only that one CTA waits, and only after every other CTA of its grid has finished, so a rank's wait never
+depends on a CTA the GPU has not scheduled (all CTAs waiting could deadlock across GPUs once a grid has more
+CTAs than resident slots). The last CTA resets `arrivals` to 0: the grid's other CTAs are done with it, and
+the next kernel using it runs after this one on the same stream. Counters advance and reset on the device,
+so CUDA-graph replays need nothing from the host. A CUDA-graph warm-up (`sync` off) runs the same kernels on
+the rank's own buffers: the last CTA only resets the counter.
+
 All launches are fixed-shape kernels with no host sync, so a decode step captures them in a CUDA graph.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -27,28 +53,51 @@ from ._backend import cdiv, next_pow2
 _BLOCK_H = 1024
 
 
-def p2p_dispatch(hidden: torch.Tensor, physical: torch.Tensor, weights: torch.Tensor, tokens_table: torch.Tensor,
-                 meta_table: torch.Tensor, rows: int, rank: int) -> None:
-    """hidden [T, H], physical [T, K] global slot ids, weights [T, K] f32 -> every rank's buffers (T <= rows)."""
+@dataclass(frozen=True)
+class Barrier:
+    """One rank's device-side barrier. pad_table [W] int64: every rank's pad ([W] int64) as an address;
+    sequence [1] int64: barriers passed; arrivals [1] int32: CTAs of the kernel under way that are done (0
+    between kernels); abort [1] int32: raised by the host to release every wait."""
+
+    pad_table: torch.Tensor
+    sequence: torch.Tensor
+    arrivals: torch.Tensor
+    abort: torch.Tensor
+
+
+def _row_major(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def p2p_dispatch(hidden: torch.Tensor, physical: torch.Tensor, weights: torch.Tensor,
+                 tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor], barrier: Barrier, rows: int, rank: int,
+                 slots_per_rank: int, sync: bool = True) -> None:
+    """hidden [T, H], physical [T, K] global slot ids (any int dtype), weights [T, K] (cast to f32 in the
+    kernel) -> every rank's tokens/weights/ids (tables: their addresses [W] each), then the barrier if `sync`.
+    T <= rows; rank d's slots are [d * slots_per_rank, (d + 1) * slots_per_rank)."""
     from .ep_p2p_triton import p2p_dispatch_kernel
 
+    tokens_table, weights_table, ids_table = tables
     num_tokens, top_k = physical.shape
     world = tokens_table.shape[0]
-    if hidden.stride(-1) != 1:
-        hidden = hidden.contiguous()
-    p2p_dispatch_kernel[(rows, world)](
-        hidden, physical.contiguous(), weights.float().contiguous(), tokens_table, meta_table, num_tokens, rows,
-        rank, hidden.stride(0), H=hidden.shape[1], K=top_k, BLOCK_H=min(_BLOCK_H, next_pow2(hidden.shape[1])),
-        BLOCK_K=next_pow2(top_k), num_warps=4)
+    hidden, physical, weights = _row_major(hidden), _row_major(physical), _row_major(weights)
+    p2p_dispatch_kernel[(max(rows, 1), world)](
+        hidden, physical, weights, tokens_table, weights_table, ids_table, barrier.pad_table, barrier.sequence,
+        barrier.arrivals, barrier.abort, num_tokens, rows, rank, world, slots_per_rank, int(sync),
+        hidden.stride(0), physical.stride(0), weights.stride(0), H=hidden.shape[1], K=top_k,
+        BLOCK_H=min(_BLOCK_H, next_pow2(hidden.shape[1])), BLOCK_K=next_pow2(top_k), num_warps=4)
 
 
-def p2p_combine_push(partial: torch.Tensor, combine_table: torch.Tensor, rows: int, rank: int) -> None:
-    """partial [W * rows, H]: block d -> rank d's combine buffer at this rank's block."""
-    from .ep_p2p_triton import p2p_combine_push_kernel
+def p2p_combine_push(partial: torch.Tensor, combine_table: torch.Tensor, out_dtype: torch.dtype, barrier: Barrier,
+                     rows: int, rank: int, sync: bool = True) -> None:
+    """partial [W * rows, H] (any float dtype): block d -> rank d's combine buffer (out_dtype) at this rank's
+    block, then the barrier if `sync`."""
+    from .ep_p2p_triton import TL_DTYPES, p2p_combine_push_kernel
 
     world = combine_table.shape[0]
-    p2p_combine_push_kernel[(rows, world)](
-        partial.contiguous(), combine_table, rows, rank, H=partial.shape[1],
+    p2p_combine_push_kernel[(max(rows, 1), world)](
+        partial.contiguous(), combine_table, barrier.pad_table, barrier.sequence, barrier.arrivals, barrier.abort,
+        rows, rank, world, int(sync), H=partial.shape[1], OUT=TL_DTYPES[out_dtype],
         BLOCK_H=min(_BLOCK_H, next_pow2(partial.shape[1])), num_warps=4)
 
 
@@ -63,10 +112,3 @@ def p2p_combine_reduce(combine: torch.Tensor, num_tokens: int, rows: int, world:
         p2p_combine_reduce_kernel[(num_tokens, cdiv(hidden_size, block))](
             combine, out, rows, world, out.stride(0), H=hidden_size, BLOCK_H=block, num_warps=4)
     return out
-
-
-def p2p_barrier(pad_table: torch.Tensor, sequence: torch.Tensor, abort: torch.Tensor, rank: int) -> None:
-    """Wait (on the device) until every rank of the table reached this barrier, or `abort` [1] int32 is set."""
-    from .ep_p2p_triton import p2p_barrier_kernel
-
-    p2p_barrier_kernel[(1,)](pad_table, sequence, abort, rank, pad_table.shape[0], num_warps=1)

@@ -1,15 +1,25 @@
-"""Triton kernels of the peer-to-peer expert-parallel exchange (see ep_p2p.py for the protocol).
+"""Triton kernels of the peer-to-peer expert-parallel exchange (see ep_p2p.py for the protocol and the
+memory-ordering argument).
 
 Every rank maps every other rank's exchange buffer into its address space (symmetric memory over NVLink);
 the kernels get those buffers as tables of raw addresses, one per rank, and read or write them like local
-memory. Signals are int64 sequence numbers: a rank that reached barrier n stores n into every rank's pad,
-then waits until its own pad shows n (or more) from every rank, or until the host raised the abort flag
-(a dead peer must not leave the survivors spinning for ever).
+memory. The dispatch and combine-push kernels end in the rank's barrier: every CTA counts itself on a local
+arrival counter after its stores, and the CTA that arrives last runs the barrier for the whole kernel.
+Signals are int64 sequence numbers: a rank that reached barrier n stores n into every rank's pad, then waits
+until its own pad shows n (or more) from every rank, or until the host raised the abort flag (a dead peer
+must not leave the survivors spinning for ever).
+
+Runtime ints that differ between ranks (rank), steps (rows, num_tokens) or layouts (world, slots per rank)
+are not specialized on: every rank and batch size runs one compiled variant per kernel and dtype.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+# Buffer dtypes the kernels write, as Triton spells them (a constexpr of the combine push).
+TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 @triton.jit
@@ -18,63 +28,12 @@ def _peer(table, rank, dtype: tl.constexpr):
 
 
 @triton.jit
-def p2p_dispatch_kernel(hidden, physical, weights, tokens_table, meta_table, num_tokens, rows, rank,
-                        stride_hidden, H: tl.constexpr, K: tl.constexpr, BLOCK_H: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
-    # grid (rows, world): this rank's row `row` goes to rank `dst` at row rank * rows + row of its buffers.
-    row = tl.program_id(0)
-    dst = tl.program_id(1)
-    out_row = (rank * rows + row).to(tl.int64)
-    tokens = _peer(tokens_table, dst, hidden.dtype.element_ty)
-    meta = _peer(meta_table, dst, tl.float32)
-    k = tl.arange(0, BLOCK_K)
-    if row < num_tokens:
-        for h in range(0, H, BLOCK_H):
-            offs = h + tl.arange(0, BLOCK_H)
-            x = tl.load(hidden + row * stride_hidden + offs, mask=offs < H)
-            tl.store(tokens + out_row * H + offs, x, mask=offs < H)
-        # Slot ids travel as float32 beside the routing weights (exact below 2**24 slots).
-        slot = tl.load(physical + row * K + k, mask=k < K).to(tl.float32)
-        weight = tl.load(weights + row * K + k, mask=k < K)
-        tl.store(meta + out_row * 2 * K + k, slot, mask=k < K)
-        tl.store(meta + out_row * 2 * K + K + k, weight, mask=k < K)
-    else:  # padding up to the step's largest rank: no expert, so it contributes nothing anywhere
-        tl.store(meta + out_row * 2 * K + k, tl.full((BLOCK_K,), -1.0, tl.float32), mask=k < K)
-
-
-@triton.jit
-def p2p_combine_push_kernel(partial, combine_table, rows, rank, H: tl.constexpr, BLOCK_H: tl.constexpr):
-    # grid (rows, world): rows [dst * rows, (dst + 1) * rows) of this rank's partial results belong to rank
-    # `dst`; they land at rows [rank * rows, ...) of its combine buffer.
-    row = tl.program_id(0)
-    dst = tl.program_id(1)
-    combine = _peer(combine_table, dst, partial.dtype.element_ty)
-    src_row = (dst * rows + row).to(tl.int64)
-    out_row = (rank * rows + row).to(tl.int64)
-    for h in range(0, H, BLOCK_H):
-        offs = h + tl.arange(0, BLOCK_H)
-        x = tl.load(partial + src_row * H + offs, mask=offs < H)
-        tl.store(combine + out_row * H + offs, x, mask=offs < H)
-
-
-@triton.jit
-def p2p_combine_reduce_kernel(combine, out, rows, world, stride_out, H: tl.constexpr, BLOCK_H: tl.constexpr):
-    # grid (num_tokens, cdiv(H, BLOCK_H)): out[row] = sum over source ranks, in rank order, in float32.
-    row = tl.program_id(0)
-    offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    for src in range(world):
-        acc += tl.load(combine + (src * rows + row).to(tl.int64) * H + offs, mask=offs < H).to(tl.float32)
-    tl.store(out + row * stride_out + offs, acc.to(out.dtype.element_ty), mask=offs < H)
-
-
-@triton.jit
-def p2p_barrier_kernel(pad_table, sequence, abort, rank, world):
-    # grid (1,), scalar code. `sequence` counts this rank's barriers on the device, so CUDA-graph replays
-    # advance it too.
+def _barrier(pad_table, sequence, abort, rank, world):
+    # Scalar code, run by one CTA of this rank. `sequence` counts this rank's barriers on the device, so
+    # CUDA-graph replays advance it too.
     n = tl.load(sequence) + 1
     tl.store(sequence, n)
-    # Release: everything this rank wrote before (earlier kernels on this stream) is visible to a rank that
+    # Release: everything this CTA has observed (the kernel's stores, see _arrive) is visible to a rank that
     # sees n. Tell every rank (itself too) that this rank reached barrier n.
     for peer in range(world):
         tl.atomic_xchg(_peer(pad_table, peer, tl.int64) + rank, n, sem="release", scope="sys")
@@ -85,3 +44,91 @@ def p2p_barrier_kernel(pad_table, sequence, abort, rank, world):
         while (seen < n) & (stop == 0):
             seen = tl.atomic_add(mine + peer, 0, sem="acquire", scope="sys")
             stop = tl.load(abort, volatile=True)
+
+
+@triton.jit
+def _arrive(arrivals, pad_table, sequence, abort, rank, world, sync):
+    # Every CTA, after its stores: count it; the last CTA of the grid runs the barrier (when `sync`), so no
+    # CTA ever waits for a CTA that may not be resident. bar.sync first: the stores of every thread of this
+    # CTA precede (CTA scope) the one thread's release below.
+    tl.debug_barrier()
+    total = tl.num_programs(0) * tl.num_programs(1)
+    # acq_rel: releases this CTA's stores; the last CTA's acquire reads the end of the RMW chain, so it
+    # synchronizes with every earlier CTA's release.
+    arrived = tl.atomic_add(arrivals, 1, sem="acq_rel", scope="sys")
+    if arrived == total - 1:
+        # Every other CTA of this grid has counted itself: reset for the next kernel on this stream (it
+        # starts after this one ends; a reset on the device keeps CUDA-graph replays right).
+        tl.store(arrivals, 0)
+        if sync != 0:
+            _barrier(pad_table, sequence, abort, rank, world)
+
+
+@triton.jit
+def _dispatch_row(hidden, physical, weights, tokens, out_weights, out_ids, row, dst, num_tokens, slots_per_rank,
+                  stride_hidden, stride_physical, stride_weights, H: tl.constexpr, K: tl.constexpr,
+                  BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    # tokens [H], out_weights [K] f32, out_ids [K] int32: this row's place in rank `dst`'s buffers.
+    k = tl.arange(0, BLOCK_K)
+    if row < num_tokens:
+        for h in range(0, H, BLOCK_H):
+            offs = h + tl.arange(0, BLOCK_H)
+            x = tl.load(hidden + row * stride_hidden + offs, mask=offs < H)
+            tl.store(tokens + offs, x, mask=offs < H)
+        # Rank dst holds slots [dst * slots_per_rank, (dst + 1) * slots_per_rank) (ExpertLayout): it gets its
+        # own slot index, -1 for a slot elsewhere (slots_to_local, computed here instead of on the receiver).
+        local = tl.load(physical + row * stride_physical + k, mask=k < K).to(tl.int32) - dst * slots_per_rank
+        local = tl.where((local >= 0) & (local < slots_per_rank), local, -1)
+        weight = tl.load(weights + row * stride_weights + k, mask=k < K).to(tl.float32)
+        tl.store(out_ids + k, local, mask=k < K)
+        tl.store(out_weights + k, weight, mask=k < K)
+    else:  # padding up to the step's largest rank: no expert, so it contributes nothing anywhere
+        tl.store(out_ids + k, tl.full((BLOCK_K,), -1, tl.int32), mask=k < K)
+        tl.store(out_weights + k, tl.zeros((BLOCK_K,), tl.float32), mask=k < K)
+
+
+@triton.jit(do_not_specialize=["num_tokens", "rows", "rank", "world", "slots_per_rank", "sync"])
+def p2p_dispatch_kernel(hidden, physical, weights, tokens_table, weights_table, ids_table, pad_table, sequence,
+                        arrivals, abort, num_tokens, rows, rank, world, slots_per_rank, sync, stride_hidden,
+                        stride_physical, stride_weights, H: tl.constexpr, K: tl.constexpr, BLOCK_H: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    # grid (max(rows, 1), world): this rank's row `row` goes to rank `dst` at row rank * rows + row of its
+    # buffers; then the barrier (the grid has a CTA even when rows == 0, so every step passes it).
+    row = tl.program_id(0)
+    dst = tl.program_id(1)
+    if row < rows:
+        out_row = (rank * rows + row).to(tl.int64)
+        tokens = _peer(tokens_table, dst, hidden.dtype.element_ty) + out_row * H
+        out_weights = _peer(weights_table, dst, tl.float32) + out_row * K
+        out_ids = _peer(ids_table, dst, tl.int32) + out_row * K
+        _dispatch_row(hidden, physical, weights, tokens, out_weights, out_ids, row, dst, num_tokens,
+                      slots_per_rank, stride_hidden, stride_physical, stride_weights, H, K, BLOCK_H, BLOCK_K)
+    _arrive(arrivals, pad_table, sequence, abort, rank, world, sync)
+
+
+@triton.jit(do_not_specialize=["rows", "rank", "world", "sync"])
+def p2p_combine_push_kernel(partial, combine_table, pad_table, sequence, arrivals, abort, rows, rank, world, sync,
+                            H: tl.constexpr, OUT: tl.constexpr, BLOCK_H: tl.constexpr):
+    # grid (max(rows, 1), world): rows [dst * rows, (dst + 1) * rows) of this rank's partial results belong
+    # to rank `dst`; they land, as OUT (the buffer's dtype), at rows [rank * rows, ...) of its combine buffer.
+    # Then the barrier.
+    row = tl.program_id(0)
+    dst = tl.program_id(1)
+    if row < rows:
+        src = partial + (dst * rows + row).to(tl.int64) * H
+        combine = _peer(combine_table, dst, OUT) + (rank * rows + row).to(tl.int64) * H
+        for h in range(0, H, BLOCK_H):
+            offs = h + tl.arange(0, BLOCK_H)
+            tl.store(combine + offs, tl.load(src + offs, mask=offs < H).to(OUT), mask=offs < H)
+    _arrive(arrivals, pad_table, sequence, abort, rank, world, sync)
+
+
+@triton.jit(do_not_specialize=["rows", "world"])
+def p2p_combine_reduce_kernel(combine, out, rows, world, stride_out, H: tl.constexpr, BLOCK_H: tl.constexpr):
+    # grid (num_tokens, cdiv(H, BLOCK_H)): out[row] = sum over source ranks, in rank order, in float32.
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for src in range(world):
+        acc += tl.load(combine + (src * rows + row).to(tl.int64) * H + offs, mask=offs < H).to(tl.float32)
+    tl.store(out + row * stride_out + offs, acc.to(out.dtype.element_ty), mask=offs < H)

@@ -1,7 +1,12 @@
 """The peer-to-peer expert-parallel exchange (elastic/distributed/peer_exchange.py, kernels/ep_p2p*.py), run by
 Triton's interpreter on the CPU: ranks are processes forked from the test, and "peer memory" is shared
 memory the parent mapped before the fork (so at the same address in every rank), addressed by raw pointer as
-the GPU kernels address NVLink-mapped memory. The result must equal the single-rank MoE over all experts."""
+the GPU kernels address NVLink-mapped memory. The result must equal, bit for bit, the all-gather path's
+partial results summed in rank order, and the single-rank MoE over all experts (to rounding).
+
+The interpreter runs a grid's programs one after another, so "the last CTA runs the barrier" is always the
+grid's last program here; what it checks is the protocol (counts, signals, reset, abort), not the GPU's
+memory ordering (kernels/ep_p2p.py argues that)."""
 from __future__ import annotations
 
 import multiprocessing
@@ -11,10 +16,14 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 from kernel_testing import needs_triton
 
+from elastic.distributed.expert_parallel import ExpertParallelComm
 from elastic.distributed.peer_exchange import ExchangeShape, PeerExchange
 from elastic.kernels import fused_moe_reference
+from elastic.kernels.routing import slots_to_local
+from elastic.layers.moe import FusedMoE
 
 pytestmark = needs_triton
 
@@ -28,6 +37,7 @@ def _ranks(world: int, capacity: int, dtype: torch.dtype = torch.float32) -> lis
     ranks = [PeerExchange(shape, r, buffers[r], addresses) for r in range(world)]
     for ex in ranks:  # the device counters too, so that the test sees them
         ex.sequence.share_memory_()
+        ex.arrivals.share_memory_()
         ex.abort_flag.share_memory_()
     return ranks
 
@@ -67,71 +77,136 @@ def triton_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ELASTIC_TRITON_ON_CPU", "1")
 
 
-@pytest.mark.parametrize("world,tokens", [(2, (3, 5)), (3, (4, 0, 2))])
-def test_exchange_equals_single_rank_moe(triton_on_cpu: None, world: int, tokens: tuple[int, ...]) -> None:
+def _moe_layers(world: int, w13: torch.Tensor, w2: torch.Tensor) -> list[FusedMoE]:
+    """One FusedMoE per rank holding its share of the experts (slot s = expert s % EXPERTS), fp32."""
+    layers = []
+    for rank in range(world):
+        moe = FusedMoE(EXPERTS, TOP_K, H, INTER, renormalize=False, ep_size=world, ep_rank=rank)
+        spr = moe.slots_per_rank
+        slots = torch.arange(rank * spr, (rank + 1) * spr) % EXPERTS
+        moe.w13.data.copy_(w13[slots])
+        moe.w2.data.copy_(w2[slots])
+        layers.append(moe)
+    return layers
+
+
+def _step_inputs(g: torch.Generator, tokens: tuple[int, ...], layer: int) -> list[tuple[torch.Tensor, ...]]:
+    """Per rank: hidden [t, H], global slot ids [t, K] int64 (distinct per token), weights [t, K] f32."""
+    out = []
+    for t in tokens:
+        slots = torch.stack([torch.randperm(EXPERTS, generator=g)[:TOP_K] for _ in range(t)]) if t else \
+            torch.empty(0, TOP_K, dtype=torch.long)
+        out.append((torch.randn(t, H, generator=g) * (layer + 1), slots, torch.rand(t, TOP_K, generator=g)))
+    return out
+
+
+def _allgather_sums(layers: list[FusedMoE], inputs: list[tuple[torch.Tensor, ...]]) -> list[torch.Tensor]:
+    """What the all-gather path computes: every rank's experts over every rank's (padded) rows, the partial
+    results summed per token in rank order in fp32."""
+    rows = max(h.shape[0] for h, _, _ in inputs)
+    pad = [rows - h.shape[0] for h, _, _ in inputs]
+    all_hidden = torch.cat([F.pad(h, (0, 0, 0, p)) for (h, _, _), p in zip(inputs, pad)])
+    all_slots = torch.cat([F.pad(s, (0, 0, 0, p), value=-1) for (_, s, _), p in zip(inputs, pad)])
+    all_weights = torch.cat([F.pad(w, (0, 0, 0, p)) for (_, _, w), p in zip(inputs, pad)])
+    partials = [moe.compute_local(moe.live, all_hidden, all_weights, all_slots) for moe in layers]
+    sums = []
+    for rank, (h, _, _) in enumerate(inputs):
+        acc = torch.zeros(h.shape[0], H)
+        for partial in partials:
+            acc += partial[rank * rows:rank * rows + h.shape[0]]
+        sums.append(acc)
+    return sums
+
+
+# Steps of different sizes, two MoE layers each: ranks with no tokens, and a step where no rank has any.
+@pytest.mark.parametrize("world,steps", [(2, [(3, 5), (1, 0)]), (3, [(4, 0, 2), (0, 0, 0), (1, 2, 1)])])
+def test_exchange_equals_allgather_path(triton_on_cpu: None, world: int, steps: list[tuple[int, ...]]) -> None:
     g = torch.Generator().manual_seed(world)
     w13 = torch.randn(EXPERTS, 2 * INTER, H, generator=g) / 4
     w2 = torch.randn(EXPERTS, H, INTER, generator=g) / 4
-    spr = -(-EXPERTS // world)
-    hidden = [torch.randn(t, H, generator=g) for t in tokens]
-    slots = [torch.stack([torch.randperm(EXPERTS, generator=g)[:TOP_K] for _ in range(t)]) if t else
-             torch.empty(0, TOP_K, dtype=torch.long) for t in tokens]
-    weights = [torch.rand(t, TOP_K, generator=g) for t in tokens]
-    rows = max(tokens)
+    layers = _moe_layers(world, w13, w2)
+    inputs = [[_step_inputs(g, tokens, layer) for layer in range(2)] for tokens in steps]
     ranks = _ranks(world, capacity=8)
-    results = [torch.zeros(2, t, H).share_memory_() for t in tokens]
+    results = [[[torch.zeros(tokens[r], H).share_memory_() for _ in range(2)] for tokens in steps]
+               for r in range(world)]
 
-    def layers(rank: int) -> None:
-        ex = ranks[rank]
-        for layer in range(2):  # two layers back to back: the buffers are reused with two barriers per layer
-            all_hidden, all_weights, all_slots = ex.dispatch(hidden[rank], slots[rank], weights[rank], rows)
-            local = all_slots - rank * spr
-            local = torch.where((all_slots >= 0) & (local >= 0) & (local < spr), local, -1).to(torch.int32)
-            mine = slice(rank * spr, (rank + 1) * spr)
-            partial = fused_moe_reference(all_hidden, w13[mine], w2[mine], all_weights, local)
-            results[rank][layer] = ex.combine_into(partial, tokens[rank], rows)
+    def run(rank: int) -> None:
+        comm = ExpertParallelComm(None, "p2p", ranks[rank])  # type: ignore[arg-type]  (no group needed here)
+        moe = layers[rank]
+        for step, tokens in enumerate(steps):
+            for layer in range(2):  # back to back: the buffers are reused with two barriers per layer
+                hidden, slots, weights = inputs[step][layer][rank]
+                out = comm._p2p(moe, moe.live, hidden, weights, slots, max(tokens), local=False)
+                results[rank][step][layer].copy_(out)
 
-    _run_ranks(world, layers)
-    for rank in range(world):
-        expected = fused_moe_reference(hidden[rank], w13, w2, weights[rank], slots[rank].to(torch.int32))
-        for out in results[rank]:
-            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-        assert int(ranks[rank].sequence) == 4  # two barriers per layer, counted on the device
+    _run_ranks(world, run)
+    for step, tokens in enumerate(steps):
+        for layer in range(2):
+            expected = _allgather_sums(layers, inputs[step][layer])
+            for rank in range(world):
+                got = results[rank][step][layer]
+                assert torch.equal(got, expected[rank]), (step, layer, rank)
+                hidden, slots, weights = inputs[step][layer][rank]
+                single = fused_moe_reference(hidden, w13, w2, weights, slots.to(torch.int32))
+                torch.testing.assert_close(got, single, rtol=1e-5, atol=1e-5)
+    for ex in ranks:
+        assert int(ex.sequence) == 4 * len(steps)  # two barriers per layer, counted on the device
+        assert int(ex.arrivals) == 0  # reset by each kernel's last CTA
 
 
-def test_padding_rows_reach_no_expert(triton_on_cpu: None) -> None:
-    ranks = _ranks(2, capacity=4)
+def test_dispatch_writes_each_rank_its_local_ids(triton_on_cpu: None) -> None:
+    """Rank d receives its own slot index (slots_to_local of rank d), -1 ids and zero weights on padding."""
+    ranks, spr, rows = _ranks(2, capacity=4), 4, 3
     hidden = torch.ones(1, H)
-    slots, weights = torch.tensor([[0, 5]]), torch.tensor([[0.5, 0.5]])
-    received = [torch.zeros(6, TOP_K, dtype=torch.long).share_memory_() for _ in range(2)]
+    slots, weights = torch.tensor([[0, 5]], dtype=torch.int32), torch.tensor([[0.5, 0.25]], dtype=torch.float64)
+    received = [(torch.zeros(6, TOP_K, dtype=torch.int32).share_memory_(), torch.ones(6, TOP_K).share_memory_())
+                for _ in range(2)]
 
     def dispatch(rank: int) -> None:
-        received[rank].copy_(ranks[rank].dispatch(hidden, slots, weights, rows=3)[2])
+        _, all_weights, all_ids = ranks[rank].dispatch(hidden, slots, weights, rows, spr)
+        assert all_ids.dtype == torch.int32 and all_ids.is_contiguous() and all_weights.is_contiguous()
+        received[rank][0].copy_(all_ids)
+        received[rank][1].copy_(all_weights)
 
     _run_ranks(2, dispatch)
-    for all_slots in received:
-        assert all_slots.shape == (6, TOP_K)
+    for rank, (ids, got_weights) in enumerate(received):
+        expected = slots_to_local(slots, rank * spr, spr)
         for block in (0, 1):  # each rank's block: its one real row, then two padding rows
-            assert all_slots[3 * block].tolist() == [0, 5]
-            assert (all_slots[3 * block + 1:3 * block + 3] == -1).all()
+            assert ids[rows * block].tolist() == expected[0].tolist()
+            assert got_weights[rows * block].tolist() == [0.5, 0.25]
+            assert (ids[rows * block + 1:rows * (block + 1)] == -1).all()
+            assert (got_weights[rows * block + 1:rows * (block + 1)] == 0).all()
 
 
-def test_abort_releases_a_barrier_no_peer_reaches(triton_on_cpu: None) -> None:
-    """Rank 1 never arrives (dead): rank 0 waits on the device until abort() is called (by fault recovery,
-    from another thread; here from the test), then returns; a later barrier returns at once."""
+def test_warm_up_waits_for_no_one(triton_on_cpu: None) -> None:
+    """`local` (CUDA-graph warm-up): the same kernels on this rank's buffers, no barrier, nothing counted."""
+    ex = _ranks(2, capacity=4)[0]
+    moe = _moe_layers(2, torch.randn(EXPERTS, 2 * INTER, H), torch.randn(EXPERTS, H, INTER))[0]
+    comm = ExpertParallelComm(None, "p2p", ex)  # type: ignore[arg-type]
+    out = comm._p2p(moe, moe.live, torch.randn(3, H), torch.rand(3, TOP_K), torch.zeros(3, TOP_K, dtype=torch.long),
+                    rows=3, local=True)
+    assert out.shape == (3, H)
+    assert int(ex.sequence) == 0 and int(ex.arrivals) == 0
+
+
+def test_abort_releases_a_rank_waiting_in_the_fused_barrier(triton_on_cpu: None) -> None:
+    """Rank 1 never arrives (dead): rank 0's dispatch waits on the device (its last CTA, in the barrier) until
+    abort() is called (by fault recovery, from another thread; here from the test), then returns; the
+    combine's barrier then returns at once."""
     ranks = _ranks(2, capacity=2)
 
-    def wait_alone() -> None:
-        ranks[0].barrier()
-        ranks[0].barrier()
+    def layer_alone() -> None:
+        ex = ranks[0]
+        ex.dispatch(torch.ones(2, H), torch.zeros(2, TOP_K, dtype=torch.long), torch.ones(2, TOP_K), 2, 4)
+        ex.combine_into(torch.ones(4, H), 2, 2)
 
-    waiter = _start(wait_alone)
+    waiter = _start(layer_alone)
     try:
         waiter.join(timeout=1.0)
         assert waiter.is_alive(), "the barrier returned without its peer"
         ranks[0].abort()
         waiter.join(timeout=60)
         assert waiter.exitcode == 0
-        assert int(ranks[0].sequence) == 2
+        assert int(ranks[0].sequence) == 2 and int(ranks[0].arrivals) == 0
     finally:
         waiter.kill()

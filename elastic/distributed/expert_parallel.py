@@ -44,9 +44,13 @@ class ExpertParallelComm:
     def _p2p(self, moe: FusedMoE, slots: ExpertSlots, hidden: torch.Tensor, weights: torch.Tensor,
              physical: torch.Tensor, rows: int, local: bool) -> torch.Tensor:
         # hidden [T, H] -> every rank's rows [W * rows, H] here -> this rank's experts -> summed back [T, H].
-        # `local`: a CUDA-graph warm-up runs the same kernels on this rank's own buffers only.
-        all_hidden, all_weights, all_physical = self.exchange.dispatch(hidden, physical, weights, rows, local)
-        partial = moe.compute_local(slots, all_hidden, all_weights, all_physical)  # [W * rows, H]
+        # `local`: a CUDA-graph warm-up runs the same kernels on this rank's own buffers only. The dispatch
+        # writes each rank's own slot indices (int32, rank r's slots start at r * slots_per_rank), so the
+        # experts take them as they are: dispatch, experts, push, reduce and no glue kernel in between.
+        assert slots.first_slot == self.exchange.rank * slots.slots_per_rank, "EP rank != the exchange's rank"
+        all_hidden, all_weights, all_ids = self.exchange.dispatch(hidden, physical, weights, rows,
+                                                                  slots.slots_per_rank, local)
+        partial = moe.compute_local_ids(slots, all_hidden, all_weights, all_ids)  # [W * rows, H]
         return self.exchange.combine_into(partial, hidden.shape[0], rows, local)
 
     def _allgather(self, moe: FusedMoE, slots: ExpertSlots, hidden: torch.Tensor, weights: torch.Tensor,

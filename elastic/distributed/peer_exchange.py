@@ -1,6 +1,6 @@
 """The peer-to-peer expert-parallel exchange: one buffer per rank that every rank of the EP group maps (CUDA
 IPC, peer-to-peer over NVLink; nothing multicast), and the per-layer protocol of elastic.kernels.ep_p2p on
-it: dispatch + barrier, local experts, combine + barrier + sum.
+it: dispatch (+ barrier, in the same kernel), local experts, combine push (+ barrier), sum.
 
 Compared with NCCL all-gather + reduce-scatter it moves the same bytes but as a few fixed-shape kernels
 (no proxy thread, no protocol handshakes), so a decode step's MoE exchange costs a few microseconds more than
@@ -8,7 +8,7 @@ the copies. It serves steps of at most `capacity` tokens per rank (decode, CUDA 
 (prefill chunks) take NCCL, whose bandwidth is as good there.
 
 A dead peer leaves a barrier waiting: `abort()` (fault recovery, from another thread) raises a flag the
-barrier kernel polls, so the step under way finishes (void) instead of spinning for ever.
+barriers poll, so the step under way finishes (void) instead of spinning for ever.
 """
 from __future__ import annotations
 
@@ -39,8 +39,9 @@ class ExchangeShape:
     def regions(self) -> dict[str, tuple[int, tuple[int, ...], torch.dtype]]:
         """name -> (byte offset, shape, dtype) inside one rank's buffer."""
         rows = self.world * self.capacity
-        shapes = {"tokens": ((rows, self.hidden_size), self.dtype), "meta": ((rows, 2 * self.top_k), torch.float32),
-                  "combine": ((rows, self.hidden_size), self.dtype), "pad": ((self.world,), torch.int64)}
+        shapes = {"tokens": ((rows, self.hidden_size), self.dtype), "weights": ((rows, self.top_k), torch.float32),
+                  "ids": ((rows, self.top_k), torch.int32), "combine": ((rows, self.hidden_size), self.dtype),
+                  "pad": ((self.world,), torch.int64)}
         out, offset = {}, 0
         for name, (shape, dtype) in shapes.items():
             out[name] = (offset, shape, dtype)
@@ -72,13 +73,18 @@ class PeerExchange:
             for n in dims:
                 numel *= n
             views[name] = buffer[offset:offset + numel * dtype.itemsize].view(dtype).view(dims)
-        self.tables, self.combine = tables, views["combine"]
+        self.tables, self.views = tables, views
         self.local_tables = {name: t[rank].repeat(self.world) for name, t in tables.items()}
-        self.tokens, self.meta = views["tokens"], views["meta"]
+        self.combine = views["combine"]
         self.sequence = torch.zeros(1, dtype=torch.int64, device=device)  # barriers passed (device counter)
         self.abort_flag = torch.zeros(1, dtype=torch.int32, device=device)
-        # Allocated now: abort() runs while the device may be waiting, and must not allocate pinned memory then.
+        self.arrivals = torch.zeros(1, dtype=torch.int32, device=device)  # CTAs done in the kernel under way
+        self.device_barrier = ep_p2p.Barrier(tables["pad"], self.sequence, self.arrivals, self.abort_flag)
+        # Made now: abort() runs while the device may be waiting, and must not allocate pinned memory or create
+        # the device's first side stream then (on 2 x H200, a first torch.cuda.Stream() while a barrier spun
+        # never returned, holding the GIL).
         self._one = torch.ones(1, dtype=torch.int32, pin_memory=device.type == "cuda")
+        self._abort_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     @classmethod
     def over_group(cls, group: StatelessGroup, shape: ExchangeShape) -> PeerExchange | None:
@@ -124,34 +130,30 @@ class PeerExchange:
 
     # ---- one MoE layer --------------------------------------------------------------------------------------
     def dispatch(self, hidden: torch.Tensor, physical: torch.Tensor, weights: torch.Tensor, rows: int,
-                 local: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This rank's tokens to every rank; -> every rank's rows here: (hidden [W*rows, H], weights [W*rows, K]
-        f32, global slot ids [W*rows, K]). `local`: a CUDA-graph warm-up (the same kernels, compiled for these
-        shapes, write this rank's buffers only and wait for no one)."""
+                 slots_per_rank: int, local: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's tokens to every rank, then the barrier (one kernel); -> every rank's rows here: (hidden
+        [W*rows, H], weights [W*rows, K] f32, ids [W*rows, K] int32: this rank's slot index, -1 for none), all
+        contiguous. physical [T, K]: global slot ids, rank d holding [d * slots_per_rank, (d + 1) * ...).
+        `local`: a CUDA-graph warm-up (the same kernel, compiled for these shapes, writes this rank's buffers
+        only and waits for no one)."""
         tables = self.local_tables if local else self.tables
-        ep_p2p.p2p_dispatch(hidden, physical, weights, tables["tokens"], tables["meta"], rows, self.rank)
-        if not local:
-            self.barrier()
-        top_k = self.shape.top_k
-        meta = self.meta[:self.world * rows]
-        return self.tokens[:self.world * rows], meta[:, top_k:], meta[:, :top_k].long()
+        ep_p2p.p2p_dispatch(hidden, physical, weights, (tables["tokens"], tables["weights"], tables["ids"]),
+                            self.device_barrier, rows, self.rank, slots_per_rank, sync=not local)
+        n = self.world * rows
+        return self.views["tokens"][:n], self.views["weights"][:n], self.views["ids"][:n]
 
     def combine_into(self, partial: torch.Tensor, num_tokens: int, rows: int, local: bool = False) -> torch.Tensor:
         """partial [W*rows, H] (this rank's experts' share for every rank's rows) -> this rank's [T, H] sums."""
         tables = self.local_tables if local else self.tables
-        ep_p2p.p2p_combine_push(partial.to(self.combine.dtype), tables["combine"], rows, self.rank)
-        if not local:
-            self.barrier()
+        ep_p2p.p2p_combine_push(partial, tables["combine"], self.combine.dtype, self.device_barrier, rows, self.rank,
+                                sync=not local)
         return ep_p2p.p2p_combine_reduce(self.combine, num_tokens, rows, self.world)
-
-    def barrier(self) -> None:
-        ep_p2p.p2p_barrier(self.tables["pad"], self.sequence, self.abort_flag, self.rank)
 
     def abort(self) -> None:
         """Release this rank's barriers now and for good (a peer died; another thread calls this while the
         engine's thread may be waiting on the device). A copy engine sets the flag, not a kernel: the
         waiting kernel may hold the stream, never the copy engines."""
-        stream = torch.cuda.Stream(self.abort_flag.device) if self.abort_flag.is_cuda else None
+        stream = self._abort_stream
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             self.abort_flag.copy_(self._one, non_blocking=True)
         if stream is not None:

@@ -261,3 +261,9 @@ class FusedMoE(nn.Module):
         """Contributions of this rank's slots only. physical [N, K] global slot ids (-1: none)."""
         return self.backend(hidden, slots.w13, slots.w2, topk_weights,
                             slots_to_local(physical, slots.first_slot, slots.slots_per_rank))
+
+    def compute_local_ids(self, slots: ExpertSlots, hidden: torch.Tensor, topk_weights: torch.Tensor,
+                          local_ids: torch.Tensor) -> torch.Tensor:
+        """compute_local for ids already among this rank's slots: local_ids [N, K] int32 in [0, slots_per_rank),
+        -1: none (the peer-to-peer dispatch writes them so; no conversion kernel here)."""
+        return self.backend(hidden, slots.w13, slots.w2, topk_weights, local_ids)
