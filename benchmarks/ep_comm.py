@@ -35,11 +35,16 @@ TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 class IdentityExperts:
     """Stands in for FusedMoE: same slot layout, no expert math (communication only)."""
 
-    def __init__(self, world: int) -> None:
+    def __init__(self, world: int, rank: int) -> None:
         self.slots_per_rank = EXPERTS // world
+        self.first_slot = rank * self.slots_per_rank
 
     def compute_local(self, slots: object, hidden: torch.Tensor, weights: torch.Tensor,
                       physical: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+    def compute_local_ids(self, slots: object, hidden: torch.Tensor, weights: torch.Tensor,
+                          ids: torch.Tensor) -> torch.Tensor:
         return hidden
 
 
@@ -82,7 +87,7 @@ def worker(rank: int, world: int, port: int, out_path: str | None) -> None:
     split = [big.shape[0] // world] * world
     a2a_us = time_cuda(lambda: group.all_to_all(big, split, split), iters=10)
     link_bps = big.numel() * 2 * (world - 1) / world / (a2a_us * 1e-6)
-    moe = IdentityExperts(world)
+    moe = IdentityExperts(world, rank)
     exchange = PeerExchange.over_group(group, ExchangeShape(world, max(TOKENS), HIDDEN, TOP_K, torch.bfloat16))
     gen = torch.Generator(device=device).manual_seed(rank)
     rows = []

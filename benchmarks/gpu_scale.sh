@@ -21,6 +21,13 @@ for _ in $(seq 1 300); do
   kill -0 $server 2>/dev/null || { tail -30 "$out/$name.log"; exit 1; }
   sleep 1
 done
+# Standby engines (on by default on CUDA) prewarm on the spare GPUs after the server is up; a server that runs
+# for a while has them ready before its first scale, so wait for that (at most 240 s) before the load starts.
+for _ in $(seq 1 240); do
+  curl -sf http://127.0.0.1:$port/scale | python3 -c 'import json, sys; s = json.load(sys.stdin).get("standby", [])
+sys.exit(0 if all(x["ready"] for x in s) else 1)' && break
+  sleep 1
+done
 python3 benchmarks/scale.py --base-url http://127.0.0.1:$port --admin-api-key $key --schedule "$schedule" \
     --concurrency 32 --input-len 512 --output-len 128 --vocab-size 151936 --steady-s 15 --settle-s 15 \
     --out "$out/$name.json" --plot "$out/$name.png" 2>&1 | tail -25

@@ -87,6 +87,13 @@ class PeerExchange:
         self._abort_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     @classmethod
+    def local_only(cls, shape: ExchangeShape, rank: int, device: torch.device) -> PeerExchange:
+        """No peer mapped (every table entry is this rank's own buffer): what a standby engine compiles the
+        kernels with before it has peers (warm-ups only, `local=True`)."""
+        buffer = torch.zeros(shape.nbytes, dtype=torch.uint8, device=device)
+        return cls(shape, rank, buffer, [buffer.data_ptr()] * shape.world)
+
+    @classmethod
     def over_group(cls, group: StatelessGroup, shape: ExchangeShape) -> PeerExchange | None:
         """Allocate this rank's buffer and map every other rank's (a collective of the whole group): CUDA IPC
         handles travel through the group's store as msgpack (bytes and ints only). None on every rank if any
