@@ -31,7 +31,7 @@ import torch.multiprocessing as mp
 from decode import copy_bandwidth, expanded_kv_bytes_per_token, weight_bytes
 from shapes import dummy_model_dir
 
-from elastic.cluster.launcher import rank_device
+from elastic.cluster.devices import rank_device
 from elastic.config import EngineConfig, create_engine_config
 from elastic.distributed.group import StatelessGroup, create_store
 from elastic.engine.core import EngineCore

@@ -9,6 +9,7 @@ from typing import Any
 from server_fixtures import TEST_SERVER_ARGS, ServerProcess, wait_until
 from test_scaling_server import ENV, PROMPTS, SCALE_ARGS, Load, model, models, scale  # noqa: F401 - fixtures
 
+from elastic.cluster.devices import rank_device
 from elastic.cluster.standby import StandbyPool, guess_layout
 from elastic.config import ParallelConfig
 
@@ -27,8 +28,8 @@ class _Launcher:
     def __init__(self, device: str, world: int, standby: int | None, largest: int | None = None) -> None:
         parallel = ParallelConfig(data_parallel_size=world, standby_engines=standby, max_data_parallel_size=largest)
         self.config = SimpleNamespace(device=device, parallel=parallel)
-        self.engines: dict[int, Any] = {i: self._engine(i, f"{device}:{i}" if device == "cuda" else device)
-                                        for i in range(world)}
+        # As the launcher places them: a one-rank layout runs on the device as given ("cuda" is cuda:0).
+        self.engines: dict[int, Any] = {i: self._engine(i, rank_device(device, i, world)) for i in range(world)}
         self.membership = SimpleNamespace(world_size=world)
         self.closed = False
 

@@ -17,13 +17,13 @@ def visible_gpus(config: EngineConfig) -> int | None:
     return torch.cuda.device_count()
 
 
-def _index(device: str) -> int:
+def device_index(device: str) -> int:
     """'cuda:3' -> 3; 'cuda' -> 0."""
     return int(device.split(":")[1]) if ":" in device else 0
 
 
 def first_gpu(config: EngineConfig) -> int:
-    return _index(config.device)
+    return device_index(config.device)
 
 
 def max_size(config: EngineConfig, visible: int | None) -> int | None:
@@ -39,7 +39,7 @@ def rank_device(device: str, rank: int, world: int) -> str:
     """One GPU per DP rank: engine i uses cuda:i (cuda:N+i when a first device N is given)."""
     if world == 1 or not device.startswith("cuda"):
         return device
-    return f"cuda:{_index(device) + rank}"
+    return f"cuda:{device_index(device) + rank}"
 
 
 def pick_device(device: str, rank: int, world: int, taken: set[str]) -> str:
@@ -49,5 +49,5 @@ def pick_device(device: str, rank: int, world: int, taken: set[str]) -> str:
     preferred = rank_device(device, rank, world)
     if not preferred.startswith("cuda:") or preferred not in taken:
         return preferred
-    taken_indices = {_index(d) for d in taken if d.startswith("cuda")}
-    return f"cuda:{next(i for i in itertools.count(_index(device)) if i not in taken_indices)}"
+    taken_indices = {device_index(d) for d in taken if d.startswith("cuda")}
+    return f"cuda:{next(i for i in itertools.count(device_index(device)) if i not in taken_indices)}"

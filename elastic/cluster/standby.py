@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from elastic.cluster.devices import first_gpu, max_size, visible_gpus
+from elastic.cluster.devices import device_index, first_gpu, max_size, visible_gpus
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +83,10 @@ class StandbyPool:
     def _spare_devices(self) -> list[str]:
         if not self.gpus:
             return [self.launcher.config.device] * self.count
-        taken = {e.device for e in self.launcher.engines.values() if e.exit_reason is None}
-        return [d for d in self.gpus if d not in taken]
+        # By index: an engine of a one-rank layout runs on the device as given ("cuda" is cuda:0).
+        taken = {device_index(e.device) for e in self.launcher.engines.values()
+                 if e.exit_reason is None and e.device is not None}
+        return [d for d in self.gpus if device_index(d) not in taken]
 
     def _forget_dead(self) -> None:
         dead = [e.index for e in self.launcher.engines.values() if e.standby is not None and e.exit_reason]
