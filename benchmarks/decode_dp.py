@@ -35,7 +35,7 @@ from elastic.cluster.devices import rank_device
 from elastic.config import EngineConfig, create_engine_config
 from elastic.distributed.group import StatelessGroup, create_store
 from elastic.engine.core import EngineCore
-from elastic.engine.process import _set_device_and_threads
+from elastic.engine.startup import set_device_and_threads
 from elastic.protocol.to_engine import EngineCoreRequest
 from elastic.sampling_params import SamplingParams
 
@@ -138,7 +138,7 @@ def time_rank(engine: EngineCore, bench: StatelessGroup, timer: ExchangeTimer | 
 def rank_main(rank: int, base: EngineConfig, port: int, batch_sizes: list[int], args: argparse.Namespace) -> None:
     """One DP rank (torch.multiprocessing target). Rank 0 gathers the rows over the store and reports."""
     config = rank_config(base, rank, port)
-    _set_device_and_threads(config)  # as engine/process.py: this rank's GPU, or its share of the CPU cores
+    set_device_and_threads(config)  # as engine/process.py: this rank's GPU, or its share of the CPU cores
     engine = EngineCore(config)
     world = config.parallel.data_parallel_size
     store = create_store(STORE_HOST, port, is_master=False)

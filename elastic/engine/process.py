@@ -16,7 +16,6 @@ decides the order of shutdown.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import signal
@@ -30,13 +29,15 @@ import zmq
 
 from elastic.config import EngineConfig
 from elastic.engine.recovery import RankRecovery
-from elastic.engine.scale_agent import ScaleAgent, set_cpu_threads
+from elastic.engine.scale_agent import ScaleAgent
 from elastic.engine.phase_clock import process_age_s
+from elastic.engine.startup import (OUTPUT_LINGER_MS, apply_parallel_handshake, await_handshake, connect_queues,
+                                    prewarm_standby, start_core)
 from elastic.engine.waves import DPWaves, RequestWave
 from elastic.executor.model_runner import free_device_bytes
 from elastic.parent_watch import watch_parent
 from elastic.protocol.from_engine import (EngineCoreOutput, EngineCoreOutputs, EngineDead, EngineHello, EngineReady,
-                                          EngineStartupFailed, RejectedRequest, SchedulerStats, UtilityResult)
+                                          RejectedRequest, SchedulerStats, UtilityResult)
 from elastic.protocol.scaling import CoordinatorLink, JoinInfo, MigratedRequest
 from elastic.protocol.to_engine import (AbortRequests, EngineCoreInput, EngineCoreRequest, HandshakeAddresses,
                                         ShutdownEngine, UtilityCall, engine_identity)
@@ -44,8 +45,6 @@ from elastic.transport import security
 
 logger = logging.getLogger(__name__)
 
-HANDSHAKE_TIMEOUT_S = 300.0  # waiting for the front end's addresses after HELLO
-_OUTPUT_LINGER_MS = 2000  # let the last batch (or last words) reach the front end on close
 _ORPHAN_EXIT_GRACE_S = 5.0
 
 
@@ -322,93 +321,6 @@ def _raise_system_exit(signum: int, frame: Any) -> None:
     raise SystemExit(0)
 
 
-def _apply_parallel_handshake(config: EngineConfig, addresses: HandshakeAddresses) -> EngineConfig:
-    """The front end has the last word on the parallel layout and the group rendezvous (a headless engine
-    started elsewhere learns them only here)."""
-    return dataclasses.replace(config, parallel=addresses.parallel)
-
-
-def _set_device_and_threads(config: EngineConfig) -> None:
-    import torch
-
-    if config.torch_device.type == "cuda" and config.torch_device.index is not None:
-        torch.cuda.set_device(config.torch_device)  # NCCL and the allocator then use this rank's GPU
-    elif config.torch_device.type == "cpu":
-        set_cpu_threads(config.parallel.data_parallel_size)  # this rank's share of the host's cores
-
-
-def _handshake(sock: zmq.Socket, decoder: msgspec.msgpack.Decoder, standby: bool = False) -> HandshakeAddresses:
-    """The answer to HELLO; over tcp with a shared secret, a head that refuses our key is told at once. A
-    standby engine waits for it as long as the launcher lives (it answers when a scale-up claims us)."""
-    watch = security.HandshakeWatch(sock) if security.is_secured(sock) else None
-    deadline = float("inf") if standby else time.monotonic() + HANDSHAKE_TIMEOUT_S
-    try:
-        while not sock.poll(200):
-            if watch is not None and watch.refused():
-                raise security.AuthenticationError(
-                    f"the head refused our connection: this node's data-parallel key (fingerprint "
-                    f"{security.key_fingerprint()}) differs from the head's")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no answer from the front end to HELLO within {HANDSHAKE_TIMEOUT_S:.0f}s")
-    finally:
-        if watch is not None:
-            watch.close()
-    return decoder.decode(sock.recv())
-
-
-def _start_core(config: EngineConfig, engine_index: int, wave: RequestWave, dp: DPWaves | None,
-                handshake: zmq.Socket, encoder: msgspec.msgpack.Encoder, addresses: HandshakeAddresses,
-                prewarmed: Any = None) -> Any:
-    """Load the model, join the DP/EP groups, size the KV cache. A failure is told to the front end (why),
-    then the process exits non-zero."""
-    try:
-        from elastic.engine.core import EngineCore
-        from elastic.logger import warn_if_hub_kernels_active
-
-        warn_if_hub_kernels_active(logger)
-        _set_device_and_threads(config)
-        if addresses.join is not None:
-            _injected_join_failure(engine_index)
-        # Loads the weights (progress bar; a joining engine receives them instead), joins the groups, sizes
-        # the KV cache.
-        core = EngineCore(config, wave, epoch=addresses.epoch, join=addresses.join, prewarmed=prewarmed)
-        if dp is not None:
-            dp.wait_subscribed(HANDSHAKE_TIMEOUT_S)
-        return core
-    except (SystemExit, KeyboardInterrupt):
-        raise
-    except BaseException as e:  # bad checkpoint, OOM, ...
-        logger.exception("engine core %d failed to start", engine_index)
-        handshake.send(encoder.encode(EngineStartupFailed(engine_index, f"{type(e).__name__}: {e}")))
-        raise SystemExit(1) from None
-
-
-def _injected_join_failure(engine_id: int) -> None:
-    """Test hook: ELASTIC_INJECT_JOIN_FAILURE=<engine id> makes that engine, started by a scale-up, die
-    while starting (the scale must roll back while the others serve on)."""
-    if os.environ.get("ELASTIC_INJECT_JOIN_FAILURE") == str(engine_id):
-        logger.error("engine core %d: injected start-up failure (ELASTIC_INJECT_JOIN_FAILURE)", engine_id)
-        os._exit(3)
-
-
-def _connect_queues(ctx: zmq.Context, identity: bytes,
-                    addresses: HandshakeAddresses) -> tuple[list[zmq.Socket], list[zmq.Socket]]:
-    """One input and one output queue per front end (API server); requests are answered where they came from."""
-    inputs, outputs = [], []
-    for address in addresses.frontend_input_addresses or [addresses.input_address]:
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, identity)
-        sock.setsockopt(zmq.LINGER, 0)
-        security.connect(sock, address)
-        inputs.append(sock)
-    for address in addresses.frontend_output_addresses or [addresses.output_address]:
-        sock = ctx.socket(zmq.PUSH)
-        sock.setsockopt(zmq.LINGER, _OUTPUT_LINGER_MS)
-        security.connect(sock, address)
-        outputs.append(sock)
-    return inputs, outputs
-
-
 def _serve(proc: EngineCoreProc, encoder: msgspec.msgpack.Encoder) -> int:
     """The busy loop until shutdown; a crash is told to every front end (EngineDead) and exits 1."""
     try:
@@ -424,19 +336,29 @@ def _serve(proc: EngineCoreProc, encoder: msgspec.msgpack.Encoder) -> int:
         return 1
 
 
-def _prewarm(config: EngineConfig, engine_index: int) -> Any:
-    """A standby engine's head start before HELLO (engine/standby.py); None if it failed (out of memory on
-    its GPU, say): the engine then starts from scratch when claimed."""
-    try:
-        from elastic.engine.standby import prewarm
-
-        _set_device_and_threads(config)
-        return prewarm(config)
-    except (SystemExit, KeyboardInterrupt):
-        raise
-    except Exception:
-        logger.exception("standby engine %d: prewarming failed; it starts from scratch when claimed", engine_index)
+def _subscribe_waves(ctx: zmq.Context, config: EngineConfig, addresses: HandshakeAddresses,
+                     wave: RequestWave) -> DPWaves | None:
+    """With DP: subscribe to the coordinator now (its hello is long there when the model is loaded)."""
+    if not config.parallel.is_distributed:
         return None
+    if addresses.coordinator_address is None or addresses.coordinator_pub_address is None:
+        raise RuntimeError("data_parallel_size > 1 but the front end named no DP coordinator")
+    rank = config.parallel.data_parallel_rank  # the coordinator's tables are by rank
+    return DPWaves(ctx, rank, addresses.coordinator_address, addresses.coordinator_pub_address, wave)
+
+
+def _say_ready(core: Any, config: EngineConfig, engine_index: int, sockets: list[zmq.Socket],
+               encoder: msgspec.msgpack.Encoder) -> None:
+    """READY to each front end's input queue (registers our identity with its ROUTER) and, last, to the
+    handshake (for an engine started by a scale-up: prepared, waiting for the commit)."""
+    ready = encoder.encode(EngineReady(engine_index, core.num_kv_blocks, config.cache.block_size,
+                                       config.model.max_model_len, pid=os.getpid(),
+                                       free_memory_bytes=free_device_bytes(config),
+                                       expert_slot_capacity=core.expert_slot_capacity))
+    for sock in sockets:
+        sock.send(ready)
+    logger.info("engine core %d ready %.2fs after spawn: %d KV blocks", engine_index, process_age_s(),
+                core.num_kv_blocks)
 
 
 def run_engine_core(config: EngineConfig, engine_index: int, handshake_address: str,
@@ -459,37 +381,25 @@ def run_engine_core(config: EngineConfig, engine_index: int, handshake_address: 
     identity = engine_identity(engine_index)
     handshake = ctx.socket(zmq.DEALER)
     handshake.setsockopt(zmq.IDENTITY, identity)
-    handshake.setsockopt(zmq.LINGER, _OUTPUT_LINGER_MS)
+    handshake.setsockopt(zmq.LINGER, OUTPUT_LINGER_MS)
     security.connect(handshake, handshake_address)
     sockets = [handshake]
     core: Any = None
     exit_code = 0
     try:
-        prewarmed = _prewarm(config, engine_index) if standby else None
+        prewarmed = prewarm_standby(config, engine_index) if standby else None
         handshake.send(encoder.encode(EngineHello(engine_index, os.getpid(), local=local, headless=headless)))
-        addresses = _handshake(handshake, msgspec.msgpack.Decoder(HandshakeAddresses), standby)
-        config = _apply_parallel_handshake(config, addresses)
-        wave, dp = RequestWave(), None
-        if config.parallel.is_distributed:
-            if addresses.coordinator_address is None or addresses.coordinator_pub_address is None:
-                raise RuntimeError("data_parallel_size > 1 but the front end named no DP coordinator")
-            # Subscribe now: the coordinator's hello is long there when the model is loaded.
-            rank = config.parallel.data_parallel_rank  # the coordinator's tables are by rank
-            dp = DPWaves(ctx, rank, addresses.coordinator_address, addresses.coordinator_pub_address, wave)
+        addresses = await_handshake(handshake, msgspec.msgpack.Decoder(HandshakeAddresses), standby)
+        config = apply_parallel_handshake(config, addresses)
+        wave = RequestWave()
+        dp = _subscribe_waves(ctx, config, addresses, wave)
+        if dp is not None:
             sockets += dp.sockets
-        core = _start_core(config, engine_index, wave, dp, handshake, encoder, addresses, prewarmed)
+        core = start_core(config, engine_index, wave, dp, handshake, encoder, addresses, prewarmed)
         prewarmed = None
-        inputs, outputs = _connect_queues(ctx, identity, addresses)
+        inputs, outputs = connect_queues(ctx, identity, addresses)
         sockets += inputs + outputs
-        ready = encoder.encode(EngineReady(engine_index, core.num_kv_blocks, config.cache.block_size,
-                                           config.model.max_model_len, pid=os.getpid(),
-                                           free_memory_bytes=free_device_bytes(config),
-                                           expert_slot_capacity=core.expert_slot_capacity))
-        for sock in inputs:
-            sock.send(ready)  # registers our identity with each front end's ROUTER (and says READY to it)
-        handshake.send(ready)  # for an engine started by a scale-up: prepared, waiting for the commit
-        logger.info("engine core %d ready %.2fs after spawn: %d KV blocks", engine_index, process_age_s(),
-                    core.num_kv_blocks)
+        _say_ready(core, config, engine_index, [*inputs, handshake], encoder)
         proc = EngineCoreProc(core, engine_index, inputs, outputs, addresses.stats_interval_s, dp,
                               control=handshake, join=addresses.join, ctx=ctx)
         try:
