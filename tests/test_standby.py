@@ -32,6 +32,7 @@ class _Launcher:
         self.engines: dict[int, Any] = {i: self._engine(i, rank_device(device, i, world)) for i in range(world)}
         self.membership = SimpleNamespace(world_size=world)
         self.closed = False
+        self.handshake_address = "ipc:///tmp/handshake"  # started
 
     @staticmethod
     def _engine(index: int, device: str, standby: tuple[int, int] | None = None) -> Any:
@@ -49,6 +50,8 @@ def test_pool_fills_spare_gpus_and_claims_the_exact_layout_first() -> None:
     launcher = _Launcher("cuda", 1, None, largest=4)
     pool = StandbyPool(launcher)
     pool.refill()
+    assert pool.waiting() == []  # not armed: nothing scales (an offline LLM)
+    pool.arm()
     assert [(e.device, e.standby) for e in pool.waiting()] == [("cuda:1", (2, 1)), ("cuda:2", (4, 2)),
                                                                 ("cuda:3", (4, 3))]
     assert pool.claim(1, 2).index == 1  # prewarmed for rank 1 of 2
@@ -62,11 +65,11 @@ def test_pool_fills_spare_gpus_and_claims_the_exact_layout_first() -> None:
 def test_pool_is_off_by_default_on_cpu_and_when_asked() -> None:
     for launcher in (_Launcher("cpu", 1, None), _Launcher("cuda", 1, 0, largest=4)):
         pool = StandbyPool(launcher)
-        pool.refill()
+        pool.arm()
         assert pool.waiting() == []
     cpu = _Launcher("cpu", 2, 1)
     pool = StandbyPool(cpu)
-    pool.refill()
+    pool.arm()
     pool.refill()
     assert [(e.device, e.standby) for e in pool.waiting()] == [("cpu", (4, 2))]
 

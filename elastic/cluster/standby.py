@@ -7,7 +7,8 @@ it will most likely join, then waits in its handshake. `EngineLauncher.spawn_joi
 spawning; the pool is refilled after every scale, on the GPUs that are spare then.
 
 A standby is no member: it serves nothing, its exit fails nothing (the pool forgets it), and the launcher
-stops it with the others.
+stops it with the others. The pool stays empty until whoever can scale arms it (the scaling orchestrator of
+a server): an offline `LLM` never grows, so it starts none.
 """
 from __future__ import annotations
 
@@ -46,6 +47,13 @@ class StandbyPool:
             self.count = largest if p.standby_engines is None else p.standby_engines
         else:  # CPU (tests): only when asked for
             self.count = p.standby_engines or 0
+        self.armed = False
+
+    def arm(self) -> None:
+        """Scale-ups can happen from now on: keep the pool full (at once if the launcher runs already)."""
+        self.armed = True
+        if self.launcher.handshake_address:
+            self.refill()
 
     def waiting(self) -> list[Any]:  # EngineProcess
         return [e for e in self.launcher.engines.values() if e.standby is not None and e.exit_reason is None]
@@ -58,7 +66,7 @@ class StandbyPool:
 
     def refill(self) -> None:
         """Start standbys on spare devices until `count` wait (after start-up, and after every scale)."""
-        if self.count <= 0 or self.launcher.closed:
+        if not self.armed or self.count <= 0 or self.launcher.closed or not self.launcher.handshake_address:
             return
         self._forget_dead()
         world = self.launcher.membership.world_size

@@ -67,6 +67,7 @@ class ScaleOrchestrator:
         self.retiring: asyncio.Task | None = None
         if metrics is not None:
             metrics.set_size(self.tracker.size)
+        launcher.standby.arm()  # scale-ups can happen now: standby engines on the spare GPUs
 
     def status(self) -> dict[str, Any]:
         return {**self.tracker.status(), "standby": self.launcher.standby.describe()}
