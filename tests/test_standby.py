@@ -104,3 +104,26 @@ def _ready_standby(server: ServerProcess) -> dict[str, Any] | None:
     return standby[0] if standby and standby[0]["ready"] else None
 
 
+
+
+def test_prewarm_fits_only_its_layout(checkpoint_dir) -> None:
+    """A standby's head start (CPU: model and KV sizing, nothing compiled) is used only for the layout it was
+    built for; claimed for another, it frees its model before the right one is built."""
+    import dataclasses
+
+    from elastic.config import create_engine_config
+    from elastic.engine.standby import prewarm
+
+    config = create_engine_config(str(checkpoint_dir("qwen3_moe")), device="cpu", dtype="float32", max_model_len=256,
+                                  data_parallel_size=2, skip_tokenizer_init=True)
+    config = dataclasses.replace(config, parallel=config.parallel.for_rank(1))
+    prewarmed = prewarm(config)
+    assert prewarmed.num_blocks > 0 and prewarmed.runner is not None
+    moe = prewarmed.runner.model.moe_layers()[0]
+    assert moe.live.first_slot == moe.live.slots_per_rank  # rank 1's slots
+    served = dataclasses.replace(config, parallel=dataclasses.replace(config.parallel, store_port=12345))
+    assert prewarmed.fits(served)  # the rendezvous address does not matter
+    other = dataclasses.replace(config, parallel=dataclasses.replace(config.parallel, data_parallel_size=3))
+    assert not prewarmed.fits(other)
+    prewarmed.release()
+    assert prewarmed.runner is None and not prewarmed.fits(served)
