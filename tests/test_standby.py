@@ -10,16 +10,13 @@ from server_fixtures import TEST_SERVER_ARGS, ServerProcess, wait_until
 from test_scaling_server import ENV, PROMPTS, SCALE_ARGS, Load, model, models, scale  # noqa: F401 - fixtures
 
 from elastic.cluster.devices import rank_device
-from elastic.cluster.standby import StandbyPool, guess_layout
+from elastic.cluster.standby import StandbyPool, guess_size
 from elastic.config import ParallelConfig
 
 
-def test_guess_layout_doubles_and_caps() -> None:
-    assert guess_layout(1, 1, 8) == (2, 1)  # 1 -> 2
-    assert guess_layout(1, 2, 8) == (4, 2) and guess_layout(1, 3, 8) == (4, 3)  # then 2 -> 4
-    assert guess_layout(2, 1, 8) == (4, 2)
-    assert guess_layout(4, 1, 8) == (8, 4)
-    assert guess_layout(2, 1, 3) == (3, 2)  # at most the largest size
+def test_guess_size_doubles_and_caps() -> None:
+    assert [guess_size(rank, 8) for rank in (1, 2, 3, 4, 7)] == [2, 4, 4, 8, 8]  # 1 -> 2 -> 4 -> 8
+    assert guess_size(2, 3) == 3  # at most the largest size
 
 
 class _Launcher:
@@ -39,7 +36,8 @@ class _Launcher:
         return SimpleNamespace(index=index, device=device, standby=standby, exit_reason=None, hello_seen=False)
 
     def spawn_standby(self, device: str, rank: int, size: int) -> Any:
-        engine = self.engines[len(self.engines)] = self._engine(len(self.engines), device, (size, rank))
+        index = max(self.engines) + 1  # ids are never reused
+        engine = self.engines[index] = self._engine(index, device, (size, rank))
         return engine
 
     def forget(self, engine_id: int) -> None:
@@ -60,6 +58,28 @@ def test_pool_fills_spare_gpus_and_claims_the_exact_layout_first() -> None:
     assert pool.claim(2, 4) is None  # a dead standby is never claimed
     pool.refill()  # forgets it; cuda:2 is spare again (cuda:1 and cuda:3 are held by the claimed engines)
     assert 2 not in launcher.engines and [(e.device, e.standby) for e in pool.waiting()] == [("cuda:2", (2, 1))]
+
+
+def test_pool_covers_the_next_ranks_after_a_shrink() -> None:
+    """4 GPUs, 1 -> 2 -> 4 -> 2 -> 1: after each scale the waiting standbys cover the ranks a scale-up from the
+    current size would start, lowest first."""
+    launcher = _Launcher("cuda", 1, None, largest=4)
+    pool = StandbyPool(launcher)
+    pool.arm()
+    grown = [pool.claim(1, 2), pool.claim(2, 4), pool.claim(3, 4)]  # 1 -> 2 -> 4: every claim exact
+    assert [e.index for e in grown] == [1, 2, 3] and pool.waiting() == []
+    for engine in grown[1:]:  # 4 -> 2: ranks 2 and 3 leave
+        engine.exit_reason = "exited with code 0"
+        launcher.forget(engine.index)
+    launcher.membership.world_size = 2
+    pool.refill()
+    assert sorted(e.standby for e in pool.waiting()) == [(4, 2), (4, 3)]
+    grown[0].exit_reason = "exited with code 0"  # 2 -> 1
+    launcher.forget(grown[0].index)
+    launcher.membership.world_size = 1
+    pool.refill()
+    assert sorted((e.standby, e.device) for e in pool.waiting()) == [((2, 1), "cuda:1"), ((4, 2), "cuda:2"),
+                                                                     ((4, 3), "cuda:3")]
 
 
 def test_pool_is_off_by_default_on_cpu_and_when_asked() -> None:

@@ -12,6 +12,7 @@ a server): an offline `LLM` never grows, so it starts none.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Any
 
@@ -20,14 +21,13 @@ from elastic.cluster.devices import device_index, first_gpu, max_size, visible_g
 logger = logging.getLogger(__name__)
 
 
-def guess_layout(world: int, order: int, largest: int) -> tuple[int, int]:
-    """(size, rank) the `order`-th standby (1, 2, ...) most likely joins from `world` ranks: rank
-    world + order - 1 of the next power of two with room for it (autoscalers double), at most `largest`."""
-    rank = world + order - 1
+def guess_size(rank: int, largest: int) -> int:
+    """The size a standby for rank `rank` most likely joins: the next power of two with room for it
+    (autoscalers double), at most `largest`."""
     size = 1
     while size <= rank:
         size *= 2
-    return min(size, largest), rank
+    return min(size, largest)
 
 
 class StandbyPool:
@@ -65,17 +65,20 @@ class StandbyPool:
                  "ready": e.hello_seen} for e in self.waiting()]
 
     def refill(self) -> None:
-        """Start standbys on spare devices until `count` wait (after start-up, and after every scale)."""
+        """Start standbys on spare devices until `count` wait (after start-up, and after every scale), each for
+        the lowest rank from the current size on that no waiting standby covers."""
         if not self.armed or self.count <= 0 or self.launcher.closed or not self.launcher.handshake_address:
             return
         self._forget_dead()
         world = self.launcher.membership.world_size
         waiting = self.waiting()
+        covered = {e.standby[1] for e in waiting}
         for device in self._spare_devices():
-            if len(waiting) >= self.count or world + len(waiting) >= self.largest:
+            rank = next(r for r in itertools.count(world) if r not in covered)
+            if len(waiting) >= self.count or rank >= self.largest:
                 return
-            size, rank = guess_layout(world, len(waiting) + 1, self.largest)
-            waiting.append(self.launcher.spawn_standby(device, rank, size))
+            covered.add(rank)
+            waiting.append(self.launcher.spawn_standby(device, rank, guess_size(rank, self.largest)))
 
     def claim(self, rank: int, world: int) -> Any:  # EngineProcess | None
         """A standby for rank `rank` of a `world`-rank layout: one prewarmed for exactly that if any."""
