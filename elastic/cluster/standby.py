@@ -101,6 +101,5 @@ class StandbyPool:
 
     def _forget_dead(self) -> None:
         dead = [e.index for e in self.launcher.engines.values() if e.standby is not None and e.exit_reason]
-        for engine_id in dead:
-            logger.warning("standby engine %d %s", engine_id, self.launcher.engines[engine_id].exit_reason)
+        for engine_id in dead:  # the launcher logged why
             self.launcher.forget(engine_id)
