@@ -33,7 +33,14 @@ class _Launcher:
 
     @staticmethod
     def _engine(index: int, device: str, standby: tuple[int, int] | None = None) -> Any:
-        return SimpleNamespace(index=index, device=device, standby=standby, exit_reason=None, hello_seen=False)
+        return SimpleNamespace(index=index, device=device, standby=standby, exit_reason=None, hello_seen=False,
+                               retiring=False)
+
+    def retire(self, engine_id: int) -> None:
+        self.engines[engine_id].retiring = True
+
+    def stop_engine(self, engine: Any) -> None:
+        engine.exit_reason = "exited with code 0"  # at once, here
 
     def spawn_standby(self, device: str, rank: int, size: int) -> Any:
         index = max(self.engines) + 1  # ids are never reused
@@ -80,6 +87,26 @@ def test_pool_covers_the_next_ranks_after_a_shrink() -> None:
     pool.refill()
     assert sorted((e.standby, e.device) for e in pool.waiting()) == [((2, 1), "cuda:1"), ((4, 2), "cuda:2"),
                                                                      ((4, 3), "cuda:3")]
+
+
+def test_a_smaller_pool_follows_the_size() -> None:
+    """--standby-engines 1 on 4 GPUs: always one standby, for the next rank; after a shrink the one prewarmed for
+    a rank that is no longer next is stopped and replaced."""
+    launcher = _Launcher("cuda", 1, 1, largest=4)
+    pool = StandbyPool(launcher)
+    pool.arm()
+    assert [(e.device, e.standby) for e in pool.waiting()] == [("cuda:1", (2, 1))]
+    joined = pool.claim(1, 2)
+    launcher.membership.world_size = 2
+    pool.refill()
+    stale = pool.waiting()[0]
+    assert (stale.device, stale.standby) == ("cuda:2", (4, 2))
+    joined.exit_reason = "exited with code 0"  # 2 -> 1
+    launcher.forget(joined.index)
+    launcher.membership.world_size = 1
+    pool.refill()
+    assert stale.retiring and stale.exit_reason is not None
+    assert [(e.device, e.standby) for e in pool.waiting()] == [("cuda:1", (2, 1))]
 
 
 def test_pool_is_off_by_default_on_cpu_and_when_asked() -> None:
@@ -147,3 +174,16 @@ def test_prewarm_fits_only_its_layout(checkpoint_dir) -> None:
     assert not prewarmed.fits(other)
     prewarmed.release()
     assert prewarmed.runner is None and not prewarmed.fits(served)
+
+
+def test_standbys_that_keep_dying_are_not_restarted_for_ever() -> None:
+    launcher = _Launcher("cuda", 1, 1, largest=2)
+    pool = StandbyPool(launcher)
+    pool.arm()
+    for crash in range(4):
+        (engine,) = pool.waiting()
+        engine.exit_reason = "was killed by SIGSEGV"
+        pool.standby_exited(engine)
+    assert pool.waiting() == [] and pool.crashes == 4  # the fourth crash is not replaced until a scale refills
+    pool.refill()
+    assert len(pool.waiting()) == 1

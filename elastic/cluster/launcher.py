@@ -445,8 +445,10 @@ class EngineLauncher:
         # A rank that left or a rank a scale started: elastic_ep/ handles it, serving goes on.
         if not self.closed and not engine.retiring and engine.index in self.member_ids():
             self.on_exit(engine.index, engine.exit_reason)
-        elif not self.closed and engine.standby is not None:  # no member: the next refill replaces it
-            logger.warning("standby engine core %d %s", engine.index, engine.exit_reason)
+        elif not self.closed and engine.standby is not None:  # no member: the pool replaces it
+            if not engine.retiring:
+                logger.warning("standby engine core %d %s", engine.index, engine.exit_reason)
+            self.standby.standby_exited(engine)
 
     def _on_coordinator_exit(self) -> None:
         assert self.coordinator is not None

@@ -12,13 +12,14 @@ a server): an offline `LLM` never grows, so it starts none.
 """
 from __future__ import annotations
 
-import itertools
 import logging
 from typing import Any
 
 from elastic.cluster.devices import device_index, first_gpu, max_size, visible_gpus
 
 logger = logging.getLogger(__name__)
+
+_MAX_CRASHES = 3
 
 
 def guess_size(rank: int, largest: int) -> int:
@@ -48,6 +49,7 @@ class StandbyPool:
         else:  # CPU (tests): only when asked for
             self.count = p.standby_engines or 0
         self.armed = False
+        self.crashes = 0  # standbys that exited unexpectedly
 
     def arm(self) -> None:
         """Scale-ups can happen from now on: keep the pool full (at once if the launcher runs already)."""
@@ -56,7 +58,8 @@ class StandbyPool:
             self.refill()
 
     def waiting(self) -> list[Any]:  # EngineProcess
-        return [e for e in self.launcher.engines.values() if e.standby is not None and e.exit_reason is None]
+        return [e for e in self.launcher.engines.values()
+                if e.standby is not None and e.exit_reason is None and not e.retiring]
 
     def describe(self) -> list[dict[str, Any]]:
         """For GET /scale: each waiting standby, where, for which layout, and whether it finished prewarming."""
@@ -65,20 +68,35 @@ class StandbyPool:
                  "ready": e.hello_seen} for e in self.waiting()]
 
     def refill(self) -> None:
-        """Start standbys on spare devices until `count` wait (after start-up, and after every scale), each for
-        the lowest rank from the current size on that no waiting standby covers."""
+        """Keep standbys for the next `count` ranks from the current size (after start-up, every scale, and a
+        standby's exit): one that prewarms for a rank outside them (the server shrank meanwhile) is stopped, and
+        each rank without one gets one on a spare device, lowest rank first."""
         if not self.armed or self.count <= 0 or self.launcher.closed or not self.launcher.handshake_address:
             return
         self._forget_dead()
         world = self.launcher.membership.world_size
-        waiting = self.waiting()
-        covered = {e.standby[1] for e in waiting}
-        for device in self._spare_devices():
-            rank = next(r for r in itertools.count(world) if r not in covered)
-            if len(waiting) >= self.count or rank >= self.largest:
+        wanted = range(world, min(world + self.count, self.largest))
+        covered = set()
+        for engine in self.waiting():
+            if engine.standby[1] in wanted and engine.standby[1] not in covered:
+                covered.add(engine.standby[1])
+            else:
+                logger.info("engine core %d: standby for rank %d no longer needed at %d rank(s); stopping it",
+                            engine.index, engine.standby[1], world)
+                self.launcher.retire(engine.index)
+                self.launcher.stop_engine(engine)
+        missing = [rank for rank in wanted if rank not in covered]
+        for device, rank in zip(self._spare_devices(), missing):
+            self.launcher.spawn_standby(device, rank, guess_size(rank, self.largest))
+
+    def standby_exited(self, engine: Any) -> None:
+        """A standby's process ended: replace it (if it was stopped on purpose, or if standbys do not keep dying:
+        after `_MAX_CRASHES` unexpected exits, only scales refill the pool)."""
+        if not engine.retiring:
+            self.crashes += 1
+            if self.crashes > _MAX_CRASHES:
                 return
-            covered.add(rank)
-            waiting.append(self.launcher.spawn_standby(device, rank, guess_size(rank, self.largest)))
+        self.refill()
 
     def claim(self, rank: int, world: int) -> Any:  # EngineProcess | None
         """A standby for rank `rank` of a `world`-rank layout: one prewarmed for exactly that if any."""
