@@ -6,11 +6,16 @@ import itertools
 from elastic.config import EngineConfig
 
 
+def ranks_all_local(config: EngineConfig) -> bool:
+    """Whether this host's launcher starts every rank as its own process (no Ray, no other nodes)."""
+    p = config.parallel
+    return p.data_parallel_backend != "ray" and not p.local_load_balancing \
+        and p.local_ranks == range(p.data_parallel_size)
+
+
 def visible_gpus(config: EngineConfig) -> int | None:
     """GPUs this host offers its ranks; None where ranks are placed beyond it (Ray, other nodes) or on CPU."""
-    p = config.parallel
-    if not config.device.startswith("cuda") or p.data_parallel_backend == "ray" or p.local_load_balancing \
-            or p.local_ranks != range(p.data_parallel_size):
+    if not config.device.startswith("cuda") or not ranks_all_local(config):
         return None
     import torch
 

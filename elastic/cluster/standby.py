@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from elastic.cluster.devices import device_index, first_gpu, max_size, visible_gpus
+from elastic.cluster.devices import device_index, first_gpu, max_size, ranks_all_local, visible_gpus
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +36,7 @@ class StandbyPool:
         self.launcher = launcher
         config = launcher.config
         p = config.parallel
-        single_host = p.data_parallel_backend == "mp" and not p.local_load_balancing and p.is_head \
-            and p.local_ranks == range(p.data_parallel_size)
+        single_host = ranks_all_local(config) and p.is_head
         largest = max_size(config, visible_gpus(config))
         self.largest = largest if largest is not None else 1 << 30
         self.gpus: list[str] = []  # where standbys may run; empty on CPU (any number may)

@@ -107,9 +107,7 @@ def apply_expert_parallel(model: torch.nn.Module, group: StatelessGroup | None, 
         exchange = None
         if mode == "p2p" and layers:
             if PeerExchange.supported(group):
-                moe = layers[0]
-                shape = ExchangeShape(group.world_size, p2p_capacity, moe.hidden_size, moe.top_k, moe.w13.dtype)
-                exchange = PeerExchange.over_group(group, shape)
+                exchange = PeerExchange.over_group(group, ExchangeShape.of(layers[0], group.world_size, p2p_capacity))
             if exchange is None:
                 logger.info("%s: no peer-to-peer exchange (ranks on several hosts, or no CUDA IPC / peer access); "
                             "expert-parallel exchange by all-gather over NCCL", group)

@@ -22,6 +22,7 @@ import torch
 from elastic.distributed.group import StatelessGroup
 from elastic.distributed.host_exchange import on_one_host
 from elastic.kernels import ep_p2p
+from elastic.layers.moe import FusedMoE
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,11 @@ class ExchangeShape:
     hidden_size: int
     top_k: int
     dtype: torch.dtype
+
+    @classmethod
+    def of(cls, moe: FusedMoE, world: int, capacity: int) -> ExchangeShape:
+        """The exchange a model's MoE layers need (every layer has the same hidden size, top-k and dtype)."""
+        return cls(world, capacity, moe.hidden_size, moe.top_k, moe.w13.dtype)
 
     def regions(self) -> dict[str, tuple[int, tuple[int, ...], torch.dtype]]:
         """name -> (byte offset, shape, dtype) inside one rank's buffer."""
