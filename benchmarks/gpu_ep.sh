@@ -7,6 +7,7 @@
 #   3. benchmarks/decode.py, Qwen3-30B-A3B shape: DP=1 on one GPU, then DP=N with p2p and with all-gather,
 #      step time against each rank's memory floor at 1/16/64/128 tokens per rank.
 #   WORLD=2 bash benchmarks/gpu_ep.sh
+#   WORLD=4 SKIP_30B=1 RUNS="4 p2p" bash benchmarks/gpu_ep.sh   # only the DP=4 p2p decode run
 set -uo pipefail
 out=${OUT:-.}
 world=${WORLD:-2}
@@ -22,10 +23,11 @@ part() {  # part NAME SECONDS command...
   tail -${TAIL:-16} "$out/ep_$name.log"
 }
 
-part comm 100 python3 benchmarks/ep_comm.py --world "$world" --out "$out/ep_comm.json"
-part check 160 python3 benchmarks/gpu_check_dp.py --world "$world" --families qwen3_moe --modes allgather,p2p \
+part comm ${COMM_S:-100} python3 benchmarks/ep_comm.py --world "$world" --out "$out/ep_comm.json"
+part check ${CHECK_S:-160} python3 benchmarks/gpu_check_dp.py --world "$world" --families qwen3_moe --modes allgather,p2p \
     ${SKIP_30B:+--skip-30b} --out "$out/ep_check.json"
-for run in "1 auto" "$world p2p" "$world allgather"; do
+IFS=, read -ra runs <<< "${RUNS:-1 auto,$world p2p,$world allgather}"
+for run in "${runs[@]}"; do
   set -- $run
   part "decode_dp$1_$2" ${DECODE_S:-105} python3 benchmarks/decode.py --shape qwen3-30b-a3b --data-parallel-size "$1" \
       --ep-dispatch "$2" --batch-sizes ${BATCHES:-1,16,64,128} --context 1024 --out "$out/ep_decode_dp$1_$2.json"

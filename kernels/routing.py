@@ -128,9 +128,10 @@ def ids_to_slots_reference(ids: torch.Tensor, logical_to_physical: torch.Tensor,
     token_index = torch.arange(ids.shape[0], device=ids.device)[:, None]
     replica = token_index % logical_replica_count[ids]
     physical = logical_to_physical[ids, replica]                  # [T, K]
+    if num_valid is not None:  # CUDA-graph padding rows: no slot (no expert work, no load)
+        physical = torch.where(token_index < num_valid.to(ids.device), physical, -1)
     if expert_load is not None:
-        counted = physical if num_valid is None else torch.where(token_index < num_valid, physical, -1)
-        counted = counted.flatten()
+        counted = physical.flatten()
         expert_load.index_add_(0, counted.clamp(min=0), (counted >= 0).long())
     return physical, slots_to_local(physical, first_slot, slots_per_rank)
 
@@ -188,9 +189,9 @@ def route_to_slots(router_logits: torch.Tensor, top_k: int, renormalize: bool,
     -> (weights [T, K] f32 (topk_route's), physical [T, K] int64 global slot ids
         = logical_to_physical[e, t % logical_replica_count[e]],
         local [T, K] int32 = physical - first_slot inside this rank's slots, else -1).
-    When expert_load is given, 1 is added to expert_load[physical] per (token, k) (atomics on CUDA), for
-    tokens t < num_valid[0] only when num_valid ([1] int64 on the device) is given: CUDA-graph padding rows
-    route like real ones but must not count as load.
+    When expert_load is given, 1 is added to expert_load[physical] per (token, k) (atomics on CUDA).
+    num_valid ([1] int64 on the device): rows t >= num_valid[0] are CUDA-graph padding and go to no slot
+    (physical and local -1): no expert computes them, no rank is sent them, they count no load.
     One Triton kernel on CUDA (graph-capturable), the torch reference elsewhere.
     """
     T, E = router_logits.shape

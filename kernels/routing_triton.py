@@ -72,14 +72,14 @@ def _store_slots(ids, offs_t, out_mask, out_off, phys_ptr, local_ptr, l2p_ptr, c
     count = tl.load(count_ptr + ids, mask=out_mask, other=1)
     replica = offs_t[:, None].to(tl.int64) % count
     phys = tl.load(l2p_ptr + ids * stride_l2p + replica, mask=out_mask, other=-1).to(tl.int64)
+    if HAS_VALID:  # a device scalar, so a captured graph reads each replay's real batch size
+        # CUDA-graph padding rows go to no slot: no expert reads weights for them, no rank receives them.
+        phys = tl.where((offs_t < tl.load(valid_ptr))[:, None], phys, -1)
     local = phys - first_slot
     local = tl.where((phys >= 0) & (local >= 0) & (local < slots_per_rank), local, -1)
     if RECORD:
         ones = tl.full((BLOCK_T, BLOCK_K), 1, dtype=tl.int64)
-        counted = out_mask & (phys >= 0)
-        if HAS_VALID:  # a device scalar, so a captured graph reads each replay's real batch size
-            counted = counted & (offs_t < tl.load(valid_ptr))[:, None]
-        tl.atomic_add(load_ptr + phys, ones, mask=counted)
+        tl.atomic_add(load_ptr + phys, ones, mask=out_mask & (phys >= 0))
     tl.store(phys_ptr + out_off, phys, mask=out_mask)
     tl.store(local_ptr + out_off, local.to(tl.int32), mask=out_mask)
 

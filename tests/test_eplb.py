@@ -95,8 +95,11 @@ def test_padding_rows_count_no_load() -> None:
     l2p = torch.tensor([[0, 4], [1, -1], [2, -1], [3, 5]])
     counts = torch.tensor([2, 1, 1, 2])
     load = torch.zeros(6, dtype=torch.long)
-    route_to_slots_reference(logits, 2, True, l2p, counts, load, 0, 6, num_valid=torch.tensor([4]))
+    _, physical, local = route_to_slots_reference(logits, 2, True, l2p, counts, load, 0, 6,
+                                                  num_valid=torch.tensor([4]))
     assert int(load.sum()) == 4 * 2  # rows 4 and 5 are padding
+    assert (physical[4:] == -1).all() and (local[4:] == -1).all()  # ...sent to no expert, on no rank
+    assert (physical[:4] >= 0).all()
 
 
 def test_eplb_config_json_and_flags_agree(checkpoint_dir) -> None:

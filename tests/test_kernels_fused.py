@@ -251,11 +251,14 @@ def test_route_to_slots_triton(interp, T, E, K, num_physical, ranks, renorm, dty
     assert torch.equal(phys, rphys) and torch.equal(local, rlocal) and local.dtype == torch.int32
     torch.testing.assert_close(w, rw, rtol=1e-5, atol=1e-6)
     assert torch.equal(load, ref_load)
-    if record:  # CUDA-graph padding: rows at or past num_valid route alike but count no load
+    if record:  # CUDA-graph padding: rows at or past num_valid go to no slot and count no load
         valid = torch.tensor([T // 2])
-        routing.route_to_slots(logits, K, renorm, l2p, counts, load, first, spr, num_valid=valid)
-        routing.route_to_slots_reference(logits, K, renorm, l2p, counts, ref_load, first, spr, num_valid=valid)
-        assert torch.equal(load, ref_load)
+        _, vphys, vlocal = routing.route_to_slots(logits, K, renorm, l2p, counts, load, first, spr, num_valid=valid)
+        _, rvphys, rvlocal = routing.route_to_slots_reference(logits, K, renorm, l2p, counts, ref_load, first, spr,
+                                                              num_valid=valid)
+        assert torch.equal(load, ref_load) and torch.equal(vphys, rvphys) and torch.equal(vlocal, rvlocal)
+        assert (vphys[T // 2:] == -1).all() and (vlocal[T // 2:] == -1).all()
+        assert torch.equal(vphys[:T // 2], phys[:T // 2])
     # topk_route shares the softmax/top-k code with route_to_slots
     tw, tids = ek.topk_route(logits, K, renorm)
     assert torch.equal(tw, w) and torch.equal(tids, ek.topk_route_reference(logits, K, renorm)[1])

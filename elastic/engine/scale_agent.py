@@ -74,6 +74,8 @@ class _Op:
     staging: LayoutStaging | None = None
     plan: PlacementPlan | None = None  # computed beside serving, before the freeze
     stage_started: float = 0.0
+    piece_s: dict[str, float] = field(default_factory=dict)  # engine-thread time per kind of staging piece
+    piece_steps: int = 0
     capturing: bool = False  # the graphs are being captured in the background (staging.connected)
     capture_finished: bool = False
     pieces_done: bool = False
@@ -248,7 +250,11 @@ class ScaleAgent:
         Prepared when both are done."""
         try:
             if op.pieces and not op.piece_failed:
-                op.pieces.popleft()()
+                piece, began = op.pieces.popleft(), time.monotonic()
+                piece()
+                name = piece.__name__.strip("_")
+                op.piece_s[name] = op.piece_s.get(name, 0.0) + time.monotonic() - began
+                op.piece_steps += 1
         except Exception as e:
             self._fail(op, e)
             op.piece_failed = True
@@ -259,6 +265,9 @@ class ScaleAgent:
             threading.Thread(target=self._capture, args=(op,), name="scale-capture", daemon=True).start()
         if op.pieces:
             return
+        logger.info("operation %s: staging pieces done in %d steps, %.2fs after the freeze (%s)", op.op,
+                    op.piece_steps, time.monotonic() - op.stage_started,
+                    ", ".join(f"{name} {t:.2f}s" for name, t in op.piece_s.items()))
         self.proc.core.scale_sync = False  # the ranks may go idle until the commit
         with op.lock:
             op.pieces_done = True

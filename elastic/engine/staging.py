@@ -130,11 +130,11 @@ class LayoutStaging:
         return groups
 
     def _layers_piece(self, layers: list[int]) -> Callable[[], None]:
-        def piece() -> None:
+        def experts() -> None:  # (the name is what the staging log reports)
             for i in layers:
                 transfer_layer(i, self.old_p2l, self.new_p2l, self.old_world, self.new_world, self.rank,
                                [m.live for m in self.moe], self.slots, self._transfer_group(), moves=self.plans[i])
-        return piece
+        return experts
 
     def _transfer_group(self):  # noqa: ANN202 - StatelessGroup | None
         if self.growing:
