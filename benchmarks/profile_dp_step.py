@@ -1,9 +1,13 @@
 """Where a data-parallel decode step spends its time: torch.profiler over a few lockstep steps on rank 0.
 
     python benchmarks/profile_dp_step.py --world 2 --batches 1,64 --mode p2p
+    python benchmarks/profile_dp_step.py --world 2 --mode p2p --batches 64 --prefill 1024   # + a prefill step
+    python benchmarks/profile_dp_step.py --world 1 --shape deepseek-v2-lite --batches 64
 
-Qwen3-30B-A3B shape, dummy weights, one engine core per GPU stepping in lockstep (as the engine
-processes of the server do). Prints the per-step wall time and the top operators by self CPU and CUDA time.
+A model shape with dummy weights, one engine core per GPU stepping in lockstep (as the engine processes of
+the server do). Prints the per-step wall time and the top operators by self CPU and CUDA time. --prefill N
+also profiles one step in which rank 0 alone prefills an N-token prompt and the other ranks idle (the
+time to first token of a request that arrives at a quiet server).
 """
 from __future__ import annotations
 
@@ -28,7 +32,8 @@ from elastic.distributed.group import create_store  # noqa: E402
 from elastic.sampling_params import SamplingParams  # noqa: E402
 
 
-def rank_main(rank: int, world: int, port: int, path: str, batches: list[int], mode: str, steps: int) -> None:
+def rank_main(rank: int, world: int, port: int, path: str, batches: list[int], mode: str, steps: int,
+              prefill: int) -> None:
     torch.cuda.set_device(rank)
     from elastic.engine.core import EngineCore
 
@@ -37,9 +42,39 @@ def rank_main(rank: int, world: int, port: int, path: str, batches: list[int], m
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, device=f"cuda:{rank}"),
                                  parallel=dataclasses.replace(config.parallel.for_rank(rank), store_port=port))
     engine = EngineCore(config)
+    if prefill:
+        profile_prefill(engine, rank, world, prefill)
     for batch in batches:
         profile_batch(engine, rank, world, batch, mode, steps)
     engine.shutdown()
+
+
+def profile_prefill(engine, rank: int, world: int, length: int) -> None:  # noqa: ANN001
+    """Rank 0 prefills one `length`-token prompt (twice: compile, then profile); the others idle along."""
+    from elastic.protocol.to_engine import EngineCoreRequest
+
+    for attempt in ("warm-up", "profiled"):
+        if rank == 0:
+            prompt = [random.Random(attempt).randrange(engine.config.model.arch.vocab_size) for _ in range(length)]
+            engine.add_request(EngineCoreRequest(f"prefill-{attempt}", prompt, SamplingParams(max_tokens=1)))
+        engine.start_wave()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            engine.step()
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+        while engine.global_unfinished:
+            engine.step()
+    if rank == 0:
+        table = prof.key_averages()
+        busy = sum(e.self_device_time_total for e in table
+                   if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3
+        print(f"DP={world} prefill of {length} tokens on rank 0 (the others idle): step {elapsed * 1e3:.2f} ms "
+              f"(profiled), GPU kernels {busy:.2f} ms", flush=True)
+        print(table.table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
+        print(table.table(sort_by="self_cuda_time_total", row_limit=20), flush=True)
 
 
 def profile_batch(engine, rank: int, world: int, batch: int, mode: str, steps: int) -> None:  # noqa: ANN001
@@ -47,7 +82,7 @@ def profile_batch(engine, rank: int, world: int, batch: int, mode: str, steps: i
 
     rng = random.Random(rank)
     for i in range(batch):
-        prompt = [rng.randrange(151936) for _ in range(1024)]
+        prompt = [rng.randrange(engine.config.model.arch.vocab_size) for _ in range(1024)]
         engine.add_request(EngineCoreRequest(f"{batch}-{rank}-{i}", prompt,
                                              SamplingParams(max_tokens=steps * 3, ignore_eos=True)))
     engine.start_wave()
@@ -85,11 +120,14 @@ def main() -> None:
     ap.add_argument("--batches", default="8", help="tokens per rank, comma-separated (one model load)")
     ap.add_argument("--mode", default="allgather", choices=["p2p", "allgather", "alltoall"])
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--shape", default="qwen3-30b-a3b", help="a model shape of benchmarks/shapes.py")
+    ap.add_argument("--prefill", type=int, default=0, help="also profile a prefill of this many tokens on rank 0")
     args = ap.parse_args()
     store = create_store("127.0.0.1", 0, is_master=True)
     with tempfile.TemporaryDirectory() as tmp:
-        path = str(dummy_model_dir("qwen3-30b-a3b", tmp))
-        mp.start_processes(rank_main, args=(args.world, store.port, path, [int(b) for b in args.batches.split(',')], args.mode, args.steps),
+        path = str(dummy_model_dir(args.shape, tmp))
+        batches = [int(b) for b in args.batches.split(",")]
+        mp.start_processes(rank_main, args=(args.world, store.port, path, batches, args.mode, args.steps, args.prefill),
                            nprocs=args.world, start_method="spawn")
 
 
