@@ -175,8 +175,9 @@ def _attn_merge_kernel(part_acc_ptr, part_ml_ptr, out_ptr, qsl_ptr, HQ, num_spli
     denom = tl.sum(l * w, axis=0)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
+    # A split that saw no key may not have written its acc (the MLA decode kernel skips it): not read.
     acc = tl.load(part_acc_ptr + part[:, None] * D + offs_d[None, :],
-                  mask=s_ok[:, None] & d_ok[None, :], other=0.0)     # [BLOCK_S, BLOCK_D]
+                  mask=(s_ok & (l > 0.0))[:, None] & d_ok[None, :], other=0.0)     # [BLOCK_S, BLOCK_D]
     o = tl.sum(acc * w[:, None], axis=0) / tl.where(denom == 0.0, 1.0, denom)
     tl.store(out_ptr + q_start.to(tl.int64) * stride_ot + h * stride_oh + offs_d,
              o.to(out_ptr.dtype.element_ty), mask=d_ok)

@@ -88,9 +88,11 @@ def mla_attention_reference(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: t
     return out
 
 
-def mla_decode_split(num_programs: int, max_seq_len: int, device: torch.device) -> tuple[int, int]:
-    """-> (num_splits, partition tokens) for `num_programs` (request, head block) pairs. Host ints only."""
-    return decode_split(num_programs, 1, max_seq_len, device, DECODE_CFG)
+def mla_decode_split(num_programs: int, max_seq_len: int, device: torch.device) -> int:
+    """-> splits per (request, head block) for `num_programs` of them: enough programs for DECODE_CFG's waves
+    over the GPU's SMs, at most max_splits, and no more than max_seq_len's tiles allow. The kernel divides
+    each request's actual context among them (on the device). Host ints only."""
+    return decode_split(num_programs, 1, max_seq_len, device, DECODE_CFG)[0]
 
 
 def mla_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -125,7 +127,7 @@ def mla_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
     block_q = block_r // block_h
     head_blocks = cdiv(H, block_h)
     tiles = 1 if decode else cdiv(max_query_len, block_q)
-    num_splits, partition = mla_decode_split(B * head_blocks, max_seq_len, q_lat.device) if decode else (1, 1 << 30)
+    num_splits = mla_decode_split(B * head_blocks, max_seq_len, q_lat.device) if decode else 1
     split = num_splits > 1
     if split:
         part_acc = _alloc(B * H * num_splits, C, dtype=torch.float32, device=q_lat.device)
@@ -135,7 +137,7 @@ def mla_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
     assert B * tiles <= 2**31 - 1 and head_blocks <= _MAX_GRID_Y and num_splits <= _MAX_GRID_Y
     _mla_fwd_kernel[(B * tiles, head_blocks, num_splits)](
         q_lat, q_pe, kv_cache, block_tables, query_start_loc, seq_lens, out, part_acc, part_ml,
-        scale * LOG2E, tiles, partition, num_splits, H, C, R,
+        scale * LOG2E, tiles, num_splits, H, C, R,
         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), out.stride(0), out.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), block_tables.stride(0),
         BLOCK_SIZE=kv_cache.shape[1], BLOCK_H=block_h, BLOCK_Q=block_q, BLOCK_R=block_r, BLOCK_N=cfg["BLOCK_N"],

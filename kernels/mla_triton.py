@@ -27,10 +27,10 @@ def _store_latent_kernel(ckv_ptr, kpe_ptr, cache_ptr, slot_ptr, stride_ct, strid
     tl.store(row + C + offs_p, p.to(cache_ptr.dtype.element_ty), mask=offs_p < R)
 
 
-@triton.jit(do_not_specialize=["tiles_per_req", "partition", "num_splits"])
+@triton.jit(do_not_specialize=["tiles_per_req", "num_splits"])
 def _mla_fwd_kernel(ql_ptr, qp_ptr, cache_ptr, block_tables_ptr, qsl_ptr, seq_lens_ptr,
                     out_ptr, part_acc_ptr, part_ml_ptr,
-                    qk_scale, tiles_per_req, partition, num_splits, H, C, R,
+                    qk_scale, tiles_per_req, num_splits, H, C, R,
                     stride_qlt, stride_qlh, stride_qpt, stride_qph, stride_ot, stride_oh,
                     stride_cb, stride_cs, stride_bt,
                     BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -46,10 +46,26 @@ def _mla_fwd_kernel(ql_ptr, qp_ptr, cache_ptr, block_tables_ptr, qsl_ptr, seq_le
         return
     seq_len = tl.load(seq_lens_ptr + b)
     ctx = seq_len - q_len                          # position of the request's first query
-
+    # Keys past the tile's last query are causally invisible to every row: stop there.
+    kv_end = tl.minimum(seq_len, ctx + tl.minimum(q_len, (qt + 1) * BLOCK_Q))
+    lo = 0
+    hi = kv_end
     offs_r = tl.arange(0, BLOCK_R)                 # row = (token qi, head) of this tile
-    qi = offs_r // BLOCK_H
     head = hb * BLOCK_H + offs_r % BLOCK_H
+    if SPLIT:
+        # Decode: this request's own context is divided evenly among the splits, on the device (a CUDA graph
+        # replays any length; a split sized for the longest possible context would leave most programs idle).
+        per_split = tl.cdiv(tl.cdiv(kv_end, num_splits), BLOCK_N) * BLOCK_N
+        lo = split * per_split
+        hi = tl.minimum(lo + per_split, kv_end)
+        part = (b * H + head).to(tl.int64) * num_splits + split
+        if lo >= hi:  # a context shorter than the splits: an empty state, which the merge weighs 0 (no acc)
+            row_ok = (offs_r // BLOCK_H < 1) & (head < H)
+            tl.store(part_ml_ptr + part * 2, tl.full([BLOCK_R], float("-inf"), tl.float32), mask=row_ok)
+            tl.store(part_ml_ptr + part * 2 + 1, tl.zeros([BLOCK_R], tl.float32), mask=row_ok)
+            return
+
+    qi = offs_r // BLOCK_H
     q_idx = qt * BLOCK_Q + qi
     row_ok = (qi < BLOCK_Q) & (q_idx < q_len) & (head < H)
     q_pos = ctx + q_idx
@@ -63,10 +79,6 @@ def _mla_fwd_kernel(ql_ptr, qp_ptr, cache_ptr, block_tables_ptr, qsl_ptr, seq_le
     q_pe = tl.load(qp_ptr + q_row[:, None] * stride_qpt + head[:, None] * stride_qph + offs_p[None, :],
                    mask=row_ok[:, None] & p_ok[None, :], other=0.0)           # [BLOCK_R, BLOCK_P]
 
-    # Keys past the tile's last query are causally invisible to every row: stop there.
-    kv_end = tl.minimum(seq_len, ctx + tl.minimum(q_len, (qt + 1) * BLOCK_Q))
-    lo = split * partition
-    hi = tl.minimum(lo + partition, kv_end)
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)  # running max (log2 units)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
@@ -93,7 +105,6 @@ def _mla_fwd_kernel(ql_ptr, qp_ptr, cache_ptr, block_tables_ptr, qsl_ptr, seq_le
 
     if SPLIT:
         # Partial state of (request b, head, split); decode has one query per request, so b is the token.
-        part = (b * H + head).to(tl.int64) * num_splits + split
         tl.store(part_ml_ptr + part * 2, m_i, mask=row_ok)
         tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=row_ok)
         tl.store(part_acc_ptr + part[:, None] * C + offs_c[None, :], acc, mask=row_ok[:, None] & c_ok[None, :])

@@ -135,8 +135,13 @@ def test_mla_attention_triton(interp, monkeypatch, name):
     ref = ek.mla_attention_reference(q_lat, q_pe, cache, tables, qsl, sl, scale, max(q_lens), max(seq_lens))
     torch.testing.assert_close(got.float(), ref.float(), rtol=1e-2, atol=1e-2)
     if max(q_lens) == 1:
-        splits, _ = ek.mla.mla_decode_split(len(seq_lens) * -(-H // 8), max(seq_lens) + 3, q_lat.device)
+        splits = ek.mla.mla_decode_split(len(seq_lens) * -(-H // 8), max(seq_lens) + 3, q_lat.device)
         assert splits > 1, "the split-context merge must be exercised"
+        # Sized for a much longer context (a CUDA graph of a long-context model): each request's own context
+        # is divided among the splits, and splits past a short context stay empty (merged with weight 0).
+        long = ek.mla_attention(q_lat, strided_pe, cache, tables, qsl, sl, scale, 1, 4096)
+        assert ek.mla.mla_decode_split(len(seq_lens) * -(-H // 8), 4096, q_lat.device) * 16 > min(seq_lens)
+        torch.testing.assert_close(long.float(), ref.float(), rtol=1e-2, atol=1e-2)
 
 
 @needs_triton
