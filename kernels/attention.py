@@ -102,15 +102,15 @@ def _num_sms(device: torch.device) -> int:
 
 
 def decode_split(num_reqs: int, num_kv_heads: int, max_seq_len: int,
-                 device: torch.device, cfg: dict | None = None) -> tuple[int, int]:
-    """-> (num_splits, partition tokens) for num_reqs x num_kv_heads programs (cfg: DECODE_CFG's keys, default
-    DECODE_CFG). Host arithmetic on host ints only (graph-safe)."""
+                 device: torch.device, cfg: dict | None = None) -> int:
+    """-> splits per (request, kv head) for num_reqs x num_kv_heads programs (cfg: DECODE_CFG's keys, default
+    DECODE_CFG): enough programs for cfg's waves over the SMs, at most max_splits, and no more than max_seq_len's
+    tiles allow. The kernels divide each request's actual context among them, on the device. Host ints only
+    (graph-safe)."""
     cfg = DECODE_CFG if cfg is None else cfg
     tiles = max(1, cdiv(max_seq_len, cfg["BLOCK_N"]))
     want = cdiv(cfg["waves"] * _num_sms(device), max(1, num_reqs * num_kv_heads))
-    splits = max(1, min(want, cfg["max_splits"], cdiv(tiles, cfg["min_tiles_per_split"])))
-    partition = cdiv(tiles, splits) * cfg["BLOCK_N"]
-    return cdiv(max(1, max_seq_len), partition), partition
+    return max(1, min(want, cfg["max_splits"], cdiv(tiles, cfg["min_tiles_per_split"])))
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -149,7 +149,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     qk_scale = scale * LOG2E
     if max_query_len == 1:
         cfg = DECODE_CFG
-        num_splits, partition = decode_split(B, Hkv, max_seq_len, q.device)
+        num_splits = decode_split(B, Hkv, max_seq_len, q.device)
         split = num_splits > 1
         if split:
             part_acc = _alloc(B * Hq * num_splits, D, dtype=torch.float32, device=q.device)
@@ -160,7 +160,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         grid = (Hkv, B, num_splits) if kv_fastest else (B, Hkv, num_splits)
         _attn_fwd_kernel[grid](
             q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out, part_acc, part_ml,
-            qk_scale, 1, partition, num_splits, Hq, group, D, *strides,
+            qk_scale, 1, num_splits, Hq, group, D, *strides,
             BLOCK_Q=1, BLOCK_R=max(16, g_pad), BLOCK_N=cfg["BLOCK_N"], SPLIT=split,
             TWO_PHASE=cfg["two_phase"], KV_FASTEST=kv_fastest,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
@@ -178,7 +178,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     grid = (Hkv, B * tiles, 1) if kv_fastest else (B * tiles, Hkv, 1)
     _attn_fwd_kernel[grid](
         q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out, out, out,
-        qk_scale, tiles, 1 << 30, 1, Hq, group, D, *strides,  # one split: whole context
+        qk_scale, tiles, 1, Hq, group, D, *strides,  # one split: whole context
         BLOCK_Q=block_q, BLOCK_R=block_r, BLOCK_N=cfg["BLOCK_N"], SPLIT=False,
         TWO_PHASE=cfg["two_phase"], KV_FASTEST=kv_fastest,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)

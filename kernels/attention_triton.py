@@ -80,10 +80,10 @@ def _attn_tile(acc, m_i, l_i, q, start, hi, q_pos, bt_row, k_cache_ptr, v_cache_
     return acc, m_new, l_i
 
 
-@triton.jit(do_not_specialize=["tiles_per_req", "partition", "num_splits"])
+@triton.jit(do_not_specialize=["tiles_per_req", "num_splits"])
 def _attn_fwd_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, qsl_ptr, seq_lens_ptr,
                      out_ptr, part_acc_ptr, part_ml_ptr,
-                     qk_scale, tiles_per_req, partition, num_splits, HQ, G, D,
+                     qk_scale, tiles_per_req, num_splits, HQ, G, D,
                      stride_qt, stride_qh, stride_ot, stride_oh,
                      stride_cb, stride_cs, stride_ch, stride_bt,
                      BLOCK_SIZE: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
@@ -121,8 +121,14 @@ def _attn_fwd_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, qsl_ptr,
 
     # Keys past the tile's last query are causally invisible to every row: stop there.
     kv_end = tl.minimum(seq_len, ctx + tl.minimum(q_len, (qt + 1) * BLOCK_Q))
-    lo = split * partition
-    hi = tl.minimum(lo + partition, kv_end)
+    lo = 0
+    hi = kv_end
+    if SPLIT:
+        # Decode: this request's own context is divided evenly among the splits, on the device (a CUDA graph
+        # replays any length; a split sized for the longest possible context would leave most programs idle).
+        per_split = tl.cdiv(tl.cdiv(kv_end, num_splits), BLOCK_N) * BLOCK_N
+        lo = split * per_split
+        hi = tl.minimum(lo + per_split, kv_end)
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)   # running max (log2 units)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)

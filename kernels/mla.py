@@ -92,7 +92,7 @@ def mla_decode_split(num_programs: int, max_seq_len: int, device: torch.device) 
     """-> splits per (request, head block) for `num_programs` of them: enough programs for DECODE_CFG's waves
     over the GPU's SMs, at most max_splits, and no more than max_seq_len's tiles allow. The kernel divides
     each request's actual context among them (on the device). Host ints only."""
-    return decode_split(num_programs, 1, max_seq_len, device, DECODE_CFG)[0]
+    return decode_split(num_programs, 1, max_seq_len, device, DECODE_CFG)
 
 
 def mla_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
