@@ -109,7 +109,9 @@ def decode_split(num_reqs: int, num_kv_heads: int, max_seq_len: int,
     (graph-safe)."""
     cfg = DECODE_CFG if cfg is None else cfg
     tiles = max(1, cdiv(max_seq_len, cfg["BLOCK_N"]))
-    want = cdiv(cfg["waves"] * _num_sms(device), max(1, num_reqs * num_kv_heads))
+    # Rounded down: every split of every request is busy (the context is divided among them), so the grid is
+    # B x heads x splits programs; rounding up would leave a last wave mostly empty.
+    want = cfg["waves"] * _num_sms(device) // max(1, num_reqs * num_kv_heads)
     return max(1, min(want, cfg["max_splits"], cdiv(tiles, cfg["min_tiles_per_split"])))
 
 
