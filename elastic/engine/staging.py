@@ -148,7 +148,7 @@ class LayoutStaging:
         if ep is not None:
             ep.barrier()
         apply_expert_parallel(self.core.runner.model, ep, self.config.parallel.ep_dispatch, staged=True,
-                              p2p_capacity=self.core.runner.p2p_capacity)
+                              p2p_capacity=self.core.runner.max_graph_batch)
         if self.config.eplb.enable_eplb and self.slots:
             assert self.layout is not None
             self.balancer = ExpertBalancer(self.slots, self.config.eplb, self.layout.rank, self.new_world, ep,
