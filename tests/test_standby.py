@@ -139,6 +139,9 @@ def test_a_standby_engine_joins_under_load(model) -> None:  # noqa: F811 - the f
         log = server.log()
         assert f"engine core {standby['engine_id']} (standby on cpu) claimed for rank 1 of 2" in log, log[-3000:]
         assert re.search(r"engine ready in [\d.]+s \(model 0\.0\ds, kv sizing 0\.0\ds", log), log[-3000:]
+        # Each scale's staging reports the engine-thread time of its pieces (what a slow scale spent on what).
+        pieces = re.findall(r"operation \w+: staging pieces done in \d+ steps, [\d.]+s after the freeze \((.*)\)", log)
+        assert any("place" in p and "experts" in p and "connect" in p for p in pieces), pieces
         refilled = wait_until(lambda: _ready_standby(server), 120, "a new standby")
         assert refilled["engine_id"] > standby["engine_id"]
         assert server.stop() == 0, server.log()[-3000:]
