@@ -130,3 +130,45 @@ def test_transformers_does_not_see_hf_kernels():
     import transformers.utils.import_utils as iu
 
     assert not iu.is_kernels_available()
+
+
+def test_step_inputs_match_the_per_token_definition():
+    """ModelRunner._prepare builds the step's arrays with numpy; they must be what the per-token definition
+    gives: positions start..end of each request, slot = block_table[p // bs] * bs + p % bs, block tables
+    padded with 0, and a logit row at each request's last new token when it reaches the sequence's end."""
+    import random
+    from types import SimpleNamespace
+
+    from elastic.executor.model_runner import ModelRunner
+    from elastic.request import SchedulerOutput
+
+    rng, bs = random.Random(0), 16
+    scheduled = []
+    for num_new in (1, 1, 37, 1, 200, 5):  # decode tokens and prefill chunks, mixed
+        computed = rng.randrange(0, 300)
+        total = computed + num_new + rng.choice((0, 0, 12))  # some chunks end before the sequence does
+        table = rng.sample(range(1, 10_000), -(-total // bs))
+        req = SimpleNamespace(num_computed_tokens=computed, all_token_ids=[rng.randrange(1000) for _ in range(total)],
+                              block_table=table, num_tokens=total)
+        scheduled.append((req, num_new))
+    runner = SimpleNamespace(block_size=bs, device=torch.device("cpu"))
+    input_ids, positions, md, logit_rows = ModelRunner._prepare(runner, SchedulerOutput(scheduled))
+
+    want_pos = [p for req, n in scheduled for p in range(req.num_computed_tokens, req.num_computed_tokens + n)]
+    want_ids = [req.all_token_ids[p] for req, n in scheduled
+                for p in range(req.num_computed_tokens, req.num_computed_tokens + n)]
+    want_slots = [req.block_table[p // bs] * bs + p % bs for req, n in scheduled
+                  for p in range(req.num_computed_tokens, req.num_computed_tokens + n)]
+    width = max(len(req.block_table) for req, _ in scheduled)
+    qsl = [0]
+    for _, n in scheduled:
+        qsl.append(qsl[-1] + n)
+    assert positions.tolist() == want_pos and input_ids.tolist() == want_ids
+    assert md.slot_mapping.tolist() == want_slots and md.slot_mapping.dtype == torch.long
+    assert md.block_tables.tolist() == [req.block_table + [0] * (width - len(req.block_table)) for req, _ in scheduled]
+    assert md.block_tables.dtype == md.query_start_loc.dtype == md.seq_lens.dtype == torch.int32
+    assert md.query_start_loc.tolist() == qsl and md.query_start_loc_cpu == qsl
+    assert md.seq_lens.tolist() == [req.num_computed_tokens + n for req, n in scheduled]
+    assert (md.max_query_len, md.max_seq_len) == (200, max(md.seq_lens.tolist()))
+    assert logit_rows == [qsl[i + 1] - 1 for i, (req, n) in enumerate(scheduled)
+                          if req.num_computed_tokens + n == req.num_tokens]

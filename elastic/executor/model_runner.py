@@ -1,9 +1,11 @@
 """Owns the model, its KV cache and the sampler on one device; turns a scheduled batch into tokens."""
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 
+import numpy as np
 import torch
 
 from elastic.config import EngineConfig, ParallelConfig
@@ -165,39 +167,46 @@ class ModelRunner:
         self.model.compute_logits(hidden[:num_logits])
 
     def _prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slot_mapping: list[int] = []
-        query_start_loc = [0]
-        seq_lens: list[int] = []
-        logit_rows: list[int] = []  # rows whose hidden state yields a next token
+        # The step's host arrays are built with numpy: torch.tensor over nested lists converts every int alone
+        # (0.3 ms a decode step at 64 requests of 1k tokens, growing with the context) while the GPU waits.
+        reqs = [req for req, _ in out.scheduled]
+        num_new = np.fromiter((n for _, n in out.scheduled), dtype=np.int64, count=len(reqs))
+        starts = np.fromiter((req.num_computed_tokens for req in reqs), dtype=np.int64, count=len(reqs))
+        ends = starts + num_new
+        query_start_loc = np.zeros(len(reqs) + 1, dtype=np.int64)
+        np.cumsum(num_new, out=query_start_loc[1:])
+        # positions [T]: each request's start..end, concatenated
+        positions = np.arange(query_start_loc[-1]) + np.repeat(starts - query_start_loc[:-1], num_new)
+        table_lens = np.fromiter((len(req.block_table) for req in reqs), dtype=np.int64, count=len(reqs))
+        block_tables = np.zeros((len(reqs), int(table_lens.max())), dtype=np.int32)  # [B, max blocks], 0-padded
+        block_tables[np.arange(block_tables.shape[1]) < table_lens[:, None]] = np.fromiter(
+            itertools.chain.from_iterable(req.block_table for req in reqs), dtype=np.int32, count=int(table_lens.sum()))
         bs = self.block_size
-        for req, num_new in out.scheduled:
-            start, end = req.num_computed_tokens, req.num_computed_tokens + num_new
+        token_rows = np.repeat(np.arange(len(reqs)), num_new)
+        slot_mapping = block_tables[token_rows, positions // bs].astype(np.int64) * bs + positions % bs
+        input_ids: list[int] = []
+        logit_rows: list[int] = []  # rows whose hidden state yields a next token
+        for row, req in enumerate(reqs):
+            start, end = int(starts[row]), int(ends[row])
             input_ids += req.all_token_ids[start:end]
-            positions += range(start, end)
-            slot_mapping += [req.block_table[p // bs] * bs + p % bs for p in range(start, end)]
-            query_start_loc.append(query_start_loc[-1] + num_new)
-            seq_lens.append(end)
             if end == req.num_tokens:
-                logit_rows.append(query_start_loc[-1] - 1)
-        max_blocks = max(len(req.block_table) for req, _ in out.scheduled)
-        block_tables = [req.block_table + [0] * (max_blocks - len(req.block_table)) for req, _ in out.scheduled]
+                logit_rows.append(int(query_start_loc[row + 1]) - 1)
         dev = self.device
 
-        def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, pin_memory=dev.type == "cuda").to(dev, non_blocking=True)
+        def tensor(values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+            host = torch.from_numpy(values).to(dtype)
+            return (host.pin_memory() if dev.type == "cuda" else host).to(dev, non_blocking=True)
 
         md = AttentionMetadata(
             slot_mapping=tensor(slot_mapping, torch.long),
             block_tables=tensor(block_tables, torch.int32),
             query_start_loc=tensor(query_start_loc, torch.int32),
-            seq_lens=tensor(seq_lens, torch.int32),
-            max_query_len=max(n for _, n in out.scheduled),
-            max_seq_len=max(seq_lens),
-            query_start_loc_cpu=query_start_loc,
+            seq_lens=tensor(ends, torch.int32),
+            max_query_len=int(num_new.max()),
+            max_seq_len=int(ends.max()),
+            query_start_loc_cpu=query_start_loc.tolist(),
         )
-        return tensor(input_ids, torch.long), tensor(positions, torch.long), md, logit_rows
+        return tensor(np.asarray(input_ids, dtype=np.int64), torch.long), tensor(positions, torch.long), md, logit_rows
 
     @torch.inference_mode()
     def forward_logits(self, out: SchedulerOutput) -> torch.Tensor:
