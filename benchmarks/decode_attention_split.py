@@ -17,9 +17,9 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
 from gpu_check_deepseek import _inputs  # noqa: E402
-from mla_decode_tune import time_variant  # noqa: E402
+from mla_decode_tune import graph_us  # noqa: E402
 
-from elastic.kernels import mla, paged_attention  # noqa: E402
+from elastic.kernels import mla_attention, paged_attention  # noqa: E402
 
 
 def attention_inputs(batch: int, ctx: int, hq: int = 32, hkv: int = 4, d: int = 128, block_size: int = 16):
@@ -33,25 +33,6 @@ def attention_inputs(batch: int, ctx: int, hq: int = 32, hkv: int = 4, d: int = 
     return q, k, v, tables, qsl, torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
 
 
-def graph_us(fn, replays: int = 50) -> float:  # noqa: ANN001
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    graph.replay()
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / replays * 1e3
-
-
 def main() -> None:
     ctx = 1024
     print(f"{torch.cuda.get_device_name()}, context {ctx}: us per layer (KV GB/s)")
@@ -62,11 +43,11 @@ def main() -> None:
             for batch in (1, 16, 64):
                 if name == "attention":
                     q, k, v, tables, qsl, lens = attention_inputs(batch, ctx)
-                    us = graph_us(lambda: paged_attention(q, k, v, tables, qsl, lens, 128 ** -0.5, 1, bound))
+                    us = graph_us(lambda: paged_attention(q, k, v, tables, qsl, lens, 128 ** -0.5, 1, bound))[0]
                     kv_bytes = batch * ctx * 4 * 128 * 2 * 2
                 else:
                     args = (*_inputs(batch, ctx, 1, 16, 512, 64), 192 ** -0.5, 1, bound)
-                    us = time_variant(args, dict(mla.DECODE_CFG))[0]
+                    us = graph_us(lambda: mla_attention(*args))[0]
                     kv_bytes = batch * ctx * 576 * 2
                 cells.append(f"{us:7.1f} ({kv_bytes / us / 1e3:5.0f})")
             print(f"{name:<10} {bound:>11} " + " ".join(f"{c:>16}" for c in cells), flush=True)

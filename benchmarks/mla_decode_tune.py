@@ -14,6 +14,7 @@ import argparse
 import itertools
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
 from gpu_check_deepseek import _inputs  # noqa: E402
+from moe_kernel import time_graph  # noqa: E402
 
 from elastic.kernels import mla, mla_attention, mla_attention_reference  # noqa: E402
 
@@ -28,28 +30,18 @@ VARIANTS = [dict(BLOCK_N=n, num_warps=w, num_stages=s, waves=v)
             for n, w, s, v in itertools.product((32, 64), (4, 8), (2, 3), (2, 4))]
 
 
-def time_variant(args: tuple, cfg: dict, replays: int = 50) -> tuple[float, torch.Tensor]:
-    """One configuration: capture mla_attention in a CUDA graph, -> (µs per replay, its output)."""
+def graph_us(fn: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
+    """`fn` replayed from a CUDA graph (moe_kernel.time_graph) -> (µs per call, its output)."""
+    out = fn().float().clone()  # also compiles before the capture
+    return time_graph([fn]) * 1e3, out
+
+
+def time_variant(args: tuple, cfg: dict) -> tuple[float, torch.Tensor]:
+    """One configuration of DECODE_CFG: mla_attention(*args) from a CUDA graph -> (µs per replay, output)."""
     saved = dict(mla.DECODE_CFG)
     mla.DECODE_CFG.update(cfg)
     try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            mla_attention(*args)  # compile
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=stream):
-                out = mla_attention(*args)
-        torch.cuda.synchronize()
-        for _ in range(3):
-            graph.replay()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / replays * 1e3, out.float().clone()
+        return graph_us(lambda: mla_attention(*args))
     finally:
         mla.DECODE_CFG.clear()
         mla.DECODE_CFG.update(saved)

@@ -29,8 +29,8 @@ import zmq
 
 from elastic.config import EngineConfig
 from elastic.engine.recovery import RankRecovery
-from elastic.engine.scale_agent import ScaleAgent
 from elastic.engine.phase_clock import process_age_s
+from elastic.engine.scale_agent import ScaleAgent
 from elastic.engine.startup import (OUTPUT_LINGER_MS, apply_parallel_handshake, await_handshake, connect_queues,
                                     prewarm_standby, start_core)
 from elastic.engine.waves import DPWaves, RequestWave

@@ -75,8 +75,8 @@ def await_handshake(sock: zmq.Socket, decoder: msgspec.msgpack.Decoder, standby:
 
 
 def start_core(config: EngineConfig, engine_index: int, wave: RequestWave, dp: DPWaves | None,
-                handshake: zmq.Socket, encoder: msgspec.msgpack.Encoder, addresses: HandshakeAddresses,
-                prewarmed: Any = None) -> Any:
+               handshake: zmq.Socket, encoder: msgspec.msgpack.Encoder, addresses: HandshakeAddresses,
+               prewarmed: Any = None) -> Any:
     """Load the model, join the DP/EP groups, size the KV cache. A failure is told to the front end (why),
     then the process exits non-zero."""
     try:
@@ -110,7 +110,7 @@ def _injected_join_failure(engine_id: int) -> None:
 
 
 def connect_queues(ctx: zmq.Context, identity: bytes,
-                    addresses: HandshakeAddresses) -> tuple[list[zmq.Socket], list[zmq.Socket]]:
+                   addresses: HandshakeAddresses) -> tuple[list[zmq.Socket], list[zmq.Socket]]:
     """One input and one output queue per front end (API server); requests are answered where they came from."""
     inputs, outputs = [], []
     for address in addresses.frontend_input_addresses or [addresses.input_address]:
