@@ -97,10 +97,11 @@ class ExpertParallelComm:
 
 
 def apply_expert_parallel(model: torch.nn.Module, group: StatelessGroup | None, mode: str,
-                          staged: bool = False, p2p_capacity: int = 512) -> None:
+                          staged: bool = False, p2p_capacity: int = 512) -> ExpertParallelComm | None:
     """Route every MoE layer of `model` through `group` (None: a single rank computes locally), for its live
     slots or, with `staged`, for the next layout's slots that elastic scaling is preparing. A collective of
-    the group in "p2p" mode (the exchange buffers; `p2p_capacity`: tokens per rank they hold)."""
+    the group's store in "p2p" mode (the exchange buffers; `p2p_capacity`: tokens per rank they hold), with no
+    NCCL collective. -> the layers' exchange (None without a group)."""
     layers = [m for m in model.modules() if isinstance(m, FusedMoE)]
     comm = None
     if group is not None:
@@ -116,3 +117,4 @@ def apply_expert_parallel(model: torch.nn.Module, group: StatelessGroup | None, 
         slots = module.staged if staged else module.live
         assert slots is not None, "stage the layers' slots first"
         slots.ep_comm = comm
+    return comm

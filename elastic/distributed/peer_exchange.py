@@ -103,7 +103,8 @@ class PeerExchange:
     def over_group(cls, group: StatelessGroup, shape: ExchangeShape) -> PeerExchange | None:
         """Allocate this rank's buffer and map every other rank's (a collective of the whole group): CUDA IPC
         handles travel through the group's store as msgpack (bytes and ints only). None on every rank if any
-        rank cannot share or map (an allocator without IPC, GPUs without peer access): they fall back alike."""
+        rank cannot share or map (an allocator without IPC, GPUs without peer access): they fall back alike.
+        Host-side only (the store): usable beside another thread's collectives."""
         device = group.device if group.device.index is not None else torch.device("cuda", torch.cuda.current_device())
         buffer = torch.zeros(shape.nbytes, dtype=torch.uint8, device=device)
         torch.cuda.synchronize(device)
@@ -132,7 +133,9 @@ class PeerExchange:
         exchange = cls(shape, group.rank, buffer, addresses)
         exchange.peer_storages = peers
         group.on_abort.append(exchange.abort)
-        group.barrier()  # every buffer is mapped and zeroed before any rank writes into another's
+        # The gather above was the barrier: every buffer is mapped, and was zeroed (synchronized) before it
+        # was shared, before any rank writes into another's. No NCCL collective: this may run beside the
+        # engine thread's (a shrink stages its next exchange from a background thread).
         return exchange
 
     @staticmethod

@@ -24,7 +24,7 @@ from elastic.engine.reconfigure import (StagedLayout, parallel_config_for, recv_
 from elastic.engine.scheduler import Scheduler
 from elastic.engine.standby import Prewarmed
 from elastic.engine.waves import RequestWave
-from elastic.eplb.balancer import ExpertBalancer
+from elastic.eplb.balancer import ExpertBalancer, warm_up
 from elastic.executor.model_runner import ModelRunner
 from elastic.layers.moe import ExpertLayout
 from elastic.protocol.from_engine import EngineCoreOutput, SchedulerStats
@@ -216,8 +216,11 @@ class EngineCore:
         if not self.config.eplb.enable_eplb or not self.runner.model.moe_layers():
             return None
         rank, size = self.config.parallel.data_parallel_rank, self.config.parallel.data_parallel_size
-        return ExpertBalancer([m.live for m in self.runner.model.moe_layers()], self.config.eplb, rank, size,
-                              self._ep_group, num_groups=self.config.model.arch.num_expert_groups)
+        balancer = ExpertBalancer([m.live for m in self.runner.model.moe_layers()], self.config.eplb, rank, size,
+                                  num_groups=self.config.model.arch.num_expert_groups)
+        if self._ep_group is not None:
+            warm_up(self._ep_group)  # NCCL's channels now, not in the first rebalance's stall
+        return balancer
 
     @property
     def expert_slot_capacity(self) -> int | None:

@@ -49,7 +49,7 @@ class _Rebalance:
 
 class ExpertBalancer:
     def __init__(self, layers: list[ExpertSlots], config: EplbConfig, rank: int, num_ranks: int,
-                 group: StatelessGroup | None = None, num_groups: int = 1) -> None:
+                 num_groups: int = 1) -> None:
         self.layers, self.config = layers, config
         self.rank, self.num_ranks, self.num_groups = rank, num_ranks, num_groups
         self.num_physical = layers[0].num_physical
@@ -72,8 +72,6 @@ class ExpertBalancer:
         self.collect_stall_s = 0.0
         self.planner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eplb-plan")
         self.stats = EplbStats()
-        if group is not None:
-            warm_up(group)
 
 
     @property
