@@ -148,9 +148,11 @@ def test_tracker_idempotency_conflicts_and_history() -> None:
 
 # ---- sizes ------------------------------------------------------------------------------------------------
 def test_shrink_pieces_pair_up_between_survivors_and_leaving_ranks(checkpoint_dir) -> None:
-    """Staging pieces run one per step on every rank and pair up by position: a survivor connects its next
-    group before the experts move (so its graphs are captured meanwhile), a leaving rank steps through that
-    piece doing nothing, and both then run the same layer pieces."""
+    """Staging pieces run one per step on every rank and pair up by position: a survivor routes its next slots
+    with its first piece (at size 1, or over a p2p exchange, its graphs record no collective: they are
+    captured from then on, while the communicator is set up and the experts move), sets its next group's
+    communicator up with the second, which a leaving rank steps through doing nothing; both then run the
+    same layer pieces."""
     config = create_engine_config(str(checkpoint_dir("qwen3_moe")), device="cpu", dtype="float32",
                                   data_parallel_size=2)
 
@@ -159,42 +161,20 @@ def test_shrink_pieces_pair_up_between_survivors_and_leaving_ranks(checkpoint_di
         model = SimpleNamespace(moe_layers=lambda: layers, modules=lambda: layers)
         core = SimpleNamespace(config=config, layout=SimpleNamespace(rank=rank),
                                runner=SimpleNamespace(model=model, max_graph_batch=8))
-        staging = LayoutStaging(core, layout, None, 2, 1, [], timeout_s=5)
-        staging.use_plan(PlacementPlan.compute(_initial(8, 0, 2), 2, 1, 8, 0))  # at the freeze
-        return staging
+        plan = PlacementPlan.compute(_initial(8, 0, 2), 2, 1, 8, 0)
+        return LayoutStaging(core, layout, None, 2, 1, plan, [], timeout_s=5)
 
     survivor = staging(0, scaling.ParallelLayout(1, 1, 0, "127.0.0.1", 0))
     leaving = staging(1, None)
     mine, theirs = survivor.pieces(), leaving.pieces()
     assert len(mine) == len(theirs) >= 3
     assert mine[1] == survivor._connect and theirs[1] is _nothing
-    # The survivor's next slots and exchange come before the freeze, from a background thread; at size 1 its
-    # graphs run no collective, so they may be captured at once, while the layer pieces move experts.
-    assert survivor.stages_early and not leaving.stages_early and leaving.staged_early.is_set()
-    assert not survivor.connected and not survivor.staged_early.is_set()
-    assert survivor.stage_early() and survivor.connected and survivor.slots is not None
-    survivor.staged_early.set()
-    mine[0]()  # waits for the slots staged early
-    mine[1]()
+    assert not survivor.connected
+    mine[0]()  # the next slots, routed
+    assert survivor.connected and survivor.slots is not None
+    assert all(m.staged is s and s.ep_comm is None for m, s in zip(survivor.moe, survivor.slots))
+    mine[1]()  # the communicator (none at size 1)
     assert survivor.connected
-
-
-def test_shrink_piece_fails_when_the_early_staging_did(checkpoint_dir) -> None:
-    """The engine thread's first piece waits (up to the deadline) for the slots staged in the background, and
-    fails, rather than move experts into nothing, if that staging did not produce them."""
-    config = create_engine_config(str(checkpoint_dir("qwen3_moe")), device="cpu", dtype="float32",
-                                  data_parallel_size=2)
-    layers = [_layer_with_experts(8, 0, 2)]
-    model = SimpleNamespace(moe_layers=lambda: layers, modules=lambda: layers)
-    core = SimpleNamespace(config=config, layout=SimpleNamespace(rank=0),
-                           runner=SimpleNamespace(model=model, max_graph_batch=8))
-    staging = LayoutStaging(core, scaling.ParallelLayout(1, 1, 0, "127.0.0.1", 0), None, 2, 1, [], timeout_s=0.01)
-    staging.use_plan(PlacementPlan.compute(_initial(8, 0, 2), 2, 1, 8, 0))
-    with pytest.raises(RuntimeError, match="not staged"):
-        staging.pieces()[0]()  # never staged: the deadline
-    staging.staged_early.set()  # the background gave up (its error is the operation's)
-    with pytest.raises(RuntimeError, match="not staged"):
-        staging.pieces()[0]()
 
 
 def test_check_target(tmp_path: Path, checkpoint_dir) -> None:

@@ -217,35 +217,12 @@ class ScaleAgent:
             # The plan off the engine's thread; no rebalance can start any more, so the placement read now
             # is the one frozen unless a rebalance under way still changes it (the freeze checks).
             op.plan = self._plan(op, placement_of(self.proc.core.runner.model.moe_layers()))
-            staging = LayoutStaging(self.proc.core, op.layout, op.standby, op.old_world, op.new_world,
-                                    op.send_weights_to, op.timeout_s)
-            op.staging, op.capturing = staging, staging.stages_early  # (before the freeze can see them)
         except Exception as e:  # a peer that never came, or died; the deadline
             self._fail(op, e)
         finally:
             op.groups_built.set()
-            if op.cancelled and not op.capturing:
+            if op.cancelled:
                 self._drop(op)
-        if op.capturing:
-            self._stage_early(op)
-
-    def _stage_early(self, op: _Op) -> None:
-        """A survivor of a shrink, right after its groups: the next slots and exchange, then (with no NCCL in
-        them) the graphs, beside serving and the freeze; the experts come in after the freeze."""
-        assert op.staging is not None
-        try:
-            connected = op.staging.stage_early()
-        except Exception as e:
-            self._fail(op, e)
-            connected = False
-        capture = connected and op.error is None and not op.cancelled
-        if not capture:
-            op.capturing = False  # the engine thread's `_connect` starts the capture (or the operation failed)
-        op.staging.staged_early.set()
-        if capture:
-            self._capture(op)
-        elif op.cancelled:
-            self._drop(op)
 
     def _plan(self, op: _Op, placement: torch.Tensor) -> PlacementPlan:
         config = self.proc.core.config
@@ -255,21 +232,22 @@ class ScaleAgent:
     def _freeze(self, op: _Op) -> None:
         """At a step every old rank agreed on (no rebalance under way, none can start): the placement the
         next layout is computed from; the staging pieces run from the next step on."""
-        op.stage_started, op.frozen = time.monotonic(), True
+        op.frozen = True
         if op.error is not None:
             op.done.set()
             return
         core = self.proc.core
         frozen = placement_of(core.runner.model.moe_layers())
         plan = op.plan if op.plan is not None and torch.equal(op.plan.old_p2l, frozen) else self._plan(op, frozen)
-        assert op.staging is not None  # made with the groups
-        op.staging.use_plan(plan)
+        op.staging = LayoutStaging(core, op.layout, op.standby, op.old_world, op.new_world, plan,
+                                   op.send_weights_to, op.timeout_s)
         op.pieces.extend(op.staging.pieces())
+        op.stage_started = time.monotonic()
 
     def _next_piece(self, op: _Op) -> None:
         """One staging piece (on every rank at the same step), and the graphs in the background as soon as the
-        next slots are connected (after the last piece when growing; a shrink's survivor mostly captures them
-        from the groups' thread, before the freeze, see `_stage_early`). Prepared when both are done."""
+        next slots are connected (after the last piece when growing; before the experts move when shrinking).
+        Prepared when both are done."""
         try:
             if op.pieces and not op.piece_failed:
                 piece, began = op.pieces.popleft(), time.monotonic()
@@ -285,7 +263,7 @@ class ScaleAgent:
                 and op.staging.connected):
             op.capturing = True
             threading.Thread(target=self._capture, args=(op,), name="scale-capture", daemon=True).start()
-        if op.pieces:
+        if op.pieces or op.pieces_done:
             return
         logger.info("operation %s: staging pieces done in %d steps, %.2fs after the freeze (%s)", op.op,
                     op.piece_steps, time.monotonic() - op.stage_started,
@@ -303,9 +281,9 @@ class ScaleAgent:
                 torch.cuda.set_device(device)
             assert op.staging is not None
             op.staged = op.staging.capture()
-            frozen = f"{op.stage_started - op.started:.2f}s" if op.frozen else "not yet"
-            logger.info("operation %s: next layout (%d ranks) staged beside serving %.2fs after the operation began "
-                        "(placement frozen: %s)", op.op, op.new_world, time.monotonic() - op.started, frozen)
+            logger.info("operation %s: next layout (%d ranks) staged beside serving in %.2fs (placement frozen "
+                        "%.2fs after the operation began)", op.op, op.new_world, time.monotonic() - op.stage_started,
+                        op.stage_started - op.started)
         except Exception as e:
             self._fail(op, e)
         finally:

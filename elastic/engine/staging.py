@@ -8,23 +8,21 @@ two steps, in the same order on every rank (ranks step in lockstep, so the piece
     grow (old ranks)    dense weights to our new ranks -> placement shared, slots allocated -> MoE layers'
                         experts, up to 2 GiB per rank per step, over the new group -> balancer (and the new
                         group's communicator set up)
-    shrink (survivors)  (slots staged early, see below) -> new group's communicator set up -> layers' experts
-                        over the old group
+    shrink (survivors)  slots allocated and the next exchange's peer buffers mapped -> the new group's
+                        communicator set up -> layers' experts over the old group
     shrink (leaving)    layers' experts, sending only
     joining rank        the same pieces at start-up, all at once (EngineCore._receive_weights)
 
-What talks to no peer through NCCL runs in a background thread. A survivor of a shrink needs nothing from the
-frozen placement or from the leaving ranks to set up its next slots, so it stages them early (`stage_early`,
-as soon as the next groups exist, before the freeze): slots allocated, the next group's peer-to-peer buffers
-mapped through its store, the balancer, then the CUDA graphs captured, while the engine's thread still
-serves and then moves the experts in. Graph warm-ups use stand-in collectives, and a capture records
-collectives without running them, so a capture talks to no other rank either (`capture`).
+Only the CUDA-graph capture runs in a background thread (`capture`): its warm-ups use stand-in
+collectives, and a capture records collectives without running them, so it talks to no other rank. A shrink
+starts it as soon as the survivors' peer-to-peer buffers are mapped (their graphs record no NCCL collective),
+beside the communicator's set-up and the experts' moves. Allocations, syncs and CUDA IPC stay on the engine's
+thread: from a background thread, beside the serving collectives, they hung every rank (4 x H200, 2026-11-26).
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 from collections import Counter
 from typing import TYPE_CHECKING, Callable
 
@@ -70,20 +68,18 @@ class PlacementPlan:
 
 class LayoutStaging:
     def __init__(self, core: EngineCore, layout: ParallelLayout | None, groups: ParallelState | None,
-                 old_world: int, new_world: int, send_weights_to: list[int], timeout_s: float) -> None:
+                 old_world: int, new_world: int, plan: PlacementPlan, send_weights_to: list[int],
+                 timeout_s: float) -> None:
         """`layout`: this rank's next layout (None: it leaves); `groups`: that layout's, built beforehand
-        (None at size 1). The placement plan comes at the freeze (`use_plan`)."""
+        (None at size 1); `plan`: from the placement in force, frozen at a step every old rank agreed on."""
         self.core, self.layout, self.groups = core, layout, groups
         self.old_world, self.new_world = old_world, new_world
+        self.old_p2l, self.new_p2l, self.plans = plan.old_p2l, plan.new_p2l, plan.moves
         self.send_weights_to, self.timeout_s = send_weights_to, timeout_s
         self.rank = core.layout.rank  # ranks keep their numbers across a resize
         self.moe = core.runner.model.moe_layers()
-        self.plans: list[list[SlotMove]] = []
         self.slots: list[ExpertSlots] | None = None  # this rank's next slots (None: it leaves)
         self.balancer: ExpertBalancer | None = None
-        self.staged_early = threading.Event()  # stage_early is over (set at once where it does not apply)
-        if not self.stages_early:
-            self.staged_early.set()
         self.connected = False  # the next slots are routed through the next group: graphs may be captured
         config = core.config
         self.config = dataclasses.replace(config, parallel=parallel_config_for(config.parallel, layout)) \
@@ -92,16 +88,6 @@ class LayoutStaging:
     @property
     def growing(self) -> bool:
         return self.new_world > self.old_world
-
-    @property
-    def stages_early(self) -> bool:
-        """A survivor of a shrink: its next slots, exchange and graphs depend on neither the placement to be
-        frozen nor the leaving ranks."""
-        return self.layout is not None and not self.growing
-
-    def use_plan(self, plan: PlacementPlan) -> None:
-        """The placement frozen at a step every old rank agreed on, and the moves from it."""
-        self.old_p2l, self.new_p2l, self.plans = plan.old_p2l, plan.new_p2l, plan.moves
 
     def pieces(self) -> list[Callable[[], None]]:
         """What to run, one per step, in this order (the same count and order of collectives on every rank).
@@ -114,21 +100,6 @@ class LayoutStaging:
             return [self._send_dense, self._place, *layers, self._connect]
         return [self._place, self._connect, *layers]
 
-    # ---- the background part, before the freeze (a survivor of a shrink) --------------------------------------
-    def stage_early(self) -> bool:
-        """The next slots, their exchange (peer buffers mapped through the group's store) and balancer, with
-        no NCCL collective (the engine's thread runs the first one, `_connect`). True if the graphs may be
-        captured now: they record no NCCL collective either (a peer-to-peer exchange, or a single rank).
-        The caller sets `staged_early` once it has settled who captures the graphs (`_place` waits for it)."""
-        assert self.stages_early
-        self._allocate_slots()
-        ep = self.groups.ep if self.groups is not None else None
-        comm = apply_expert_parallel(self.core.runner.model, ep, self.config.parallel.ep_dispatch, staged=True,
-                                     p2p_capacity=self.core.runner.max_graph_batch)
-        self._make_balancer()
-        self.connected = comm is None or comm.exchange is not None
-        return self.connected
-
     # ---- pieces (the engine's thread, between steps) ----------------------------------------------------------
     def _send_dense(self) -> None:
         if self.send_weights_to:
@@ -136,23 +107,29 @@ class LayoutStaging:
             send_dense_weights(self.core.runner.model, self.groups.ep, self.send_weights_to)
 
     def _place(self) -> None:
-        """The new ranks learn the placement in force (they have none); this rank's next slots (unless
-        staged early: then waits for them, which were allocated well before the freeze)."""
+        """The new ranks learn the placement in force (they have none); this rank's next slots."""
         if self.growing:
             assert self.groups is not None
             share_placement(self.groups.dp, self.old_p2l, self.timeout_s)
-        if self.layout is None:
-            return
-        if not self.stages_early:
-            self._allocate_slots()
-        elif not self.staged_early.wait(self.timeout_s) or self.slots is None:
-            raise RuntimeError("the next layout's slots were not staged")
+        if self.layout is not None:
+            arch, redundant = self.config.model.arch, self.config.parallel.num_redundant_experts
+            expert_layout = ExpertLayout.for_ranks(arch.num_experts, redundant, self.new_world, self.layout.rank)
+            self.slots = [m.stage(expert_layout) for m in self.moe]
+            if not self.growing:
+                self._route()
 
-    def _allocate_slots(self) -> None:
-        assert self.layout is not None
-        arch, redundant = self.config.model.arch, self.config.parallel.num_redundant_experts
-        expert_layout = ExpertLayout.for_ranks(arch.num_experts, redundant, self.new_world, self.layout.rank)
-        self.slots = [m.stage(expert_layout) for m in self.moe]
+    def _route(self) -> None:
+        """The next slots routed through the next group: its exchange set up through the group's store (no NCCL
+        collective); the balancer over them. Graphs may be captured from here on if they record no NCCL
+        collective (a peer-to-peer exchange, or a single rank); else once `_connect` set the communicator up."""
+        ep = self.groups.ep if self.groups is not None else None
+        comm = apply_expert_parallel(self.core.runner.model, ep, self.config.parallel.ep_dispatch, staged=True,
+                                     p2p_capacity=self.core.runner.max_graph_batch)
+        if self.config.eplb.enable_eplb and self.slots:
+            assert self.layout is not None
+            self.balancer = ExpertBalancer(self.slots, self.config.eplb, self.layout.rank, self.new_world,
+                                           num_groups=self.config.model.arch.num_expert_groups)
+        self.connected = comm is None or comm.exchange is not None
 
     def _layer_groups(self) -> list[list[int]]:
         """MoE layers batched so that no rank receives more than _STEP_BYTES of experts in one step."""
@@ -184,25 +161,17 @@ class LayoutStaging:
         return self.core.parallel.ep if self.core.parallel is not None else None  # leaving ranks are only here
 
     def _connect(self) -> None:
-        """The new group's communicator set up on this thread (a capture must not be the first to use it, nor
-        may another thread's collectives run beside it); the next slots routed through the group and their
-        balancer, unless staged early."""
+        """The new group's communicator set up now, on this thread (a capture must not be the first to use
+        it), with the channels a rebalance uses; when growing, the next slots routed (all in the order of a
+        joining rank's start-up: EngineCore.__init__)."""
         ep = self.groups.ep if self.groups is not None else None
         if ep is not None:
             ep.barrier()
-        if not self.stages_early:
-            apply_expert_parallel(self.core.runner.model, ep, self.config.parallel.ep_dispatch, staged=True,
-                                  p2p_capacity=self.core.runner.max_graph_batch)
-            self._make_balancer()
+        if self.growing:
+            self._route()
         if ep is not None and self.balancer is not None:
-            warm_up(ep)  # pairs with a joining rank's (EngineCore._make_balancer)
+            warm_up(ep)
         self.connected = True
-
-    def _make_balancer(self) -> None:
-        if self.config.eplb.enable_eplb and self.slots:
-            assert self.layout is not None
-            self.balancer = ExpertBalancer(self.slots, self.config.eplb, self.layout.rank, self.new_world,
-                                           num_groups=self.config.model.arch.num_expert_groups)
 
     # ---- the background part ---------------------------------------------------------------------------------
     def capture(self) -> StagedLayout:
