@@ -2,7 +2,7 @@
 
     python benchmarks/ep_comm.py --world 2 --out ep_comm.json      # one process per GPU, NCCL
 
-Per rank: T tokens (1..256), hidden 2048 bf16, top-8 of 128 experts (uniform routing). The expert
+Per rank: T tokens (1..256, or --tokens), hidden 2048 bf16, top-8 of 128 experts (uniform routing). The expert
 compute is replaced by the identity so only communication is timed. The floor is the bytes a rank must
 send to other ranks (dispatch + combine) over the per-rank bandwidth of a large NCCL all-to-all measured
 in the same run. All-gather and p2p are also timed from a CUDA graph (as decode steps run them: 20 calls
@@ -77,7 +77,7 @@ def time_graph(fn, calls: int = 20) -> float:
     return time_cuda(graph.replay, iters=20) / calls
 
 
-def worker(rank: int, world: int, port: int, out_path: str | None) -> None:
+def worker(rank: int, world: int, port: int, out_path: str | None, token_counts: list[int]) -> None:
     torch.cuda.set_device(rank)
     device = torch.device("cuda", rank)
     store = create_store("127.0.0.1", port, is_master=False)
@@ -88,10 +88,10 @@ def worker(rank: int, world: int, port: int, out_path: str | None) -> None:
     a2a_us = time_cuda(lambda: group.all_to_all(big, split, split), iters=10)
     link_bps = big.numel() * 2 * (world - 1) / world / (a2a_us * 1e-6)
     moe = IdentityExperts(world, rank)
-    exchange = PeerExchange.over_group(group, ExchangeShape(world, max(TOKENS), HIDDEN, TOP_K, torch.bfloat16))
+    exchange = PeerExchange.over_group(group, ExchangeShape(world, max(token_counts), HIDDEN, TOP_K, torch.bfloat16))
     gen = torch.Generator(device=device).manual_seed(rank)
     rows = []
-    for tokens in TOKENS:
+    for tokens in token_counts:
         hidden = torch.randn(tokens, HIDDEN, dtype=torch.bfloat16, device=device, generator=gen)
         physical = torch.rand(tokens, EXPERTS, device=device, generator=gen).topk(TOP_K, dim=-1).indices
         weights = torch.rand(tokens, TOP_K, device=device, generator=gen)
@@ -132,12 +132,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--world", type=int, default=torch.cuda.device_count())
     ap.add_argument("--out", default=None)
+    ap.add_argument("--tokens", default=",".join(map(str, TOKENS)),
+                    help="tokens per rank to time, comma-separated (prefill chunks: e.g. 1024,8192)")
     args = ap.parse_args()
     if args.world < 2:
         raise SystemExit("needs at least 2 GPUs")
     store = create_store("127.0.0.1", 0, is_master=True)
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    mp.start_processes(worker, args=(args.world, store.port, args.out), nprocs=args.world, start_method="spawn")
+    token_counts = [int(t) for t in args.tokens.split(",")]
+    mp.start_processes(worker, args=(args.world, store.port, args.out, token_counts), nprocs=args.world, start_method="spawn")
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ import torch
 from ._backend import cdiv, next_pow2
 
 _BLOCK_H = 1024
+_MAX_PROGRAMS = 512  # per destination rank: a program per row for every decode batch (graphs go up to 512)
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,13 @@ class Barrier:
     sequence: torch.Tensor
     arrivals: torch.Tensor
     abort: torch.Tensor
+
+
+def _programs(rows: int) -> int:
+    """Programs per destination rank: one per row up to _MAX_PROGRAMS (every decode batch), then each program
+    loops over rows. Every program ends in a system-scope arrival atomic, so a prefill chunk of thousands of
+    rows must not mean thousands of programs."""
+    return max(1, min(rows, _MAX_PROGRAMS))
 
 
 def _row_major(t: torch.Tensor) -> torch.Tensor:
@@ -81,7 +89,7 @@ def p2p_dispatch(hidden: torch.Tensor, physical: torch.Tensor, weights: torch.Te
     num_tokens, top_k = physical.shape
     world = tokens_table.shape[0]
     hidden, physical, weights = _row_major(hidden), _row_major(physical), _row_major(weights)
-    p2p_dispatch_kernel[(max(rows, 1), world)](
+    p2p_dispatch_kernel[(_programs(rows), world)](
         hidden, physical, weights, tokens_table, weights_table, ids_table, barrier.pad_table, barrier.sequence,
         barrier.arrivals, barrier.abort, num_tokens, rows, rank, world, slots_per_rank, int(sync),
         hidden.stride(0), physical.stride(0), weights.stride(0), H=hidden.shape[1], K=top_k,
@@ -95,7 +103,7 @@ def p2p_combine_push(partial: torch.Tensor, combine_table: torch.Tensor, out_dty
     from .ep_p2p_triton import TL_DTYPES, p2p_combine_push_kernel
 
     world = combine_table.shape[0]
-    p2p_combine_push_kernel[(max(rows, 1), world)](
+    p2p_combine_push_kernel[(_programs(rows), world)](
         partial.contiguous(), combine_table, barrier.pad_table, barrier.sequence, barrier.arrivals, barrier.abort,
         rows, rank, world, int(sync), H=partial.shape[1], OUT=TL_DTYPES[out_dtype],
         BLOCK_H=min(_BLOCK_H, next_pow2(partial.shape[1])), num_warps=4)

@@ -92,11 +92,11 @@ def p2p_dispatch_kernel(hidden, physical, weights, tokens_table, weights_table, 
                         arrivals, abort, num_tokens, rows, rank, world, slots_per_rank, sync, stride_hidden,
                         stride_physical, stride_weights, H: tl.constexpr, K: tl.constexpr, BLOCK_H: tl.constexpr,
                         BLOCK_K: tl.constexpr):
-    # grid (max(rows, 1), world): this rank's row `row` goes to rank `dst` at row rank * rows + row of its
-    # buffers; then the barrier (the grid has a CTA even when rows == 0, so every step passes it).
-    row = tl.program_id(0)
+    # grid (programs, world): this rank's row `row` goes to rank `dst` at row rank * rows + row of its
+    # buffers, each program taking every programs-th row; then the barrier (the grid has a CTA even when
+    # rows == 0, so every step passes it).
     dst = tl.program_id(1)
-    if row < rows:
+    for row in range(tl.program_id(0), rows, tl.num_programs(0)):
         out_row = (rank * rows + row).to(tl.int64)
         tokens = _peer(tokens_table, dst, hidden.dtype.element_ty) + out_row * H
         out_weights = _peer(weights_table, dst, tl.float32) + out_row * K
@@ -109,12 +109,11 @@ def p2p_dispatch_kernel(hidden, physical, weights, tokens_table, weights_table, 
 @triton.jit(do_not_specialize=["rows", "rank", "world", "sync"])
 def p2p_combine_push_kernel(partial, combine_table, pad_table, sequence, arrivals, abort, rows, rank, world, sync,
                             H: tl.constexpr, OUT: tl.constexpr, BLOCK_H: tl.constexpr):
-    # grid (max(rows, 1), world): rows [dst * rows, (dst + 1) * rows) of this rank's partial results belong
-    # to rank `dst`; they land, as OUT (the buffer's dtype), at rows [rank * rows, ...) of its combine buffer.
-    # Then the barrier.
-    row = tl.program_id(0)
+    # grid (programs, world): rows [dst * rows, (dst + 1) * rows) of this rank's partial results belong to
+    # rank `dst`; they land, as OUT (the buffer's dtype), at rows [rank * rows, ...) of its combine buffer,
+    # each program taking every programs-th row. Then the barrier.
     dst = tl.program_id(1)
-    if row < rows:
+    for row in range(tl.program_id(0), rows, tl.num_programs(0)):
         src = partial + (dst * rows + row).to(tl.int64) * H
         combine = _peer(combine_table, dst, OUT) + (rank * rows + row).to(tl.int64) * H
         for h in range(0, H, BLOCK_H):

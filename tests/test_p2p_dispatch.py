@@ -21,7 +21,7 @@ from kernel_testing import needs_triton
 
 from elastic.distributed.expert_parallel import ExpertParallelComm
 from elastic.distributed.peer_exchange import ExchangeShape, PeerExchange
-from elastic.kernels import fused_moe_reference
+from elastic.kernels import ep_p2p, fused_moe_reference
 from elastic.kernels.routing import slots_to_local
 from elastic.layers.moe import FusedMoE
 
@@ -118,9 +118,13 @@ def _allgather_sums(layers: list[FusedMoE], inputs: list[tuple[torch.Tensor, ...
     return sums
 
 
-# Steps of different sizes, two MoE layers each: ranks with no tokens, and a step where no rank has any.
-@pytest.mark.parametrize("world,steps", [(2, [(3, 5), (1, 0)]), (3, [(4, 0, 2), (0, 0, 0), (1, 2, 1)])])
-def test_exchange_equals_allgather_path(triton_on_cpu: None, world: int, steps: list[tuple[int, ...]]) -> None:
+# Steps of different sizes, two MoE layers each: ranks with no tokens, and a step where no rank has any; with
+# max_programs 2, programs that loop over several rows each (what a prefill chunk of thousands of rows gets).
+@pytest.mark.parametrize("world,steps,max_programs", [(2, [(3, 5), (1, 0)], 512), (2, [(3, 5), (1, 0)], 2),
+                                                      (3, [(4, 0, 2), (0, 0, 0), (1, 2, 1)], 512)])
+def test_exchange_equals_allgather_path(triton_on_cpu: None, monkeypatch: pytest.MonkeyPatch, world: int,
+                                        steps: list[tuple[int, ...]], max_programs: int) -> None:
+    monkeypatch.setattr(ep_p2p, "_MAX_PROGRAMS", max_programs)
     g = torch.Generator().manual_seed(world)
     w13 = torch.randn(EXPERTS, 2 * INTER, H, generator=g) / 4
     w2 = torch.randn(EXPERTS, H, INTER, generator=g) / 4
