@@ -115,6 +115,23 @@ def decode_split(num_reqs: int, num_kv_heads: int, max_seq_len: int,
     return max(1, min(want, cfg["max_splits"], cdiv(tiles, cfg["min_tiles_per_split"])))
 
 
+def split_state(rows: int, width: int, num_splits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode's per-split partial states, for `rows` (token, head) pairs: acc [rows * splits, width] and
+    (max, sum) [rows * splits, 2], float32."""
+    return (_alloc(rows * num_splits, width, dtype=torch.float32, device=device),
+            _alloc(rows * num_splits, 2, dtype=torch.float32, device=device))
+
+
+def merge_splits(part_acc: torch.Tensor, part_ml: torch.Tensor, out: torch.Tensor, query_start_loc: torch.Tensor,
+                 num_splits: int) -> None:
+    """out [T, H, width] <- the splits' partial states of every (request, head), one program each."""
+    from .attention_triton import _attn_merge_kernel
+
+    B, H, width = query_start_loc.shape[0] - 1, out.shape[1], out.shape[2]
+    _attn_merge_kernel[(B, H)](part_acc, part_ml, out, query_start_loc, H, num_splits, width, out.stride(0),
+                               out.stride(1), BLOCK_S=next_pow2(num_splits), BLOCK_D=next_pow2(width), num_warps=4)
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, query_start_loc: torch.Tensor,
                     seq_lens: torch.Tensor, scale: float, max_query_len: int,
@@ -132,7 +149,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         ref = paged_attention_reference(q, k_cache, v_cache, block_tables, query_start_loc,
                                         seq_lens, scale, max_query_len, max_seq_len)
         return ref if out is None else out.copy_(ref)
-    from .attention_triton import _attn_fwd_kernel, _attn_merge_kernel
+    from .attention_triton import _attn_fwd_kernel
 
     Hkv = k_cache.shape[2]
     group = Hq // Hkv
@@ -149,28 +166,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     strides = (q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0),
                k_cache.stride(1), k_cache.stride(2), block_tables.stride(0))
     qk_scale = scale * LOG2E
+    args = (q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out)
     if max_query_len == 1:
-        cfg = DECODE_CFG
         num_splits = decode_split(B, Hkv, max_seq_len, q.device)
         split = num_splits > 1
+        part_acc, part_ml = split_state(B * Hq, D, num_splits, q.device) if split else (out, out)  # (else unused)
+        _paged_decode(args, part_acc, part_ml, qk_scale, num_splits, strides, common)
         if split:
-            part_acc = _alloc(B * Hq * num_splits, D, dtype=torch.float32, device=q.device)
-            part_ml = _alloc(B * Hq * num_splits, 2, dtype=torch.float32, device=q.device)
-        else:
-            part_acc = part_ml = out                      # unused
-        kv_fastest = cfg["kv_fastest"] and B <= _MAX_GRID_Y
-        grid = (Hkv, B, num_splits) if kv_fastest else (B, Hkv, num_splits)
-        _attn_fwd_kernel[grid](
-            q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out, part_acc, part_ml,
-            qk_scale, 1, num_splits, Hq, group, D, *strides,
-            BLOCK_Q=1, BLOCK_R=max(16, g_pad), BLOCK_N=cfg["BLOCK_N"], SPLIT=split,
-            TWO_PHASE=cfg["two_phase"], KV_FASTEST=kv_fastest,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
-        if split:
-            _attn_merge_kernel[(B, Hq)](part_acc, part_ml, out, query_start_loc, Hq, num_splits,
-                                        D, out.stride(0), out.stride(1),
-                                        BLOCK_S=next_pow2(num_splits), BLOCK_D=next_pow2(D),
-                                        num_warps=4)
+            merge_splits(part_acc, part_ml, out, query_start_loc, num_splits)
         return out
     cfg = PREFILL_CFG
     block_r = max(cfg["BLOCK_R"], g_pad)
@@ -179,9 +182,26 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     kv_fastest = cfg["kv_fastest"] and B * tiles <= _MAX_GRID_Y
     grid = (Hkv, B * tiles, 1) if kv_fastest else (B * tiles, Hkv, 1)
     _attn_fwd_kernel[grid](
-        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out, out, out,
-        qk_scale, tiles, 1, Hq, group, D, *strides,  # one split: whole context
+        *args, out, out, qk_scale, tiles, 1, Hq, group, D, *strides,  # one split: whole context
         BLOCK_Q=block_q, BLOCK_R=block_r, BLOCK_N=cfg["BLOCK_N"], SPLIT=False,
         TWO_PHASE=cfg["two_phase"], KV_FASTEST=kv_fastest,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
     return out
+
+
+def _paged_decode(args: tuple[torch.Tensor, ...], part_acc: torch.Tensor, part_ml: torch.Tensor, qk_scale: float,
+                  num_splits: int, strides: tuple[int, ...], common: dict) -> None:
+    """The decode launch: one program per (request, kv head, split); its rows are that kv head's query heads."""
+    from .attention_triton import _attn_fwd_kernel
+
+    q, k_cache, seq_lens = args[0], args[1], args[5]
+    B, Hq, D = seq_lens.shape[0], q.shape[1], q.shape[2]
+    Hkv = k_cache.shape[2]
+    cfg = DECODE_CFG
+    kv_fastest = cfg["kv_fastest"] and B <= _MAX_GRID_Y
+    grid = (Hkv, B, num_splits) if kv_fastest else (B, Hkv, num_splits)
+    _attn_fwd_kernel[grid](
+        *args, part_acc, part_ml, qk_scale, 1, num_splits, Hq, Hq // Hkv, D, *strides,
+        BLOCK_Q=1, BLOCK_R=max(16, common["G_PAD"]), BLOCK_N=cfg["BLOCK_N"], SPLIT=num_splits > 1,
+        TWO_PHASE=cfg["two_phase"], KV_FASTEST=kv_fastest,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)

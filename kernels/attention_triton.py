@@ -71,6 +71,13 @@ def _attn_tile(acc, m_i, l_i, q, start, hi, q_pos, bt_row, k_cache_ptr, v_cache_
     if MASKED:
         visible = (offs_n[None, :] <= q_pos[:, None]) & n_ok[None, :]
         s = tl.where(visible, s, float("-inf"))
+    return online_softmax_step(acc, m_i, l_i, s, v)
+
+
+@triton.jit
+def online_softmax_step(acc, m_i, l_i, s, v):
+    # Scores s [BLOCK_R, BLOCK_N] (log2 units, -inf where hidden) of the values v [BLOCK_N, BLOCK_D] folded
+    # into the running (acc, max, sum) of every row.
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)              # rows with no key yet
     alpha = tl.exp2(m_i - m_use)
@@ -78,6 +85,50 @@ def _attn_tile(acc, m_i, l_i, q, start, hi, q_pos, bt_row, k_cache_ptr, v_cache_
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, m_new, l_i
+
+
+@triton.jit
+def _attend_range(acc, m_i, l_i, q, lo, hi, first_pos, q_pos, bt_row, k_cache_ptr, v_cache_ptr, kvh, qk_scale, D,
+                  stride_cb, stride_cs, stride_ch, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, TWO_PHASE: tl.constexpr):
+    full_end = lo
+    if TWO_PHASE:
+        # Keys up to the tile's first query position are visible to every row: those full
+        # tiles skip all masking; only the diagonal / ragged-end tiles below are masked.
+        full_end = lo + tl.maximum(tl.minimum(hi, first_pos + 1) - lo, 0) // BLOCK_N * BLOCK_N
+        for start in range(lo, full_end, BLOCK_N):
+            acc, m_i, l_i = _attn_tile(acc, m_i, l_i, q, start, hi, q_pos, bt_row, k_cache_ptr,
+                                       v_cache_ptr, kvh, qk_scale, D, stride_cb, stride_cs,
+                                       stride_ch, BLOCK_SIZE, BLOCK_N, BLOCK_D, False, EVEN_D)
+    for start in range(full_end, hi, BLOCK_N):
+        acc, m_i, l_i = _attn_tile(acc, m_i, l_i, q, start, hi, q_pos, bt_row, k_cache_ptr,
+                                   v_cache_ptr, kvh, qk_scale, D, stride_cb, stride_cs,
+                                   stride_ch, BLOCK_SIZE, BLOCK_N, BLOCK_D, True, EVEN_D)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def split_range(kv_end, num_splits, split, BLOCK_N: tl.constexpr):
+    # Decode: this request's own context is divided evenly among the splits, on the device (a CUDA graph
+    # replays any length; a split sized for the longest possible context would leave most programs idle).
+    per_split = tl.cdiv(tl.cdiv(kv_end, num_splits), BLOCK_N) * BLOCK_N
+    lo = split * per_split
+    return lo, tl.minimum(lo + per_split, kv_end)
+
+
+@triton.jit
+def store_split_state(part_acc_ptr, part_ml_ptr, part, m_i, l_i, acc, row_ok, offs_d, d_ok, D):
+    # Partial state of (request, head, split) rows `part` [BLOCK_R], for the merge kernel.
+    tl.store(part_ml_ptr + part * 2, m_i, mask=row_ok)
+    tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=row_ok)
+    tl.store(part_acc_ptr + part[:, None] * D + offs_d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def store_output(out_ptr, q_row, head, stride_ot, stride_oh, acc, l_i, row_ok, offs_d, d_ok):
+    o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]          # a row without keys yields zeros
+    tl.store(out_ptr + q_row[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit(do_not_specialize=["tiles_per_req", "num_splits"])
@@ -124,42 +175,20 @@ def _attn_fwd_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, qsl_ptr,
     lo = 0
     hi = kv_end
     if SPLIT:
-        # Decode: this request's own context is divided evenly among the splits, on the device (a CUDA graph
-        # replays any length; a split sized for the longest possible context would leave most programs idle).
-        per_split = tl.cdiv(tl.cdiv(kv_end, num_splits), BLOCK_N) * BLOCK_N
-        lo = split * per_split
-        hi = tl.minimum(lo + per_split, kv_end)
+        lo, hi = split_range(kv_end, num_splits, split, BLOCK_N)
     m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)   # running max (log2 units)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
-    full_end = lo
-    if TWO_PHASE:
-        # Keys up to the tile's first query position are visible to every row: those full
-        # tiles skip all masking; only the diagonal / ragged-end tiles below are masked.
-        first_pos = ctx + qt * BLOCK_Q
-        full_end = lo + tl.maximum(tl.minimum(hi, first_pos + 1) - lo, 0) // BLOCK_N * BLOCK_N
-        for start in range(lo, full_end, BLOCK_N):
-            acc, m_i, l_i = _attn_tile(acc, m_i, l_i, q, start, hi, q_pos, bt_row, k_cache_ptr,
-                                       v_cache_ptr, kvh, qk_scale, D, stride_cb, stride_cs,
-                                       stride_ch, BLOCK_SIZE, BLOCK_N, BLOCK_D, False, EVEN_D)
-    for start in range(full_end, hi, BLOCK_N):
-        acc, m_i, l_i = _attn_tile(acc, m_i, l_i, q, start, hi, q_pos, bt_row, k_cache_ptr,
-                                   v_cache_ptr, kvh, qk_scale, D, stride_cb, stride_cs,
-                                   stride_ch, BLOCK_SIZE, BLOCK_N, BLOCK_D, True, EVEN_D)
+    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, lo, hi, ctx + qt * BLOCK_Q, q_pos, bt_row, k_cache_ptr,
+                                  v_cache_ptr, kvh, qk_scale, D, stride_cb, stride_cs, stride_ch, BLOCK_SIZE,
+                                  BLOCK_N, BLOCK_D, EVEN_D, TWO_PHASE)
 
-    if SPLIT:
-        # Partial state of (request b, head, split); BLOCK_Q == 1 so b indexes the token.
+    if SPLIT:  # BLOCK_Q == 1 so b indexes the token
         part = (b * HQ + head).to(tl.int64) * num_splits + split      # [BLOCK_R]
-        tl.store(part_ml_ptr + part * 2, m_i, mask=row_ok)
-        tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=row_ok)
-        tl.store(part_acc_ptr + part[:, None] * D + offs_d[None, :], acc,
-                 mask=row_ok[:, None] & d_ok[None, :])
+        store_split_state(part_acc_ptr, part_ml_ptr, part, m_i, l_i, acc, row_ok, offs_d, d_ok, D)
     else:
-        o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        tl.store(out_ptr + q_row[:, None] * stride_ot + head[:, None] * stride_oh
-                 + offs_d[None, :], o.to(out_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & d_ok[None, :])
+        store_output(out_ptr, q_row, head, stride_ot, stride_oh, acc, l_i, row_ok, offs_d, d_ok)
 
 
 @triton.jit(do_not_specialize=["num_splits"])

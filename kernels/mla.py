@@ -16,11 +16,9 @@ from __future__ import annotations
 import torch
 
 from ._backend import cdiv, next_pow2, use_triton
-from .attention import decode_split
+from .attention import decode_split, merge_splits, split_state
 
 _TRITON_DTYPES = (torch.bfloat16, torch.float16)
-# Buffer allocator; tests swap in a NaN-filling one to prove no unwritten element is consumed.
-_alloc = torch.empty
 LOG2E = 1.4426950408889634
 _MAX_GRID_Y = 65535
 
@@ -110,7 +108,6 @@ def mla_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
     if not use_triton(q_lat) or q_lat.dtype not in _TRITON_DTYPES:
         return mla_attention_reference(q_lat, q_pe, kv_cache, block_tables, query_start_loc, seq_lens, scale,
                                        max_query_len, max_seq_len)
-    from .attention_triton import _attn_merge_kernel
     from .mla_triton import _mla_fwd_kernel
 
     if q_lat.stride(-1) != 1:
@@ -129,11 +126,7 @@ def mla_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
     tiles = 1 if decode else cdiv(max_query_len, block_q)
     num_splits = mla_decode_split(B * head_blocks, max_seq_len, q_lat.device) if decode else 1
     split = num_splits > 1
-    if split:
-        part_acc = _alloc(B * H * num_splits, C, dtype=torch.float32, device=q_lat.device)
-        part_ml = _alloc(B * H * num_splits, 2, dtype=torch.float32, device=q_lat.device)
-    else:
-        part_acc = part_ml = out                                      # unused
+    part_acc, part_ml = split_state(B * H, C, num_splits, q_lat.device) if split else (out, out)  # (else unused)
     assert B * tiles <= 2**31 - 1 and head_blocks <= _MAX_GRID_Y and num_splits <= _MAX_GRID_Y
     _mla_fwd_kernel[(B * tiles, head_blocks, num_splits)](
         q_lat, q_pe, kv_cache, block_tables, query_start_loc, seq_lens, out, part_acc, part_ml,
@@ -144,7 +137,5 @@ def mla_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
         BLOCK_C=next_pow2(C), BLOCK_P=max(16, next_pow2(R)), SPLIT=split,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if split:
-        _attn_merge_kernel[(B, H)](part_acc, part_ml, out, query_start_loc, H, num_splits, C,
-                                   out.stride(0), out.stride(1), BLOCK_S=next_pow2(num_splits),
-                                   BLOCK_D=next_pow2(C), num_warps=4)
+        merge_splits(part_acc, part_ml, out, query_start_loc, num_splits)
     return out

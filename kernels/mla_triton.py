@@ -10,6 +10,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .attention_triton import online_softmax_step, split_range, store_output, store_split_state
+
 
 @triton.jit
 def _store_latent_kernel(ckv_ptr, kpe_ptr, cache_ptr, slot_ptr, stride_ct, stride_pt, stride_cb, stride_cs, C, R,
@@ -25,6 +27,31 @@ def _store_latent_kernel(ckv_ptr, kpe_ptr, cache_ptr, slot_ptr, stride_ct, strid
     offs_p = tl.arange(0, BLOCK_P)
     p = tl.load(kpe_ptr + t * stride_pt + offs_p, mask=offs_p < R)
     tl.store(row + C + offs_p, p.to(cache_ptr.dtype.element_ty), mask=offs_p < R)
+
+
+@triton.jit
+def _attend_latent(q_lat, q_pe, lo, hi, q_pos, bt_row, cache_ptr, qk_scale, C, R, stride_cb, stride_cs,
+                   BLOCK_SIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+                   BLOCK_P: tl.constexpr):
+    # Keys lo..hi of one request for the tile's rows -> (acc [BLOCK_R, BLOCK_C], max, sum), log2 units.
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_p = tl.arange(0, BLOCK_P)
+    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
+        page = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=n_ok, other=0)
+        row = page.to(tl.int64) * stride_cb + (offs_n % BLOCK_SIZE) * stride_cs      # [BLOCK_N]
+        latent = tl.load(cache_ptr + row[:, None] + offs_c[None, :], mask=n_ok[:, None] & (offs_c < C)[None, :],
+                         other=0.0)                                                # [BLOCK_N, BLOCK_C]
+        k_pe = tl.load(cache_ptr + row[:, None] + C + offs_p[None, :], mask=n_ok[:, None] & (offs_p < R)[None, :],
+                       other=0.0)                                                  # [BLOCK_N, BLOCK_P]
+        s = (tl.dot(q_lat, tl.trans(latent)) + tl.dot(q_pe, tl.trans(k_pe))) * qk_scale
+        s = tl.where((offs_n[None, :] <= q_pos[:, None]) & n_ok[None, :], s, float("-inf"))
+        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, latent)  # the latent is also the values
+    return acc, m_i, l_i
 
 
 @triton.jit(do_not_specialize=["tiles_per_req", "num_splits"])
@@ -53,11 +80,7 @@ def _mla_fwd_kernel(ql_ptr, qp_ptr, cache_ptr, block_tables_ptr, qsl_ptr, seq_le
     offs_r = tl.arange(0, BLOCK_R)                 # row = (token qi, head) of this tile
     head = hb * BLOCK_H + offs_r % BLOCK_H
     if SPLIT:
-        # Decode: this request's own context is divided evenly among the splits, on the device (a CUDA graph
-        # replays any length; a split sized for the longest possible context would leave most programs idle).
-        per_split = tl.cdiv(tl.cdiv(kv_end, num_splits), BLOCK_N) * BLOCK_N
-        lo = split * per_split
-        hi = tl.minimum(lo + per_split, kv_end)
+        lo, hi = split_range(kv_end, num_splits, split, BLOCK_N)
         part = (b * H + head).to(tl.int64) * num_splits + split
         if lo >= hi:  # a context shorter than the splits: an empty state, which the merge weighs 0 (no acc)
             row_ok = (offs_r // BLOCK_H < 1) & (head < H)
@@ -79,36 +102,10 @@ def _mla_fwd_kernel(ql_ptr, qp_ptr, cache_ptr, block_tables_ptr, qsl_ptr, seq_le
     q_pe = tl.load(qp_ptr + q_row[:, None] * stride_qpt + head[:, None] * stride_qph + offs_p[None, :],
                    mask=row_ok[:, None] & p_ok[None, :], other=0.0)           # [BLOCK_R, BLOCK_P]
 
-    m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)  # running max (log2 units)
-    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
-    for start in range(lo, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < hi
-        page = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=n_ok, other=0)
-        row = page.to(tl.int64) * stride_cb + (offs_n % BLOCK_SIZE) * stride_cs      # [BLOCK_N]
-        latent = tl.load(cache_ptr + row[:, None] + offs_c[None, :], mask=n_ok[:, None] & c_ok[None, :],
-                         other=0.0)                                                # [BLOCK_N, BLOCK_C]
-        k_pe = tl.load(cache_ptr + row[:, None] + C + offs_p[None, :], mask=n_ok[:, None] & p_ok[None, :],
-                       other=0.0)                                                  # [BLOCK_N, BLOCK_P]
-        s = tl.dot(q_lat, tl.trans(latent)) + tl.dot(q_pe, tl.trans(k_pe))
-        s = s * qk_scale
-        s = tl.where((offs_n[None, :] <= q_pos[:, None]) & n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)                      # rows with no key yet
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(latent.dtype), latent)
-        m_i = m_new
-
-    if SPLIT:
-        # Partial state of (request b, head, split); decode has one query per request, so b is the token.
-        tl.store(part_ml_ptr + part * 2, m_i, mask=row_ok)
-        tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=row_ok)
-        tl.store(part_acc_ptr + part[:, None] * C + offs_c[None, :], acc, mask=row_ok[:, None] & c_ok[None, :])
+    acc, m_i, l_i = _attend_latent(q_lat, q_pe, lo, hi, q_pos, bt_row, cache_ptr, qk_scale, C, R, stride_cb, stride_cs,
+                                   BLOCK_SIZE, BLOCK_R, BLOCK_N, BLOCK_C, BLOCK_P)
+    if SPLIT:  # decode has one query per request, so b is the token
+        store_split_state(part_acc_ptr, part_ml_ptr, part, m_i, l_i, acc, row_ok, offs_c, c_ok, C)
     else:
-        o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        tl.store(out_ptr + q_row[:, None] * stride_ot + head[:, None] * stride_oh + offs_c[None, :],
-                 o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & c_ok[None, :])
+        store_output(out_ptr, q_row, head, stride_ot, stride_oh, acc, l_i, row_ok, offs_c, c_ok)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import glob
 import multiprocessing
+import multiprocessing.connection
 import os
 import threading
 import time
@@ -17,9 +18,9 @@ from elastic.distributed.host_exchange import SharedMemoryAllGather, on_one_host
 pytestmark = pytest.mark.skipif(not shared_memory_usable(), reason="needs /dev/shm on x86")
 
 
-def _rank_main(fn, port: int, name: str, rank: int, world: int) -> None:
+def _rank_main(fn, port_pipe: multiprocessing.connection.Connection, name: str, rank: int, world: int) -> None:
     try:
-        store = create_store("127.0.0.1", port, is_master=False)
+        store = create_store("127.0.0.1", port_pipe.recv(), is_master=False)
         group = StatelessGroup(store, name, rank, world, "gloo", timeout=datetime.timedelta(seconds=30))
         fn(group, store)
         group.destroy()
@@ -31,11 +32,17 @@ def _rank_main(fn, port: int, name: str, rank: int, world: int) -> None:
 
 
 def _run_ranks(world: int, fn, name: str) -> None:
-    store = create_store("127.0.0.1", 0, is_master=True)
+    # Forked before the store exists: its server thread must not be running at the fork (a lock it held then
+    # would stay held in the child for ever); each rank gets the port through a pipe.
     ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_rank_main, args=(fn, store.port, name, r, world), daemon=True) for r in range(world)]
+    pipes = [ctx.Pipe(duplex=False) for _ in range(world)]
+    procs = [ctx.Process(target=_rank_main, args=(fn, reader, name, r, world), daemon=True)
+             for r, (reader, _) in enumerate(pipes)]
     for p in procs:
         p.start()
+    store = create_store("127.0.0.1", 0, is_master=True)
+    for _, writer in pipes:
+        writer.send(store.port)
     try:
         for p in procs:
             p.join(60)

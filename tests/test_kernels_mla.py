@@ -96,7 +96,7 @@ def test_grouped_topk_matches_transformers_routers(v3):
 def interp(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("ELASTIC_TRITON_ON_CPU", "1")
-    monkeypatch.setattr(ek.mla, "_alloc", poisoned)
+    monkeypatch.setattr(ek.attention, "_alloc", poisoned)  # the decode splits' partial states
     monkeypatch.setattr(ek.routing, "_alloc", poisoned)
 
 
