@@ -140,7 +140,8 @@ def main() -> None:
     store = create_store("127.0.0.1", 0, is_master=True)
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     token_counts = [int(t) for t in args.tokens.split(",")]
-    mp.start_processes(worker, args=(args.world, store.port, args.out, token_counts), nprocs=args.world, start_method="spawn")
+    mp.start_processes(worker, args=(args.world, store.port, args.out, token_counts), nprocs=args.world,
+                       start_method="spawn")
 
 
 if __name__ == "__main__":
