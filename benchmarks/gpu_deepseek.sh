@@ -13,16 +13,8 @@
 set -uo pipefail
 out=${OUT:-.}
 mkdir -p "$out"
-status=()
-
-part() {  # part NAME SECONDS command...
-  local name=$1 limit=$2; shift 2
-  local t0=$SECONDS
-  timeout "$limit" "$@" > "$out/deepseek_$name.log" 2>&1
-  local rc=$?
-  status+=("$(printf '%-8s rc=%-3s %4ss' "$name" "$rc" "$((SECONDS - t0))")")
-  tail -25 "$out/deepseek_$name.log"
-}
+PART_PREFIX=deepseek_
+source "$(dirname "$0")/parts.sh"
 
 if [ "${TUNE:-0}" = 1 ]; then  # optional: tune the fused-MoE table for V2-Lite's experts first (kept in $OUT)
   part tune 240 python3 benchmarks/moe_kernel.py --tune --no-bench --shapes deepseek-v2-lite --out "$out/deepseek_tune.json"

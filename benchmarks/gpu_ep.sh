@@ -12,16 +12,9 @@ set -uo pipefail
 out=${OUT:-.}
 world=${WORLD:-2}
 mkdir -p "$out"
-status=()
-
-part() {  # part NAME SECONDS command...
-  local name=$1 limit=$2; shift 2
-  local t0=$SECONDS
-  timeout "$limit" "$@" > "$out/ep_$name.log" 2>&1
-  local rc=$?
-  status+=("$(printf '%-14s rc=%-3s %4ss' "$name" "$rc" "$((SECONDS - t0))")")
-  tail -${TAIL:-16} "$out/ep_$name.log"
-}
+PART_PREFIX=ep_
+TAIL=${TAIL:-16}
+source "$(dirname "$0")/parts.sh"
 
 part comm ${COMM_S:-100} python3 benchmarks/ep_comm.py --world "$world" --out "$out/ep_comm.json"
 part check ${CHECK_S:-160} python3 benchmarks/gpu_check_dp.py --world "$world" --families qwen3_moe --modes allgather,p2p \
