@@ -104,7 +104,8 @@ class PeerExchange:
         """Allocate this rank's buffer and map every other rank's (a collective of the whole group): CUDA IPC
         handles travel through the group's store as msgpack (bytes and ints only). None on every rank if any
         rank cannot share or map (an allocator without IPC, GPUs without peer access): they fall back alike.
-        Host-side only (the store): usable beside another thread's collectives."""
+        No NCCL collective, so it may come before the group's communicator exists; but it allocates, syncs and
+        maps CUDA IPC handles: only on the thread that runs the collectives (see engine/staging.py)."""
         device = group.device if group.device.index is not None else torch.device("cuda", torch.cuda.current_device())
         buffer = torch.zeros(shape.nbytes, dtype=torch.uint8, device=device)
         torch.cuda.synchronize(device)
@@ -134,8 +135,7 @@ class PeerExchange:
         exchange.peer_storages = peers
         group.on_abort.append(exchange.abort)
         # The gather above was the barrier: every buffer is mapped, and was zeroed (synchronized) before it
-        # was shared, before any rank writes into another's. No NCCL collective: this may run beside the
-        # engine thread's (a shrink stages its next exchange from a background thread).
+        # was shared, before any rank writes into another's.
         return exchange
 
     @staticmethod

@@ -73,7 +73,6 @@ class ExpertBalancer:
         self.planner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eplb-plan")
         self.stats = EplbStats()
 
-
     @property
     def busy(self) -> bool:
         return self.current is not None or self.planning is not None
