@@ -95,10 +95,12 @@ def time_decode_steps(engine, bs: int, context: int, steps: int, rng: random.Ran
     engine.step()
     touched = sum(int(((m.expert_load - b) > 0).sum()) for m, b in zip(moe_layers, before))
     times = []
+    pipelined = engine.pipeline is not None
     for _ in range(steps):
-        torch.cuda.synchronize(engine.runner.device)
+        if not pipelined:  # (a pipelined step() returns with the next step on its way: steps back to back)
+            torch.cuda.synchronize(engine.runner.device)
         t0 = time.perf_counter()
-        engine.step()  # ends with the sampled tokens on the host
+        engine.step()  # ends with a step's sampled tokens on the host
         times.append(time.perf_counter() - t0)
     engine.abort_requests(ids)
     return statistics.median(times), touched
@@ -111,6 +113,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--async-scheduling", action="store_true", help="pipelined decode (one engine)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--model-dir", type=Path, help="a local checkpoint (its weights) instead of --shape")
     ap.add_argument("--data-parallel-size", type=int, default=1, help="engine cores in lockstep, one per GPU")
@@ -131,7 +134,7 @@ def main() -> None:
     llm = LLM(str(model_dir), load_format=load_format, device="cuda", skip_tokenizer_init=True,
               # room for what early requests decode while later ones prefill: none finishes while timed
               max_model_len=args.context + args.steps + 16 + max(batch_sizes), max_num_seqs=max(batch_sizes),
-              enforce_eager=args.enforce_eager, ep_dispatch=args.ep_dispatch)
+              enforce_eager=args.enforce_eager, ep_dispatch=args.ep_dispatch, async_scheduling=args.async_scheduling)
     engine, model = llm.engine, llm.engine.runner.model
     arch = llm.config.model.arch
     bandwidth = copy_bandwidth(device)
@@ -154,7 +157,8 @@ def main() -> None:
                          tokens_per_s=bs / step))
         print(json.dumps(rows[-1]), flush=True)
     result = dict(shape=args.shape, gpu=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"),
-                  context=args.context, cuda_graphs=not args.enforce_eager, bandwidth_gbs=bandwidth / 1e9,
+                  context=args.context, cuda_graphs=not args.enforce_eager, async_scheduling=args.async_scheduling,
+                  bandwidth_gbs=bandwidth / 1e9,
                   kv_bytes_per_token=kv_per_token, kv_bytes_per_token_expanded=kv_expanded,
                   kv_tokens=engine.num_kv_blocks * runner.block_size, rows=rows)
     if args.out:
@@ -165,7 +169,8 @@ def main() -> None:
 def print_report(result: dict, shape: str) -> None:
     kv_per_token, kv_expanded = result["kv_bytes_per_token"], result["kv_bytes_per_token_expanded"]
     print(f"\n{shape} on {result['gpu']}, context {result['context']}, copy bandwidth "
-          f"{result['bandwidth_gbs']:.0f} GB/s, CUDA graphs {'on' if result['cuda_graphs'] else 'off'}")
+          f"{result['bandwidth_gbs']:.0f} GB/s, CUDA graphs {'on' if result['cuda_graphs'] else 'off'}"
+          f"{', async scheduling' if result.get('async_scheduling') else ''}")
     print(f"KV cache: {kv_per_token / 1024:.1f} KiB per token ({kv_expanded / 1024:.1f} KiB expanded, "
           f"{kv_expanded / kv_per_token:.1f}x), {result['kv_tokens']} tokens fit")
     print(f"{'batch':>5} {'step ms':>8} {'floor ms':>9} {'x floor':>8} {'experts/layer':>14} {'tok/s':>8}")

@@ -151,8 +151,9 @@ def test_step_inputs_match_the_per_token_definition():
         req = SimpleNamespace(num_computed_tokens=computed, all_token_ids=[rng.randrange(1000) for _ in range(total)],
                               block_table=table, num_tokens=total)
         scheduled.append((req, num_new))
-    runner = SimpleNamespace(block_size=bs, device=torch.device("cpu"))
-    input_ids, positions, md, logit_rows = ModelRunner._prepare(runner, SchedulerOutput(scheduled))
+    runner = ModelRunner.__new__(ModelRunner)  # no model: only what _prepare reads
+    runner.block_size, runner.device = bs, torch.device("cpu")
+    input_ids, positions, md, logit_rows = runner._prepare(SchedulerOutput(scheduled))
 
     want_pos = [p for req, n in scheduled for p in range(req.num_computed_tokens, req.num_computed_tokens + n)]
     want_ids = [req.all_token_ids[p] for req, n in scheduled

@@ -94,6 +94,9 @@ class SchedulerConfig:
     max_num_seqs: int = option(256, "most sequences in one batch")
     max_num_batched_tokens: int | None = option(
         None, "token budget of one step (default: max(8192, max-num-seqs))")
+    async_scheduling: bool = option(
+        False, "launch each decode step before the previous one's tokens are read, so the host's work per step "
+        "overlaps the device's (one engine; greedy decode without logprobs or penalties, else steps as usual)")
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens is None:

@@ -19,6 +19,7 @@ from elastic.distributed.group import StatelessGroup
 from elastic.distributed.parallel_state import ParallelState
 from elastic.engine.block_manager import BlockManager
 from elastic.engine.phase_clock import PhaseClock
+from elastic.engine.pipeline import DecodePipeline
 from elastic.engine.reconfigure import (StagedLayout, parallel_config_for, recv_dense_weights, resize_placement,
                                         share_placement, transfer_experts)
 from elastic.engine.scheduler import Scheduler
@@ -27,7 +28,7 @@ from elastic.engine.waves import RequestWave
 from elastic.eplb.balancer import ExpertBalancer, warm_up
 from elastic.executor.model_runner import ModelRunner
 from elastic.layers.moe import ExpertLayout
-from elastic.protocol.from_engine import EngineCoreOutput, SchedulerStats
+from elastic.protocol.from_engine import EngineCoreOutput, SchedulerStats, TokenLogprobs
 from elastic.protocol.scaling import JoinInfo, ParallelLayout
 from elastic.protocol.to_engine import EngineCoreRequest
 from elastic.request import Request, SchedulerOutput, check_inputs
@@ -48,7 +49,8 @@ class EngineCore:
         self.config = config
         # With DP: whether any rank of this rank's request wave has unfinished requests (shared with DPWaves).
         self.wave = wave if wave is not None else RequestWave()
-        self._failed: list[EngineCoreOutput] = []  # requests that failed alone, reported with the next step
+        # Reported with the next step: requests that failed alone, a pipelined step read early (`_settle`).
+        self._owed: list[EngineCoreOutput] = []
         # Elastic scaling: `scale_hold` keeps rebalances from starting while an operation runs (its staged
         # slots are filled from the placement in force); `scale_sync` keeps this rank stepping while the
         # ranks go through an operation's agreed steps, and `scale_agree` is its vote, in the per-step DP
@@ -81,6 +83,7 @@ class EngineCore:
         clock.mark("graphs")
         self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
+        self.pipeline = DecodePipeline(self) if config.scheduler.async_scheduling else None
         logger.info("engine ready in %.1fs (%s): %d KV blocks of %d tokens (%d tokens)", clock.total_s,
                     clock.summary(), num_blocks, config.cache.block_size, num_blocks * config.cache.block_size)
 
@@ -160,6 +163,7 @@ class EngineCore:
         """The switch (blocking, at the step every rank agreed on): staged slots, groups, balancer and
         graphs become the live ones. Returns the replaced groups, for the caller to destroy once the switch
         is reported (tearing communicators down takes time nobody needs to wait for)."""
+        self._settle()
         self.runner.release_cuda_graphs()  # they hold the old communicators and slot tensors
         for moe in self.runner.model.moe_layers():
             assert moe.staged is not None
@@ -175,6 +179,7 @@ class EngineCore:
         """Switch to `layout` at once, serving nothing meanwhile (fault recovery: the live layout is broken):
         expert slots filled over `transfer` to the placement `new_p2l`, groups, KV agreement, balancer, CUDA
         graphs. Every rank of `transfer` calls it at the same point."""
+        self._settle()
         self.runner.release_cuda_graphs()  # they reference the old communicators and slot tensors
         arch, redundant = self.config.model.arch, self.config.parallel.num_redundant_experts
         expert_layout = ExpertLayout.for_ranks(arch.num_experts, redundant, layout.world_size, layout.rank)
@@ -209,7 +214,10 @@ class EngineCore:
         self.balancer = None
 
     def take_requests(self) -> list[Request]:
-        """Remove every request without reporting it (they continue on another engine)."""
+        """Remove every request without reporting it (they continue on another engine, from the tokens
+        reported: a pipelined step's are dropped, and recomputed there)."""
+        if self.pipeline is not None:
+            self.pipeline.abandon()
         return self.scheduler.abort(list(self.scheduler.requests))
 
     def _make_balancer(self) -> ExpertBalancer | None:
@@ -250,7 +258,7 @@ class EngineCore:
     def global_unfinished(self) -> bool:
         """Whether this rank must keep stepping: it has work, or (with DP) another rank of its wave does."""
         if self.parallel is None:
-            return self.scheduler.has_unfinished() or self._eplb_pending
+            return self.scheduler.has_unfinished() or self._eplb_pending or self._pipelining
         return self.wave.running
 
     # ---- expert load balancing ------------------------------------------------------------------------
@@ -284,9 +292,20 @@ class EngineCore:
         return [EngineCoreOutput(r.request_id, [], finish_reason="abort") for r in self.scheduler.abort(request_ids)]
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._pipelining
+
+    @property
+    def _pipelining(self) -> bool:
+        return self.pipeline is not None and self.pipeline.inflight is not None
+
+    def _settle(self) -> None:
+        """Read the pipelined step on its way (its outputs go with the next step): before anything that
+        changes the layout or the requests under it."""
+        if self.pipeline is not None:
+            self._owed += self.pipeline.drain()
 
     def shutdown(self) -> None:
+        self._settle()
         # Graphs first: captured collectives reference the communicators that destroy() tears down.
         self.runner.release_cuda_graphs()
         if self.parallel is not None:
@@ -317,14 +336,14 @@ class EngineCore:
         without work runs a dummy batch so that the MoE collectives of all ranks match. A request whose
         inputs or sampling break fails alone (finish_reason "error"); the step and the others go on."""
         outputs = self._step()
-        if self._failed:
-            outputs, self._failed = self._failed + outputs, []
+        if self._owed:
+            outputs, self._owed = self._owed + outputs, []
         return outputs
 
     def _fail(self, errors: dict[str, str]) -> None:
         for req in self.scheduler.abort(list(errors)):
             logger.error("request %s failed: %s", req.request_id, errors[req.request_id])
-            self._failed.append(EngineCoreOutput(req.request_id, [], finish_reason="error",
+            self._owed.append(EngineCoreOutput(req.request_id, [], finish_reason="error",
                                                  error=errors[req.request_id]))
 
     def _screen(self, out: SchedulerOutput) -> None:
@@ -341,6 +360,14 @@ class EngineCore:
             self._fail(errors)
 
     def _step(self) -> list[EngineCoreOutput]:
+        if self.pipeline is not None and self.pipeline.inflight is not None:
+            return self.pipeline.advance()  # reports the step on its way, having launched the next if steady
+        outputs = self._scheduled_step()
+        if self.pipeline is not None:
+            self.pipeline.start()
+        return outputs
+
+    def _scheduled_step(self) -> list[EngineCoreOutput]:
         out = self.scheduler.schedule()
         self._screen(out)
         dp_num_tokens, graph_size = None, None
@@ -380,8 +407,15 @@ class EngineCore:
         sampled, logprobs, failed = self.runner.execute(out, dp_num_tokens, graph_size)
         if self.peer_failed.is_set():  # collectives aborted under this step: its tokens may be garbage
             raise RuntimeError("a peer rank failed during this step")
+        outputs = self.report(self.scheduler.postprocess(out, sampled), logprobs)
+        if failed:  # sampled nothing (postprocess skipped them): end them now
+            self._fail(failed)
+        return outputs
+
+    def report(self, updated: list[Request], logprobs: dict[str, TokenLogprobs]) -> list[EngineCoreOutput]:
+        """The outputs of requests a step gave a token (and maybe a finish)."""
         outputs = []
-        for req in self.scheduler.postprocess(out, sampled):
+        for req in updated:
             lp = logprobs.get(req.request_id)
             prompt_logprobs, req.prompt_logprobs = req.prompt_logprobs, None  # sent once, with the first token
             outputs.append(EngineCoreOutput(
@@ -393,6 +427,4 @@ class EngineCore:
                 stop_reason=req.stop_reason,
                 num_cached_tokens=req.num_cached_tokens,
             ))
-        if failed:  # sampled nothing (postprocess skipped them): end them now
-            self._fail(failed)
         return outputs

@@ -1,6 +1,7 @@
 """Owns the model, its KV cache and the sampler on one device; turns a scheduled batch into tokens."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -16,11 +17,40 @@ from elastic.layers.attention import PagedCacheLayer
 from elastic.layers.sampler import Sampler
 from elastic.models.loader import load_model
 from elastic.protocol.from_engine import TokenLogprobs
-from elastic.request import SchedulerOutput
+from elastic.request import Request, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
 _CPU_DEFAULT_KV_BYTES = 1 << 30
+
+
+@dataclasses.dataclass
+class LaunchedDecode:
+    """A decode step on its way: its tokens on the device (the next step's inputs) and their copies to the
+    host, readable once `done` (a CUDA event; None on the CPU) has passed."""
+
+    tokens: torch.Tensor  # [B] int64, device
+    host_tokens: torch.Tensor  # [B], pinned host memory on CUDA
+    host_finite: torch.Tensor  # [B] bool
+    done: torch.cuda.Event | None
+
+    @classmethod
+    def copy_back(cls, tokens: torch.Tensor, finite: torch.Tensor) -> LaunchedDecode:
+        if tokens.device.type != "cuda":
+            return cls(tokens, tokens, finite, None)
+        host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host_finite = torch.empty(finite.shape, dtype=finite.dtype, pin_memory=True)
+        host_tokens.copy_(tokens, non_blocking=True)
+        host_finite.copy_(finite, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return cls(tokens, host_tokens, host_finite, done)
+
+    def read(self) -> tuple[list[int], list[bool]]:
+        """(tokens, whether each row's distribution was finite), waiting for this step only."""
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host_tokens.tolist(), self.host_finite.tolist()
 
 
 def free_device_bytes(config: EngineConfig) -> int | None:
@@ -167,11 +197,28 @@ class ModelRunner:
         self.model.compute_logits(hidden[:num_logits])
 
     def _prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
-        # The step's host arrays are built with numpy: torch.tensor over nested lists converts every int alone
-        # (0.3 ms a decode step at 64 requests of 1k tokens, growing with the context) while the GPU waits.
         reqs = [req for req, _ in out.scheduled]
         num_new = np.fromiter((n for _, n in out.scheduled), dtype=np.int64, count=len(reqs))
         starts = np.fromiter((req.num_computed_tokens for req in reqs), dtype=np.int64, count=len(reqs))
+        positions, md = self._metadata(reqs, starts, num_new)
+        input_ids: list[int] = []
+        logit_rows: list[int] = []  # rows whose hidden state yields a next token
+        for row, req in enumerate(reqs):
+            start, end = int(starts[row]), int(starts[row] + num_new[row])
+            input_ids += req.all_token_ids[start:end]
+            if end == req.num_tokens:
+                logit_rows.append(md.query_start_loc_cpu[row + 1] - 1)
+        return self._to_device(np.asarray(input_ids, dtype=np.int64), torch.long), positions, md, logit_rows
+
+    def _to_device(self, values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        host = torch.from_numpy(values).to(dtype)
+        return (host.pin_memory() if self.device.type == "cuda" else host).to(self.device, non_blocking=True)
+
+    def _metadata(self, reqs: list[Request], starts: np.ndarray, num_new: np.ndarray
+                  ) -> tuple[torch.Tensor, AttentionMetadata]:
+        """Positions [T] and attention metadata of `num_new[b]` tokens of each request from `starts[b]`.
+        Host arrays are built with numpy: torch.tensor over nested lists converts every int alone (0.3 ms a
+        decode step at 64 requests of 1k tokens, growing with the context) while the GPU waits."""
         ends = starts + num_new
         query_start_loc = np.zeros(len(reqs) + 1, dtype=np.int64)
         np.cumsum(num_new, out=query_start_loc[1:])
@@ -184,29 +231,16 @@ class ModelRunner:
         bs = self.block_size
         token_rows = np.repeat(np.arange(len(reqs)), num_new)
         slot_mapping = block_tables[token_rows, positions // bs].astype(np.int64) * bs + positions % bs
-        input_ids: list[int] = []
-        logit_rows: list[int] = []  # rows whose hidden state yields a next token
-        for row, req in enumerate(reqs):
-            start, end = int(starts[row]), int(ends[row])
-            input_ids += req.all_token_ids[start:end]
-            if end == req.num_tokens:
-                logit_rows.append(int(query_start_loc[row + 1]) - 1)
-        dev = self.device
-
-        def tensor(values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-            host = torch.from_numpy(values).to(dtype)
-            return (host.pin_memory() if dev.type == "cuda" else host).to(dev, non_blocking=True)
-
         md = AttentionMetadata(
-            slot_mapping=tensor(slot_mapping, torch.long),
-            block_tables=tensor(block_tables, torch.int32),
-            query_start_loc=tensor(query_start_loc, torch.int32),
-            seq_lens=tensor(ends, torch.int32),
+            slot_mapping=self._to_device(slot_mapping, torch.long),
+            block_tables=self._to_device(block_tables, torch.int32),
+            query_start_loc=self._to_device(query_start_loc, torch.int32),
+            seq_lens=self._to_device(ends, torch.int32),
             max_query_len=int(num_new.max()),
             max_seq_len=int(ends.max()),
             query_start_loc_cpu=query_start_loc.tolist(),
         )
-        return tensor(np.asarray(input_ids, dtype=np.int64), torch.long), tensor(positions, torch.long), md, logit_rows
+        return self._to_device(positions, torch.long), md
 
     @torch.inference_mode()
     def forward_logits(self, out: SchedulerOutput) -> torch.Tensor:
@@ -221,14 +255,7 @@ class ModelRunner:
         """Run one step; returns the sampled token (and logprobs) of each request that reached its end, and
         {request id: why} for requests whose sampling failed (they fail alone; see Sampler.sample)."""
         input_ids, positions, md, logit_rows = self._prepare(out)
-        if graph_size is not None:
-            hidden = self.graphs.run(input_ids, positions, md, graph_size)  # type: ignore[union-attr]
-        elif self.graphs is not None and dp_num_tokens is None and self.graphs.can_run(len(input_ids),
-                                                                                         md.max_query_len):
-            hidden = self.graphs.run(input_ids, positions, md)
-        else:
-            with set_forward_context(ForwardContext(attn=md, dp_num_tokens=dp_num_tokens)):
-                hidden = self.model(input_ids, positions)  # [T, hidden]
+        hidden = self._forward(input_ids, positions, md, dp_num_tokens, graph_size)
         self._prompt_logprobs(out, hidden, md.query_start_loc_cpu)
         sampling_reqs = [req for req, n in out.scheduled if req.num_computed_tokens + n == req.num_tokens]
         if not sampling_reqs:
@@ -238,6 +265,30 @@ class ModelRunner:
         sampled = {req.request_id: tok for req, tok in zip(sampling_reqs, tokens) if tok is not None}
         sampled_logprobs = {req.request_id: lp for req, lp in zip(sampling_reqs, logprobs) if lp is not None}
         return sampled, sampled_logprobs, {sampling_reqs[row].request_id: why for row, why in errors.items()}
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata,
+                 dp_num_tokens: list[int] | None = None, graph_size: int | None = None) -> torch.Tensor:
+        """-> hidden [T, H]: a CUDA graph's replay where one fits the step, else an eager forward."""
+        if graph_size is not None:
+            hidden = self.graphs.run(input_ids, positions, md, graph_size)  # type: ignore[union-attr]
+        elif self.graphs is not None and dp_num_tokens is None and self.graphs.can_run(len(input_ids),
+                                                                                         md.max_query_len):
+            hidden = self.graphs.run(input_ids, positions, md)
+        else:
+            with set_forward_context(ForwardContext(attn=md, dp_num_tokens=dp_num_tokens)):
+                hidden = self.model(input_ids, positions)  # [T, hidden]
+        return hidden
+
+    @torch.inference_mode()
+    def launch_decode(self, reqs: list[Request], offset: int, input_ids: torch.Tensor) -> LaunchedDecode:
+        """A greedy decode step of `reqs`, each at position num_computed_tokens + offset with its token in
+        `input_ids` [B] (on the device: the previous step's, not read yet, when offset is 1), launched and
+        not waited for: its tokens are copied to the host behind it (LaunchedDecode.read)."""
+        starts = np.fromiter((r.num_computed_tokens + offset for r in reqs), dtype=np.int64, count=len(reqs))
+        positions, md = self._metadata(reqs, starts, np.ones(len(reqs), dtype=np.int64))
+        hidden = self._forward(input_ids, positions, md)
+        tokens, finite = self.sampler.greedy_on_device(self.model.compute_logits(hidden))
+        return LaunchedDecode.copy_back(tokens, finite)
 
     def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor, query_start_loc: list[int]) -> None:
         """For requests that asked for prompt_logprobs: logprobs of each next prompt token in this chunk."""

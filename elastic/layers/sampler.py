@@ -130,6 +130,13 @@ class Sampler:
         tokens = sampled.tolist()
         return tokens, self._gather_logprobs(logprobs, sampled, reqs)
 
+    @staticmethod
+    def greedy_on_device(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits [B, V] -> (argmax [B], whether each row's best value is finite [B]), with no host sync: a
+        pipelined decode step (engine/pipeline.py) reads them later; a row that is not finite fails then."""
+        best, sampled = logits.max(dim=-1)
+        return sampled, torch.isfinite(best)
+
     def _exponentials(self, reqs: list[Request], shape: torch.Size, device: torch.device) -> torch.Tensor:
         q = torch.empty(shape, device=device).exponential_(generator=self.generator)
         for row, req in enumerate(reqs):

@@ -1,0 +1,129 @@
+"""Pipelined decode (`--async-scheduling`): the next decode step is launched before the previous step's
+tokens are read, so the host's work of a step (its inputs, reading and reporting tokens, the scheduler) runs
+while the device computes the step before. Each step's input tokens are the previous step's output on the
+device; nothing waits for the host.
+
+    step N launched -> step N+1 launched (inputs: N's tokens, on the device) -> N's tokens read and reported
+                    -> step N+2 launched -> N+1's tokens read and reported -> ...
+
+A request that stops at step N (its end-of-sequence token, read after N+1 was launched) has a row in N+1
+whose token is dropped. The stream orders that row's cache write before any later step's, so a block the
+request freed can go to another request at once: that one writes its own positions before it reads them.
+Stops by length are known before a launch, so such a request is not launched again.
+
+Only steady decoding of one engine is pipelined: every running request decodes greedily, without logprobs,
+penalties or bias, and nothing waits to be admitted. Anything else (a new request, a rebalance, a scale
+operation, data parallelism) finishes the step on its way first, and the engine steps as usual.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from elastic.config import EngineConfig
+from elastic.engine.block_manager import BlockManager
+from elastic.engine.scheduler import Scheduler
+from elastic.executor.model_runner import LaunchedDecode, ModelRunner
+from elastic.layers.sampler import _needs_processing
+from elastic.protocol.from_engine import EngineCoreOutput, TokenLogprobs
+from elastic.request import Request, RequestStatus, SchedulerOutput
+
+
+class _Core(Protocol):
+    """What the pipeline uses of its EngineCore (which owns it)."""
+
+    config: EngineConfig
+    runner: ModelRunner
+    scheduler: Scheduler
+    block_manager: BlockManager
+    balancer: Any  # ExpertBalancer | None
+    parallel: Any  # ParallelState | None
+    scale_hold: bool
+    scale_sync: bool
+
+    def _fail(self, errors: dict[str, str]) -> None: ...
+
+    def report(self, updated: list[Request], logprobs: dict[str, TokenLogprobs]) -> list[EngineCoreOutput]: ...
+
+
+@dataclass
+class _Inflight:
+    reqs: list[Request]  # the step's rows, in order
+    step: LaunchedDecode
+
+
+class DecodePipeline:
+    def __init__(self, core: _Core) -> None:
+        self.core = core
+        self.inflight: _Inflight | None = None
+
+    def start(self) -> None:
+        """After a step that read its tokens: launch the next one if the batch is steady decoding."""
+        reqs = list(self.core.scheduler.running)
+        if self.inflight is None and self._steady(reqs, offset=0):
+            ids = torch.tensor([r.all_token_ids[-1] for r in reqs], dtype=torch.long)
+            self._launch(reqs, 0, ids.to(self.core.runner.device, non_blocking=True))
+
+    def advance(self) -> list[EngineCoreOutput]:
+        """Launch the step after the one on its way (if still steady), then read and report that one."""
+        assert self.inflight is not None
+        previous = self.inflight
+        self.inflight = None
+        if [id(r) for r in self.core.scheduler.running] == [id(r) for r in previous.reqs] and \
+                self._steady(previous.reqs, offset=1):
+            self._launch(previous.reqs, 1, previous.step.tokens)
+        return self._finish(previous)
+
+    def drain(self) -> list[EngineCoreOutput]:
+        """Read and report the step on its way, if any (before anything that needs the requests as they are)."""
+        previous, self.inflight = self.inflight, None
+        return self._finish(previous) if previous is not None else []
+
+    def abandon(self) -> None:
+        """Let the step on its way finish and drop its tokens (its requests leave: another engine recomputes
+        the same greedy tokens from the ones reported)."""
+        if self.inflight is not None and self.inflight.step.done is not None:
+            self.inflight.step.done.synchronize()
+        self.inflight = None
+
+    # ---- internals ------------------------------------------------------------------------------------------
+    def _steady(self, reqs: list[Request], offset: int) -> bool:
+        """Whether `reqs` (every running request) can take one more pipelined step, each at position
+        num_computed_tokens + offset; allocates that position's KV slot."""
+        core = self.core
+        if not reqs or core.scheduler.waiting or core.parallel is not None or core.scale_hold or core.scale_sync:
+            return False
+        if core.balancer is not None and (core.balancer.busy or core.balancer.due()):
+            return False
+        max_len = core.config.model.max_model_len
+        for r in reqs:
+            p = r.params
+            if not p.greedy or p.logprobs is not None or _needs_processing(r) or r.status != RequestStatus.RUNNING:
+                return False
+            if r.num_computed_tokens + 1 != r.num_tokens:  # not decoding (a prefill chunk is left)
+                return False
+            # Its tokens once the step(s) on the way are read: one more must still be allowed.
+            if (p.max_tokens is not None and r.num_output_tokens + offset >= p.max_tokens) or \
+                    r.num_tokens + offset >= max_len:
+                return False
+        return all(core.block_manager.allocate_slots(r, 1 + offset) for r in reqs)
+
+    def _launch(self, reqs: list[Request], offset: int, input_ids: torch.Tensor) -> None:
+        self.inflight = _Inflight(reqs, self.core.runner.launch_decode(reqs, offset, input_ids))
+        if self.core.balancer is not None:
+            self.core.balancer.record_step()
+
+    def _finish(self, inflight: _Inflight) -> list[EngineCoreOutput]:
+        """Read a launched step's tokens and report them, as a step that waited for them would have."""
+        tokens, finite = inflight.step.read()
+        core = self.core
+        live = [(r, tok, ok) for r, tok, ok in zip(inflight.reqs, tokens, finite)
+                if r.status == RequestStatus.RUNNING and r.request_id in core.scheduler.requests]
+        failed = {r.request_id: "the sampling distribution has no finite value" for r, _, ok in live if not ok}
+        if failed:
+            core._fail(failed)
+        out = SchedulerOutput([(r, 1) for r, _, ok in live if ok])
+        sampled = {r.request_id: tok for r, tok, ok in live if ok}
+        return core.report(core.scheduler.postprocess(out, sampled), {})

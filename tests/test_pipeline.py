@@ -1,0 +1,123 @@
+"""Pipelined decode (--async-scheduling, engine/pipeline.py): the same tokens and finishes as stepping one
+step at a time, with requests that stop on a token mid-pipeline, stop by length, arrive and are aborted while
+a step is on its way, and leave (migration) with one on its way."""
+from __future__ import annotations
+
+import pytest
+from checkpoints import hf_greedy
+from conftest import random_prompts
+
+from elastic import LLM, SamplingParams
+from elastic.engine.core import EngineCore
+from elastic.protocol.to_engine import EngineCoreRequest
+
+
+@pytest.fixture(scope="module")
+def engines(checkpoint_dir) -> tuple[LLM, LLM]:
+    path = str(checkpoint_dir("qwen3_moe"))
+    # Small blocks: steps cross block boundaries often, so a pipelined launch allocates blocks too.
+    return (LLM(path, max_model_len=96, block_size=8),
+            LLM(path, max_model_len=96, block_size=8, async_scheduling=True))
+
+
+def _run(engine: EngineCore, requests: list[EngineCoreRequest], arrivals: dict[int, list[EngineCoreRequest]],
+         aborts: dict[int, list[str]], on_the_way: list[bool] | None = None
+         ) -> tuple[dict[str, list[int]], dict[str, str | None], int]:
+    """Step `engine` until done; request lists arrive / are aborted before the given step (`on_the_way` gets,
+    for each such step, whether a pipelined step was on its way then). -> tokens and finish reason per
+    request, and how many steps the model runner launched pipelined."""
+    launched = 0
+    launch = engine.runner.launch_decode
+
+    def counting(*args, **kwargs):
+        nonlocal launched
+        launched += 1
+        return launch(*args, **kwargs)
+
+    engine.runner.launch_decode = counting
+    tokens: dict[str, list[int]] = {}
+    finish: dict[str, str | None] = {}
+    for req in requests:
+        engine.add_request(req)
+    step = 0
+    try:
+        while engine.has_unfinished_requests() or step <= max([*arrivals, *aborts], default=0):
+            if on_the_way is not None and (step in arrivals or step in aborts):
+                on_the_way.append(engine.pipeline is not None and engine.pipeline.inflight is not None)
+            for req in arrivals.get(step, []):
+                engine.add_request(req)
+            for out in engine.abort_requests(aborts.get(step, [])):
+                finish[out.request_id] = out.finish_reason
+            for out in engine.step():
+                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+                if out.finish_reason is not None:
+                    finish[out.request_id] = out.finish_reason
+            step += 1
+    finally:
+        engine.runner.launch_decode = launch
+    return tokens, finish, launched
+
+
+def _requests(prompts: list[list[int]], stop_on: dict[int, int], prefix: str = "r",
+              max_tokens: tuple[int, ...] = (1, 2, 5, 24, 40)) -> list[EngineCoreRequest]:
+    reqs = []
+    for i, prompt in enumerate(prompts):
+        params = SamplingParams(temperature=0, max_tokens=max_tokens[i % len(max_tokens)],
+                                stop_token_ids=[stop_on[i]] if i in stop_on else None)
+        reqs.append(EngineCoreRequest(f"{prefix}{i}", prompt, params))
+    return reqs
+
+
+def test_pipelined_tokens_and_finishes_equal_stepwise(engines: tuple[LLM, LLM]) -> None:
+    stepwise, pipelined = engines[0].engine, engines[1].engine
+    prompts = random_prompts((7, 12, 5, 9, 16, 3, 11, 20), seed=7)
+    # A stop token for two requests, taken from what they generate, so they stop mid-generation.
+    probe, _, _ = _run(stepwise, _requests(prompts, {}, "probe"), {}, {})
+    stop_on = {3: probe["probe3"][6], 8 % len(prompts): probe["probe3"][3]}
+    expected, expected_finish, launched = _run(stepwise, _requests(prompts, stop_on), {}, {})
+    assert launched == 0
+    got, got_finish, launched = _run(pipelined, _requests(prompts, stop_on), {}, {})
+    assert got == expected and got_finish == expected_finish
+    assert launched > 20  # most decode steps went pipelined
+    assert expected_finish["r3"] == "stop" and len(expected["r3"]) < 24
+    assert not pipelined.has_unfinished_requests() and pipelined.pipeline.inflight is None
+    assert pipelined.block_manager.num_free_blocks == stepwise.block_manager.num_free_blocks
+    # And the reference nobody here wrote.
+    assert [expected[f"r{i}"] for i in (3, 4)] == [
+        hf_greedy_stopping(engines[0], prompts[i], 24 if i == 3 else 40, stop_on.get(i)) for i in (3, 4)]
+
+
+def hf_greedy_stopping(llm: LLM, prompt: list[int], max_tokens: int, stop: int | None) -> list[int]:
+    tokens = hf_greedy(llm.config.model.model, [prompt], max_tokens)[0]
+    return tokens[:tokens.index(stop) + 1] if stop is not None and stop in tokens else tokens
+
+
+def test_arrivals_and_aborts_while_a_step_is_on_its_way(engines: tuple[LLM, LLM]) -> None:
+    stepwise, pipelined = engines[0].engine, engines[1].engine
+    first = random_prompts((6, 10, 14), seed=11)
+    later = random_prompts((8, 5), seed=12)
+    alone, _, _ = _run(stepwise, _requests(first + later, {}, "x", (20,)), {}, {})
+    reqs = _requests(first, {}, "x", (20,))
+    arrivals = {6: _requests(later, {}, "late", (20,))}
+    on_the_way: list[bool] = []
+    got, finish, launched = _run(pipelined, reqs, arrivals, {9: ["x2"]}, on_the_way)
+    assert launched > 5 and finish["x2"] == "abort" and on_the_way == [True, True]
+    for i in range(len(first)):
+        if i != 2:
+            assert got[f"x{i}"] == alone[f"x{i}"]
+    assert got["x2"] == alone["x2"][:len(got["x2"])]  # what it got before the abort is right
+    for i in range(len(later)):
+        assert got[f"late{i}"] == alone[f"x{len(first) + i}"]
+    assert not pipelined.has_unfinished_requests()
+
+
+def test_leaving_with_a_step_on_its_way_hands_back_only_reported_tokens(engines: tuple[LLM, LLM]) -> None:
+    pipelined = engines[1].engine
+    prompt = random_prompts((9,), seed=21)[0]
+    pipelined.add_request(EngineCoreRequest("m", prompt, SamplingParams(temperature=0, max_tokens=30)))
+    reported: list[int] = []
+    while pipelined.pipeline.inflight is None or len(reported) < 4:
+        reported += [t for out in pipelined.step() for t in out.new_token_ids]
+    (req,) = pipelined.take_requests()
+    assert req.output_token_ids == reported  # the token on its way is dropped, not half-reported
+    assert pipelined.pipeline.inflight is None and not pipelined.has_unfinished_requests()
