@@ -121,3 +121,29 @@ def test_leaving_with_a_step_on_its_way_hands_back_only_reported_tokens(engines:
     (req,) = pipelined.take_requests()
     assert req.output_token_ids == reported  # the token on its way is dropped, not half-reported
     assert pipelined.pipeline.inflight is None and not pipelined.has_unfinished_requests()
+
+
+def test_seeded_sampling_pipelined_and_after_leaving_equals_stepwise(engines: tuple[LLM, LLM]) -> None:
+    """Sampled (seeded) requests pipeline too: the same tokens as stepwise; and a request handed to another
+    engine while a step is on its way continues there exactly as if it had never moved (the dropped step's
+    draws are put back on its generator)."""
+    stepwise, pipelined = engines[0].engine, engines[1].engine
+    prompts = random_prompts((9, 14, 6), seed=31)
+    params = [SamplingParams(temperature=0.8, top_p=0.9, seed=5, max_tokens=30),
+              SamplingParams(temperature=1.2, top_k=20, seed=6, max_tokens=30),
+              SamplingParams(temperature=0, max_tokens=30)]
+    requests = [EngineCoreRequest(f"s{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params))]
+    expected, _, _ = _run(stepwise, requests, {}, {})
+    got, _, launched = _run(pipelined, [EngineCoreRequest(f"s{i}", p, sp) for i, (p, sp) in
+                                        enumerate(zip(prompts, params))], {}, {})
+    assert got == expected and launched > 10
+    # Leave mid-way (a step on its way), resume on the stepwise engine from what was reported.
+    pipelined.add_request(EngineCoreRequest("m", prompts[0], params[0]))
+    reported: list[int] = []
+    while pipelined.pipeline.inflight is None or len(reported) < 7:
+        reported += [t for out in pipelined.step() for t in out.new_token_ids]
+    (req,) = pipelined.take_requests()
+    resumed = EngineCoreRequest("m2", prompts[0], params[0], resumed_token_ids=reported,
+                                generator_state=req.generator_state())
+    rest, _, _ = _run(stepwise, [resumed], {}, {})
+    assert reported + rest["m2"] == expected["s0"]

@@ -11,9 +11,11 @@ whose token is dropped. The stream orders that row's cache write before any late
 request freed can go to another request at once: that one writes its own positions before it reads them.
 Stops by length are known before a launch, so such a request is not launched again.
 
-Only steady decoding of one engine is pipelined: every running request decodes greedily, without logprobs,
-penalties or bias, and nothing waits to be admitted. Anything else (a new request, a rebalance, a scale
-operation, data parallelism) finishes the step on its way first, and the engine steps as usual.
+Only steady decoding of one engine is pipelined: every running request decodes without logprobs, penalties
+or bias (greedy or sampled), and nothing waits to be admitted. Anything else (a new request, a rebalance, a
+scale operation, data parallelism) finishes the step on its way first, and the engine steps as usual. A step
+on its way is dropped only when its requests leave (`abandon`): their seeded generators are put back, so
+another engine draws the same tokens.
 """
 from __future__ import annotations
 
@@ -82,10 +84,12 @@ class DecodePipeline:
         return self._finish(previous) if previous is not None else []
 
     def abandon(self) -> None:
-        """Let the step on its way finish and drop its tokens (its requests leave: another engine recomputes
-        the same greedy tokens from the ones reported)."""
-        if self.inflight is not None and self.inflight.step.done is not None:
-            self.inflight.step.done.synchronize()
+        """Let the step on its way finish and drop its tokens: its requests leave, and another engine computes
+        the same tokens from the ones reported (seeded generators are put back as they were before it)."""
+        if self.inflight is not None:
+            if self.inflight.step.done is not None:
+                self.inflight.step.done.synchronize()
+            self.inflight.step.undo_draws()
         self.inflight = None
 
     # ---- internals ------------------------------------------------------------------------------------------
@@ -100,7 +104,7 @@ class DecodePipeline:
         max_len = core.config.model.max_model_len
         for r in reqs:
             p = r.params
-            if not p.greedy or p.logprobs is not None or _needs_processing(r) or r.status != RequestStatus.RUNNING:
+            if p.logprobs is not None or _needs_processing(r) or r.status != RequestStatus.RUNNING:
                 return False
             if r.num_computed_tokens + 1 != r.num_tokens:  # not decoding (a prefill chunk is left)
                 return False

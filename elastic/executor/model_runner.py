@@ -33,18 +33,26 @@ class LaunchedDecode:
     host_tokens: torch.Tensor  # [B], pinned host memory on CUDA
     host_finite: torch.Tensor  # [B] bool
     done: torch.cuda.Event | None
+    generators: list[tuple[torch.Generator, torch.Tensor]]  # seeded rows' generators, and their state before
 
     @classmethod
-    def copy_back(cls, tokens: torch.Tensor, finite: torch.Tensor) -> LaunchedDecode:
+    def copy_back(cls, tokens: torch.Tensor, finite: torch.Tensor,
+                  generators: list[tuple[torch.Generator, torch.Tensor]]) -> LaunchedDecode:
         if tokens.device.type != "cuda":
-            return cls(tokens, tokens, finite, None)
+            return cls(tokens, tokens, finite, None, generators)
         host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
         host_finite = torch.empty(finite.shape, dtype=finite.dtype, pin_memory=True)
         host_tokens.copy_(tokens, non_blocking=True)
         host_finite.copy_(finite, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-        return cls(tokens, host_tokens, host_finite, done)
+        return cls(tokens, host_tokens, host_finite, done, generators)
+
+    def undo_draws(self) -> None:
+        """Seeded requests' generators as before this step (its tokens are dropped: another engine draws them
+        again, from the state it is handed)."""
+        for generator, state in self.generators:
+            generator.set_state(state)
 
     def read(self) -> tuple[list[int], list[bool]]:
         """(tokens, whether each row's distribution was finite), waiting for this step only."""
@@ -281,14 +289,16 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch_decode(self, reqs: list[Request], offset: int, input_ids: torch.Tensor) -> LaunchedDecode:
-        """A greedy decode step of `reqs`, each at position num_computed_tokens + offset with its token in
-        `input_ids` [B] (on the device: the previous step's, not read yet, when offset is 1), launched and
-        not waited for: its tokens are copied to the host behind it (LaunchedDecode.read)."""
+        """A decode step of `reqs` (no penalties or logprobs), each at position num_computed_tokens + offset with
+        its token in `input_ids` [B] (on the device: the previous step's, not read yet, when offset is 1),
+        launched and not waited for: its tokens are copied to the host behind it (LaunchedDecode.read). The
+        seeded requests' generators are saved first (`LaunchedDecode.undo_draws`)."""
         starts = np.fromiter((r.num_computed_tokens + offset for r in reqs), dtype=np.int64, count=len(reqs))
         positions, md = self._metadata(reqs, starts, np.ones(len(reqs), dtype=np.int64))
         hidden = self._forward(input_ids, positions, md)
-        tokens, finite = self.sampler.greedy_on_device(self.model.compute_logits(hidden))
-        return LaunchedDecode.copy_back(tokens, finite)
+        generators = [(r.generator, r.generator.get_state()) for r in reqs if r.generator is not None]
+        tokens, finite = self.sampler.sample_on_device(self.model.compute_logits(hidden), reqs)
+        return LaunchedDecode.copy_back(tokens, finite, generators)
 
     def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor, query_start_loc: list[int]) -> None:
         """For requests that asked for prompt_logprobs: logprobs of each next prompt token in this chunk."""

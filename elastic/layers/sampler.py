@@ -104,38 +104,50 @@ class Sampler:
             logits = logits.clone()
             _apply_penalties(logits, reqs)
         want_logprobs = any(r.params.logprobs is not None for r in reqs)
-        if all(r.params.greedy for r in reqs):  # the common serving case: no extra passes over the vocab
-            best, sampled = logits.max(dim=-1)
-            _check_finite(best)
-            logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-            return sampled.tolist(), self._gather_logprobs(logprobs, sampled, reqs)
-        device = logits.device
-        greedy = torch.tensor([r.params.greedy for r in reqs], device=device)
-        temperature = torch.tensor([1.0 if r.params.greedy else r.params.temperature for r in reqs], device=device)
-        top_k = torch.tensor([r.params.top_k for r in reqs], device=device)
-        top_p = torch.tensor([r.params.top_p for r in reqs], device=device)
-        min_p = torch.tensor([r.params.min_p for r in reqs], device=device)
-        processed = logits / temperature[:, None]
-        if not bool(greedy.all()):
-            needs_truncation = (top_k > 0) | (top_p < 1.0) | (min_p > 0.0)
-            if bool(needs_truncation.any()):
-                truncated = _truncate(processed, top_k, top_p, min_p)
-                processed = torch.where((needs_truncation & ~greedy)[:, None], truncated, processed)
-        logprobs = torch.log_softmax(processed, dim=-1)
-        best, sampled = logprobs.max(dim=-1)
-        _check_finite(best)
-        if not bool(greedy.all()):
-            race = logprobs.exp() / self._exponentials(reqs, logprobs.shape, device)
-            sampled = torch.where(greedy, sampled, race.argmax(dim=-1))
-        tokens = sampled.tolist()
-        return tokens, self._gather_logprobs(logprobs, sampled, reqs)
+        best, sampled, logprobs = self._distribution(logits, reqs, want_logprobs)
+        _check_finite(best)  # before any random draw: a failing batch is sampled again row by row
+        sampled = self._race(sampled, logprobs, reqs)
+        return sampled.tolist(), self._gather_logprobs(logprobs, sampled, reqs)
+
+    def sample_on_device(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits [B, V] of requests without penalties, bias or logprobs -> (tokens [B], whether each row's
+        distribution has a finite value [B]), with no host sync: a pipelined decode step (engine/pipeline.py)
+        reads them later, and a row without a finite value fails then."""
+        best, sampled, logprobs = self._distribution(logits, reqs, want_logprobs=False)
+        return self._race(sampled, logprobs, reqs), torch.isfinite(best)
 
     @staticmethod
-    def greedy_on_device(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """logits [B, V] -> (argmax [B], whether each row's best value is finite [B]), with no host sync: a
-        pipelined decode step (engine/pipeline.py) reads them later; a row that is not finite fails then."""
-        best, sampled = logits.max(dim=-1)
-        return sampled, torch.isfinite(best)
+    def _distribution(logits: torch.Tensor, reqs: list[Request], want_logprobs: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """-> (best value [B], argmax [B], logprobs of the distribution sampled from [B, V]: None when every row
+        is greedy and none wants them). Decisions read the requests' parameters: no host sync."""
+        if all(r.params.greedy for r in reqs):  # the common serving case: no extra passes over the vocab
+            best, sampled = logits.max(dim=-1)
+            return best, sampled, torch.log_softmax(logits, dim=-1) if want_logprobs else None
+        device = logits.device
+        params = [r.params for r in reqs]
+        greedy = torch.tensor([p.greedy for p in params], device=device)
+        temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=device)
+        processed = logits / temperature[:, None]
+        if any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in params):
+            top_k = torch.tensor([p.top_k for p in params], device=device)
+            top_p = torch.tensor([p.top_p for p in params], device=device)
+            min_p = torch.tensor([p.min_p for p in params], device=device)
+            needs_truncation = (top_k > 0) | (top_p < 1.0) | (min_p > 0.0)
+            truncated = _truncate(processed, top_k, top_p, min_p)
+            processed = torch.where((needs_truncation & ~greedy)[:, None], truncated, processed)
+        logprobs = torch.log_softmax(processed, dim=-1)
+        best, sampled = logprobs.max(dim=-1)
+        return best, sampled, logprobs
+
+    def _race(self, sampled: torch.Tensor, logprobs: torch.Tensor | None, reqs: list[Request]) -> torch.Tensor:
+        """Rows that sample (not greedy) take the exponential race's winner; greedy rows keep their argmax."""
+        if all(r.params.greedy for r in reqs):
+            return sampled
+        assert logprobs is not None
+        greedy = torch.tensor([r.params.greedy for r in reqs], device=logprobs.device)
+        race = logprobs.exp() / self._exponentials(reqs, logprobs.shape, logprobs.device)
+        return torch.where(greedy, sampled, race.argmax(dim=-1))
 
     def _exponentials(self, reqs: list[Request], shape: torch.Size, device: torch.device) -> torch.Tensor:
         q = torch.empty(shape, device=device).exponential_(generator=self.generator)
