@@ -70,12 +70,13 @@ class DecodePipeline:
 
     def advance(self) -> list[EngineCoreOutput]:
         """Launch the step after the one on its way (if still steady), then read and report that one."""
-        assert self.inflight is not None
         previous = self.inflight
-        self.inflight = None
+        assert previous is not None
         if [id(r) for r in self.core.scheduler.running] == [id(r) for r in previous.reqs] and \
                 self._steady(previous.reqs, offset=1):
-            self._launch(previous.reqs, 1, previous.step.tokens)
+            self._launch(previous.reqs, 1, previous.step.tokens)  # (if it raises, `previous` stays on its way)
+        else:
+            self.inflight = None
         return self._finish(previous)
 
     def drain(self) -> list[EngineCoreOutput]:

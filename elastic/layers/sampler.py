@@ -64,6 +64,13 @@ def _truncate(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, mi
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
+def _on(device: torch.device, values: list) -> torch.Tensor:
+    """A small per-row parameter tensor on `device` without a host sync (a copy from pageable memory syncs the
+    stream; a pipelined step must not wait for the one before it)."""
+    host = torch.tensor(values)
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+
+
 def _check_finite(best: torch.Tensor) -> None:
     """A row whose best value is NaN or -inf has no distribution to sample from (NaN logits, everything
     masked): its token would be arbitrary, so the row fails rather than answer garbage."""
@@ -126,13 +133,13 @@ class Sampler:
             return best, sampled, torch.log_softmax(logits, dim=-1) if want_logprobs else None
         device = logits.device
         params = [r.params for r in reqs]
-        greedy = torch.tensor([p.greedy for p in params], device=device)
-        temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=device)
+        greedy = _on(device, [p.greedy for p in params])
+        temperature = _on(device, [1.0 if p.greedy else p.temperature for p in params])
         processed = logits / temperature[:, None]
         if any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in params):
-            top_k = torch.tensor([p.top_k for p in params], device=device)
-            top_p = torch.tensor([p.top_p for p in params], device=device)
-            min_p = torch.tensor([p.min_p for p in params], device=device)
+            top_k = _on(device, [p.top_k for p in params])
+            top_p = _on(device, [p.top_p for p in params])
+            min_p = _on(device, [p.min_p for p in params])
             needs_truncation = (top_k > 0) | (top_p < 1.0) | (min_p > 0.0)
             truncated = _truncate(processed, top_k, top_p, min_p)
             processed = torch.where((needs_truncation & ~greedy)[:, None], truncated, processed)
@@ -145,7 +152,7 @@ class Sampler:
         if all(r.params.greedy for r in reqs):
             return sampled
         assert logprobs is not None
-        greedy = torch.tensor([r.params.greedy for r in reqs], device=logprobs.device)
+        greedy = _on(logprobs.device, [r.params.greedy for r in reqs])
         race = logprobs.exp() / self._exponentials(reqs, logprobs.shape, logprobs.device)
         return torch.where(greedy, sampled, race.argmax(dim=-1))
 
