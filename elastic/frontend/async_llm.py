@@ -204,9 +204,12 @@ class AsyncLLM:
         try:
             engine: EngineHandle | None = self.client.pick_engine()
         except EngineDeadError:
-            if not self.client.recovering:
+            # None routable: a rank is being recovered, or one just became unreachable and the news of its
+            # death is on its way (`_send` took it out of routing). A recovering server lets the request wait
+            # for a rank (the re-run loop's deadline fails it if none comes), as `_send` does.
+            if not (self.client.recovering or self.client.recovers):
                 raise
-            engine = None  # a rank is being recovered: the request waits for it
+            engine = None
         index = engine.index if engine is not None else -1
         reqs = self.input_processor.make_requests(request_id, prompt_token_ids, params)
         state = _RequestState(request_id, index, len(prompt_token_ids), time.monotonic(),
