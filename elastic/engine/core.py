@@ -360,8 +360,8 @@ class EngineCore:
             self._fail(errors)
 
     def _step(self) -> list[EngineCoreOutput]:
-        if self.pipeline is not None and self.pipeline.inflight is not None:
-            return self.pipeline.advance()  # reports the step on its way, having launched the next if steady
+        if self._pipelining:  # report the step on its way, having launched the next if still steady
+            return self.pipeline.advance()  # type: ignore[union-attr]
         outputs = self._scheduled_step()
         if self.pipeline is not None:
             self.pipeline.start()

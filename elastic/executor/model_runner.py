@@ -278,14 +278,11 @@ class ModelRunner:
                  dp_num_tokens: list[int] | None = None, graph_size: int | None = None) -> torch.Tensor:
         """-> hidden [T, H]: a CUDA graph's replay where one fits the step, else an eager forward."""
         if graph_size is not None:
-            hidden = self.graphs.run(input_ids, positions, md, graph_size)  # type: ignore[union-attr]
-        elif self.graphs is not None and dp_num_tokens is None and self.graphs.can_run(len(input_ids),
-                                                                                         md.max_query_len):
-            hidden = self.graphs.run(input_ids, positions, md)
-        else:
-            with set_forward_context(ForwardContext(attn=md, dp_num_tokens=dp_num_tokens)):
-                hidden = self.model(input_ids, positions)  # [T, hidden]
-        return hidden
+            return self.graphs.run(input_ids, positions, md, graph_size)  # type: ignore[union-attr]
+        if self.graphs is not None and dp_num_tokens is None and self.graphs.can_run(len(input_ids), md.max_query_len):
+            return self.graphs.run(input_ids, positions, md)
+        with set_forward_context(ForwardContext(attn=md, dp_num_tokens=dp_num_tokens)):
+            return self.model(input_ids, positions)  # [T, hidden]
 
     @torch.inference_mode()
     def launch_decode(self, reqs: list[Request], offset: int, input_ids: torch.Tensor) -> LaunchedDecode:

@@ -111,26 +111,27 @@ class Sampler:
             logits = logits.clone()
             _apply_penalties(logits, reqs)
         want_logprobs = any(r.params.logprobs is not None for r in reqs)
-        best, sampled, logprobs = self._distribution(logits, reqs, want_logprobs)
+        best, sampled, logprobs, greedy = self._distribution(logits, reqs, want_logprobs)
         _check_finite(best)  # before any random draw: a failing batch is sampled again row by row
-        sampled = self._race(sampled, logprobs, reqs)
+        sampled = self._race(sampled, logprobs, greedy, reqs)
         return sampled.tolist(), self._gather_logprobs(logprobs, sampled, reqs)
 
     def sample_on_device(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
         """logits [B, V] of requests without penalties, bias or logprobs -> (tokens [B], whether each row's
         distribution has a finite value [B]), with no host sync: a pipelined decode step (engine/pipeline.py)
         reads them later, and a row without a finite value fails then."""
-        best, sampled, logprobs = self._distribution(logits, reqs, want_logprobs=False)
-        return self._race(sampled, logprobs, reqs), torch.isfinite(best)
+        best, sampled, logprobs, greedy = self._distribution(logits, reqs, want_logprobs=False)
+        return self._race(sampled, logprobs, greedy, reqs), torch.isfinite(best)
 
     @staticmethod
     def _distribution(logits: torch.Tensor, reqs: list[Request], want_logprobs: bool
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """-> (best value [B], argmax [B], logprobs of the distribution sampled from [B, V]: None when every row
-        is greedy and none wants them). Decisions read the requests' parameters: no host sync."""
+        is greedy and none wants them, which rows are greedy [B]: None when all are). Decisions read the
+        requests' parameters: no host sync."""
         if all(r.params.greedy for r in reqs):  # the common serving case: no extra passes over the vocab
             best, sampled = logits.max(dim=-1)
-            return best, sampled, torch.log_softmax(logits, dim=-1) if want_logprobs else None
+            return best, sampled, torch.log_softmax(logits, dim=-1) if want_logprobs else None, None
         device = logits.device
         params = [r.params for r in reqs]
         greedy = _on(device, [p.greedy for p in params])
@@ -145,14 +146,15 @@ class Sampler:
             processed = torch.where((needs_truncation & ~greedy)[:, None], truncated, processed)
         logprobs = torch.log_softmax(processed, dim=-1)
         best, sampled = logprobs.max(dim=-1)
-        return best, sampled, logprobs
+        return best, sampled, logprobs, greedy
 
-    def _race(self, sampled: torch.Tensor, logprobs: torch.Tensor | None, reqs: list[Request]) -> torch.Tensor:
-        """Rows that sample (not greedy) take the exponential race's winner; greedy rows keep their argmax."""
-        if all(r.params.greedy for r in reqs):
+    def _race(self, sampled: torch.Tensor, logprobs: torch.Tensor | None, greedy: torch.Tensor | None,
+              reqs: list[Request]) -> torch.Tensor:
+        """Rows that sample (greedy[b] False) take the exponential race's winner; greedy rows keep their argmax
+        (greedy None: every row is greedy)."""
+        if greedy is None:
             return sampled
         assert logprobs is not None
-        greedy = _on(logprobs.device, [r.params.greedy for r in reqs])
         race = logprobs.exp() / self._exponentials(reqs, logprobs.shape, logprobs.device)
         return torch.where(greedy, sampled, race.argmax(dim=-1))
 
