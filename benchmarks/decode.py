@@ -113,7 +113,8 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--enforce-eager", action="store_true")
-    ap.add_argument("--async-scheduling", action="store_true", help="pipelined decode (one engine)")
+    ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                    help="pipelined decode (one engine; default: the engine's, on with CUDA)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--model-dir", type=Path, help="a local checkpoint (its weights) instead of --shape")
     ap.add_argument("--data-parallel-size", type=int, default=1, help="engine cores in lockstep, one per GPU")
@@ -157,7 +158,8 @@ def main() -> None:
                          tokens_per_s=bs / step))
         print(json.dumps(rows[-1]), flush=True)
     result = dict(shape=args.shape, gpu=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"),
-                  context=args.context, cuda_graphs=not args.enforce_eager, async_scheduling=args.async_scheduling,
+                  context=args.context, cuda_graphs=not args.enforce_eager,
+                  async_scheduling=llm.config.scheduler.async_scheduling,
                   bandwidth_gbs=bandwidth / 1e9,
                   kv_bytes_per_token=kv_per_token, kv_bytes_per_token_expanded=kv_expanded,
                   kv_tokens=engine.num_kv_blocks * runner.block_size, rows=rows)

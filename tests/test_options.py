@@ -86,3 +86,12 @@ def test_model_config_fields_are_derived_once(checkpoint: str) -> None:
     assert config.model.tokenizer == checkpoint and config.model.served_model_name == checkpoint
     assert dataclasses.replace(config.model, seed=3).arch == config.model.arch
     assert ModelConfig(checkpoint, device="cpu").max_model_len == config.model.max_model_len
+
+
+def test_async_scheduling_defaults_by_device_and_parses_both_ways(checkpoint: str) -> None:
+    parser = _serve_parser()
+    assert parser.parse_args([]).async_scheduling is None  # unset: decided with the device
+    assert parser.parse_args(["--async-scheduling"]).async_scheduling is True
+    assert parser.parse_args(["--no-async-scheduling"]).async_scheduling is False
+    assert create_engine_config(checkpoint, device="cpu").scheduler.async_scheduling is False
+    assert create_engine_config(checkpoint, device="cpu", async_scheduling=True).scheduler.async_scheduling is True

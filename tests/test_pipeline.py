@@ -147,3 +147,28 @@ def test_seeded_sampling_pipelined_and_after_leaving_equals_stepwise(engines: tu
                                 generator_state=req.generator_state())
     rest, _, _ = _run(stepwise, [resumed], {}, {})
     assert reported + rest["m2"] == expected["s0"]
+
+
+def test_next_launch_waits_until_the_step_on_its_way_nearly_ends(engines: tuple[LLM, LLM]) -> None:
+    """The launch is due the device's step time after a read, less the host's launch time and a margin; the
+    process takes inputs until then (EngineCoreProc._await_launch). Timings are injected: the CPU has none."""
+    from types import SimpleNamespace
+
+    from elastic.engine.pipeline import LAUNCH_MARGIN_S
+
+    pipeline = engines[1].engine.pipeline
+    assert pipeline is not None and pipeline.inflight is None
+    assert pipeline.launch_wait_s() == 0.0  # nothing on its way: step at once
+    pipeline.inflight = SimpleNamespace(step=None)  # a step on its way
+    try:
+        pipeline.launch_s.add(0.002)
+        for _ in range(3):
+            pipeline._schedule_launch(SimpleNamespace(device_seconds=0.020))
+        wait = pipeline.launch_wait_s()
+        assert 0.010 < wait <= 0.020 - 0.002 - LAUNCH_MARGIN_S
+        pipeline._schedule_launch(SimpleNamespace(device_seconds=None))  # CPU steps add no sample
+        assert pipeline.device_s.value == pytest.approx(0.020)
+    finally:
+        pipeline.inflight, pipeline.launch_due = None, None
+        pipeline.device_s.value = pipeline.launch_s.value = None
+    assert pipeline.launch_wait_s() == 0.0

@@ -94,9 +94,10 @@ class SchedulerConfig:
     max_num_seqs: int = option(256, "most sequences in one batch")
     max_num_batched_tokens: int | None = option(
         None, "token budget of one step (default: max(8192, max-num-seqs))")
-    async_scheduling: bool = option(
-        False, "launch each decode step before the previous one's tokens are read, so the host's work per step "
-        "overlaps the device's (one engine; decode without logprobs or penalties, else steps as usual)")
+    async_scheduling: bool | None = option(
+        None, "launch each decode step before the previous one's tokens are read, so the host's work per step "
+        "overlaps the device's (one engine; decode without logprobs or penalties, else steps as usual). "
+        "Default: on with CUDA (--no-async-scheduling: off); on the CPU, where it gains nothing, off")
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens is None:
@@ -299,6 +300,9 @@ class EngineConfig:
     eplb: EplbConfig = EplbConfig()
 
     def __post_init__(self) -> None:
+        if self.scheduler.async_scheduling is None:  # pipelining hides host time only behind an async device
+            _set(self, "scheduler", dataclasses.replace(self.scheduler,
+                                                        async_scheduling=self.model.device.startswith("cuda")))
         if self.parallel.ep_dispatch == "auto":  # resolved once, so every rank and every scale agree
             _set(self, "parallel", dataclasses.replace(self.parallel,
                                                        ep_dispatch=_auto_dispatch(self.model)))

@@ -294,6 +294,11 @@ class EngineCore:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or self._pipelining
 
+    def launch_wait_s(self) -> float:
+        """How long this engine can wait for inputs before its next step without idling the device: a
+        pipelined step is on its way and the next launch is not due yet (engine/pipeline.py)."""
+        return self.pipeline.launch_wait_s() if self.pipeline is not None else 0.0
+
     @property
     def _pipelining(self) -> bool:
         return self.pipeline is not None and self.pipeline.inflight is not None

@@ -11,6 +11,10 @@ whose token is dropped. The stream orders that row's cache write before any late
 request freed can go to another request at once: that one writes its own positions before it reads them.
 Stops by length are known before a launch, so such a request is not launched again.
 
+A launch waits as long as it can: until just before the step on its way ends (the device's time per step and
+the host's per launch, measured). The engine takes inputs meanwhile (`launch_wait_s`), so a request arriving
+then is admitted at the next step, as when stepping one at a time, not behind one more step launched ahead.
+
 Only steady decoding of one engine is pipelined: every running request decodes without logprobs, penalties
 or bias (greedy or sampled), and nothing waits to be admitted. Anything else (a new request, a rebalance, a
 scale operation, data parallelism) finishes the step on its way first, and the engine steps as usual. A step
@@ -19,6 +23,7 @@ another engine draws the same tokens.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -50,6 +55,21 @@ class _Core(Protocol):
     def report(self, updated: list[Request], logprobs: dict[str, TokenLogprobs]) -> list[EngineCoreOutput]: ...
 
 
+# How long before the step on its way ends the next one is launched (beyond the launch's own time): it absorbs
+# the launch's jitter; later, the device idles; earlier, a request that arrives meanwhile waits one more step.
+LAUNCH_MARGIN_S = 0.001
+
+
+class _Average:
+    """An exponential moving average of a duration (None until the first sample)."""
+
+    def __init__(self, weight: float = 0.2) -> None:
+        self.weight, self.value = weight, None
+
+    def add(self, sample: float) -> None:
+        self.value = sample if self.value is None else (1 - self.weight) * self.value + self.weight * sample
+
+
 @dataclass
 class _Inflight:
     reqs: list[Request]  # the step's rows, in order
@@ -60,6 +80,14 @@ class DecodePipeline:
     def __init__(self, core: _Core) -> None:
         self.core = core
         self.inflight: _Inflight | None = None
+        self.device_s, self.launch_s = _Average(), _Average()  # per step: the device's time, the host's launch
+        self.launch_due: float | None = None  # (monotonic) the latest start of the next launch that idles nothing
+
+    def launch_wait_s(self) -> float:
+        """How long the next launch can wait for inputs without leaving the device idle (0: launch now)."""
+        if self.inflight is None or self.launch_due is None:
+            return 0.0
+        return max(0.0, self.launch_due - time.monotonic())
 
     def start(self) -> None:
         """After a step that read its tokens: launch the next one if the batch is steady decoding."""
@@ -91,7 +119,7 @@ class DecodePipeline:
             if self.inflight.step.done is not None:
                 self.inflight.step.done.synchronize()
             self.inflight.step.undo_draws()
-        self.inflight = None
+        self.inflight, self.launch_due = None, None
 
     # ---- internals ------------------------------------------------------------------------------------------
     def _steady(self, reqs: list[Request], offset: int) -> bool:
@@ -116,13 +144,27 @@ class DecodePipeline:
         return all(core.block_manager.allocate_slots(r, 1 + offset) for r in reqs)
 
     def _launch(self, reqs: list[Request], offset: int, input_ids: torch.Tensor) -> None:
+        began = time.perf_counter()
         self.inflight = _Inflight(reqs, self.core.runner.launch_decode(reqs, offset, input_ids))
+        self.launch_s.add(time.perf_counter() - began)
         if self.core.balancer is not None:
             self.core.balancer.record_step()
+
+    def _schedule_launch(self, read: LaunchedDecode) -> None:
+        """`read` has just ended, and the step on its way (if any) began then: the next launch is due when
+        that one nearly ends. Unknown on the CPU (no device timing): launch at once."""
+        seconds = read.device_seconds
+        if seconds is not None:
+            self.device_s.add(seconds)
+        if self.inflight is None or self.device_s.value is None or self.launch_s.value is None:
+            self.launch_due = None
+            return
+        self.launch_due = time.monotonic() + self.device_s.value - self.launch_s.value - LAUNCH_MARGIN_S
 
     def _finish(self, inflight: _Inflight) -> list[EngineCoreOutput]:
         """Read a launched step's tokens and report them, as a step that waited for them would have."""
         tokens, finite = inflight.step.read()
+        self._schedule_launch(inflight.step)
         core = self.core
         live = [(r, tok, ok) for r, tok, ok in zip(inflight.reqs, tokens, finite)
                 if r.status == RequestStatus.RUNNING and r.request_id in core.scheduler.requests]

@@ -129,6 +129,8 @@ class EngineCoreProc:
                         agent.poll()
                     self.send_batch([], force=time.monotonic() - self.last_send >= self.stats_interval_s)
                     continue
+            else:
+                self._await_launch()
             self.drain_inputs()
             if agent is not None:
                 agent.poll()
@@ -144,6 +146,13 @@ class EngineCoreProc:
             self.send_batch(outputs)
             if self.dp is not None and not (agent is not None and agent.left):
                 self.dp.report_load(self.last_stats or self.core.stats())
+
+    def _await_launch(self) -> None:
+        """Pipelined decode: wait for inputs until the next step is due (a request arriving meanwhile is then
+        admitted at that step, not one later). The poll's resolution is a millisecond, rounded down."""
+        wait_ms = int(self.core.launch_wait_s() * 1000)
+        if wait_ms > 0:
+            self.poller.poll(wait_ms)
 
     def _must_step(self) -> bool:
         if self.recovery is not None and self.recovery.broken:

@@ -27,26 +27,36 @@ _CPU_DEFAULT_KV_BYTES = 1 << 30
 @dataclasses.dataclass
 class LaunchedDecode:
     """A decode step on its way: its tokens on the device (the next step's inputs) and their copies to the
-    host, readable once `done` (a CUDA event; None on the CPU) has passed."""
+    host, readable once `done` (a CUDA event; None on the CPU) has passed. `started` passes when the device
+    begins the step's forward (after the step before it), so `device_seconds` is the step's own time."""
 
     tokens: torch.Tensor  # [B] int64, device
     host_tokens: torch.Tensor  # [B], pinned host memory on CUDA
     host_finite: torch.Tensor  # [B] bool
+    started: torch.cuda.Event | None
     done: torch.cuda.Event | None
     generators: list[tuple[torch.Generator, torch.Tensor]]  # seeded rows' generators, and their state before
 
+    @staticmethod
+    def mark_start(device: torch.device) -> torch.cuda.Event | None:
+        if device.type != "cuda":
+            return None
+        started = torch.cuda.Event(enable_timing=True)
+        started.record()
+        return started
+
     @classmethod
-    def copy_back(cls, tokens: torch.Tensor, finite: torch.Tensor,
+    def copy_back(cls, tokens: torch.Tensor, finite: torch.Tensor, started: torch.cuda.Event | None,
                   generators: list[tuple[torch.Generator, torch.Tensor]]) -> LaunchedDecode:
         if tokens.device.type != "cuda":
-            return cls(tokens, tokens, finite, None, generators)
+            return cls(tokens, tokens, finite, None, None, generators)
         host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
         host_finite = torch.empty(finite.shape, dtype=finite.dtype, pin_memory=True)
         host_tokens.copy_(tokens, non_blocking=True)
         host_finite.copy_(finite, non_blocking=True)
-        done = torch.cuda.Event()
+        done = torch.cuda.Event(enable_timing=True)
         done.record()
-        return cls(tokens, host_tokens, host_finite, done, generators)
+        return cls(tokens, host_tokens, host_finite, started, done, generators)
 
     def undo_draws(self) -> None:
         """Seeded requests' generators as before this step (its tokens are dropped: another engine draws them
@@ -59,6 +69,13 @@ class LaunchedDecode:
         if self.done is not None:
             self.done.synchronize()
         return self.host_tokens.tolist(), self.host_finite.tolist()
+
+    @property
+    def device_seconds(self) -> float | None:
+        """How long the device spent on the step (once read; None on the CPU)."""
+        if self.started is None or self.done is None:
+            return None
+        return self.started.elapsed_time(self.done) / 1e3
 
 
 def free_device_bytes(config: EngineConfig) -> int | None:
@@ -292,10 +309,11 @@ class ModelRunner:
         seeded requests' generators are saved first (`LaunchedDecode.undo_draws`)."""
         starts = np.fromiter((r.num_computed_tokens + offset for r in reqs), dtype=np.int64, count=len(reqs))
         positions, md = self._metadata(reqs, starts, np.ones(len(reqs), dtype=np.int64))
+        started = LaunchedDecode.mark_start(self.device)
         hidden = self._forward(input_ids, positions, md)
         generators = [(r.generator, r.generator.get_state()) for r in reqs if r.generator is not None]
         tokens, finite = self.sampler.sample_on_device(self.model.compute_logits(hidden), reqs)
-        return LaunchedDecode.copy_back(tokens, finite, generators)
+        return LaunchedDecode.copy_back(tokens, finite, started, generators)
 
     def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor, query_start_loc: list[int]) -> None:
         """For requests that asked for prompt_logprobs: logprobs of each next prompt token in this chunk."""
