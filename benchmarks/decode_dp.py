@@ -124,10 +124,12 @@ def time_rank(engine: EngineCore, bench: StatelessGroup, timer: ExchangeTimer | 
     if timer is not None:
         timer.times.clear()
     times = []
+    pipelined = engine.pipeline is not None
     for _ in range(steps):
-        sync()
+        if not pipelined:  # (a pipelined step() returns with the next step on its way: steps back to back)
+            sync()
         t0 = time.perf_counter()
-        engine.step()  # ends with the sampled tokens on the host
+        engine.step()  # ends with a step's sampled tokens on the host
         times.append(time.perf_counter() - t0)
     held = all_true(bench, len(engine.scheduler.running) >= bs)  # no request finished while timed
     engine.abort_requests(ids)
@@ -202,6 +204,7 @@ def report(args: argparse.Namespace, config: EngineConfig, parts: dict[int, list
     result = dict(shape=args.shape, gpu=gpu, date=time.strftime("%Y-%m-%d"), context=args.context,
                   cuda_graphs=device.type == "cuda" and not args.enforce_eager, data_parallel_size=world,
                   ep_dispatch=config.parallel.ep_dispatch, ep_dispatch_requested=args.ep_dispatch,
+                  async_scheduling=config.scheduler.async_scheduling,
                   bandwidth_gbs=min(bandwidths) / 1e9 if bandwidths else None, kv_bytes_per_token=kv_per_token,
                   kv_bytes_per_token_expanded=kv_expanded, kv_tokens=kv_tokens, rows=rows,
                   step_ms_is="median over steps of the slowest rank's step", floor_is="the largest rank floor")
@@ -209,7 +212,8 @@ def report(args: argparse.Namespace, config: EngineConfig, parts: dict[int, list
         args.out.write_text(json.dumps(result, indent=1))
     bw = f"{result['bandwidth_gbs']:.0f}" if bandwidths else "?"
     print(f"\n{args.shape} on {world} x {gpu}, context {args.context}, copy bandwidth {bw} GB/s (slowest rank), "
-          f"CUDA graphs {'on' if result['cuda_graphs'] else 'off'}, ep_dispatch {result['ep_dispatch']}")
+          f"CUDA graphs {'on' if result['cuda_graphs'] else 'off'}, ep_dispatch {result['ep_dispatch']}"
+          f"{', async scheduling' if result['async_scheduling'] else ''}")
     print(f"KV cache: {kv_per_token / 1024:.1f} KiB per token ({kv_expanded / 1024:.1f} KiB expanded, "
           f"{kv_expanded / kv_per_token:.1f}x), {kv_tokens} tokens fit per rank")
     print("batch = requests per rank; step = median of the slowest rank's step; floor = the largest rank's; "
@@ -236,7 +240,8 @@ def run_data_parallel(args: argparse.Namespace, batch_sizes: list[int]) -> None:
     base = create_engine_config(str(model_dir), load_format=load_format, device=args.device,
                                 skip_tokenizer_init=True, data_parallel_size=world, ep_dispatch=args.ep_dispatch,
                                 max_model_len=args.context + args.steps + 16 + prefill_steps,
-                                max_num_seqs=max(batch_sizes), enforce_eager=args.enforce_eager)
+                                max_num_seqs=max(batch_sizes), enforce_eager=args.enforce_eager,
+                                async_scheduling=args.async_scheduling)
     store = create_store(STORE_HOST, 0, is_master=True)  # lives until every rank has exited
     mp.spawn(rank_main, args=(base, store.port, batch_sizes, args), nprocs=world, join=True)
     del store

@@ -12,16 +12,18 @@ import pytest
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "decode.py"
 
 
-def test_decode_benchmark_data_parallel_on_cpu(checkpoint_dir, tmp_path: Path) -> None:
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_decode_benchmark_data_parallel_on_cpu(checkpoint_dir, tmp_path: Path, pipelined: bool) -> None:
     out = tmp_path / "decode_dp.json"
     cmd = [sys.executable, str(SCRIPT), "--model-dir", str(checkpoint_dir("qwen3_moe")), "--device", "cpu",
            "--data-parallel-size", "2", "--batch-sizes", "1,4", "--context", "16", "--steps", "5",
-           "--out", str(out)]
+           "--out", str(out)] + (["--async-scheduling"] if pipelined else [])
     # A hang (a rank waiting alone in a collective) fails here instead of stalling the suite.
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["data_parallel_size"] == 2 and result["ep_dispatch"] == "alltoall"  # auto on CPU
+    assert result["async_scheduling"] is pipelined  # off by default on the CPU
     assert [r["batch"] for r in result["rows"]] == [1, 4]
     for row in result["rows"]:
         assert row["batch_held"] and len(row["rank_step_ms"]) == 2

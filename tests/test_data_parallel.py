@@ -38,14 +38,16 @@ def counters(llm: LLM) -> list[dict[str, int]]:
     return [llm.dp.call_utility(i, "counters") for i in range(llm.config.parallel.data_parallel_size)]
 
 
+def at_rest(llm: LLM) -> list[dict[str, int]] | None:
+    """Every rank's counters once none is in a wave, else None."""
+    now = counters(llm)
+    return None if any(c["running"] for c in now) else now
+
+
 def assert_quiet(llm: LLM) -> list[dict[str, int]]:
     """Once every rank has left the wave (a request's last token comes a step before the step in which all
     ranks see that nobody has work), no rank steps at rest, and all stepped equally (lockstep)."""
-    def at_rest() -> list[dict[str, int]] | None:
-        now = counters(llm)
-        return None if any(c["running"] for c in now) else now
-
-    settled = wait_until(at_rest, 10, "every rank to leave the wave")
+    settled = wait_until(lambda: at_rest(llm), 10, "every rank to leave the wave")
     time.sleep(0.5)  # observing that nothing happens takes some time; nothing waits on a result here
     after = counters(llm)
     assert [c["steps"] for c in after] == [c["steps"] for c in settled], "a rank steps while the system is idle"
@@ -103,3 +105,21 @@ def test_llm_matches_transformers_and_serves_several_waves(single_rank) -> None:
     assert llm.dp is not None
     procs = [e.proc for e in llm.dp.engine.client.engines]
     assert all(p is not None and not p.is_alive() and p.exitcode == 0 for p in procs)
+
+
+def test_pipelined_ranks_equal_single_rank(single_rank) -> None:
+    """Pipelined decode with data parallelism: each launch pairs with the other ranks' steps in the per-step
+    exchange, whether they pipeline, prefill or run dummy steps (requests of different lengths, so ranks go
+    idle at different times, and a second batch arriving while the first decodes)."""
+    path, _ = single_rank("qwen3_moe")
+    lengths = [3, 17, 9, 24, 1, 12]
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lengths]
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    expected = [o.outputs[0].token_ids for o in LLM(path, **LLM_ARGS).generate(prompts, params, use_tqdm=False)]
+    with LLM(path, **LLM_ARGS, data_parallel_size=2, async_scheduling=True) as llm:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == expected
+        lone = llm.generate(prompts[3], params[3], use_tqdm=False)  # one rank decodes, the other idles
+        assert lone[0].outputs[0].token_ids == expected[3]
+        stats = wait_until(lambda: at_rest(llm), 10, "every rank to leave the wave")
+        assert all(c["pipelined"] > 0 for c in stats), stats

@@ -38,6 +38,15 @@ from elastic.validation import validate_request
 logger = logging.getLogger(__name__)
 
 
+@dataclasses.dataclass
+class StepAgreement:
+    """What every DP rank agreed on for one step (a single rank: its own decisions)."""
+
+    dp_num_tokens: list[int] | None  # every rank's token count (None: no data parallelism)
+    graph_size: int | None  # the captured batch size every rank replays, or None: eager
+    plans_ready: bool  # every rank has the next expert placement computed: its moves may start
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig, wave: RequestWave | None = None, epoch: int = 0,
                  join: JoinInfo | None = None, prewarmed: Prewarmed | None = None) -> None:
@@ -306,7 +315,11 @@ class EngineCore:
     def _settle(self) -> None:
         """Read the pipelined step on its way (its outputs go with the next step): before anything that
         changes the layout or the requests under it."""
-        if self.pipeline is not None:
+        if self.pipeline is None:
+            return
+        if self.peer_failed.is_set():  # the step on its way ran beside a failed peer: computed again later
+            self.pipeline.abandon()
+        else:
             self._owed += self.pipeline.drain()
 
     def shutdown(self) -> None:
@@ -375,33 +388,44 @@ class EngineCore:
     def _scheduled_step(self) -> list[EngineCoreOutput]:
         out = self.scheduler.schedule()
         self._screen(out)
-        dp_num_tokens, graph_size = None, None
+        agreed = self.agree_step(out.num_tokens, all(n == 1 for _, n in out.scheduled))
+        if agreed is None:
+            return []
+        outputs = self._forward(out, agreed.dp_num_tokens, agreed.graph_size)
+        self.after_step(agreed)
+        return outputs
+
+    def agree_step(self, num_tokens: int, decode_only: bool) -> StepAgreement | None:
+        """Before a step of `num_tokens` (0: none scheduled): what every rank agreed on for it (with data
+        parallelism, in the per-step exchange), having started a rebalance if one is due; None: no step now."""
         # No rebalance starts while a scale commit is pending (its moves would use the maps being replaced).
         eplb_due = self.balancer is not None and self.balancer.due() and not self.scale_hold
         plans_ready = self.balancer is not None and self.balancer.plan_ready
+        agreed = StepAgreement(None, None, plans_ready)
         if self.parallel is not None:
-            decode_only = all(n == 1 for _, n in out.scheduled)
             # A scale operation keeps every rank stepping until all are ready to freeze the placement or to
             # switch (no rebalance may be under way then); ParallelState.all_scale_ready says when.
             rebalancing = self.balancer is not None and self.balancer.busy
             scale_ready = self.scale_sync and self.scale_agree and not rebalancing
             has_work = self.scheduler.has_unfinished() or self._eplb_pending or self.scale_sync
             dp_num_tokens, self.wave.running, all_decode, eplb_due = self.parallel.exchange_step(
-                out.num_tokens or 1, has_work, decode_only, eplb_due, scale_ready,
-                plans_ready)
-            plans_ready = self.parallel.all_eplb_plan_ready
+                num_tokens or 1, has_work, decode_only, eplb_due, scale_ready, plans_ready)
             if not self.wave.running:
-                return []
-            graph_size = self.runner.dp_graph_size(dp_num_tokens, all_decode)
-        elif not out and not self._eplb_pending:
-            return []
+                return None
+            agreed = StepAgreement(dp_num_tokens, self.runner.dp_graph_size(dp_num_tokens, all_decode),
+                                   self.parallel.all_eplb_plan_ready)
+        elif not num_tokens and not self._eplb_pending:
+            return None
         if eplb_due:  # every rank of the EP group decided this at this same step
             self.balancer.begin(self._ep_group)
-        outputs = self._forward(out, dp_num_tokens, graph_size)
+        return agreed
+
+    def after_step(self, agreed: StepAgreement) -> None:
+        """After a step's forward (launched, maybe not finished): the expert-load window, and one layer's moves of
+        a rebalance under way."""
         if self.balancer is not None:
             self.balancer.record_step()
-            self.balancer.advance(self._ep_group, plans_ready)  # one layer's moves, between steps
-        return outputs
+            self.balancer.advance(self._ep_group, agreed.plans_ready)
 
     def _forward(self, out: SchedulerOutput, dp_num_tokens: list[int] | None,
                  graph_size: int | None) -> list[EngineCoreOutput]:

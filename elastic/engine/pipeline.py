@@ -15,14 +15,18 @@ A launch waits as long as it can: until just before the step on its way ends (th
 the host's per launch, measured). The engine takes inputs meanwhile (`launch_wait_s`), so a request arriving
 then is admitted at the next step, as when stepping one at a time, not behind one more step launched ahead.
 
-Only steady decoding of one engine is pipelined: every running request decodes without logprobs, penalties
-or bias (greedy or sampled), and nothing waits to be admitted. Anything else (a new request, a rebalance, a
-scale operation, data parallelism) finishes the step on its way first, and the engine steps as usual. A step
+Only steady decoding is pipelined: every running request decodes without logprobs, penalties or bias (greedy
+or sampled), and nothing waits to be admitted. Anything else (a new request, a rebalance, a scale operation)
+finishes the step on its way first, and the engine steps as usual. With data parallelism, each launch is
+preceded by the step's exchange with the other ranks, as a step is (`EngineCore.agree_step`): pipelined and
+stepping ranks pair up step for step, and a pipelined step runs eagerly with the others' token counts when
+some rank prefills. A peer's failure drops the steps on their way (the recovery computes them again). A step
 on its way is dropped only when its requests leave (`abandon`): their seeded generators are put back, so
 another engine draws the same tokens.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -46,14 +50,20 @@ class _Core(Protocol):
     scheduler: Scheduler
     block_manager: BlockManager
     balancer: Any  # ExpertBalancer | None
-    parallel: Any  # ParallelState | None
     scale_hold: bool
     scale_sync: bool
+    peer_failed: Any  # threading.Event
 
     def _fail(self, errors: dict[str, str]) -> None: ...
 
+    def agree_step(self, num_tokens: int, decode_only: bool) -> Any: ...  # StepAgreement | None
+
+    def after_step(self, agreed: Any) -> None: ...
+
     def report(self, updated: list[Request], logprobs: dict[str, TokenLogprobs]) -> list[EngineCoreOutput]: ...
 
+
+logger = logging.getLogger(__name__)
 
 # How long before the step on its way ends the next one is launched (beyond the launch's own time): it absorbs
 # the launch's jitter; later, the device idles; earlier, a request that arrives meanwhile waits one more step.
@@ -82,6 +92,7 @@ class DecodePipeline:
         self.inflight: _Inflight | None = None
         self.device_s, self.launch_s = _Average(), _Average()  # per step: the device's time, the host's launch
         self.launch_due: float | None = None  # (monotonic) the latest start of the next launch that idles nothing
+        self.launched = 0  # steps launched pipelined
 
     def launch_wait_s(self) -> float:
         """How long the next launch can wait for inputs without leaving the device idle (0: launch now)."""
@@ -113,11 +124,14 @@ class DecodePipeline:
         return self._finish(previous) if previous is not None else []
 
     def abandon(self) -> None:
-        """Let the step on its way finish and drop its tokens: its requests leave, and another engine computes
-        the same tokens from the ones reported (seeded generators are put back as they were before it)."""
+        """Let the step on its way finish and drop its tokens: its requests leave, or a peer rank failed under
+        it; they are computed again from the tokens reported (seeded generators are put back as they were)."""
         if self.inflight is not None:
-            if self.inflight.step.done is not None:
-                self.inflight.step.done.synchronize()
+            try:
+                if self.inflight.step.done is not None:
+                    self.inflight.step.done.synchronize()
+            except RuntimeError:  # its collectives were aborted (a peer failed): nothing of it is used
+                logger.warning("a dropped pipelined step ended in an error", exc_info=True)
             self.inflight.step.undo_draws()
         self.inflight, self.launch_due = None, None
 
@@ -126,7 +140,7 @@ class DecodePipeline:
         """Whether `reqs` (every running request) can take one more pipelined step, each at position
         num_computed_tokens + offset; allocates that position's KV slot."""
         core = self.core
-        if not reqs or core.scheduler.waiting or core.parallel is not None or core.scale_hold or core.scale_sync:
+        if not reqs or core.scheduler.waiting or core.scale_hold or core.scale_sync or core.peer_failed.is_set():
             return False
         if core.balancer is not None and (core.balancer.busy or core.balancer.due()):
             return False
@@ -144,11 +158,16 @@ class DecodePipeline:
         return all(core.block_manager.allocate_slots(r, 1 + offset) for r in reqs)
 
     def _launch(self, reqs: list[Request], offset: int, input_ids: torch.Tensor) -> None:
+        """One step of `reqs`: with data parallelism, after this step's exchange with the other ranks (which may
+        be stepping as usual: each launched step is one exchange on every rank, pipelined or not)."""
         began = time.perf_counter()
-        self.inflight = _Inflight(reqs, self.core.runner.launch_decode(reqs, offset, input_ids))
+        agreed = self.core.agree_step(len(reqs), decode_only=True)
+        assert agreed is not None  # this rank has work: the wave goes on
+        self.inflight = _Inflight(reqs, self.core.runner.launch_decode(reqs, offset, input_ids, agreed.dp_num_tokens,
+                                                                       agreed.graph_size))
+        self.core.after_step(agreed)
+        self.launched += 1
         self.launch_s.add(time.perf_counter() - began)
-        if self.core.balancer is not None:
-            self.core.balancer.record_step()
 
     def _schedule_launch(self, read: LaunchedDecode) -> None:
         """`read` has just ended, and the step on its way (if any) began then: the next launch is due when
@@ -164,8 +183,11 @@ class DecodePipeline:
     def _finish(self, inflight: _Inflight) -> list[EngineCoreOutput]:
         """Read a launched step's tokens and report them, as a step that waited for them would have."""
         tokens, finite = inflight.step.read()
-        self._schedule_launch(inflight.step)
         core = self.core
+        if core.peer_failed.is_set():  # collectives aborted under it: its tokens may be garbage
+            inflight.step.undo_draws()  # (the recovery drops the step after it: `abandon`)
+            raise RuntimeError("a peer rank failed during this step")
+        self._schedule_launch(inflight.step)
         live = [(r, tok, ok) for r, tok, ok in zip(inflight.reqs, tokens, finite)
                 if r.status == RequestStatus.RUNNING and r.request_id in core.scheduler.requests]
         failed = {r.request_id: "the sampling distribution has no finite value" for r, _, ok in live if not ok}

@@ -108,7 +108,8 @@ class EngineCoreProc:
             "num_kv_blocks": lambda: self.core.num_kv_blocks,
             "counters": lambda: {"steps": self.num_steps, "requests": self.num_requests,
                                  "wave": self.core.wave.number,
-                                 "running": bool(self.core.global_unfinished)},
+                                 "running": bool(self.core.global_unfinished),
+                                 "pipelined": self.core.pipeline.launched if self.core.pipeline is not None else 0},
             "eplb_rebalance": self.core.request_rebalance,
             "eplb_state": self.core.eplb_state,
         }

@@ -131,6 +131,8 @@ class RankRecovery:
         if agent is not None and agent.op is not None:
             agent._abort(agent.op.op)  # a scale the failure interrupted: forget it
         core.scale_commit_pending = core.scale_hold = core.scale_sync = False  # no scale step is awaited
+        if core.pipeline is not None:
+            core.pipeline.abandon()  # a pipelined step on its way ran beside the failed peer: computed again
         old = placement_of(core.runner.model.moe_layers())
         core.runner.release_cuda_graphs()  # they hold the broken communicators
         if core.parallel is not None:

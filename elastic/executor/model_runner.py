@@ -302,15 +302,17 @@ class ModelRunner:
             return self.model(input_ids, positions)  # [T, hidden]
 
     @torch.inference_mode()
-    def launch_decode(self, reqs: list[Request], offset: int, input_ids: torch.Tensor) -> LaunchedDecode:
+    def launch_decode(self, reqs: list[Request], offset: int, input_ids: torch.Tensor,
+                      dp_num_tokens: list[int] | None = None, graph_size: int | None = None) -> LaunchedDecode:
         """A decode step of `reqs` (no penalties or logprobs), each at position num_computed_tokens + offset with
         its token in `input_ids` [B] (on the device: the previous step's, not read yet, when offset is 1),
         launched and not waited for: its tokens are copied to the host behind it (LaunchedDecode.read). The
-        seeded requests' generators are saved first (`LaunchedDecode.undo_draws`)."""
+        seeded requests' generators are saved first (`LaunchedDecode.undo_draws`). With data parallelism: the
+        step's agreed shape (as for `execute`)."""
         starts = np.fromiter((r.num_computed_tokens + offset for r in reqs), dtype=np.int64, count=len(reqs))
         positions, md = self._metadata(reqs, starts, np.ones(len(reqs), dtype=np.int64))
         started = LaunchedDecode.mark_start(self.device)
-        hidden = self._forward(input_ids, positions, md)
+        hidden = self._forward(input_ids, positions, md, dp_num_tokens, graph_size)
         generators = [(r.generator, r.generator.get_state()) for r in reqs if r.generator is not None]
         tokens, finite = self.sampler.sample_on_device(self.model.compute_logits(hidden), reqs)
         return LaunchedDecode.copy_back(tokens, finite, started, generators)

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Pipelined decode with data parallelism on 2 GPUs (device machine, repo root; PYTHONPATH, elastic/kernels
+# and NVLink multicast off set up by the caller). Each part under its own timeout (${OUT:-.}/dpp_*):
+#   1. gpu_check_dp.py on tiny checkpoints: DP=2 greedy vs one GPU, fp32 identical (pipelined by default);
+#   2. decode.py, Qwen3-30B-A3B shape, DP=2 p2p: stepwise (--no-async-scheduling), then pipelined (default),
+#      and DP=1 pipelined: step time against each rank's memory floor;
+#   3. with SERVE=1: gpu_serve_dp.sh (DP=1 against DP=2 serving, c = 1/16/64/128(/256)).
+#   bash benchmarks/gpu_dp_pipeline.sh
+set -uo pipefail
+out=${OUT:-.}
+mkdir -p "$out"
+PART_PREFIX=dpp_
+TAIL=${TAIL:-12}
+source "$(dirname "$0")/parts.sh"
+batches=${BATCHES:-1,16,64}
+if [ "${SERVE:-0}" != 1 ]; then
+  part check 200 python3 benchmarks/gpu_check_dp.py --world 2 --skip-30b --families qwen3_moe \
+      --modes allgather,p2p --out "$out/dpp_check.json"
+  part dp2_sync 110 python3 benchmarks/decode.py --shape qwen3-30b-a3b --data-parallel-size 2 --ep-dispatch p2p \
+      --batch-sizes "$batches" --no-async-scheduling --out "$out/dpp_dp2_sync.json"
+  part dp2_pipe 110 python3 benchmarks/decode.py --shape qwen3-30b-a3b --data-parallel-size 2 --ep-dispatch p2p \
+      --batch-sizes "$batches" --out "$out/dpp_dp2_pipe.json"
+  part dp1_pipe 80 python3 benchmarks/decode.py --shape qwen3-30b-a3b --batch-sizes "$batches" \
+      --out "$out/dpp_dp1_pipe.json"
+else
+  TAIL=20 part serve 560 bash benchmarks/gpu_serve_dp.sh
+fi
+echo
+echo "== DP pipelined decode ($(python3 -c 'import torch; print(torch.cuda.get_device_name())' 2>/dev/null))"
+printf '%s\n' "${status[@]}"
+python3 - "$out" <<'PY'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+for name in ("dp2_sync", "dp2_pipe", "dp1_pipe"):
+    try:
+        d = json.loads((out / f"dpp_{name}.json").read_text())
+    except Exception:
+        continue
+    print(f"{name}:", ", ".join(f"b{r['batch']} {r['step_ms']:.2f} ms ({r['ratio']:.2f}x floor, {r['tokens_per_s']:.0f} tok/s)"
+                               for r in d["rows"]))
+PY
