@@ -4,7 +4,9 @@
 #   1. gpu_check_dp.py on tiny checkpoints: DP=2 greedy vs one GPU, fp32 identical (pipelined by default);
 #   2. decode.py, Qwen3-30B-A3B shape, DP=2 p2p: stepwise (--no-async-scheduling), then pipelined (default),
 #      and DP=1 pipelined: step time against each rank's memory floor;
-#   3. with SERVE=1: gpu_serve_dp.sh (DP=1 against DP=2 serving, c = 1/16/64/128(/256)).
+#   3. with SERVE=1: gpu_serve_dp.sh (DP=1 against DP=2 serving, c = 1/16/64/128(/256));
+#   4. with PREFILL=1: DP=2 serving with prefill steps through the p2p exchange (as shipped) and through NCCL
+#      (ModelRunner.p2p_capacity patched to the decode graphs' largest batch in this copy), and DP=1 beside.
 #   bash benchmarks/gpu_dp_pipeline.sh
 set -uo pipefail
 out=${OUT:-.}
@@ -13,7 +15,28 @@ PART_PREFIX=dpp_
 TAIL=${TAIL:-12}
 source "$(dirname "$0")/parts.sh"
 batches=${BATCHES:-1,16,64}
-if [ "${SERVE:-0}" != 1 ]; then
+if [ "${PREFILL:-0}" = 1 ]; then
+  TAIL=3 TAG=dp1 CONCS="1 64" part serve_dp1 200 bash benchmarks/gpu_serve.sh
+  TAIL=3 TAG=dp2p2p CONCS="1 16 64 128" part serve_p2p 240 bash benchmarks/gpu_serve.sh --data-parallel-size 2
+  cp elastic/executor/model_runner.py /tmp/model_runner.py.orig
+  sed -i 's/return max(self.max_graph_batch, self.config.scheduler.max_num_batched_tokens)/return self.max_graph_batch/' \
+      elastic/executor/model_runner.py
+  TAIL=3 TAG=dp2nccl CONCS="1 16 64 128" part serve_nccl 240 bash benchmarks/gpu_serve.sh --data-parallel-size 2
+  cp /tmp/model_runner.py.orig elastic/executor/model_runner.py
+  python3 - "$out" <<'PY'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+print(f"{'setup':<8} {'c':>4} {'tok/s':>7} {'TTFT mean':>9} {'TTFT p99':>9} {'TPOT':>6} failed")
+for tag in ("dp1", "dp2p2p", "dp2nccl"):
+    for c in (1, 16, 64, 128):
+        f = out / f"{tag}_c{c}.json"
+        if f.exists():
+            r = json.loads(f.read_text())
+            print(f"{tag:<8} {c:>4} {r['output_throughput']:7.0f} {r['mean_ttft_ms']:9.1f} {r['p99_ttft_ms']:9.1f} "
+                  f"{r['mean_tpot_ms']:6.2f} {r['failed']}")
+PY
+elif [ "${SERVE:-0}" != 1 ]; then
   part check 200 python3 benchmarks/gpu_check_dp.py --world 2 --skip-30b --families qwen3_moe \
       --modes allgather,p2p --out "$out/dpp_check.json"
   part dp2_sync 110 python3 benchmarks/decode.py --shape qwen3-30b-a3b --data-parallel-size 2 --ep-dispatch p2p \

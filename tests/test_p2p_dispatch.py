@@ -214,3 +214,20 @@ def test_abort_releases_a_rank_waiting_in_the_fused_barrier(triton_on_cpu: None)
         assert int(ranks[0].sequence) == 2 and int(ranks[0].arrivals) == 0
     finally:
         waiter.kill()
+
+
+def test_exchange_holds_prefill_steps_within_its_budget() -> None:
+    """A step of up to max_num_batched_tokens per rank takes the exchange (prefill included) while the
+    buffer stays within its budget; past it the capacity shrinks (larger steps take NCCL), never below what
+    every decode graph needs."""
+    from types import SimpleNamespace
+
+    def moe(hidden: int, top_k: int) -> FusedMoE:
+        return SimpleNamespace(hidden_size=hidden, top_k=top_k, w13=torch.empty(0, dtype=torch.bfloat16))  # type: ignore[return-value]
+
+    qwen3 = ExchangeShape.of(moe(2048, 8), world=2, capacity=8192)
+    assert qwen3.capacity == 8192 and qwen3.nbytes < 512 * 2**20
+    v3 = ExchangeShape.of(moe(7168, 8), world=8, capacity=8192)
+    assert 512 <= v3.capacity < 8192 and v3.nbytes <= 512 * 2**20 + 2**20
+    assert ExchangeShape.of(moe(7168, 8), world=256, capacity=8192).capacity == 512
+    assert ExchangeShape.of(moe(2048, 8), world=2, capacity=256).capacity == 256

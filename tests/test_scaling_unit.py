@@ -160,7 +160,7 @@ def test_shrink_pieces_pair_up_between_survivors_and_leaving_ranks(checkpoint_di
         layers = [_layer_with_experts(8, 0, 2) for _ in range(3)]
         model = SimpleNamespace(moe_layers=lambda: layers, modules=lambda: layers)
         core = SimpleNamespace(config=config, layout=SimpleNamespace(rank=rank),
-                               runner=SimpleNamespace(model=model, max_graph_batch=8))
+                               runner=SimpleNamespace(model=model, p2p_capacity=8))
         plan = PlacementPlan.compute(_initial(8, 0, 2), 2, 1, 8, 0)
         return LayoutStaging(core, layout, None, 2, 1, plan, [], timeout_s=5)
 

@@ -131,7 +131,7 @@ class EngineCore:
         """Route every MoE layer through this layout's EP group (or none: a single rank computes locally)."""
         group = self.parallel.ep if self.parallel is not None else None
         apply_expert_parallel(self.runner.model, group, self.config.parallel.ep_dispatch,
-                              p2p_capacity=self.runner.max_graph_batch)
+                              p2p_capacity=self.runner.p2p_capacity)
 
     def _set_up_communicator(self) -> None:
         """One collective on the EP group now (every rank): NCCL sets its communicator up at the first one,

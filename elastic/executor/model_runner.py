@@ -161,8 +161,14 @@ class ModelRunner:
 
     @property
     def max_graph_batch(self) -> int:
-        """Largest decode batch captured in a CUDA graph (also what the peer-to-peer EP exchange holds)."""
+        """Largest decode batch captured in a CUDA graph."""
         return min(self.config.scheduler.max_num_seqs, 512)
+
+    @property
+    def p2p_capacity(self) -> int:
+        """Tokens per rank the peer-to-peer EP exchange is asked to hold: every decode batch a graph replays
+        and every step the scheduler may build (ExchangeShape.of caps it by memory)."""
+        return max(self.max_graph_batch, self.config.scheduler.max_num_batched_tokens)
 
     def stage_cuda_graphs(self, parallel: ParallelConfig) -> DecodeGraphs | None:
         """The next layout's graphs (over the MoE layers' staged slots), captured from a background thread
