@@ -86,6 +86,7 @@ class EngineCore:
         else:
             num_blocks = self._join(config, join, clock, prewarmed)
         self.balancer = self._make_balancer()
+        self.runner.warm_up_moe_kernels()  # before the KV cache takes the memory the profile run set aside
         self.runner.allocate_kv_cache(num_blocks)
         clock.mark("kv allocation")
         self.runner.capture_cuda_graphs()

@@ -5,6 +5,7 @@ import dataclasses
 import itertools
 import logging
 import math
+import time
 
 import numpy as np
 import torch
@@ -146,6 +147,24 @@ class ModelRunner:
             layer.bind_kv_cache([torch.zeros((num_blocks, self.block_size, *shape), dtype=self.config.model.dtype,
                                              device=self.device) for shape in layer.kv_cache_shapes()])
         self.num_blocks = num_blocks
+
+    @torch.inference_mode()
+    def warm_up_moe_kernels(self) -> None:
+        """Compile the expert kernels for every token-count bucket a step can reach (CUDA): each bucket has its
+        own launch configuration, compiled on first use, and without this the first prefill of each new size
+        stalls for seconds (first requests' TTFT). The local experts see up to the step's token budget from
+        every rank (expert parallelism)."""
+        moe = self.model.moe_layers()
+        if self.device.type != "cuda" or not moe:
+            return
+        most = self.config.scheduler.max_num_batched_tokens * self.config.parallel.data_parallel_size
+        sizes = sorted({min(1 << i, most) for i in range(most.bit_length() + 1)})  # 1, 2, 4, ..., most
+        started = time.perf_counter()
+        for num_tokens in sizes:
+            moe[0].warm_up_backend(num_tokens)  # (every layer has the same shapes: one compiles for all)
+        torch.cuda.synchronize(self.device)
+        logger.info("expert kernels ready for %d token counts up to %d in %.1fs", len(sizes), most,
+                    time.perf_counter() - started)
 
     def release_cuda_graphs(self) -> None:
         """Drop the graphs (they hold the expert-parallel communicators they were captured with)."""

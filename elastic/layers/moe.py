@@ -262,6 +262,15 @@ class FusedMoE(nn.Module):
         return self.backend(hidden, slots.w13, slots.w2, topk_weights,
                             slots_to_local(physical, slots.first_slot, slots.slots_per_rank))
 
+    def warm_up_backend(self, num_tokens: int) -> None:
+        """Run the expert backend once over `num_tokens` dummy rows of this rank's slots: its kernels for that
+        many rows get compiled now (each token-count bucket has its own launch configuration)."""
+        slots, device = self.live, self.live.w13.device
+        hidden = torch.zeros(num_tokens, self.hidden_size, dtype=slots.w13.dtype, device=device)
+        weights = torch.full((num_tokens, self.top_k), 1.0 / self.top_k, dtype=torch.float32, device=device)
+        ids = torch.randint(0, slots.slots_per_rank, (num_tokens, self.top_k), dtype=torch.int32, device=device)
+        self.backend(hidden, slots.w13, slots.w2, weights, ids)
+
     def compute_local_ids(self, slots: ExpertSlots, hidden: torch.Tensor, topk_weights: torch.Tensor,
                           local_ids: torch.Tensor) -> torch.Tensor:
         """compute_local for ids already among this rank's slots: local_ids [N, K] int32 in [0, slots_per_rank),
