@@ -91,6 +91,8 @@ class EngineCore:
         clock.mark("kv allocation")
         self.runner.capture_cuda_graphs()
         clock.mark("graphs")
+        if join is None:  # (a joining rank's collectives pair with the serving ranks' staging steps only)
+            self.runner.warm_up_prefill()
         self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
         self.pipeline = DecodePipeline(self) if config.scheduler.async_scheduling else None

@@ -18,7 +18,9 @@ from elastic.layers.attention import PagedCacheLayer
 from elastic.layers.sampler import Sampler
 from elastic.models.loader import load_model
 from elastic.protocol.from_engine import TokenLogprobs
+from elastic.protocol.to_engine import EngineCoreRequest
 from elastic.request import Request, SchedulerOutput
+from elastic.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +101,7 @@ class ModelRunner:
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedCacheLayer)]
         self.block_size = config.cache.block_size
         self.num_blocks = 0
+        self.kv_caches: list[list[torch.Tensor]] = []
         self.graphs: DecodeGraphs | None = None
 
     # ---- KV cache -------------------------------------------------------------------------------------
@@ -142,10 +145,13 @@ class ModelRunner:
         return max(int(budget), 0)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.kv_caches = []  # per attention layer: its cache tensors [num_blocks, block_size, ...]
         for layer in self.attention_layers:
             # Zeroed: masked positions still multiply cache values, and garbage could hold NaN.
-            layer.bind_kv_cache([torch.zeros((num_blocks, self.block_size, *shape), dtype=self.config.model.dtype,
-                                             device=self.device) for shape in layer.kv_cache_shapes()])
+            caches = [torch.zeros((num_blocks, self.block_size, *shape), dtype=self.config.model.dtype,
+                                  device=self.device) for shape in layer.kv_cache_shapes()]
+            layer.bind_kv_cache(caches)
+            self.kv_caches.append(caches)
         self.num_blocks = num_blocks
 
     @torch.inference_mode()
@@ -165,6 +171,33 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         logger.info("expert kernels ready for %d token counts up to %d in %.1fs", len(sizes), most,
                     time.perf_counter() - started)
+
+    def warm_up_prefill(self) -> None:
+        """One eager prefill step of a dummy prompt through the KV cache (CUDA; with expert parallelism every
+        rank calls this at once): compiles the prefill kernels the profile run, which has no cache, leaves out
+        (attention over the cache, the eager exchange). The first burst of requests waited ~1.8 s for them on
+        one H100."""
+        if self.device.type != "cuda" or self.num_blocks < 3:
+            return
+        started = time.perf_counter()
+        self.prefill_dummy()
+        torch.cuda.synchronize(self.device)
+        logger.info("prefill kernels ready in %.1fs", time.perf_counter() - started)
+
+    @torch.inference_mode()
+    def prefill_dummy(self) -> None:
+        """Prefill a dummy prompt into the first KV blocks (no request holds them yet), then zero them again,
+        as allocated, and forget the expert load it counted."""
+        num_tokens = 2 * self.block_size + 3  # a partial last block
+        req = Request(EngineCoreRequest("__warm_up__", [0] * num_tokens, SamplingParams(max_tokens=1)), self.device)
+        req.block_table = list(range(math.ceil(num_tokens / self.block_size)))
+        world = self.config.parallel.data_parallel_size
+        self.execute(SchedulerOutput([(req, num_tokens)]), [num_tokens] * world if world > 1 else None)
+        for caches in self.kv_caches:
+            for cache in caches:
+                cache[:len(req.block_table)].zero_()
+        for moe in self.model.moe_layers():
+            moe.expert_load.zero_()
 
     def release_cuda_graphs(self) -> None:
         """Drop the graphs (they hold the expert-parallel communicators they were captured with)."""
