@@ -74,9 +74,15 @@ class Request:
                 self.finish_reason = "stop"
             elif params.stop_token_ids and token_id in params.stop_token_ids:
                 self.finish_reason, self.stop_reason = "stop", token_id
-        if self.finish_reason is None and (
-                (params.max_tokens is not None and n_out >= params.max_tokens) or self.num_tokens >= max_model_len):
+        if self.finish_reason is None and self.reaches_length(0, max_model_len):
             self.finish_reason = "length"
+
+    def reaches_length(self, more: int, max_model_len: int) -> bool:
+        """Whether the request ends by length once `more` tokens beyond those it holds are appended (its
+        max_tokens, or the model's context)."""
+        max_tokens = self.params.max_tokens
+        return (max_tokens is not None and self.num_output_tokens + more >= max_tokens) or \
+            self.num_tokens + more >= max_model_len
 
 
 def check_inputs(req: Request, num_new: int, vocab_size: int, max_model_len: int, block_size: int) -> None:

@@ -151,9 +151,7 @@ class DecodePipeline:
                 return False
             if r.num_computed_tokens + 1 != r.num_tokens:  # not decoding (a prefill chunk is left)
                 return False
-            # Its tokens once the step(s) on the way are read: one more must still be allowed.
-            if (p.max_tokens is not None and r.num_output_tokens + offset >= p.max_tokens) or \
-                    r.num_tokens + offset >= max_len:
+            if r.reaches_length(offset, max_len):  # with the step(s) on the way read, one more must be allowed
                 return False
         return all(core.block_manager.allocate_slots(r, 1 + offset) for r in reqs)
 
