@@ -114,7 +114,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                    help="pipelined decode (one engine; default: the engine's, on with CUDA)")
+                    help="pipelined decode (default: the engine's, on with CUDA)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--model-dir", type=Path, help="a local checkpoint (its weights) instead of --shape")
     ap.add_argument("--data-parallel-size", type=int, default=1, help="engine cores in lockstep, one per GPU")

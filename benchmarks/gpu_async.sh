@@ -21,6 +21,7 @@ part v2_pipe 100 python3 benchmarks/decode.py --shape deepseek-v2-lite --batch-s
 TAIL=3 CONCS="${CONCS:-1 16 64}" TAG=async_sync part serve_sync 200 bash benchmarks/gpu_serve.sh --no-async-scheduling
 if [ "${AT_ONCE:-1}" = 1 ]; then
   cp elastic/engine/pipeline.py /tmp/pipeline.py.orig
+  trap 'cp /tmp/pipeline.py.orig elastic/engine/pipeline.py' EXIT  # restored even if this script is stopped
   sed -i 's/^LAUNCH_MARGIN_S = .*/LAUNCH_MARGIN_S = 1.0/' elastic/engine/pipeline.py
   TAIL=3 CONCS="16 64" TAG=async_atonce part serve_atonce 160 bash benchmarks/gpu_serve.sh
   cp /tmp/pipeline.py.orig elastic/engine/pipeline.py

@@ -19,6 +19,7 @@ if [ "${PREFILL:-0}" = 1 ]; then
   TAIL=3 TAG=dp1 CONCS="1 64" part serve_dp1 200 bash benchmarks/gpu_serve.sh
   TAIL=3 TAG=dp2p2p CONCS="1 16 64 128" part serve_p2p 240 bash benchmarks/gpu_serve.sh --data-parallel-size 2
   cp elastic/executor/model_runner.py /tmp/model_runner.py.orig
+  trap 'cp /tmp/model_runner.py.orig elastic/executor/model_runner.py' EXIT  # restored even if stopped
   sed -i 's/return max(self.max_graph_batch, self.config.scheduler.max_num_batched_tokens)/return self.max_graph_batch/' \
       elastic/executor/model_runner.py
   TAIL=3 TAG=dp2nccl CONCS="1 16 64 128" part serve_nccl 240 bash benchmarks/gpu_serve.sh --data-parallel-size 2

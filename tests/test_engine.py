@@ -176,8 +176,8 @@ def test_step_inputs_match_the_per_token_definition():
 
 
 def test_prefill_warm_up_leaves_no_trace(llm: LLM):
-    """The start-up prefill of a dummy prompt (ModelRunner.warm_up_prefill, run on CUDA) leaves the KV blocks it
-    wrote zeroed, counts no expert load, and changes no output."""
+    """The start-up prefill of a dummy prompt (ModelRunner.warm_up_prefill) leaves the KV blocks it wrote
+    zeroed, counts no expert load, draws nothing from the sampler's generator, and changes no output."""
     runner = llm.engine.runner
     prompt = random_prompts((13,), seed=3)[0]
     params = SamplingParams(temperature=0, max_tokens=6)
@@ -186,7 +186,9 @@ def test_prefill_warm_up_leaves_no_trace(llm: LLM):
     for caches in runner.kv_caches:
         for cache in caches:
             cache[:3].fill_(7.0)  # whatever requests left there
+    rng = runner.sampler.generator.get_state()
     runner.prefill_dummy()
+    assert torch.equal(runner.sampler.generator.get_state(), rng)
     assert all(bool((c[:3] == 0).all()) for caches in runner.kv_caches for c in caches)
     assert all(bool((m.expert_load == 0).all()) for m in runner.model.moe_layers()) and loads
     after = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs[0].token_ids

@@ -150,8 +150,9 @@ def test_seeded_sampling_pipelined_and_after_leaving_equals_stepwise(engines: tu
 
 
 def test_next_launch_waits_until_the_step_on_its_way_nearly_ends(engines: tuple[LLM, LLM]) -> None:
-    """The launch is due the device's step time after a read, less the host's launch time and a margin; the
-    process takes inputs until then (EngineCoreProc._await_launch). Timings are injected: the CPU has none."""
+    """The launch is due the last timed step's device time after a read, less the host's launch time and a
+    margin; the process takes inputs until then (EngineCoreProc._await_launch). A step another rank prefilled
+    beside is not a measure. Timings are injected: the CPU has none."""
     from types import SimpleNamespace
 
     from elastic.engine.pipeline import LAUNCH_MARGIN_S
@@ -162,13 +163,57 @@ def test_next_launch_waits_until_the_step_on_its_way_nearly_ends(engines: tuple[
     pipeline.inflight = SimpleNamespace(step=None)  # a step on its way
     try:
         pipeline.launch_s.add(0.002)
-        for _ in range(3):
-            pipeline._schedule_launch(SimpleNamespace(device_seconds=0.020))
+        pipeline._schedule_launch(SimpleNamespace(step=SimpleNamespace(device_seconds=0.020), timed=True))
         wait = pipeline.launch_wait_s()
         assert 0.010 < wait <= 0.020 - 0.002 - LAUNCH_MARGIN_S
-        pipeline._schedule_launch(SimpleNamespace(device_seconds=None))  # CPU steps add no sample
-        assert pipeline.device_s.value == pytest.approx(0.020)
+        pipeline._schedule_launch(SimpleNamespace(step=SimpleNamespace(device_seconds=0.200), timed=False))
+        pipeline._schedule_launch(SimpleNamespace(step=SimpleNamespace(device_seconds=None), timed=True))  # CPU
+        assert pipeline.device_s == pytest.approx(0.020)
     finally:
         pipeline.inflight, pipeline.launch_due = None, None
-        pipeline.device_s.value = pipeline.launch_s.value = None
+        pipeline.device_s, pipeline.launch_s.value = None, None
     assert pipeline.launch_wait_s() == 0.0
+
+
+def test_a_peer_failure_drops_both_steps_and_puts_the_draws_back(checkpoint_dir) -> None:
+    """A peer failing while a pipelined step is read (the next one launched already): neither step is
+    reported, the generators of seeded requests end as before the first, and after the recovery (here: the
+    flag cleared) the engine computes the same tokens as an undisturbed run."""
+    path = str(checkpoint_dir("qwen3_moe"))
+    prompts = random_prompts((9, 14), seed=11)
+    params = SamplingParams(temperature=1.0, seed=5, max_tokens=8)
+    reqs = lambda: [EngineCoreRequest(f"s{i}", p, params) for i, p in enumerate(prompts)]  # noqa: E731
+    expected, _, _ = _run(LLM(path, max_model_len=96, block_size=8).engine, reqs(), {}, {})
+    engine = LLM(path, max_model_len=96, block_size=8, async_scheduling=True).engine
+    for req in reqs():
+        engine.add_request(req)
+    tokens: dict[str, list[int]] = {}
+
+    def collect(outputs) -> None:  # noqa: ANN001
+        for out in outputs:
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+
+    while engine.pipeline.inflight is None:  # prefill, then the first pipelined launch
+        collect(engine.step())
+    # As the next step (launched now, read next) is to find them: both it and the one after are voided.
+    states = {r.request_id: r.generator.get_state() for r in engine.scheduler.running}
+    collect(engine.step())  # steady: one launched ahead, one read
+    launch = engine.runner.launch_decode
+
+    def launch_then_fail(*args, **kwargs):  # the peer fails after the next launch, before the read
+        step = launch(*args, **kwargs)
+        engine.peer_failed.set()
+        return step
+
+    engine.runner.launch_decode = launch_then_fail
+    try:
+        with pytest.raises(RuntimeError, match="peer"):
+            engine.step()
+    finally:
+        engine.runner.launch_decode = launch
+    assert engine.pipeline.inflight is None
+    assert all(bool((r.generator.get_state() == states[r.request_id]).all()) for r in engine.scheduler.running)
+    engine.peer_failed.clear()
+    while engine.has_unfinished_requests():
+        collect(engine.step())
+    assert tokens == expected

@@ -233,3 +233,25 @@ def test_coordinator_resize_tags_snapshots_with_the_epoch() -> None:
     c.handle(ScaleElasticEP(1, epoch=5))
     c.handle(EngineLoad(2, 9, 9))  # a rank that left reports late: ignored
     assert c.snapshot().counts == [[0, 0]] and c.snapshot().epoch == 5
+
+
+def test_staging_counts_the_next_layouts_p2p_exchange() -> None:
+    """A scale stages the next layout's p2p exchange beside the live one: its bytes count in the capacity
+    check (CUDA with p2p only; none for one rank), capped by the exchange's memory budget."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from elastic.distributed.peer_exchange import ExchangeShape
+    from elastic.elastic_ep.capacity import exchange_bytes
+
+    arch = SimpleNamespace(hidden_size=2048, top_k=8)
+    config = SimpleNamespace(model=SimpleNamespace(arch=arch, dtype=torch.bfloat16), device="cuda:0",
+                             scheduler=SimpleNamespace(max_num_seqs=256, max_num_batched_tokens=8192),
+                             parallel=SimpleNamespace(ep_dispatch="p2p"))
+    two = exchange_bytes(config, 2)
+    assert two == ExchangeShape.sized(2, 8192, 2048, 8, torch.bfloat16).nbytes > 8192 * 2 * 2 * 2048 * 2
+    assert exchange_bytes(config, 1) == 0
+    assert exchange_bytes(config, 64) <= 513 * 2**20  # within the budget, whatever the world
+    config.parallel.ep_dispatch = "allgather"
+    assert exchange_bytes(config, 2) == 0

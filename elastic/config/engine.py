@@ -96,7 +96,7 @@ class SchedulerConfig:
         None, "token budget of one step (default: max(8192, max-num-seqs))")
     async_scheduling: bool | None = option(
         None, "launch each decode step before the previous one's tokens are read, so the host's work per step "
-        "overlaps the device's (one engine; decode without logprobs or penalties, else steps as usual). "
+        "overlaps the device's (steady decode without logprobs or penalties; data parallel ranks too). "
         "Default: on with CUDA (--no-async-scheduling: off); on the CPU, where it gains nothing, off")
 
     def __post_init__(self) -> None:

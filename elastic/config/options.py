@@ -80,8 +80,8 @@ def add_cli_options(parser: argparse.ArgumentParser | Any, cls: type, title: str
             group.add_argument(flag, dest=f.name, action="store_false", help=meta["help"])
         elif str(f.type).replace(" ", "") == "bool|None":  # unset: decided from the rest of the config
             group.add_argument(*flags, dest=f.name, action="store_const", const=True, default=None, help=meta["help"])
-            group.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_const", const=False,
-                               help=argparse.SUPPRESS)
+            negative = meta["negative_flag"] or "--no-" + f.name.replace("_", "-")
+            group.add_argument(negative, dest=f.name, action="store_const", const=False, help=f"turn {flags[0]} off")
         else:
             group.add_argument(*flags, dest=f.name, default=f.default, type=meta["parse"] or _scalar_type(f),
                                choices=meta["choices"], metavar=meta["metavar"], help=meta["help"])

@@ -45,11 +45,16 @@ class ExchangeShape:
 
     @classmethod
     def of(cls, moe: FusedMoE, world: int, capacity: int) -> ExchangeShape:
-        """The exchange a model's MoE layers need (every layer has the same hidden size, top-k and dtype), for
-        steps of up to `capacity` tokens per rank, within _BUDGET_BYTES (the same on every rank)."""
-        row_bytes = world * (2 * moe.hidden_size * moe.w13.dtype.itemsize + moe.top_k * 8)
+        """The exchange a model's MoE layers need (every layer has the same hidden size, top-k and dtype)."""
+        return cls.sized(world, capacity, moe.hidden_size, moe.top_k, moe.w13.dtype)
+
+    @classmethod
+    def sized(cls, world: int, capacity: int, hidden_size: int, top_k: int, dtype: torch.dtype) -> ExchangeShape:
+        """An exchange for steps of up to `capacity` tokens per rank, within _BUDGET_BYTES (the same on every
+        rank)."""
+        row_bytes = world * (2 * hidden_size * dtype.itemsize + top_k * 8)
         capacity = min(capacity, max(_MIN_CAPACITY, _BUDGET_BYTES // row_bytes))
-        return cls(world, capacity, moe.hidden_size, moe.top_k, moe.w13.dtype)
+        return cls(world, capacity, hidden_size, top_k, dtype)
 
     def regions(self) -> dict[str, tuple[int, tuple[int, ...], torch.dtype]]:
         """name -> (byte offset, shape, dtype) inside one rank's buffer."""

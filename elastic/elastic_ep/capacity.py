@@ -32,14 +32,29 @@ def check_target(config: EngineConfig, current: int, target: object, visible_gpu
             need = staging_bytes(config, target, capacity)
             if free is not None and need > free:
                 raise ScaleError(400, f"{target} rank(s) cannot hold the model: rank {rank} would need "
-                                      f"{need / 2**30:.1f} GiB more for expert slots, {free / 2**30:.1f} GiB is free")
+                                      f"{need / 2**30:.1f} GiB more for expert slots and the exchange, "
+                                      f"{free / 2**30:.1f} GiB is free")
     return target
 
 
 def staging_bytes(config: EngineConfig, size: int, capacity: int | None) -> int:
-    """Device memory a rank needs to stage its expert slots at `size` ranks, holding `capacity` slots now."""
+    """Device memory a rank needs to stage its expert slots at `size` ranks, holding `capacity` slots now, and
+    the peer-to-peer exchange of that layout (built beside the live one until the switch)."""
     arch = config.model.arch
     slots = -(-(arch.num_experts + config.parallel.num_redundant_experts) // size)
+    need = exchange_bytes(config, size)
     if capacity is not None and capacity >= slots:
-        return 0  # within the storage it has (a rank that served at a smaller size keeps its storage)
-    return slots * max(1, sum(arch.sparse_layers)) * expert_bytes(config)
+        return need  # the slots fit the storage it has (a rank that served at a smaller size keeps it)
+    return need + slots * max(1, sum(arch.sparse_layers)) * expert_bytes(config)
+
+
+def exchange_bytes(config: EngineConfig, size: int) -> int:
+    """One rank's p2p exchange buffer at `size` ranks (0 without one). Sized here for the larger of the
+    scheduler's batch and token budgets, at least what the engine asks for (ModelRunner.p2p_capacity)."""
+    if size < 2 or config.parallel.ep_dispatch != "p2p" or not config.device.startswith("cuda"):
+        return 0
+    from elastic.distributed.peer_exchange import ExchangeShape  # (torch and the kernels: only where p2p runs)
+
+    arch, scheduler = config.model.arch, config.scheduler
+    capacity = max(scheduler.max_num_seqs, scheduler.max_num_batched_tokens)
+    return ExchangeShape.sized(size, capacity, arch.hidden_size, arch.top_k, config.model.dtype).nbytes

@@ -86,7 +86,8 @@ class EngineCore:
         else:
             num_blocks = self._join(config, join, clock, prewarmed)
         self.balancer = self._make_balancer()
-        self.runner.warm_up_moe_kernels()  # before the KV cache takes the memory the profile run set aside
+        if join is None:  # (a joining rank is on the scale's clock: a standby compiled them in its prewarm)
+            self.runner.warm_up_moe_kernels()  # before the KV cache takes what the profile run set aside
         self.runner.allocate_kv_cache(num_blocks)
         clock.mark("kv allocation")
         self.runner.capture_cuda_graphs()
@@ -320,10 +321,13 @@ class EngineCore:
         changes the layout or the requests under it."""
         if self.pipeline is None:
             return
-        if self.peer_failed.is_set():  # the step on its way ran beside a failed peer: computed again later
-            self.pipeline.abandon()
-        else:
-            self._owed += self.pipeline.drain()
+        if not self.peer_failed.is_set():
+            try:
+                self._owed += self.pipeline.drain()
+                return
+            except Exception:  # a peer failed while it was read (the step's draws are put back)
+                logger.warning("the pipelined step on its way failed as it was read", exc_info=True)
+        self.pipeline.abandon()  # it ran beside a failed peer: computed again after the recovery
 
     def shutdown(self) -> None:
         self._settle()
@@ -436,9 +440,17 @@ class EngineCore:
             if self.parallel is not None:  # keep the MoE collectives of the other ranks company
                 self.runner.dummy_run(1, dp_num_tokens=dp_num_tokens, graph_size=graph_size)
             return []
-        sampled, logprobs, failed = self.runner.execute(out, dp_num_tokens, graph_size)
-        if self.peer_failed.is_set():  # collectives aborted under this step: its tokens may be garbage
-            raise RuntimeError("a peer rank failed during this step")
+        # Seeded requests' generators as before the step: a void step's draws are put back, so the tokens
+        # computed again after a recovery are the ones an undisturbed run draws.
+        seeded = [(r.generator, r.generator.get_state()) for r, _ in out.scheduled if r.generator is not None]
+        try:
+            sampled, logprobs, failed = self.runner.execute(out, dp_num_tokens, graph_size)
+            if self.peer_failed.is_set():  # collectives aborted under this step: its tokens may be garbage
+                raise RuntimeError("a peer rank failed during this step")
+        except Exception:
+            for generator, state in seeded:
+                generator.set_state(state)
+            raise
         outputs = self.report(self.scheduler.postprocess(out, sampled), logprobs)
         if failed:  # sampled nothing (postprocess skipped them): end them now
             self._fail(failed)

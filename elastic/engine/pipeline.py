@@ -20,9 +20,9 @@ or sampled), and nothing waits to be admitted. Anything else (a new request, a r
 finishes the step on its way first, and the engine steps as usual. With data parallelism, each launch is
 preceded by the step's exchange with the other ranks, as a step is (`EngineCore.agree_step`): pipelined and
 stepping ranks pair up step for step, and a pipelined step runs eagerly with the others' token counts when
-some rank prefills. A peer's failure drops the steps on their way (the recovery computes them again). A step
-on its way is dropped only when its requests leave (`abandon`): their seeded generators are put back, so
-another engine draws the same tokens.
+some rank prefills. A step on its way is dropped (`abandon`) only when its requests leave or a peer rank
+failed under it: their seeded generators are put back, so another engine, or this one after the recovery,
+draws the same tokens.
 """
 from __future__ import annotations
 
@@ -84,13 +84,15 @@ class _Average:
 class _Inflight:
     reqs: list[Request]  # the step's rows, in order
     step: LaunchedDecode
+    timed: bool = True  # whether its device time predicts the next steps' (no other rank prefilled beside it)
 
 
 class DecodePipeline:
     def __init__(self, core: _Core) -> None:
         self.core = core
         self.inflight: _Inflight | None = None
-        self.device_s, self.launch_s = _Average(), _Average()  # per step: the device's time, the host's launch
+        self.device_s: float | None = None  # the device's time for the last timed step
+        self.launch_s = _Average()  # the host's time to launch a step
         self.launch_due: float | None = None  # (monotonic) the latest start of the next launch that idles nothing
         self.launched = 0  # steps launched pipelined
 
@@ -103,6 +105,7 @@ class DecodePipeline:
     def start(self) -> None:
         """After a step that read its tokens: launch the next one if the batch is steady decoding."""
         reqs = list(self.core.scheduler.running)
+        self.device_s = None  # a new batch: its steps are timed afresh
         if self.inflight is None and self._steady(reqs, offset=0):
             ids = torch.tensor([r.all_token_ids[-1] for r in reqs], dtype=torch.long)
             self._launch(reqs, 0, ids.to(self.core.runner.device, non_blocking=True))
@@ -158,34 +161,43 @@ class DecodePipeline:
     def _launch(self, reqs: list[Request], offset: int, input_ids: torch.Tensor) -> None:
         """One step of `reqs`: with data parallelism, after this step's exchange with the other ranks (which may
         be stepping as usual: each launched step is one exchange on every rank, pipelined or not)."""
-        began = time.perf_counter()
         agreed = self.core.agree_step(len(reqs), decode_only=True)
         assert agreed is not None  # this rank has work: the wave goes on
-        self.inflight = _Inflight(reqs, self.core.runner.launch_decode(reqs, offset, input_ids, agreed.dp_num_tokens,
-                                                                       agreed.graph_size))
+        began = time.perf_counter()  # (the exchange's wait for the other ranks is not launch time)
+        step = self.core.runner.launch_decode(reqs, offset, input_ids, agreed.dp_num_tokens, agreed.graph_size)
+        self.launch_s.add(time.perf_counter() - began)
+        # A step another rank's prefill ran beside (eager, with its tokens) is no measure of the next ones.
+        self.inflight = _Inflight(reqs, step, timed=agreed.dp_num_tokens is None or agreed.graph_size is not None)
         self.core.after_step(agreed)
         self.launched += 1
-        self.launch_s.add(time.perf_counter() - began)
 
-    def _schedule_launch(self, read: LaunchedDecode) -> None:
+    def _schedule_launch(self, read: _Inflight) -> None:
         """`read` has just ended, and the step on its way (if any) began then: the next launch is due when
-        that one nearly ends. Unknown on the CPU (no device timing): launch at once."""
-        seconds = read.device_seconds
-        if seconds is not None:
-            self.device_s.add(seconds)
-        if self.inflight is None or self.device_s.value is None or self.launch_s.value is None:
+        that one nearly ends, if it takes as long as the last timed one (steady decode steps of one batch
+        take the same time; a batch that changed restarts the pipeline, and its timing). Unknown on the CPU
+        (no device timing): launch at once."""
+        seconds = read.step.device_seconds
+        if seconds is not None and read.timed:
+            self.device_s = seconds
+        if self.inflight is None or self.device_s is None or self.launch_s.value is None:
             self.launch_due = None
             return
-        self.launch_due = time.monotonic() + self.device_s.value - self.launch_s.value - LAUNCH_MARGIN_S
+        self.launch_due = time.monotonic() + self.device_s - self.launch_s.value - LAUNCH_MARGIN_S
 
     def _finish(self, inflight: _Inflight) -> list[EngineCoreOutput]:
         """Read a launched step's tokens and report them, as a step that waited for them would have."""
-        tokens, finite = inflight.step.read()
         core = self.core
-        if core.peer_failed.is_set():  # collectives aborted under it: its tokens may be garbage
-            inflight.step.undo_draws()  # (the recovery drops the step after it: `abandon`)
-            raise RuntimeError("a peer rank failed during this step")
-        self._schedule_launch(inflight.step)
+        try:
+            tokens, finite = inflight.step.read()
+            if core.peer_failed.is_set():  # collectives aborted under it: its tokens may be garbage
+                raise RuntimeError("a peer rank failed during this step")
+        except Exception:
+            # Both void: the step launched after it first, whose generator states were saved after this one's
+            # draws, then this one's, so the generators end as before this step.
+            self.abandon()
+            inflight.step.undo_draws()
+            raise
+        self._schedule_launch(inflight)
         live = [(r, tok, ok) for r, tok, ok in zip(inflight.reqs, tokens, finite)
                 if r.status == RequestStatus.RUNNING and r.request_id in core.scheduler.requests]
         failed = {r.request_id: "the sampling distribution has no finite value" for r, _, ok in live if not ok}

@@ -70,6 +70,7 @@ def prewarm(config: EngineConfig) -> Prewarmed:
     num_blocks = runner.determine_num_blocks()
     clock.mark("kv sizing")
     _compile_decode_kernels(runner)
+    runner.warm_up_moe_kernels()  # (no collectives: a claimed standby joins with them compiled)
     clock.mark("kernels")
     p = config.parallel
     logger.info("standby: prewarmed for rank %d of %d in %.1fs (%s)", p.data_parallel_rank, p.data_parallel_size,

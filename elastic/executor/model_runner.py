@@ -192,7 +192,8 @@ class ModelRunner:
         """Prefill a dummy prompt into the first KV blocks (no request holds them yet), then zero them again,
         as allocated, and forget the expert load it counted."""
         num_tokens = 2 * self.block_size + 3  # a partial last block
-        req = Request(EngineCoreRequest("__warm_up__", [0] * num_tokens, SamplingParams(max_tokens=1)), self.device)
+        params = SamplingParams(temperature=0, max_tokens=1)  # greedy: no draw from the sampler's generator
+        req = Request(EngineCoreRequest("__warm_up__", [0] * num_tokens, params), self.device)
         req.block_table = list(range(math.ceil(num_tokens / self.block_size)))
         world = self.config.parallel.data_parallel_size
         self.execute(SchedulerOutput([(req, num_tokens)]), [num_tokens] * world if world > 1 else None)
