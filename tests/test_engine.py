@@ -185,11 +185,11 @@ def test_prefill_warm_up_leaves_no_trace(llm: LLM):
     loads = [m.expert_load.clone() for m in runner.model.moe_layers()]
     for caches in runner.kv_caches:
         for cache in caches:
-            cache[:3].fill_(7.0)  # whatever requests left there
+            cache[:4].fill_(7.0)  # whatever requests left there
     rng = runner.sampler.generator.get_state()
     runner.prefill_dummy()
     assert torch.equal(runner.sampler.generator.get_state(), rng)
-    assert all(bool((c[:3] == 0).all()) for caches in runner.kv_caches for c in caches)
+    assert all(bool((c[:4] == 0).all()) for caches in runner.kv_caches for c in caches)
     assert all(bool((m.expert_load == 0).all()) for m in runner.model.moe_layers()) and loads
     after = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs[0].token_ids
     assert after == before

@@ -173,13 +173,13 @@ class ModelRunner:
                     time.perf_counter() - started)
 
     def warm_up_prefill(self) -> None:
-        """One eager prefill step of a dummy prompt through the KV cache (with expert parallelism every rank
-        calls this at once): on CUDA it compiles the prefill kernels the profile run, which has no cache, leaves
+        """Eager prefill steps of dummy prompts through the KV cache (with expert parallelism every rank calls
+        this at once): on CUDA it compiles the prefill kernels the profile run, which has no cache, leaves
         out (attention over the cache, the eager exchange). On one H100 the first burst of 16 requests after
         start-up took 5x the time to first token of the next burst (518 vs 103 ms mean), the expert kernels
         already compiled: likely these compiles (not measured since). Run on the CPU too (cheap there), so
         that every start-up takes the same collectives and the tests cover them."""
-        if self.num_blocks < 3:  # (the same on every rank: they agreed on the KV size)
+        if self.num_blocks < 4:  # (the same on every rank: they agreed on the KV size)
             return
         started = time.perf_counter()
         self.prefill_dummy()
@@ -189,17 +189,24 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill_dummy(self) -> None:
-        """Prefill a dummy prompt into the first KV blocks (no request holds them yet), then zero them again,
-        as allocated, and forget the expert load it counted."""
-        num_tokens = 2 * self.block_size + 3  # a partial last block
+        """Prefill dummy prompts into the first KV blocks (no request holds them yet), then zero them again, as
+        allocated, and forget the expert load they counted. Two steps: one prompt whose token count is not a
+        multiple of 16, then two whose total is (Triton compiles a variant per divisibility of its ints)."""
+        bs, world, used = self.block_size, self.config.parallel.data_parallel_size, 0
         params = SamplingParams(temperature=0, max_tokens=1)  # greedy: no draw from the sampler's generator
-        req = Request(EngineCoreRequest("__warm_up__", [0] * num_tokens, params), self.device)
-        req.block_table = list(range(math.ceil(num_tokens / self.block_size)))
-        world = self.config.parallel.data_parallel_size
-        self.execute(SchedulerOutput([(req, num_tokens)]), [num_tokens] * world if world > 1 else None)
+        for lengths in ((2 * bs + 3,), (2 * bs, 2 * bs)):
+            scheduled, first_block = [], 0
+            for i, n in enumerate(lengths):
+                req = Request(EngineCoreRequest(f"__warm_up_{i}__", [0] * n, params), self.device)
+                req.block_table = list(range(first_block, first_block + math.ceil(n / bs)))
+                first_block += len(req.block_table)
+                scheduled.append((req, n))
+            used = max(used, first_block)
+            num_tokens = sum(lengths)
+            self.execute(SchedulerOutput(scheduled), [num_tokens] * world if world > 1 else None)
         for caches in self.kv_caches:
             for cache in caches:
-                cache[:len(req.block_table)].zero_()
+                cache[:used].zero_()
         for moe in self.model.moe_layers():
             moe.expert_load.zero_()
 
