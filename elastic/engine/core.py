@@ -88,12 +88,14 @@ class EngineCore:
         self.balancer = self._make_balancer()
         if join is None:  # (a joining rank is on the scale's clock: a standby compiled them in its prewarm)
             self.runner.warm_up_moe_kernels()  # before the KV cache takes what the profile run set aside
+            clock.mark("expert kernels")
         self.runner.allocate_kv_cache(num_blocks)
         clock.mark("kv allocation")
         self.runner.capture_cuda_graphs()
         clock.mark("graphs")
         if join is None:  # (a joining rank's collectives pair with the serving ranks' staging steps only)
             self.runner.warm_up_prefill()
+            clock.mark("prefill kernels")
         self.block_manager = BlockManager(num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
         self.pipeline = DecodePipeline(self) if config.scheduler.async_scheduling else None
