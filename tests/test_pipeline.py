@@ -162,7 +162,7 @@ def test_next_launch_waits_until_the_step_on_its_way_nearly_ends(engines: tuple[
     assert pipeline.launch_wait_s() == 0.0  # nothing on its way: step at once
     pipeline.inflight = SimpleNamespace(step=None)  # a step on its way
     try:
-        pipeline.launch_s.add(0.002)
+        pipeline.launch_s = 0.002
         pipeline._schedule_launch(SimpleNamespace(step=SimpleNamespace(device_seconds=0.020), timed=True))
         wait = pipeline.launch_wait_s()
         assert 0.010 < wait <= 0.020 - 0.002 - LAUNCH_MARGIN_S
@@ -171,7 +171,7 @@ def test_next_launch_waits_until_the_step_on_its_way_nearly_ends(engines: tuple[
         assert pipeline.device_s == pytest.approx(0.020)
     finally:
         pipeline.inflight, pipeline.launch_due = None, None
-        pipeline.device_s, pipeline.launch_s.value = None, None
+        pipeline.device_s, pipeline.launch_s = None, None
     assert pipeline.launch_wait_s() == 0.0
 
 

@@ -70,16 +70,6 @@ logger = logging.getLogger(__name__)
 LAUNCH_MARGIN_S = 0.001
 
 
-class _Average:
-    """An exponential moving average of a duration (None until the first sample)."""
-
-    def __init__(self, weight: float = 0.2) -> None:
-        self.weight, self.value = weight, None
-
-    def add(self, sample: float) -> None:
-        self.value = sample if self.value is None else (1 - self.weight) * self.value + self.weight * sample
-
-
 @dataclass
 class _Inflight:
     reqs: list[Request]  # the step's rows, in order
@@ -92,7 +82,7 @@ class DecodePipeline:
         self.core = core
         self.inflight: _Inflight | None = None
         self.device_s: float | None = None  # the device's time for the last timed step
-        self.launch_s = _Average()  # the host's time to launch a step
+        self.launch_s: float | None = None  # the host's time to launch a step (a moving average)
         self.launch_due: float | None = None  # (monotonic) the latest start of the next launch that idles nothing
         self.launched = 0  # steps launched pipelined
 
@@ -165,7 +155,8 @@ class DecodePipeline:
         assert agreed is not None  # this rank has work: the wave goes on
         began = time.perf_counter()  # (the exchange's wait for the other ranks is not launch time)
         step = self.core.runner.launch_decode(reqs, offset, input_ids, agreed.dp_num_tokens, agreed.graph_size)
-        self.launch_s.add(time.perf_counter() - began)
+        took = time.perf_counter() - began
+        self.launch_s = took if self.launch_s is None else 0.8 * self.launch_s + 0.2 * took
         # A step another rank's prefill ran beside (eager, with its tokens) is no measure of the next ones.
         self.inflight = _Inflight(reqs, step, timed=agreed.dp_num_tokens is None or agreed.graph_size is not None)
         self.core.after_step(agreed)
@@ -179,10 +170,10 @@ class DecodePipeline:
         seconds = read.step.device_seconds
         if seconds is not None and read.timed:
             self.device_s = seconds
-        if self.inflight is None or self.device_s is None or self.launch_s.value is None:
+        if self.inflight is None or self.device_s is None or self.launch_s is None:
             self.launch_due = None
             return
-        self.launch_due = time.monotonic() + self.device_s - self.launch_s.value - LAUNCH_MARGIN_S
+        self.launch_due = time.monotonic() + self.device_s - self.launch_s - LAUNCH_MARGIN_S
 
     def _finish(self, inflight: _Inflight) -> list[EngineCoreOutput]:
         """Read a launched step's tokens and report them, as a step that waited for them would have."""
