@@ -1,6 +1,7 @@
 """Expert-parallel dispatch + combine per MoE layer, both paths, against the bytes-over-the-link floor.
 
     python benchmarks/ep_comm.py --world 2 --out ep_comm.json      # one process per GPU, NCCL
+    python benchmarks/ep_comm.py --world 2 --check --tokens 1,7,64,300  # p2p's fused pair sums, real experts
 
 Per rank: T tokens (1..256, or --tokens), hidden 2048 bf16, top-8 of 128 experts (uniform routing). The expert
 compute is replaced by the identity so only communication is timed. The floor is the bytes a rank must
@@ -38,6 +39,7 @@ class IdentityExperts:
     def __init__(self, world: int, rank: int) -> None:
         self.slots_per_rank = EXPERTS // world
         self.first_slot = rank * self.slots_per_rank
+        self._pairs: dict[int, torch.Tensor] = {}
 
     def compute_local(self, slots: object, hidden: torch.Tensor, weights: torch.Tensor,
                       physical: torch.Tensor) -> torch.Tensor:
@@ -46,6 +48,15 @@ class IdentityExperts:
     def compute_local_ids(self, slots: object, hidden: torch.Tensor, weights: torch.Tensor,
                           ids: torch.Tensor) -> torch.Tensor:
         return hidden
+
+    def compute_local_pairs(self, slots: object, hidden: torch.Tensor, weights: torch.Tensor,
+                            ids: torch.Tensor) -> torch.Tensor:
+        # What the fused MoE hands the p2p push (one row per (row, k) pair, summed as it is sent): a buffer of
+        # that shape, made once per size (the experts' own output, not timed).
+        rows = ids.numel()
+        if rows not in self._pairs:
+            self._pairs[rows] = torch.zeros(rows, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
+        return self._pairs[rows]
 
 
 def time_cuda(fn, iters: int = 50) -> float:
@@ -77,11 +88,75 @@ def time_graph(fn, calls: int = 20) -> float:
     return time_cuda(graph.replay, iters=20) / calls
 
 
-def worker(rank: int, world: int, port: int, out_path: str | None, token_counts: list[int]) -> None:
+def check_pair_sums(group: StatelessGroup, exchange: PeerExchange, token_counts: list[int]) -> None:
+    """With real bf16 experts (Qwen3-30B-A3B's expert shape, random weights): the p2p push summing each row's
+    pair outputs as it sends them must give, bit for bit, what the experts' own sums sent as they are give;
+    and match the all-gather path to bf16 rounding."""
+    from elastic.layers.moe import FusedMoE
+
+    rank, world, device = group.rank, group.world_size, exchange.buffer.device
+    torch.manual_seed(rank)
+    torch.set_default_dtype(torch.bfloat16)  # the layer's slots are made in the default dtype
+    with torch.device(device):
+        moe = FusedMoE(EXPERTS, TOP_K, HIDDEN, 768, renormalize=True, ep_size=world, ep_rank=rank)
+    torch.set_default_dtype(torch.float32)
+    moe.live.w13.normal_(std=0.02)
+    moe.live.w2.normal_(std=0.02)
+    p2p, allgather = ExpertParallelComm(group, "p2p", exchange), ExpertParallelComm(group, "allgather")
+    fused_sum = moe.compute_local_pairs
+    for tokens in token_counts:
+        hidden = torch.randn(tokens, HIDDEN, dtype=torch.bfloat16, device=device)
+        physical = torch.rand(tokens, EXPERTS, device=device).topk(TOP_K, dim=-1).indices
+        weights = torch.rand(tokens, TOP_K, device=device)
+        with set_forward_context(ForwardContext(attn=None, dp_num_tokens=[tokens] * world)):
+            fused = p2p(moe, moe.live, hidden, weights, physical).clone()
+            moe.compute_local_pairs = lambda *args: None  # the experts' own sums, sent as they are
+            unfused = p2p(moe, moe.live, hidden, weights, physical).clone()
+            moe.compute_local_pairs = fused_sum
+            gathered = allgather(moe, moe.live, hidden, weights, physical)
+        torch.cuda.synchronize()
+        equal = torch.equal(fused, unfused)
+        close = torch.allclose(fused.float(), gathered.float(), rtol=2e-2, atol=2e-3)
+        print(f"rank {rank} tokens {tokens}: pair sums bit-equal to the experts' sums: {equal}; "
+              f"close to all-gather: {close}", flush=True)
+        if not (equal and close):
+            raise SystemExit(f"rank {rank}: the fused pair sums differ at {tokens} tokens")
+    if rank == 0:
+        print_barrier_ptx()
+
+
+def print_barrier_ptx() -> None:
+    """The memory operations the barrier compiles to (atom / red / ld.acquire / fence), from the PTX of the
+    dispatch kernel as compiled in this process."""
+    from elastic.kernels.ep_p2p_triton import p2p_dispatch_kernel
+
+    try:
+        compiled = [k for cache in p2p_dispatch_kernel.device_caches.values() for k in cache[0].values()]
+        ptx = compiled[0].asm["ptx"]
+    except Exception as e:  # the cache's layout is Triton's own business
+        print(f"(no PTX: {e!r})")
+        return
+    ops = [line.strip() for line in ptx.splitlines()
+           if any(op in line for op in ("atom.", "red.", "fence.", "membar", ".acquire", ".release"))]
+    print("dispatch kernel, barrier operations in PTX:", *ops, sep="\n  ")
+
+
+def worker(rank: int, world: int, port: int, out_path: str | None, token_counts: list[int], check: bool,
+           max_programs: int | None) -> None:
     torch.cuda.set_device(rank)
     device = torch.device("cuda", rank)
     store = create_store("127.0.0.1", port, is_master=False)
     group = StatelessGroup(store, "ep-bench", rank, world, "nccl", device)
+    if max_programs:
+        from elastic.kernels import ep_p2p
+
+        ep_p2p._MAX_PROGRAMS = max_programs  # programs per destination rank (rows loop beyond)
+    if check:
+        exchange = PeerExchange.over_group(group, ExchangeShape(world, max(token_counts), HIDDEN, TOP_K, torch.bfloat16))
+        check_pair_sums(group, exchange, token_counts)
+        group.barrier()
+        group.destroy()
+        return
     # Link bandwidth as NCCL sees it: a 256 MiB all-to-all, bytes each rank sends to others per second.
     big = torch.empty(128 << 20, dtype=torch.bfloat16, device=device)
     split = [big.shape[0] // world] * world
@@ -134,14 +209,18 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)),
                     help="tokens per rank to time, comma-separated (prefill chunks: e.g. 1024,8192)")
+    ap.add_argument("--check", action="store_true",
+                    help="instead of timing: real bf16 experts, p2p's fused pair sums against the unfused path")
+    ap.add_argument("--max-programs", type=int, default=None,
+                    help="p2p programs per destination rank (default: kernels/ep_p2p.py's)")
     args = ap.parse_args()
     if args.world < 2:
         raise SystemExit("needs at least 2 GPUs")
     store = create_store("127.0.0.1", 0, is_master=True)
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     token_counts = [int(t) for t in args.tokens.split(",")]
-    mp.start_processes(worker, args=(args.world, store.port, args.out, token_counts), nprocs=args.world,
-                       start_method="spawn")
+    mp.start_processes(worker, args=(args.world, store.port, args.out, token_counts, args.check, args.max_programs),
+                       nprocs=args.world, start_method="spawn")
 
 
 if __name__ == "__main__":

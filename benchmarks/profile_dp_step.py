@@ -109,9 +109,27 @@ def profile_batch(engine, rank: int, world: int, batch: int, mode: str, steps: i
               f"GPU kernels {busy:.2f} ms/step", flush=True)
         print(table.table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
         print(table.table(sort_by="self_cuda_time_total", row_limit=30), flush=True)
+        print_barrier_waits(prof, engine.config.model.arch.num_layers)
     engine.abort_requests(list(engine.scheduler.requests))
     while engine.global_unfinished:
         engine.step()
+
+
+def print_barrier_waits(prof, num_layers: int) -> None:  # noqa: ANN001
+    """The exchange kernels' times by layer (they end in the barrier, so they hold its wait): a late start of
+    one rank's step shows in the first layer's dispatch, an uneven split of work between ranks in every
+    layer's."""
+    for name in ("p2p_dispatch_kernel", "p2p_combine_push_kernel"):
+        times = sorted((e.time_range.start, e.time_range.elapsed_us()) for e in prof.events()
+                       if e.device_type == torch.autograd.DeviceType.CUDA and e.name == name)
+        if len(times) < num_layers:
+            continue
+        us = [t for _, t in times][:len(times) // num_layers * num_layers]
+        first = us[::num_layers]
+        rest = sorted(t for i, t in enumerate(us) if i % num_layers)
+        print(f"{name}: first layer of a step {statistics.mean(first):.1f} us (mean of {len(first)}), the others "
+              f"median {statistics.median(rest):.1f} / p10 {rest[len(rest) // 10]:.1f} / p90 "
+              f"{rest[len(rest) * 9 // 10]:.1f} / max {rest[-1]:.1f} us", flush=True)
 
 
 def main() -> None:

@@ -14,8 +14,9 @@ that are done), `abort`.
 
 One MoE layer, `rows` = the step's largest per-rank token count (every rank knows it), three kernels:
     dispatch   write my rows into every rank's tokens/weights/ids at my block; barrier
-    compute    my experts over all W * rows rows of my own buffers (contiguous) -> partial
-    push       write partial's block d into rank d's combine at my block; barrier
+    compute    my experts over all W * rows rows of my own buffers (contiguous) -> each (row, k) pair's
+               contribution (or, for the torch reference, each row's sum: partial)
+    push       sum each row's pairs (fp32) and write block d into rank d's combine at my block; barrier
     reduce     sum my W blocks in rank order (fp32)
 
 Two barriers per layer are enough. A rank writes a peer's tokens only after the last layer's second barrier,
@@ -97,16 +98,22 @@ def p2p_dispatch(hidden: torch.Tensor, physical: torch.Tensor, weights: torch.Te
 
 
 def p2p_combine_push(partial: torch.Tensor, combine_table: torch.Tensor, out_dtype: torch.dtype, barrier: Barrier,
-                     rows: int, rank: int, sync: bool = True) -> None:
+                     rows: int, rank: int, sync: bool = True, pair_ids: torch.Tensor | None = None) -> None:
     """partial [W * rows, H] (any float dtype): block d -> rank d's combine buffer (out_dtype) at this rank's
-    block, then the barrier if `sync`."""
+    block, then the barrier if `sync`. With pair_ids [W * rows, K] int32, partial is [W * rows * K, H]: each
+    row's K pair contributions, summed (fp32, those with pair_ids >= 0 only) as they are sent."""
     from .ep_p2p_triton import TL_DTYPES, p2p_combine_push_kernel
 
     world = combine_table.shape[0]
+    pairs = 1 if pair_ids is None else pair_ids.shape[1]
+    if pair_ids is not None:
+        assert pair_ids.dtype == torch.int32 and partial.shape[0] == pair_ids.numel()
+    hidden_size = partial.shape[1]
     p2p_combine_push_kernel[(_programs(rows), world)](
-        partial.contiguous(), combine_table, barrier.pad_table, barrier.sequence, barrier.arrivals, barrier.abort,
-        rows, rank, world, int(sync), H=partial.shape[1], OUT=TL_DTYPES[out_dtype],
-        BLOCK_H=min(_BLOCK_H, next_pow2(partial.shape[1])), num_warps=4)
+        partial.contiguous(), pair_ids.contiguous() if pair_ids is not None else combine_table, combine_table,
+        barrier.pad_table, barrier.sequence, barrier.arrivals, barrier.abort, rows, rank, world, int(sync),
+        H=hidden_size, PAIRS=pairs, OUT=TL_DTYPES[out_dtype], BLOCK_H=min(_BLOCK_H, next_pow2(hidden_size)),
+        BLOCK_P=next_pow2(pairs), num_warps=4)
 
 
 def p2p_combine_reduce(combine: torch.Tensor, num_tokens: int, rows: int, world: int) -> torch.Tensor:

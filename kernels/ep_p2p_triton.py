@@ -107,18 +107,31 @@ def p2p_dispatch_kernel(hidden, physical, weights, tokens_table, weights_table, 
 
 
 @triton.jit(do_not_specialize=["rows", "rank", "world", "sync"])
-def p2p_combine_push_kernel(partial, combine_table, pad_table, sequence, arrivals, abort, rows, rank, world, sync,
-                            H: tl.constexpr, OUT: tl.constexpr, BLOCK_H: tl.constexpr):
-    # grid (programs, world): rows [dst * rows, (dst + 1) * rows) of this rank's partial results belong to
-    # rank `dst`; they land, as OUT (the buffer's dtype), at rows [rank * rows, ...) of its combine buffer,
-    # each program taking every programs-th row. Then the barrier.
+def p2p_combine_push_kernel(partial, pair_ids, combine_table, pad_table, sequence, arrivals, abort, rows, rank, world,
+                            sync, H: tl.constexpr, PAIRS: tl.constexpr, OUT: tl.constexpr, BLOCK_H: tl.constexpr,
+                            BLOCK_P: tl.constexpr):
+    # grid (programs, world): rows [dst * rows, (dst + 1) * rows) of this rank's results belong to rank `dst`;
+    # they land, as OUT (the buffer's dtype), at rows [rank * rows, ...) of its combine buffer, each program
+    # taking every programs-th row. Then the barrier. PAIRS > 1: `partial` holds each row's PAIRS (token, k)
+    # contributions, [rows * PAIRS, H], summed here in fp32 over those whose pair_ids >= 0 (the others were
+    # never written); PAIRS == 1: `partial` [rows, H] holds the sums already (pair_ids unused).
     dst = tl.program_id(1)
+    offs_p = tl.arange(0, BLOCK_P)
     for row in range(tl.program_id(0), rows, tl.num_programs(0)):
-        src = partial + (dst * rows + row).to(tl.int64) * H
+        src = (dst * rows + row).to(tl.int64)
         combine = _peer(combine_table, dst, OUT) + (rank * rows + row).to(tl.int64) * H
+        if PAIRS > 1:
+            pair = src * PAIRS + offs_p
+            here = tl.load(pair_ids + pair, mask=offs_p < PAIRS, other=-1) >= 0
         for h in range(0, H, BLOCK_H):
             offs = h + tl.arange(0, BLOCK_H)
-            tl.store(combine + offs, tl.load(src + offs, mask=offs < H).to(OUT), mask=offs < H)
+            if PAIRS > 1:
+                vals = tl.load(partial + pair[:, None] * H + offs[None, :], mask=here[:, None] & (offs < H)[None, :],
+                               other=0.0)
+                total = tl.sum(vals.to(tl.float32), axis=0)
+            else:
+                total = tl.load(partial + src * H + offs, mask=offs < H)
+            tl.store(combine + offs, total.to(OUT), mask=offs < H)
     _arrive(arrivals, pad_table, sequence, abort, rank, world, sync)
 
 

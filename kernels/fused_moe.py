@@ -61,6 +61,36 @@ def fused_moe_reference(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tenso
     return out.to(hidden.dtype)
 
 
+def _prepared(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_slots: torch.Tensor,
+              config: Optional[MoEConfig]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, MoEConfig]:
+    """Row-major operands and the launch configuration of the Triton path."""
+    if hidden.stride(-1) != 1:
+        hidden = hidden.contiguous()
+    w13 = w13 if w13.stride(-1) == 1 else w13.contiguous()
+    w2 = w2 if w2.stride(-1) == 1 else w2.contiguous()
+    if config is None:
+        T, K = topk_slots.shape
+        config = get_moe_config(T, K, w13.shape[0], w2.shape[2], hidden.dtype, hidden.device)
+    return hidden, w13, w2, config
+
+
+def fused_moe_pairs(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                    topk_weights: torch.Tensor, topk_slots: torch.Tensor) -> Optional[torch.Tensor]:
+    """fused_moe without its last step: -> pair_out [T*K, H] in hidden's dtype, row t*K+k holding
+    weights[t,k] * expert(slots[t,k])(hidden[t]), for a caller that sums the pairs itself (the
+    expert-parallel exchange, as it sends each token's sum back). Rows of pairs whose slot is < 0
+    are NOT written: read only those with slots[t,k] >= 0. None where only the reference runs
+    (fp32, no Triton): the caller then takes fused_moe's sums."""
+    _check_shapes(hidden, w13, w2, topk_weights, topk_slots)
+    if not use_triton(hidden) or hidden.dtype not in _TRITON_DTYPES or hidden.shape[0] == 0:
+        return None
+    from .moe_triton import fused_moe_pairs_triton
+
+    hidden, w13, w2, config = _prepared(hidden, w13, w2, topk_slots, None)
+    return fused_moe_pairs_triton(hidden, w13, w2, topk_weights.to(torch.float32).contiguous(),
+                                  topk_slots.to(torch.int32).contiguous(), config)
+
+
 def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
               topk_weights: torch.Tensor, topk_slots: torch.Tensor,
               config: Optional[MoEConfig] = None,
@@ -80,11 +110,5 @@ def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         return out.copy_(ref)
     from .moe_triton import fused_moe_triton
 
-    if hidden.stride(-1) != 1:
-        hidden = hidden.contiguous()
-    w13 = w13 if w13.stride(-1) == 1 else w13.contiguous()
-    w2 = w2 if w2.stride(-1) == 1 else w2.contiguous()
-    if config is None:
-        T, K = topk_slots.shape
-        config = get_moe_config(T, K, w13.shape[0], w2.shape[2], hidden.dtype, hidden.device)
+    hidden, w13, w2, config = _prepared(hidden, w13, w2, topk_slots, config)
     return fused_moe_triton(hidden, w13, w2, topk_weights, topk_slots, config, out)

@@ -7,7 +7,8 @@ Pipeline for T tokens routed to K slots each (P = T*K (token, k) pairs):
   2. up:     inter[row] = silu(x @ Wg^T) * (x @ Wu^T) for every row of every block
              (grouped GEMM over slots, SiLU-and-mul in the epilogue).
   3. down:   pair_out[pair] = topk_weight[pair] * inter[row] @ W2^T.
-  4. sum:    out[t] = sum of pair_out over t's K pairs whose slot is >= 0.
+  4. sum:    out[t] = sum of pair_out over t's K pairs whose slot is >= 0 (the expert-parallel
+             exchange does this sum itself as it sends results back: fused_moe_pairs).
 All grids are sized from host-known upper bounds (T, K, S, BLOCK_M), never from data, so the
 whole layer runs without a host sync and can be captured in a CUDA graph.
 """
@@ -309,19 +310,27 @@ def moe_sum(pair_out: torch.Tensor, topk_slots: torch.Tensor, num_slots: int,
     return out
 
 
+def fused_moe_pairs_triton(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                           topk_weights: torch.Tensor, topk_slots: torch.Tensor,
+                           config: MoEConfig) -> torch.Tensor:
+    """Steps 1-3: -> pair_out [T*K, H], the weighted contribution of each (token, k) pair; rows of
+    pairs whose slot is skipped are left unwritten. T > 0; topk_slots int32, topk_weights f32."""
+    K = topk_slots.shape[1]
+    bm = config["BLOCK_M"]
+    sorted_ids, block_slot = moe_align(topk_slots, w13.shape[0], bm)
+    inter = moe_up(hidden, w13, sorted_ids, block_slot, K, bm, config["up"])
+    return moe_down(inter, w2, sorted_ids, block_slot, topk_weights, bm, config["down"])
+
+
 def fused_moe_triton(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                      topk_weights: torch.Tensor, topk_slots: torch.Tensor, config: MoEConfig,
                      out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    T, K = topk_slots.shape
-    S = w13.shape[0]
+    T = topk_slots.shape[0]
     if out is None:
         out = torch.empty_like(hidden)
     if T == 0:
         return out
-    bm = config["BLOCK_M"]
     topk_slots = topk_slots.to(torch.int32).contiguous()
-    topk_weights = topk_weights.to(torch.float32).contiguous()
-    sorted_ids, block_slot = moe_align(topk_slots, S, bm)
-    inter = moe_up(hidden, w13, sorted_ids, block_slot, K, bm, config["up"])
-    pair_out = moe_down(inter, w2, sorted_ids, block_slot, topk_weights, bm, config["down"])
-    return moe_sum(pair_out, topk_slots, S, out)
+    pair_out = fused_moe_pairs_triton(hidden, w13, w2, topk_weights.to(torch.float32).contiguous(), topk_slots,
+                                      config)
+    return moe_sum(pair_out, topk_slots, w13.shape[0], out)

@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_testing import needs_triton
+from kernel_testing import needs_triton, poisoned
 
 from elastic.distributed.expert_parallel import ExpertParallelComm
 from elastic.distributed.peer_exchange import ExchangeShape, PeerExchange
@@ -78,10 +78,15 @@ def triton_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _moe_layers(world: int, w13: torch.Tensor, w2: torch.Tensor) -> list[FusedMoE]:
-    """One FusedMoE per rank holding its share of the experts (slot s = expert s % EXPERTS), fp32."""
+    """One FusedMoE per rank holding its share of the experts (slot s = expert s % EXPERTS), in w13's dtype."""
     layers = []
     for rank in range(world):
-        moe = FusedMoE(EXPERTS, TOP_K, H, INTER, renormalize=False, ep_size=world, ep_rank=rank)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(w13.dtype)  # the layer's slots are made in the default dtype
+        try:
+            moe = FusedMoE(EXPERTS, TOP_K, H, INTER, renormalize=False, ep_size=world, ep_rank=rank)
+        finally:
+            torch.set_default_dtype(default)
         spr = moe.slots_per_rank
         slots = torch.arange(rank * spr, (rank + 1) * spr) % EXPERTS
         moe.w13.data.copy_(w13[slots])
@@ -156,6 +161,42 @@ def test_exchange_equals_allgather_path(triton_on_cpu: None, monkeypatch: pytest
     for ex in ranks:
         assert int(ex.sequence) == 4 * len(steps)  # two barriers per layer, counted on the device
         assert int(ex.arrivals) == 0  # reset by each kernel's last CTA
+
+
+def test_pairs_summed_as_sent_equal_the_experts_own_sums(triton_on_cpu: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp16 experts run Triton's fused MoE, whose pair outputs the push sums as it sends them (no sum kernel):
+    bit for bit what the experts' own sums sent as they are give, with padding rows and a rank without tokens.
+    The experts' buffers start as NaN: a pair row never written (a slot on the other rank) is never read."""
+    from elastic.kernels import moe_triton
+
+    monkeypatch.setattr(moe_triton, "_alloc", poisoned)
+    world, tokens = 2, (3, 0)
+    g = torch.Generator().manual_seed(7)
+    w13 = (torch.randn(EXPERTS, 2 * INTER, H, generator=g) / 4).half()
+    w2 = (torch.randn(EXPERTS, H, INTER, generator=g) / 4).half()
+    layers = _moe_layers(world, w13, w2)
+    inputs = [(h.half(), s, w) for h, s, w in _step_inputs(g, tokens, 0)]
+    assert layers[0].compute_local_pairs(layers[0].live, inputs[0][0], inputs[0][2], inputs[0][1].int()) is not None
+    results = {(r, fused): torch.zeros(tokens[r], H, dtype=torch.float16).share_memory_()
+               for r in range(world) for fused in (True, False)}
+
+    shared = _ranks(world, capacity=4, dtype=torch.float16)
+
+    def run_shared(rank: int) -> None:
+        moe, (hidden, slots, weights) = layers[rank], inputs[rank]
+        comm = ExpertParallelComm(None, "p2p", shared[rank])  # type: ignore[arg-type]
+        for fused in (True, False):
+            if not fused:
+                moe.compute_local_pairs = lambda *args: None
+            results[rank, fused].copy_(comm._p2p(moe, moe.live, hidden, weights, slots, max(tokens), local=False))
+
+    _run_ranks(world, run_shared)
+    for rank in range(world):
+        assert torch.equal(results[rank, True], results[rank, False]), rank
+        assert not results[rank, True].isnan().any()
+    hidden, slots, weights = inputs[0]
+    single = fused_moe_reference(hidden.float(), w13.float(), w2.float(), weights, slots.to(torch.int32))
+    torch.testing.assert_close(results[0, True].float(), single, rtol=2e-2, atol=2e-2)
 
 
 def test_dispatch_writes_each_rank_its_local_ids(triton_on_cpu: None) -> None:

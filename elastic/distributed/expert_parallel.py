@@ -46,10 +46,14 @@ class ExpertParallelComm:
         # hidden [T, H] -> every rank's rows [W * rows, H] here -> this rank's experts -> summed back [T, H].
         # `local`: a CUDA-graph warm-up runs the same kernels on this rank's own buffers only. The dispatch
         # writes each rank's own slot indices (int32, rank r's slots start at r * slots_per_rank), so the
-        # experts take them as they are: dispatch, experts, push, reduce and no glue kernel in between.
+        # experts take them as they are; the push sums each row's (row, k) pairs as it sends them: dispatch,
+        # experts (align, up, down), push, reduce, and no glue kernel in between.
         assert slots.first_slot == self.exchange.rank * slots.slots_per_rank, "EP rank != the exchange's rank"
         all_hidden, all_weights, all_ids = self.exchange.dispatch(hidden, physical, weights, rows,
                                                                   slots.slots_per_rank, local)
+        pairs = moe.compute_local_pairs(slots, all_hidden, all_weights, all_ids)  # [W * rows * K, H] | None
+        if pairs is not None:
+            return self.exchange.combine_into(pairs, hidden.shape[0], rows, local, pair_ids=all_ids)
         partial = moe.compute_local_ids(slots, all_hidden, all_weights, all_ids)  # [W * rows, H]
         return self.exchange.combine_into(partial, hidden.shape[0], rows, local)
 

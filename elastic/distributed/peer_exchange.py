@@ -172,11 +172,14 @@ class PeerExchange:
         n = self.world * rows
         return self.views["tokens"][:n], self.views["weights"][:n], self.views["ids"][:n]
 
-    def combine_into(self, partial: torch.Tensor, num_tokens: int, rows: int, local: bool = False) -> torch.Tensor:
-        """partial [W*rows, H] (this rank's experts' share for every rank's rows) -> this rank's [T, H] sums."""
+    def combine_into(self, partial: torch.Tensor, num_tokens: int, rows: int, local: bool = False,
+                     pair_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """partial [W*rows, H] (this rank's experts' share for every rank's rows) -> this rank's [T, H] sums.
+        With pair_ids (the dispatch's ids [W*rows, K]), partial is [W*rows*K, H], one row per (row, k) pair,
+        summed as it is sent (the experts' own sum kernel left out)."""
         tables = self.local_tables if local else self.tables
         ep_p2p.p2p_combine_push(partial, tables["combine"], self.combine.dtype, self.device_barrier, rows, self.rank,
-                                sync=not local)
+                                sync=not local, pair_ids=pair_ids)
         return ep_p2p.p2p_combine_reduce(self.combine, num_tokens, rows, self.world)
 
     def abort(self) -> None:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from elastic.forward_context import get_forward_context
-from elastic.kernels import fused_moe
+from elastic.kernels import fused_moe, fused_moe_pairs
 from elastic.kernels.routing import ids_to_slots, route_to_slots, slots_to_local
 
 # A model's own expert choice (e.g. DeepSeek's grouped top-k): router_logits [T, E] -> (weights [T, K] f32,
@@ -276,3 +276,12 @@ class FusedMoE(nn.Module):
         """compute_local for ids already among this rank's slots: local_ids [N, K] int32 in [0, slots_per_rank),
         -1: none (the peer-to-peer dispatch writes them so; no conversion kernel here)."""
         return self.backend(hidden, slots.w13, slots.w2, topk_weights, local_ids)
+
+    def compute_local_pairs(self, slots: ExpertSlots, hidden: torch.Tensor, topk_weights: torch.Tensor,
+                            local_ids: torch.Tensor) -> torch.Tensor | None:
+        """compute_local_ids before its sum over each row's K pairs: [N * K, H], row n*K+k the weighted output
+        of slot local_ids[n, k] (unwritten where local_ids < 0), for an exchange that sums as it sends. None
+        where the backend has no such form (the torch reference; another backend): use compute_local_ids."""
+        if self.backend is not fused_moe:
+            return None
+        return fused_moe_pairs(hidden, slots.w13, slots.w2, topk_weights, local_ids)
