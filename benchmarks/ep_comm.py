@@ -142,15 +142,19 @@ def print_barrier_ptx() -> None:
 
 
 def worker(rank: int, world: int, port: int, out_path: str | None, token_counts: list[int], check: bool,
-           max_programs: int | None) -> None:
+           max_programs: int | None, variants: list[str]) -> None:
     torch.cuda.set_device(rank)
     device = torch.device("cuda", rank)
     store = create_store("127.0.0.1", port, is_master=False)
     group = StatelessGroup(store, "ep-bench", rank, world, "nccl", device)
-    if max_programs:
-        from elastic.kernels import ep_p2p
+    from elastic.kernels import ep_p2p
 
+    if max_programs:
         ep_p2p._MAX_PROGRAMS = max_programs  # programs per destination rank (rows loop beyond)
+    if "gpu-arrivals" in variants:
+        ep_p2p._SYS_ARRIVALS = False
+    if "quick-wait" in variants:
+        ep_p2p._QUICK_WAIT = True
     if check:
         exchange = PeerExchange.over_group(group, ExchangeShape(world, max(token_counts), HIDDEN, TOP_K, torch.bfloat16))
         check_pair_sums(group, exchange, token_counts)
@@ -178,6 +182,10 @@ def worker(rank: int, world: int, port: int, out_path: str | None, token_counts:
                 result[f"{mode}_us"] = time_cuda(lambda: comm(moe, moe, hidden, weights, physical))
                 if mode != "alltoall":
                     result[f"{mode}_graph_us"] = time_graph(lambda: comm(moe, moe, hidden, weights, physical))
+            if mode == "p2p":  # the same kernels without their barriers: what the barriers cost
+                with set_forward_context(ForwardContext(attn=None, dp_num_tokens=[tokens] * world,
+                                                        stand_in_collectives=True)):
+                    result["p2p_no_barrier_graph_us"] = time_graph(lambda: comm(moe, moe, hidden, weights, physical))
         # alltoall sends each remote (token, k) pair's hidden row out and its result back
         a2a_bytes = 2 * remote * HIDDEN * 2
         # allgather sends this rank's rows to every other rank, reduce-scatter sends the others' sums back
@@ -193,11 +201,11 @@ def worker(rank: int, world: int, port: int, out_path: str | None, token_counts:
         print(f"{report['gpu']} x{world}: 256 MiB all-to-all {a2a_us:.0f} us -> {link_bps / 1e9:.0f} GB/s per rank")
         print("per layer, dispatch + combine, us (graph: replayed from a CUDA graph, as decode steps run)")
         print(f"{'tok/rank':>8} {'a2a':>7} {'a2a floor':>9} {'ag':>7} {'ag graph':>8} {'p2p':>7} {'p2p graph':>9} "
-              f"{'ag floor':>8}")
+              f"{'no barrier':>10} {'ag floor':>8}")
         for r in rows:
             print(f"{r['tokens_per_rank']:>8} {r['alltoall_us']:7.1f} {r['alltoall_floor_us']:9.1f} "
                   f"{r['allgather_us']:7.1f} {r['allgather_graph_us']:8.1f} {r['p2p_us']:7.1f} "
-                  f"{r['p2p_graph_us']:9.1f} {r['allgather_floor_us']:8.1f}")
+                  f"{r['p2p_graph_us']:9.1f} {r['p2p_no_barrier_graph_us']:10.1f} {r['allgather_floor_us']:8.1f}")
         if out_path:
             Path(out_path).write_text(json.dumps(report, indent=1))
     group.destroy()
@@ -213,13 +221,16 @@ def main() -> None:
                     help="instead of timing: real bf16 experts, p2p's fused pair sums against the unfused path")
     ap.add_argument("--max-programs", type=int, default=None,
                     help="p2p programs per destination rank (default: kernels/ep_p2p.py's)")
+    ap.add_argument("--variant", action="append", default=[], choices=["gpu-arrivals", "quick-wait"],
+                    help="p2p barrier experiments: CTA arrivals at GPU scope; polling with volatile loads")
     args = ap.parse_args()
     if args.world < 2:
         raise SystemExit("needs at least 2 GPUs")
     store = create_store("127.0.0.1", 0, is_master=True)
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     token_counts = [int(t) for t in args.tokens.split(",")]
-    mp.start_processes(worker, args=(args.world, store.port, args.out, token_counts, args.check, args.max_programs),
+    mp.start_processes(worker, args=(args.world, store.port, args.out, token_counts, args.check, args.max_programs,
+                                         args.variant),
                        nprocs=args.world, start_method="spawn")
 
 

@@ -53,6 +53,8 @@ from ._backend import cdiv, next_pow2
 
 _BLOCK_H = 1024
 _MAX_PROGRAMS = 512  # per destination rank: a program per row for every decode batch (graphs go up to 512)
+_SYS_ARRIVALS = True  # the CTAs' arrival atomics at system scope (benchmarks/ep_comm.py --gpu-arrivals tries GPU)
+_QUICK_WAIT = False  # the barrier polls with plain volatile loads, no self-signal (ep_comm.py --quick-wait)
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,8 @@ def p2p_dispatch(hidden: torch.Tensor, physical: torch.Tensor, weights: torch.Te
         hidden, physical, weights, tokens_table, weights_table, ids_table, barrier.pad_table, barrier.sequence,
         barrier.arrivals, barrier.abort, num_tokens, rows, rank, world, slots_per_rank, int(sync),
         hidden.stride(0), physical.stride(0), weights.stride(0), H=hidden.shape[1], K=top_k,
-        BLOCK_H=min(_BLOCK_H, next_pow2(hidden.shape[1])), BLOCK_K=next_pow2(top_k), num_warps=4)
+        BLOCK_H=min(_BLOCK_H, next_pow2(hidden.shape[1])), BLOCK_K=next_pow2(top_k),
+        SYS_ARRIVALS=_SYS_ARRIVALS, QUICK_WAIT=_QUICK_WAIT, num_warps=4)
 
 
 def p2p_combine_push(partial: torch.Tensor, combine_table: torch.Tensor, out_dtype: torch.dtype, barrier: Barrier,
@@ -113,7 +116,7 @@ def p2p_combine_push(partial: torch.Tensor, combine_table: torch.Tensor, out_dty
         partial.contiguous(), pair_ids.contiguous() if pair_ids is not None else combine_table, combine_table,
         barrier.pad_table, barrier.sequence, barrier.arrivals, barrier.abort, rows, rank, world, int(sync),
         H=hidden_size, PAIRS=pairs, OUT=TL_DTYPES[out_dtype], BLOCK_H=min(_BLOCK_H, next_pow2(hidden_size)),
-        BLOCK_P=next_pow2(pairs), num_warps=4)
+        BLOCK_P=next_pow2(pairs), SYS_ARRIVALS=_SYS_ARRIVALS, QUICK_WAIT=_QUICK_WAIT, num_warps=4)
 
 
 def p2p_combine_reduce(combine: torch.Tensor, num_tokens: int, rows: int, world: int) -> torch.Tensor:
