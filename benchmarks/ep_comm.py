@@ -142,19 +142,15 @@ def print_barrier_ptx() -> None:
 
 
 def worker(rank: int, world: int, port: int, out_path: str | None, token_counts: list[int], check: bool,
-           max_programs: int | None, variants: list[str]) -> None:
+           max_programs: int | None) -> None:
     torch.cuda.set_device(rank)
     device = torch.device("cuda", rank)
     store = create_store("127.0.0.1", port, is_master=False)
     group = StatelessGroup(store, "ep-bench", rank, world, "nccl", device)
-    from elastic.kernels import ep_p2p
-
     if max_programs:
+        from elastic.kernels import ep_p2p
+
         ep_p2p._MAX_PROGRAMS = max_programs  # programs per destination rank (rows loop beyond)
-    if "gpu-arrivals" in variants:
-        ep_p2p._SYS_ARRIVALS = False
-    if "quick-wait" in variants:
-        ep_p2p._QUICK_WAIT = True
     if check:
         exchange = PeerExchange.over_group(group, ExchangeShape(world, max(token_counts), HIDDEN, TOP_K, torch.bfloat16))
         check_pair_sums(group, exchange, token_counts)
@@ -221,16 +217,13 @@ def main() -> None:
                     help="instead of timing: real bf16 experts, p2p's fused pair sums against the unfused path")
     ap.add_argument("--max-programs", type=int, default=None,
                     help="p2p programs per destination rank (default: kernels/ep_p2p.py's)")
-    ap.add_argument("--variant", action="append", default=[], choices=["gpu-arrivals", "quick-wait"],
-                    help="p2p barrier experiments: CTA arrivals at GPU scope; polling with volatile loads")
     args = ap.parse_args()
     if args.world < 2:
         raise SystemExit("needs at least 2 GPUs")
     store = create_store("127.0.0.1", 0, is_master=True)
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     token_counts = [int(t) for t in args.tokens.split(",")]
-    mp.start_processes(worker, args=(args.world, store.port, args.out, token_counts, args.check, args.max_programs,
-                                         args.variant),
+    mp.start_processes(worker, args=(args.world, store.port, args.out, token_counts, args.check, args.max_programs),
                        nprocs=args.world, start_method="spawn")
 
 

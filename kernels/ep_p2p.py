@@ -25,15 +25,19 @@ layer's first barrier, which the peer reached only after summing the last layer'
 
 The barrier is the end of the dispatch and push kernels, run by the last of their CTAs:
 1. Every CTA stores its rows, then bar.sync (the stores of all its threads now precede, at CTA scope, what
-   its one signalling thread does next), then an acq_rel atomic add (system scope) on the rank's `arrivals`.
+   its one signalling thread does next), then an acq_rel atomic add (GPU scope) on the rank's `arrivals`.
 2. The CTA whose add returns (number of CTAs - 1) read the end of an RMW chain holding every other CTA's add:
    its acquire synchronizes with each of their releases, so every store of the grid, to this rank's memory or
    over NVLink to a peer's, happens before its next step.
-3. It bumps `sequence` to n and release-stores n into every rank's pad (system scope). Release is
-   cumulative (causality order is transitive across the CTA-, GPU- and system-scope steps): a peer whose
-   acquire reads n sees all the grid's stores, not only the last CTA's.
-4. It acquire-waits until its own pad shows n from every rank (or `abort`). The kernel then ends, and the next
-   kernel on the stream (the experts, the reduce) sees all that this acquire saw.
+3. It bumps `sequence` to n and release-stores n into every other rank's pad (system scope). Release is
+   cumulative (causality order is transitive across the CTA-, GPU- and system-scope steps, each of them a
+   release and an acquire of one scope that holds both threads): a peer whose acquire reads n sees all the
+   grid's stores, not only the last CTA's.
+4. It waits until its own pad shows n from every other rank (or `abort`), polling with volatile loads, then
+   reads each pad once more with an acquire load (which synchronizes with that rank's release). The kernel
+   then ends, and the next kernel on the stream (the experts, the reduce) sees all that these acquires saw.
+Step 1 at system scope and an acquire atomic per polling round (its value passed between the CTA's threads
+each round) cost ~6 us more per layer (2 x H100, `benchmarks/ep_comm.py`, docs/distributed.md).
 Only that one CTA waits, and only after every other CTA of its grid has finished, so a rank's wait never
 depends on a CTA the GPU has not scheduled (all CTAs waiting could deadlock across GPUs once a grid has more
 CTAs than resident slots). The last CTA resets `arrivals` to 0: the grid's other CTAs are done with it, and
@@ -53,8 +57,6 @@ from ._backend import cdiv, next_pow2
 
 _BLOCK_H = 1024
 _MAX_PROGRAMS = 512  # per destination rank: a program per row for every decode batch (graphs go up to 512)
-_SYS_ARRIVALS = True  # the CTAs' arrival atomics at system scope (benchmarks/ep_comm.py --gpu-arrivals tries GPU)
-_QUICK_WAIT = False  # the barrier polls with plain volatile loads, no self-signal (ep_comm.py --quick-wait)
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,7 @@ def p2p_dispatch(hidden: torch.Tensor, physical: torch.Tensor, weights: torch.Te
         barrier.arrivals, barrier.abort, num_tokens, rows, rank, world, slots_per_rank, int(sync),
         hidden.stride(0), physical.stride(0), weights.stride(0), H=hidden.shape[1], K=top_k,
         BLOCK_H=min(_BLOCK_H, next_pow2(hidden.shape[1])), BLOCK_K=next_pow2(top_k),
-        SYS_ARRIVALS=_SYS_ARRIVALS, QUICK_WAIT=_QUICK_WAIT, num_warps=4)
+        num_warps=4)
 
 
 def p2p_combine_push(partial: torch.Tensor, combine_table: torch.Tensor, out_dtype: torch.dtype, barrier: Barrier,
@@ -116,7 +118,7 @@ def p2p_combine_push(partial: torch.Tensor, combine_table: torch.Tensor, out_dty
         partial.contiguous(), pair_ids.contiguous() if pair_ids is not None else combine_table, combine_table,
         barrier.pad_table, barrier.sequence, barrier.arrivals, barrier.abort, rows, rank, world, int(sync),
         H=hidden_size, PAIRS=pairs, OUT=TL_DTYPES[out_dtype], BLOCK_H=min(_BLOCK_H, next_pow2(hidden_size)),
-        BLOCK_P=next_pow2(pairs), SYS_ARRIVALS=_SYS_ARRIVALS, QUICK_WAIT=_QUICK_WAIT, num_warps=4)
+        BLOCK_P=next_pow2(pairs), num_warps=4)
 
 
 def p2p_combine_reduce(combine: torch.Tensor, num_tokens: int, rows: int, world: int) -> torch.Tensor:

@@ -5,9 +5,9 @@ Every rank maps every other rank's exchange buffer into its address space (symme
 the kernels get those buffers as tables of raw addresses, one per rank, and read or write them like local
 memory. The dispatch and combine-push kernels end in the rank's barrier: every CTA counts itself on a local
 arrival counter after its stores, and the CTA that arrives last runs the barrier for the whole kernel.
-Signals are int64 sequence numbers: a rank that reached barrier n stores n into every rank's pad, then waits
-until its own pad shows n (or more) from every rank, or until the host raised the abort flag (a dead peer
-must not leave the survivors spinning for ever).
+Signals are int64 sequence numbers: a rank that reached barrier n stores n into every other rank's pad, then
+waits until its own pad shows n (or more) from every other rank, or until the host raised the abort flag (a
+dead peer must not leave the survivors spinning for ever).
 
 Runtime ints that differ between ranks (rank), steps (rows, num_tokens) or layouts (world, slots per rank)
 are not specialized on: every rank and batch size runs one compiled variant per kernel and dtype.
@@ -28,60 +28,47 @@ def _peer(table, rank, dtype: tl.constexpr):
 
 
 @triton.jit
-def _barrier(pad_table, sequence, abort, rank, world, QUICK_WAIT: tl.constexpr):
+def _barrier(pad_table, sequence, abort, rank, world):
     # Scalar code, run by one CTA of this rank. `sequence` counts this rank's barriers on the device, so
     # CUDA-graph replays advance it too.
     n = tl.load(sequence) + 1
     tl.store(sequence, n)
     # Release: everything this CTA has observed (the kernel's stores, see _arrive) is visible to a rank that
-    # sees n. Tell every rank (itself too) that this rank reached barrier n.
-    if QUICK_WAIT:
-        for peer in range(world):
-            if peer != rank:
-                tl.atomic_xchg(_peer(pad_table, peer, tl.int64) + rank, n, sem="release", scope="sys")
-        mine = _peer(pad_table, rank, tl.int64)
-        for peer in range(world):
-            if peer != rank:
-                # Every thread polls (a plain volatile load, no broadcast between threads per round); one
-                # acquire load of the value seen then synchronizes with the peer's release.
-                seen = tl.load(mine + peer, volatile=True)
-                stop = tl.load(abort, volatile=True)
-                while (seen < n) & (stop == 0):
-                    seen = tl.load(mine + peer, volatile=True)
-                    stop = tl.load(abort, volatile=True)
-                tl.atomic_add(mine + peer, 0, sem="acquire", scope="sys")
-    else:
-        for peer in range(world):
+    # sees n. Tell every other rank that this rank reached barrier n.
+    for peer in range(world):
+        if peer != rank:
             tl.atomic_xchg(_peer(pad_table, peer, tl.int64) + rank, n, sem="release", scope="sys")
-        mine = _peer(pad_table, rank, tl.int64)
-        for peer in range(world):
-            seen = tl.atomic_add(mine + peer, 0, sem="acquire", scope="sys")
+    mine = _peer(pad_table, rank, tl.int64)
+    for peer in range(world):
+        if peer != rank:
+            # Every thread polls with plain volatile loads: an acquire atomic per round would pass its value
+            # between the threads through shared memory and a CTA barrier, each round (2 x H100: ~1.5 us per
+            # barrier). One acquire load of the value seen then synchronizes with the peer's release.
+            seen = tl.load(mine + peer, volatile=True)
             stop = tl.load(abort, volatile=True)
             while (seen < n) & (stop == 0):
-                seen = tl.atomic_add(mine + peer, 0, sem="acquire", scope="sys")
+                seen = tl.load(mine + peer, volatile=True)
                 stop = tl.load(abort, volatile=True)
+            tl.atomic_add(mine + peer, 0, sem="acquire", scope="sys")
 
 
 @triton.jit
-def _arrive(arrivals, pad_table, sequence, abort, rank, world, sync, SYS_ARRIVALS: tl.constexpr,
-            QUICK_WAIT: tl.constexpr):
+def _arrive(arrivals, pad_table, sequence, abort, rank, world, sync):
     # Every CTA, after its stores: count it; the last CTA of the grid runs the barrier (when `sync`), so no
     # CTA ever waits for a CTA that may not be resident. bar.sync first: the stores of every thread of this
     # CTA precede (CTA scope) the one thread's release below.
     tl.debug_barrier()
     total = tl.num_programs(0) * tl.num_programs(1)
-    # acq_rel: releases this CTA's stores; the last CTA's acquire reads the end of the RMW chain, so it
-    # synchronizes with every earlier CTA's release.
-    if SYS_ARRIVALS:
-        arrived = tl.atomic_add(arrivals, 1, sem="acq_rel", scope="sys")
-    else:  # (an experiment: GPU scope here, the system-scope release only in the barrier's signal)
-        arrived = tl.atomic_add(arrivals, 1, sem="acq_rel", scope="gpu")
+    # acq_rel at GPU scope: releases this CTA's stores; the last CTA's acquire reads the end of the RMW chain,
+    # so it synchronizes with every earlier CTA's release, and its system-scope release in the barrier passes
+    # them all on (causality is transitive across scopes). System scope here cost ~1.5 us per kernel.
+    arrived = tl.atomic_add(arrivals, 1, sem="acq_rel", scope="gpu")
     if arrived == total - 1:
         # Every other CTA of this grid has counted itself: reset for the next kernel on this stream (it
         # starts after this one ends; a reset on the device keeps CUDA-graph replays right).
         tl.store(arrivals, 0)
         if sync != 0:
-            _barrier(pad_table, sequence, abort, rank, world, QUICK_WAIT)
+            _barrier(pad_table, sequence, abort, rank, world)
 
 
 @triton.jit
@@ -111,7 +98,7 @@ def _dispatch_row(hidden, physical, weights, tokens, out_weights, out_ids, row, 
 def p2p_dispatch_kernel(hidden, physical, weights, tokens_table, weights_table, ids_table, pad_table, sequence,
                         arrivals, abort, num_tokens, rows, rank, world, slots_per_rank, sync, stride_hidden,
                         stride_physical, stride_weights, H: tl.constexpr, K: tl.constexpr, BLOCK_H: tl.constexpr,
-                        BLOCK_K: tl.constexpr, SYS_ARRIVALS: tl.constexpr, QUICK_WAIT: tl.constexpr):
+                        BLOCK_K: tl.constexpr):
     # grid (programs, world): this rank's row `row` goes to rank `dst` at row rank * rows + row of its
     # buffers, each program taking every programs-th row; then the barrier (the grid has a CTA even when
     # rows == 0, so every step passes it).
@@ -123,13 +110,13 @@ def p2p_dispatch_kernel(hidden, physical, weights, tokens_table, weights_table, 
         out_ids = _peer(ids_table, dst, tl.int32) + out_row * K
         _dispatch_row(hidden, physical, weights, tokens, out_weights, out_ids, row, dst, num_tokens,
                       slots_per_rank, stride_hidden, stride_physical, stride_weights, H, K, BLOCK_H, BLOCK_K)
-    _arrive(arrivals, pad_table, sequence, abort, rank, world, sync, SYS_ARRIVALS, QUICK_WAIT)
+    _arrive(arrivals, pad_table, sequence, abort, rank, world, sync)
 
 
 @triton.jit(do_not_specialize=["rows", "rank", "world", "sync"])
 def p2p_combine_push_kernel(partial, pair_ids, combine_table, pad_table, sequence, arrivals, abort, rows, rank, world,
                             sync, H: tl.constexpr, PAIRS: tl.constexpr, OUT: tl.constexpr, BLOCK_H: tl.constexpr,
-                            BLOCK_P: tl.constexpr, SYS_ARRIVALS: tl.constexpr, QUICK_WAIT: tl.constexpr):
+                            BLOCK_P: tl.constexpr):
     # grid (programs, world): rows [dst * rows, (dst + 1) * rows) of this rank's results belong to rank `dst`;
     # they land, as OUT (the buffer's dtype), at rows [rank * rows, ...) of its combine buffer, each program
     # taking every programs-th row. Then the barrier. PAIRS > 1: `partial` holds each row's PAIRS (token, k)
@@ -152,7 +139,7 @@ def p2p_combine_push_kernel(partial, pair_ids, combine_table, pad_table, sequenc
             else:
                 total = tl.load(partial + src * H + offs, mask=offs < H)
             tl.store(combine + offs, total.to(OUT), mask=offs < H)
-    _arrive(arrivals, pad_table, sequence, abort, rank, world, sync, SYS_ARRIVALS, QUICK_WAIT)
+    _arrive(arrivals, pad_table, sequence, abort, rank, world, sync)
 
 
 @triton.jit(do_not_specialize=["rows", "world"])
