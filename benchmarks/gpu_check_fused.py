@@ -1,6 +1,7 @@
 """Correctness (and decode cost) of the small fused kernels on a GPU, bf16, Qwen3-30B-A3B shapes:
 RMSNorm (plain / strided rows / per head / fused with the residual add), rotary and per-head
-q/k norm + rotary, and routing to physical expert slots (replicas, EP-local slots, load counts).
+q/k norm + rotary (also writing k and v into the paged cache), and routing to physical expert
+slots (replicas, EP-local slots, load counts).
 
     PYTHONPATH=$PWD python benchmarks/gpu_check_fused.py [--out fused.json] [--no-bench]
     python benchmarks/gpu_check_fused.py --smoke      # CPU, Triton interpreter, fp16: script check
@@ -149,6 +150,25 @@ def check_rotary(dev: str, dtype: torch.dtype, tokens: list[int]) -> None:
         ref = rotary.qk_norm_rotary_reference(pos, q, k, qw, kw, EPS, cos, sin)
         for name, a, b in zip("qk", got, ref):
             record("qk_norm_rotary", f"{name} T={T}", a, b)
+        check_rotary_into_cache(dev, T, q, k, pos, qw, kw, cos, sin, g)
+
+
+def check_rotary_into_cache(dev: str, T: int, q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, qw: torch.Tensor,
+                            kw: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, g: torch.Generator) -> None:
+    """The attention layer's fused kernel (norm + rotary, k and v written into the paged cache) against the two
+    kernels it replaces: bit for bit, q and both caches (a padding row's slot -1 writes nothing)."""
+    from elastic.kernels.attention import store_kvcache
+
+    block_size = 16
+    v = torch.randn(T, HKV, D, device=dev, generator=g).to(q.dtype)
+    slots = torch.randperm(2 * T * block_size, device=dev, generator=g)[:T]
+    slots[T // 2] = -1
+    caches = [torch.full((2 * T, block_size, HKV, D), 7.0, dtype=q.dtype, device=dev) for _ in range(4)]
+    got_q = rotary.qk_rotary_store(pos, q, k, v, cos, sin, caches[0], caches[1], slots, qw, kw, EPS)
+    ref_q, ref_k = rotary.qk_norm_rotary(pos, q, k, qw, kw, EPS, cos, sin)
+    store_kvcache(ref_k, v, caches[2], caches[3], slots)
+    same = torch.equal(got_q, ref_q) and torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    record_exact("qk_rotary_store", f"T={T} = norm+rotary, then store", same)
 
 
 @guarded

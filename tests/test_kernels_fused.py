@@ -262,3 +262,35 @@ def test_route_to_slots_triton(interp, T, E, K, num_physical, ranks, renorm, dty
     # topk_route shares the softmax/top-k code with route_to_slots
     tw, tids = ek.topk_route(logits, K, renorm)
     assert torch.equal(tw, w) and torch.equal(tids, ek.topk_route_reference(logits, K, renorm)[1])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("T,Hq,Hkv,D", [(1, 4, 2, 16), (9, 6, 1, 24)])
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_rotary_into_cache_triton(interp, dtype, T, Hq, Hkv, D, qk_norm):
+    """The fused kernel (rotary, then k and v written into the paged cache) equals the two steps: the same
+    rotated q, and a cache holding the same values where the slots point (a padding row's slot -1 writes
+    nothing)."""
+    attention = importlib.import_module(ek.__name__ + ".attention")
+    P, blocks, block_size = 40, 4, 8
+    cos, sin = _tables(P, D)
+    q, k = _qkv_views(T, Hq, Hkv, D, dtype, "cache")
+    v = torch.randn(T, Hkv, D, generator=_gen("v", T)).to(dtype)
+    positions = torch.randint(0, P, (T,), generator=_gen("pos", T))
+    slots = torch.randperm(blocks * block_size, generator=_gen("slots", T))[:T]
+    slots[T // 2] = -1
+    g = _gen("w", D)
+    qw, kw = ((torch.rand(D, generator=g) + 0.5).to(dtype), (torch.rand(D, generator=g) + 0.5).to(dtype)) \
+        if qk_norm else (None, None)
+    caches = [torch.full((blocks, block_size, Hkv, D), 7.0, dtype=dtype) for _ in range(4)]
+    got_q = rotary.qk_rotary_store(positions, q, k, v, cos, sin, caches[0], caches[1], slots, qw, kw, 1e-6)
+    if qk_norm:
+        ref_q, ref_k = rotary.qk_norm_rotary(positions, q, k, qw, kw, 1e-6, cos, sin)
+    else:
+        ref_q, ref_k = rotary.apply_rotary(positions, q, k, cos, sin)
+    attention.store_kvcache(ref_k, v, caches[2], caches[3], slots)
+    assert torch.equal(got_q, ref_q)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    written = (caches[0] != 7.0).flatten(2).any(-1).sum()  # cache rows (block, offset) written
+    assert int(written) == int((slots >= 0).sum())  # none for the padding row

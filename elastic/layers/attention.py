@@ -8,6 +8,8 @@ from torch import nn
 
 from elastic.forward_context import get_forward_context
 from elastic.kernels import paged_attention, store_kvcache
+from elastic.layers.norm import RMSNorm
+from elastic.layers.rotary import RotaryEmbedding
 
 
 class PagedCacheLayer(nn.Module, abc.ABC):
@@ -39,11 +41,17 @@ class Attention(PagedCacheLayer):
     def bind_kv_cache(self, caches: list[torch.Tensor]) -> None:
         self.k_cache, self.v_cache = caches
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        # q [T, Hq, D]; k, v [T, Hkv, D] -> [T, Hq, D]
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor | None = None,
+                rotary: RotaryEmbedding | None = None, qk_norms: tuple[RMSNorm, RMSNorm] | None = None
+                ) -> torch.Tensor:
+        # q [T, Hq, D]; k, v [T, Hkv, D] -> [T, Hq, D]. With `rotary` (and Qwen3's per-head `qk_norms`), q and
+        # k are rotated here (positions [T]): on CUDA in the kernel that writes k and v into the cache.
         md = get_forward_context().attn
         if md is None:  # dummy/profiling run without a cache: only shapes and memory matter
             return v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
-        store_kvcache(k, v, self.k_cache, self.v_cache, md.slot_mapping)
+        if rotary is not None:
+            q = rotary.rotate_into_cache(positions, q, k, v, self.k_cache, self.v_cache, md.slot_mapping, qk_norms)
+        else:
+            store_kvcache(k, v, self.k_cache, self.v_cache, md.slot_mapping)
         return paged_attention(q, self.k_cache, self.v_cache, md.block_tables, md.query_start_loc, md.seq_lens,
                                self.scale, md.max_query_len, md.max_seq_len)

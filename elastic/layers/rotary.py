@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from elastic.config.model_arch import YarnScaling
-from elastic.kernels.rotary import apply_rotary, qk_norm_rotary
+from elastic.kernels.rotary import apply_rotary, qk_norm_rotary, qk_rotary_store
 from elastic.layers.norm import RMSNorm
 
 
@@ -65,3 +65,15 @@ class RotaryEmbedding(nn.Module):
             return apply_rotary(positions, q, k, self.cos, self.sin)
         assert q_norm.eps == k_norm.eps, "the fused q/k norm uses one eps"
         return qk_norm_rotary(positions, q, k, q_norm.weight, k_norm.weight, q_norm.eps, self.cos, self.sin)
+
+    def rotate_into_cache(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                          qk_norms: tuple[RMSNorm, RMSNorm] | None = None) -> torch.Tensor:
+        """forward, with the rotated k and v [T, Hkv, D] written into the paged caches at slot_mapping (what
+        store_kvcache does) -> the rotated q. One kernel on CUDA, where the two steps are two."""
+        if qk_norms is None:
+            return qk_rotary_store(positions, q, k, v, self.cos, self.sin, k_cache, v_cache, slot_mapping)
+        q_norm, k_norm = qk_norms
+        assert q_norm.eps == k_norm.eps, "the fused q/k norm uses one eps"
+        return qk_rotary_store(positions, q, k, v, self.cos, self.sin, k_cache, v_cache, slot_mapping,
+                               q_norm.weight, k_norm.weight, q_norm.eps)

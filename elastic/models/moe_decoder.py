@@ -42,11 +42,9 @@ class SelfAttention(nn.Module):
         q = q.view(-1, arch.num_heads, arch.head_dim)  # [T, Hq, D]
         k = k.view(-1, arch.num_kv_heads, arch.head_dim)  # [T, Hkv, D]
         v = v.view(-1, arch.num_kv_heads, arch.head_dim)
-        if arch.qk_norm == "per_head":  # per-head RMSNorm then rotary: one fused kernel on CUDA
-            q, k = self.rotary(positions, q, k, self.q_norm, self.k_norm)
-        else:
-            q, k = self.rotary(positions, q, k)
-        return self.o_proj(self.attn(q, k, v).flatten(1))
+        # Rotated (after Qwen3's per-head RMSNorm) where k is written into the cache: one kernel on CUDA.
+        norms = (self.q_norm, self.k_norm) if arch.qk_norm == "per_head" else None
+        return self.o_proj(self.attn(q, k, v, positions, self.rotary, norms).flatten(1))
 
 
 class DenseMLP(nn.Module):
