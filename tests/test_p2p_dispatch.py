@@ -163,14 +163,16 @@ def test_exchange_equals_allgather_path(triton_on_cpu: None, monkeypatch: pytest
         assert int(ex.arrivals) == 0  # reset by each kernel's last CTA
 
 
-def test_pairs_summed_as_sent_equal_the_experts_own_sums(triton_on_cpu: None, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("tokens", [(3, 0), (1, 2)])  # (1, 2): few rows, summed by the push kernel's last CTA
+def test_pairs_summed_as_sent_equal_the_experts_own_sums(triton_on_cpu: None, monkeypatch: pytest.MonkeyPatch,
+                                                         tokens: tuple[int, int]) -> None:
     """fp16 experts run Triton's fused MoE, whose pair outputs the push sums as it sends them (no sum kernel):
     bit for bit what the experts' own sums sent as they are give, with padding rows and a rank without tokens.
     The experts' buffers start as NaN: a pair row never written (a slot on the other rank) is never read."""
     from elastic.kernels import moe_triton
 
     monkeypatch.setattr(moe_triton, "_alloc", poisoned)
-    world, tokens = 2, (3, 0)
+    world = 2
     g = torch.Generator().manual_seed(7)
     w13 = (torch.randn(EXPERTS, 2 * INTER, H, generator=g) / 4).half()
     w2 = (torch.randn(EXPERTS, H, INTER, generator=g) / 4).half()
@@ -194,9 +196,10 @@ def test_pairs_summed_as_sent_equal_the_experts_own_sums(triton_on_cpu: None, mo
     for rank in range(world):
         assert torch.equal(results[rank, True], results[rank, False]), rank
         assert not results[rank, True].isnan().any()
-    hidden, slots, weights = inputs[0]
-    single = fused_moe_reference(hidden.float(), w13.float(), w2.float(), weights, slots.to(torch.int32))
-    torch.testing.assert_close(results[0, True].float(), single, rtol=2e-2, atol=2e-2)
+    for rank in range(world):
+        hidden, slots, weights = inputs[rank]
+        single = fused_moe_reference(hidden.float(), w13.float(), w2.float(), weights, slots.to(torch.int32))
+        torch.testing.assert_close(results[rank, True].float(), single, rtol=2e-2, atol=2e-2)
 
 
 def test_dispatch_writes_each_rank_its_local_ids(triton_on_cpu: None) -> None:
