@@ -6,6 +6,7 @@ checkpoints of every family, then a Qwen3-30B-A3B-shaped dummy model end to end.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import sys
@@ -56,7 +57,9 @@ def compare_family(family: str, root: Path, lengths: tuple[int, ...] = (5, 17, 4
                                                                   greedy, use_tqdm=False)]
             row["same_after_graph_recapture"] = again == tokens
         rows.append(row)
+        gpu.shutdown()
         del gpu
+        gc.collect()  # the engine and its decode pipeline refer to each other: freed by the cycle collector
         torch.cuda.empty_cache()
     return rows
 
