@@ -6,7 +6,9 @@
 #      (every family against transformers on one GPU), gpu_check_dp.py (fp32 DP=2 p2p = one GPU, bf16 agreement);
 #   2. ep_comm.py timing at 1/2/64/128 tokens per rank (p2p with and without its barriers);
 #   3. decode.py, Qwen3-30B-A3B shape: DP=2 p2p and DP=1 at ${BATCHES:-1,16,64} per rank;
-#   4. profile_dp_step.py at 1 and 64 per rank: kernel table and the exchange kernels' waits by layer.
+#   4. profile_dp_step.py at 1 and 64 per rank: kernel table and the exchange kernels' waits by layer; and a
+#      1 024-token prefill on rank 0 beside an idle rank 1;
+#   5. with SERVE=1: serving at c=1 and c=64, DP=1 then DP=2.
 #   bash benchmarks/gpu_ep_fast.sh
 set -uo pipefail
 out=${OUT:-.}
@@ -24,8 +26,15 @@ part comm 60 python3 benchmarks/ep_comm.py --world 2 --tokens 1,2,64,128 --out "
 part dp2 100 python3 benchmarks/decode.py --shape qwen3-30b-a3b --data-parallel-size 2 --ep-dispatch p2p \
     --batch-sizes "$batches" --out "$out/epf_dp2.json"
 part dp1 80 python3 benchmarks/decode.py --shape qwen3-30b-a3b --batch-sizes "$batches" --out "$out/epf_dp1.json"
-TAIL=2 part profile 150 python3 benchmarks/profile_dp_step.py --world 2 --mode p2p --batches 1,64
-grep -E "median step|_kernel: first layer" "$out/epf_profile.log"
+TAIL=2 part profile 150 python3 benchmarks/profile_dp_step.py --world 2 --mode p2p --batches 1,64 --prefill 1024
+grep -E "median step|_kernel: first layer|prefill of" "$out/epf_profile.log"
+if [ "${SERVE:-0}" = 1 ]; then  # a short serving comparison: c=1 and c=64, one GPU against two
+  TAG=dp1 CONCS="1 64" part serve_dp1 150 bash benchmarks/gpu_serve.sh
+  TAG=dp2 CONCS="1 64" part serve_dp2 150 bash benchmarks/gpu_serve.sh --data-parallel-size 2
+  for f in "$out"/dp*_c*.json; do
+    python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[1].split('/')[-1], round(r['output_throughput']), 'tok/s, TTFT', round(r['mean_ttft_ms'], 1), 'ms, TPOT', round(r['mean_tpot_ms'], 2), 'ms, failed', r['failed'])" "$f"
+  done
+fi
 echo
 echo "== EP fast path ($(python3 -c 'import torch; print(torch.cuda.get_device_name())' 2>/dev/null))"
 printf '%s\n' "${status[@]}"
