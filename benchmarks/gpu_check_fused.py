@@ -172,27 +172,6 @@ def check_rotary_into_cache(dev: str, T: int, q: torch.Tensor, k: torch.Tensor, 
 
 
 @guarded
-def check_gate_routing(dev: str, dtype: torch.dtype, tokens: list[int]) -> None:
-    """The router's GEMM fused into the routing kernel against cuBLAS's GEMM then route_to_slots: weights to bf16
-    logit rounding, and the same slots for (nearly) every token (a logit one ulp apart after another order of
-    summation can swap two experts whose probabilities tie to that ulp)."""
-    l2p, counts = placement(dev)
-    num_physical = E + REDUNDANT
-    spr = num_physical // RANKS
-    for T in tokens:
-        g = gen(dev, "gate_route", T)
-        hidden = torch.randn(T, H, device=dev, generator=g).to(dtype)
-        gate = (torch.randn(E, H, device=dev, generator=g) / H ** 0.5).to(dtype)
-        load, ref_load = (torch.zeros(num_physical, dtype=torch.long, device=dev) for _ in range(2))
-        got = routing.gate_route_to_slots(hidden, gate, K, True, l2p, counts, load, spr, spr)
-        ref = routing.route_to_slots(torch.nn.functional.linear(hidden, gate), K, True, l2p, counts, ref_load, spr,
-                                     spr)
-        record("gate_route w", f"T={T} {str(dtype)[6:]}", got[0], ref[0])
-        same_rows = (got[1].sort(dim=1).values == ref[1].sort(dim=1).values).all(dim=1).float().mean().item()
-        record_exact("gate_route slots", f"T={T}: {same_rows:.1%} tokens the same", same_rows >= 0.98)
-
-
-@guarded
 def check_routing(dev: str, dtype: torch.dtype, tokens: list[int]) -> None:
     l2p, counts = placement(dev)
     num_physical = E + REDUNDANT
@@ -350,7 +329,6 @@ def main() -> None:
     check_norm(dev, dtype, tokens)
     check_rotary(dev, dtype, tokens)
     check_routing(dev, dtype, tokens)
-    check_gate_routing(dev, dtype, tokens)
     bench_rows = []
     if not args.smoke:
         check_graph(dev, dtype)

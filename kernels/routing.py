@@ -3,7 +3,6 @@ the chosen logical experts to physical expert slots (replicas, this rank's local
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ._backend import cdiv, next_pow2, use_triton
 
@@ -201,63 +200,24 @@ def route_to_slots(router_logits: torch.Tensor, top_k: int, renormalize: bool,
                                         logical_replica_count, expert_load, first_slot, slots_per_rank, num_valid)
     from .routing_triton import _route_to_slots_kernel
 
-    assert logical_to_physical.shape[0] == E
-    if router_logits.stride(-1) != 1:
-        router_logits = router_logits.contiguous()
-    weights, physical, local, maps = _slot_outputs(T, top_k, logical_to_physical, logical_replica_count, expert_load,
-                                                   num_valid, router_logits.device)
-    block_t = _block_t(T, E)
-    _route_to_slots_kernel[(cdiv(T, block_t),)](
-        router_logits, weights, physical, local, *maps, T, E, router_logits.stride(0), maps[0].stride(0), first_slot,
-        slots_per_rank, TOP_K=top_k, RENORM=renormalize, RECORD=expert_load is not None,
-        HAS_VALID=num_valid is not None, BLOCK_T=block_t, BLOCK_E=next_pow2(E), BLOCK_K=next_pow2(top_k),
-        num_warps=4)
-    return weights, physical, local
-
-
-def _slot_outputs(T: int, top_k: int, logical_to_physical: torch.Tensor, logical_replica_count: torch.Tensor,
-                  expert_load: torch.Tensor | None, num_valid: torch.Tensor | None, dev: torch.device
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
-    """The routing kernels' outputs (weights, physical, local) and map arguments (l2p, counts, load, valid)."""
-    assert logical_to_physical.dim() == 2
+    assert logical_to_physical.dim() == 2 and logical_to_physical.shape[0] == E
     assert logical_to_physical.dtype == logical_replica_count.dtype == torch.int64
     assert expert_load is None or (expert_load.dtype == torch.int64 and expert_load.is_contiguous())
+    if router_logits.stride(-1) != 1:
+        router_logits = router_logits.contiguous()
     l2p = logical_to_physical if logical_to_physical.stride(-1) == 1 else logical_to_physical.contiguous()
     counts = logical_replica_count.contiguous()
+    dev = router_logits.device
     weights = _alloc(T, top_k, dtype=torch.float32, device=dev)
     physical = _alloc(T, top_k, dtype=torch.int64, device=dev)
     local = _alloc(T, top_k, dtype=torch.int32, device=dev)
-    load = expert_load if expert_load is not None else physical     # dummy: never touched unless RECORD
-    valid = num_valid if num_valid is not None else counts          # dummy: never read unless HAS_VALID
-    return weights, physical, local, (l2p, counts, load, valid)
-
-
-def gate_route_to_slots(hidden: torch.Tensor, gate_weight: torch.Tensor, top_k: int, renormalize: bool,
-                        logical_to_physical: torch.Tensor, logical_replica_count: torch.Tensor,
-                        expert_load: torch.Tensor | None, first_slot: int, slots_per_rank: int,
-                        num_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """route_to_slots(F.linear(hidden, gate_weight), ...): hidden [T, H], gate_weight [E, H] (the router, no
-    bias). On CUDA (bf16/fp16, E <= 256) one Triton kernel computes the router's logits too (fp32 sums rounded
-    to hidden's dtype, as the linear layer's output is), where cuBLAS's GEMM and the routing were two launches
-    (~5 us each at decode sizes on an H100); elsewhere the two steps."""
-    T, H = hidden.shape
-    E = gate_weight.shape[0]
-    fused = (use_triton(hidden) and hidden.dtype in (torch.bfloat16, torch.float16) and gate_weight.dtype == hidden.dtype
-             and gate_weight.shape[1] == H and E <= 256 and T > 0 and hidden.stride(-1) == 1
-             and gate_weight.stride(-1) == 1)
-    if not fused:
-        return route_to_slots(F.linear(hidden, gate_weight), top_k, renormalize, logical_to_physical,
-                              logical_replica_count, expert_load, first_slot, slots_per_rank, num_valid)
-    from .routing_triton import _gate_route_to_slots_kernel
-
-    assert logical_to_physical.shape[0] == E
-    weights, physical, local, maps = _slot_outputs(T, top_k, logical_to_physical, logical_replica_count, expert_load,
-                                                   num_valid, hidden.device)
-    block_t = 16  # tl.dot's smallest tile; a decode batch of 1 masks the rest
-    _gate_route_to_slots_kernel[(cdiv(T, block_t),)](
-        hidden, gate_weight, weights, physical, local, *maps, T, E, hidden.stride(0), gate_weight.stride(0),
-        maps[0].stride(0), first_slot, slots_per_rank, H=H, TOP_K=top_k, RENORM=renormalize,
-        RECORD=expert_load is not None, HAS_VALID=num_valid is not None, BLOCK_T=block_t,
-        BLOCK_E=max(16, next_pow2(E)), BLOCK_H=min(128, max(16, next_pow2(H))), BLOCK_K=next_pow2(top_k),
-        num_warps=4)
+    block_t = _block_t(T, E)
+    _route_to_slots_kernel[(cdiv(T, block_t),)](
+        router_logits, weights, physical, local, l2p, counts,
+        expert_load if expert_load is not None else physical,      # dummy: never touched unless RECORD
+        num_valid if num_valid is not None else counts,            # dummy: never read unless HAS_VALID
+        T, E, router_logits.stride(0), l2p.stride(0), first_slot, slots_per_rank,
+        TOP_K=top_k, RENORM=renormalize, RECORD=expert_load is not None, HAS_VALID=num_valid is not None,
+        BLOCK_T=block_t,
+        BLOCK_E=next_pow2(E), BLOCK_K=next_pow2(top_k), num_warps=4)
     return weights, physical, local

@@ -8,18 +8,10 @@ def _softmax_topk(logits_ptr, offs_t, t_ok, E, stride_t, TOP_K: tl.constexpr, RE
                   BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
     # -> (weights [BLOCK_T, BLOCK_K] f32, ids [BLOCK_T, BLOCK_K] int32), descending weights.
     offs_e = tl.arange(0, BLOCK_E)
+    offs_k = tl.arange(0, BLOCK_K)
     x = tl.load(logits_ptr + offs_t[:, None].to(tl.int64) * stride_t + offs_e[None, :],
                 mask=t_ok[:, None] & (offs_e < E)[None, :], other=float("-inf"))
-    return _softmax_topk_tile(x.to(tl.float32), t_ok, E, TOP_K, RENORM, BLOCK_T, BLOCK_E, BLOCK_K)
-
-
-@triton.jit
-def _softmax_topk_tile(x, t_ok, E, TOP_K: tl.constexpr, RENORM: tl.constexpr, BLOCK_T: tl.constexpr,
-                       BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
-    # x [BLOCK_T, BLOCK_E] f32 logits (-inf past E) -> _softmax_topk's result.
-    offs_e = tl.arange(0, BLOCK_E)
-    offs_k = tl.arange(0, BLOCK_K)
-    x = tl.where(t_ok[:, None], x, 0.0)                             # [BLOCK_T, BLOCK_E]
+    x = tl.where(t_ok[:, None], x.to(tl.float32), 0.0)            # [BLOCK_T, BLOCK_E]
     p = tl.exp(x - tl.max(x, axis=1)[:, None])
     p = p / tl.sum(p, axis=1)[:, None]
     p = tl.where((offs_e < E)[None, :], p, -1.0)                   # padding never wins
@@ -63,37 +55,6 @@ def _route_to_slots_kernel(logits_ptr, w_ptr, phys_ptr, local_ptr, l2p_ptr, coun
     offs_k = tl.arange(0, BLOCK_K)
     t_ok = offs_t < T
     w, ids = _softmax_topk(logits_ptr, offs_t, t_ok, E, stride_t, TOP_K, RENORM, BLOCK_T, BLOCK_E, BLOCK_K)
-    out_mask = t_ok[:, None] & (offs_k < TOP_K)[None, :]
-    out_off = offs_t[:, None] * TOP_K + offs_k[None, :]
-    tl.store(w_ptr + out_off, w, mask=out_mask)
-    _store_slots(ids, offs_t, out_mask, out_off, phys_ptr, local_ptr, l2p_ptr, count_ptr, load_ptr, valid_ptr,
-                 stride_l2p, first_slot, slots_per_rank, RECORD, HAS_VALID, BLOCK_T, BLOCK_K)
-
-
-@triton.jit(do_not_specialize=["T"])
-def _gate_route_to_slots_kernel(x_ptr, gate_ptr, w_ptr, phys_ptr, local_ptr, l2p_ptr, count_ptr, load_ptr, valid_ptr,
-                                T, E, stride_xt, stride_ge, stride_l2p, first_slot, slots_per_rank,
-                                H: tl.constexpr, TOP_K: tl.constexpr, RENORM: tl.constexpr, RECORD: tl.constexpr,
-                                HAS_VALID: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-                                BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    # _route_to_slots_kernel with the router's GEMM in front: logits [BLOCK_T, E] = x @ gate^T (fp32 sums,
-    # rounded to x's dtype as the linear layer's output is), one launch where the GEMM and the routing were two.
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_e = tl.arange(0, BLOCK_E)
-    offs_h = tl.arange(0, BLOCK_H)
-    offs_k = tl.arange(0, BLOCK_K)
-    t_ok = offs_t < T
-    acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
-    for h in range(0, H, BLOCK_H):
-        h_ok = (h + offs_h) < H
-        x = tl.load(x_ptr + offs_t[:, None].to(tl.int64) * stride_xt + (h + offs_h)[None, :],
-                    mask=t_ok[:, None] & h_ok[None, :], other=0.0)                     # [BLOCK_T, BLOCK_H]
-        g = tl.load(gate_ptr + offs_e[None, :] * stride_ge + (h + offs_h)[:, None],
-                    mask=(offs_e < E)[None, :] & h_ok[:, None], other=0.0)              # [BLOCK_H, BLOCK_E]
-        acc = tl.dot(x, g, acc)
-    logits = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
-    logits = tl.where((offs_e < E)[None, :], logits, float("-inf"))
-    w, ids = _softmax_topk_tile(logits, t_ok, E, TOP_K, RENORM, BLOCK_T, BLOCK_E, BLOCK_K)
     out_mask = t_ok[:, None] & (offs_k < TOP_K)[None, :]
     out_off = offs_t[:, None] * TOP_K + offs_k[None, :]
     tl.store(w_ptr + out_off, w, mask=out_mask)

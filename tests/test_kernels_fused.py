@@ -18,7 +18,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 from kernel_testing import gen as _gen  # noqa: E402
 from kernel_testing import load_kernels, needs_triton
 from kernel_testing import poisoned as _poisoned
@@ -295,26 +294,3 @@ def test_rotary_into_cache_triton(interp, dtype, T, Hq, Hkv, D, qk_norm):
     assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
     written = (caches[0] != 7.0).flatten(2).any(-1).sum()  # cache rows (block, offset) written
     assert int(written) == int((slots >= 0).sum())  # none for the padding row
-
-
-@needs_triton
-@pytest.mark.parametrize("T,E,K,H,ranks", [(1, 8, 2, 32, 1), (21, 60, 4, 48, 2), (5, 128, 8, 160, 2)])
-@pytest.mark.parametrize("record", [True, False])
-def test_gate_route_to_slots_triton(interp, T, E, K, H, ranks, record):
-    """The router's GEMM fused into the routing kernel equals the linear layer followed by route_to_slots: the
-    same slots and load, weights to fp32 rounding. Each token's hidden row is one-hot and the router's weights
-    distinct multiples of 1/64, so every logit is exact in fp16 and no order of summation can break a tie."""
-    g = _gen("gate_route", T, E, K, H)
-    hidden = F.one_hot(torch.randint(0, H, (T,), generator=g), H).to(torch.float16)
-    gate = torch.stack([torch.randperm(E, generator=g) for _ in range(H)], dim=1).to(torch.float16) / 64  # [E, H]
-    l2p, counts = _placement(E, E + 8, g)
-    spr = (E + 8) // ranks
-    first = (ranks - 1) * spr
-    load, ref_load = torch.zeros(E + 8, dtype=torch.long), torch.zeros(E + 8, dtype=torch.long)
-    valid = torch.tensor([max(1, T - 2)])
-    got = routing.gate_route_to_slots(hidden, gate, K, True, l2p, counts, load if record else None, first, spr,
-                                      num_valid=valid)
-    ref = routing.route_to_slots_reference(F.linear(hidden.float(), gate.float()), K, True, l2p, counts,
-                                           ref_load if record else None, first, spr, num_valid=valid)
-    assert torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2]) and torch.equal(load, ref_load)
-    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-6)

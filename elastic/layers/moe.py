@@ -10,12 +10,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from elastic.forward_context import get_forward_context
 from elastic.kernels import fused_moe, fused_moe_pairs
-from elastic.kernels.routing import gate_route_to_slots, ids_to_slots, route_to_slots, slots_to_local
+from elastic.kernels.routing import ids_to_slots, route_to_slots, slots_to_local
 
 # A model's own expert choice (e.g. DeepSeek's grouped top-k): router_logits [T, E] -> (weights [T, K] f32,
 # logical ids [T, K]); FusedMoE maps the ids to physical slots as for the built-in softmax top-k.
@@ -237,25 +236,21 @@ class FusedMoE(nn.Module):
         return bool((self.live.local_experts() == expert_id).any())
 
     # ---- forward ------------------------------------------------------------------------------------------
-    def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor | None = None,
-                gate_weight: torch.Tensor | None = None) -> torch.Tensor:
-        # hidden [T, H]; router_logits [T, E], or the router's weight [E, H] (no bias) -> [T, H]
-        # One kernel on CUDA: (with gate_weight, the router's GEMM,) softmax/top-k, replica choice (token index %
-        # replica count), the logical->physical gather, the expert-load count and the local-slot mask.
+    def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        # hidden [T, H]; router_logits [T, E] -> [T, H]
+        # One kernel on CUDA: softmax/top-k, replica choice (token index % replica count), the
+        # logical->physical gather, the expert-load count and the local-slot mask.
         ctx = get_forward_context()
         slots = self.staged if ctx.use_staged and self.staged is not None else self.live
         load = slots.expert_load if ctx.record_expert_load else None
-        maps = (slots.logical_to_physical, slots.logical_replica_count, load, slots.first_slot, slots.slots_per_rank)
         if self.router is not None:
-            logits = router_logits if router_logits is not None else F.linear(hidden, gate_weight)
-            topk_weights, ids = self.router(logits)
-            physical, local = ids_to_slots(ids, *maps, ctx.num_valid_tokens)
-        elif router_logits is None:
-            topk_weights, physical, local = gate_route_to_slots(hidden, gate_weight, self.top_k, self.renormalize,
-                                                                *maps, num_valid=ctx.num_valid_tokens)
+            topk_weights, ids = self.router(router_logits)
+            physical, local = ids_to_slots(ids, slots.logical_to_physical, slots.logical_replica_count, load,
+                                           slots.first_slot, slots.slots_per_rank, ctx.num_valid_tokens)
         else:
             topk_weights, physical, local = route_to_slots(
-                router_logits, self.top_k, self.renormalize, *maps,
+                router_logits, self.top_k, self.renormalize, slots.logical_to_physical,
+                slots.logical_replica_count, load, slots.first_slot, slots.slots_per_rank,
                 num_valid=ctx.num_valid_tokens)  # [T, K] f32, [T, K] int64 global, [T, K] int32
         if slots.ep_comm is not None:
             return slots.ep_comm(self, slots, hidden, topk_weights, physical)

@@ -72,7 +72,7 @@ class SparseMoeBlock(nn.Module):
             self.shared_expert_gate = Linear(arch.hidden_size, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.experts(x, gate_weight=self.gate.weight)  # the router's GEMM in the routing kernel on CUDA
+        out = self.experts(x, self.gate(x))
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out
