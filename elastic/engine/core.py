@@ -440,7 +440,7 @@ class EngineCore:
                  graph_size: int | None) -> list[EngineCoreOutput]:
         if not out:
             if self.parallel is not None:  # keep the MoE collectives of the other ranks company
-                self.runner.dummy_run(1, dp_num_tokens=dp_num_tokens, graph_size=graph_size)
+                self.runner.idle_step(dp_num_tokens, graph_size)
             return []
         # Seeded requests' generators as before the step: a void step's draws are put back, so the tokens
         # computed again after a recovery are the ones an undisturbed run draws.

@@ -275,20 +275,40 @@ class ModelRunner:
         largest = max(dp_num_tokens)
         return self.graphs.size_for(largest) if largest <= self.graphs.sizes[-1] else None
 
-    def dummy_run(self, num_tokens: int, num_logits: int = 1, dp_num_tokens: list[int] | None = None,
-                  graph_size: int | None = None) -> None:
-        """A forward with no KV cache: memory profiling, and idle DP ranks keeping MoE collectives in step."""
-        if graph_size is not None:  # the other ranks replay graphs of this size: join them with padding only
-            empty = torch.empty(0, dtype=torch.long, device=self.device)
-            self.graphs.run(empty, empty, None, graph_size)  # type: ignore[union-attr]
-            return
+    def dummy_run(self, num_tokens: int, num_logits: int = 1) -> None:
+        """A forward with no KV cache (memory profiling; with data parallelism every rank runs it alike)."""
         input_ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         positions = torch.arange(num_tokens, device=self.device) % self.config.model.max_model_len
-        if dp_num_tokens is None and self.config.parallel.is_distributed:
-            dp_num_tokens = [num_tokens] * self.config.parallel.data_parallel_size  # profiling: all ranks alike
+        dp_num_tokens = None
+        if self.config.parallel.is_distributed:
+            dp_num_tokens = [num_tokens] * self.config.parallel.data_parallel_size
         with set_forward_context(ForwardContext(attn=None, record_expert_load=False, dp_num_tokens=dp_num_tokens)):
             hidden = self.model(input_ids, positions)
         self.model.compute_logits(hidden[:num_logits])
+
+    @torch.inference_mode()
+    def idle_step(self, dp_num_tokens: list[int], graph_size: int | None) -> None:
+        """Nothing scheduled here while other data-parallel ranks step: join the step's MoE collectives. When
+        every rank decodes, replay the graph of the others' size, with padding only. Otherwise (another rank
+        prefills) run only the MoE layers' exchanges, in the model's order, on one row of zero weight: the
+        experts here still compute their share of the others' tokens, but none of the attention, norms and
+        routing around them is launched. Eagerly, those launches kept this rank's host behind the prefilling
+        rank's device: it waited at every layer's exchange (2 x H100, a 1 024-token prefill: ~0.4 ms a layer)."""
+        if graph_size is not None:
+            empty = torch.empty(0, dtype=torch.long, device=self.device)
+            self.graphs.run(empty, empty, None, graph_size)  # type: ignore[union-attr]
+            return
+        layers = self.model.moe_layers()
+        if not layers:
+            return
+        first = layers[0]
+        hidden = torch.zeros(1, first.hidden_size, dtype=first.w13.dtype, device=self.device)
+        weights = torch.zeros(1, first.top_k, dtype=torch.float32, device=self.device)
+        physical = torch.arange(first.top_k, device=self.device).unsqueeze(0)  # real slots (every path sends
+        # them somewhere), weight 0: they add nothing anywhere
+        with set_forward_context(ForwardContext(attn=None, record_expert_load=False, dp_num_tokens=dp_num_tokens)):
+            for moe in layers:
+                moe.live.ep_comm(moe, moe.live, hidden, weights, physical)  # type: ignore[misc]
 
     def _prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         reqs = [req for req, _ in out.scheduled]
