@@ -193,3 +193,32 @@ def test_prefill_warm_up_leaves_no_trace(llm: LLM):
     assert all(bool((m.expert_load == 0).all()) for m in runner.model.moe_layers()) and loads
     after = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs[0].token_ids
     assert after == before
+
+
+def test_idle_step_joins_every_moe_exchange_in_model_order(llm: LLM):
+    """A data-parallel rank with nothing scheduled beside a prefilling rank runs only the MoE layers' exchanges:
+    one per MoE layer, in the order a forward of the whole model calls them, under the step's token counts, on
+    one row that routes with zero weight (its collectives then pair with every other rank's forward)."""
+    from elastic.forward_context import get_forward_context
+
+    runner = llm.engine.runner
+    layers = runner.model.moe_layers()
+    calls: list[tuple[int, list[int] | None, tuple[int, ...], float]] = []
+
+    def recorder(index: int):
+        def exchange(moe, slots, hidden, weights, physical):  # noqa: ANN001, ANN202
+            calls.append((index, get_forward_context().dp_num_tokens, tuple(hidden.shape), float(weights.abs().sum())))
+            return torch.zeros_like(hidden)
+        return exchange
+
+    for i, moe in enumerate(layers):
+        moe.live.ep_comm = recorder(i)
+    try:
+        runner.dummy_run(3)  # a forward of the whole model
+        full, calls[:] = [c[0] for c in calls], []
+        runner.idle_step([9, 1], None)
+    finally:
+        for moe in layers:
+            moe.live.ep_comm = None
+    assert full == list(range(len(layers))) and [c[0] for c in calls] == full
+    assert all(dp == [9, 1] and shape == (1, layers[0].hidden_size) and weight == 0 for _, dp, shape, weight in calls)
