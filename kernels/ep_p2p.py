@@ -101,8 +101,7 @@ def p2p_dispatch(hidden: torch.Tensor, physical: torch.Tensor, weights: torch.Te
         hidden, physical, weights, tokens_table, weights_table, ids_table, barrier.pad_table, barrier.sequence,
         barrier.arrivals, barrier.abort, num_tokens, rows, rank, world, slots_per_rank, int(sync),
         hidden.stride(0), physical.stride(0), weights.stride(0), H=hidden.shape[1], K=top_k,
-        BLOCK_H=min(_BLOCK_H, next_pow2(hidden.shape[1])), BLOCK_K=next_pow2(top_k),
-        num_warps=4)
+        BLOCK_H=min(_BLOCK_H, next_pow2(hidden.shape[1])), BLOCK_K=next_pow2(top_k), num_warps=4)
 
 
 def p2p_combine_push(partial: torch.Tensor, combine_table: torch.Tensor, out_dtype: torch.dtype, barrier: Barrier,
