@@ -217,3 +217,23 @@ def test_a_peer_failure_drops_both_steps_and_puts_the_draws_back(checkpoint_dir)
     while engine.has_unfinished_requests():
         collect(engine.step())
     assert tokens == expected
+
+
+def test_a_dropped_pipelined_engine_is_freed_at_once(checkpoint_dir) -> None:
+    """The engine owns its decode pipeline and the pipeline refers back to it by proxy: with no reference cycle,
+    an LLM shut down and dropped frees its engine (and so its GPU memory) at once, not at the cycle collector's
+    next pass (a process building several engines one after another ran out of GPU memory before)."""
+    import gc
+    import weakref
+
+    llm = LLM(str(checkpoint_dir("qwen3_moe")), max_model_len=64, async_scheduling=True)
+    assert llm.engine.pipeline is not None
+    llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    engine = weakref.ref(llm.engine)
+    gc.disable()
+    try:
+        llm.shutdown()
+        del llm
+        assert engine() is None
+    finally:
+        gc.enable()
