@@ -6,7 +6,7 @@
 #      and DP=1 pipelined: step time against each rank's memory floor;
 #   3. with SERVE=1: gpu_serve_dp.sh (DP=1 against DP=2 serving, c = 1/16/64/128(/256));
 #   4. with PREFILL=1: DP=2 serving with prefill steps through the p2p exchange (as shipped) and through NCCL
-#      (ModelRunner.p2p_capacity patched to the decode graphs' largest batch in this copy), and DP=1 beside.
+#      (SchedulerConfig.max_step_tokens patched to the decode graphs' largest batch in this copy), and DP=1 beside.
 #   bash benchmarks/gpu_dp_pipeline.sh
 set -uo pipefail
 out=${OUT:-.}
@@ -18,12 +18,12 @@ batches=${BATCHES:-1,16,64}
 if [ "${PREFILL:-0}" = 1 ]; then
   TAIL=3 TAG=dp1 CONCS="1 64" part serve_dp1 200 bash benchmarks/gpu_serve.sh
   TAIL=3 TAG=dp2p2p CONCS="1 16 64 128" part serve_p2p 240 bash benchmarks/gpu_serve.sh --data-parallel-size 2
-  cp elastic/executor/model_runner.py /tmp/model_runner.py.orig
-  trap 'cp /tmp/model_runner.py.orig elastic/executor/model_runner.py' EXIT  # restored even if stopped
-  sed -i 's/return max(self.max_graph_batch, self.config.scheduler.max_num_batched_tokens)/return self.max_graph_batch/' \
-      elastic/executor/model_runner.py
+  cp elastic/config/engine.py /tmp/engine_config.py.orig
+  trap 'cp /tmp/engine_config.py.orig elastic/config/engine.py' EXIT  # restored even if stopped
+  sed -i 's/return max(self.max_graph_batch, self.max_num_batched_tokens)  # type: ignore\[type-var\]/return self.max_graph_batch/' \
+      elastic/config/engine.py
   TAIL=3 TAG=dp2nccl CONCS="1 16 64 128" part serve_nccl 240 bash benchmarks/gpu_serve.sh --data-parallel-size 2
-  cp /tmp/model_runner.py.orig elastic/executor/model_runner.py
+  cp /tmp/engine_config.py.orig elastic/config/engine.py
   python3 - "$out" <<'PY'
 import json, sys
 from pathlib import Path

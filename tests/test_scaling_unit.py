@@ -160,7 +160,7 @@ def test_shrink_pieces_pair_up_between_survivors_and_leaving_ranks(checkpoint_di
         layers = [_layer_with_experts(8, 0, 2) for _ in range(3)]
         model = SimpleNamespace(moe_layers=lambda: layers, modules=lambda: layers)
         core = SimpleNamespace(config=config, layout=SimpleNamespace(rank=rank),
-                               runner=SimpleNamespace(model=model, p2p_capacity=8))
+                               runner=SimpleNamespace(model=model))
         plan = PlacementPlan.compute(_initial(8, 0, 2), 2, 1, 8, 0)
         return LayoutStaging(core, layout, None, 2, 1, plan, [], timeout_s=5)
 
@@ -246,8 +246,10 @@ def test_staging_counts_the_next_layouts_p2p_exchange() -> None:
     from elastic.elastic_ep.capacity import exchange_bytes
 
     arch = SimpleNamespace(hidden_size=2048, top_k=8)
+    from elastic.config.engine import SchedulerConfig
+
     config = SimpleNamespace(model=SimpleNamespace(arch=arch, dtype=torch.bfloat16), device="cuda:0",
-                             scheduler=SimpleNamespace(max_num_seqs=256, max_num_batched_tokens=8192),
+                             scheduler=SchedulerConfig(max_num_seqs=256, max_num_batched_tokens=8192),
                              parallel=SimpleNamespace(ep_dispatch="p2p"))
     two = exchange_bytes(config, 2)
     assert two == ExchangeShape.sized(2, 8192, 2048, 8, torch.bfloat16).nbytes > 8192 * 2 * 2 * 2048 * 2

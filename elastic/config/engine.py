@@ -105,6 +105,17 @@ class SchedulerConfig:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
 
+    @property
+    def max_graph_batch(self) -> int:
+        """Largest decode batch captured in a CUDA graph."""
+        return min(self.max_num_seqs, 512)
+
+    @property
+    def max_step_tokens(self) -> int:
+        """Most tokens one rank's step can hold: every decode batch a graph replays and every step the scheduler
+        may build (what the peer-to-peer EP exchange is asked to hold; its buffer budget may cap it)."""
+        return max(self.max_graph_batch, self.max_num_batched_tokens)  # type: ignore[type-var]
+
 
 @dataclass(frozen=True)
 class ParallelConfig:

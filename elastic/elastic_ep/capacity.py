@@ -49,12 +49,11 @@ def staging_bytes(config: EngineConfig, size: int, capacity: int | None) -> int:
 
 
 def exchange_bytes(config: EngineConfig, size: int) -> int:
-    """One rank's p2p exchange buffer at `size` ranks (0 without one). Sized here for the larger of the
-    scheduler's batch and token budgets, at least what the engine asks for (ModelRunner.p2p_capacity)."""
+    """One rank's p2p exchange buffer at `size` ranks (0 without one), as the engines size it."""
     if size < 2 or config.parallel.ep_dispatch != "p2p" or not config.device.startswith("cuda"):
         return 0
     from elastic.distributed.peer_exchange import ExchangeShape  # (torch and the kernels: only where p2p runs)
 
-    arch, scheduler = config.model.arch, config.scheduler
-    capacity = max(scheduler.max_num_seqs, scheduler.max_num_batched_tokens)
-    return ExchangeShape.sized(size, capacity, arch.hidden_size, arch.top_k, config.model.dtype).nbytes
+    arch = config.model.arch
+    return ExchangeShape.sized(size, config.scheduler.max_step_tokens, arch.hidden_size, arch.top_k,
+                               config.model.dtype).nbytes

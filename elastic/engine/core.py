@@ -140,7 +140,7 @@ class EngineCore:
         """Route every MoE layer through this layout's EP group (or none: a single rank computes locally)."""
         group = self.parallel.ep if self.parallel is not None else None
         apply_expert_parallel(self.runner.model, group, self.config.parallel.ep_dispatch,
-                              p2p_capacity=self.runner.p2p_capacity)
+                              p2p_capacity=self.config.scheduler.max_step_tokens)
 
     def _set_up_communicator(self) -> None:
         """One collective on the EP group now (every rank): NCCL sets its communicator up at the first one,

@@ -124,7 +124,7 @@ class LayoutStaging:
         collective (a peer-to-peer exchange, or a single rank); else once `_connect` set the communicator up."""
         ep = self.groups.ep if self.groups is not None else None
         comm = apply_expert_parallel(self.core.runner.model, ep, self.config.parallel.ep_dispatch, staged=True,
-                                     p2p_capacity=self.core.runner.p2p_capacity)
+                                     p2p_capacity=self.core.config.scheduler.max_step_tokens)
         if self.config.eplb.enable_eplb and self.slots:
             assert self.layout is not None
             self.balancer = ExpertBalancer(self.slots, self.config.eplb, self.layout.rank, self.new_world,

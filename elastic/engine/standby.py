@@ -90,7 +90,7 @@ def _compile_decode_kernels(runner: ModelRunner) -> None:
         group = _StandInGroup(p.data_parallel_size, p.data_parallel_rank, runner.device)
         exchange = None
         if p.ep_dispatch == "p2p":
-            shape = ExchangeShape.of(moe[0], p.data_parallel_size, runner.p2p_capacity)
+            shape = ExchangeShape.of(moe[0], p.data_parallel_size, runner.config.scheduler.max_step_tokens)
             exchange = PeerExchange.local_only(shape, p.data_parallel_rank, runner.device)
         comm = ExpertParallelComm(group, p.ep_dispatch, exchange)  # type: ignore[arg-type]
     for layer in moe:

@@ -222,17 +222,6 @@ class ModelRunner:
         self.release_cuda_graphs()
         self.graphs = self._capture(self.config.parallel, staged=False)
 
-    @property
-    def max_graph_batch(self) -> int:
-        """Largest decode batch captured in a CUDA graph."""
-        return min(self.config.scheduler.max_num_seqs, 512)
-
-    @property
-    def p2p_capacity(self) -> int:
-        """Tokens per rank the peer-to-peer EP exchange is asked to hold: every decode batch a graph replays
-        and every step the scheduler may build (ExchangeShape.of caps it by memory)."""
-        return max(self.max_graph_batch, self.config.scheduler.max_num_batched_tokens)
-
     def stage_cuda_graphs(self, parallel: ParallelConfig) -> DecodeGraphs | None:
         """The next layout's graphs (over the MoE layers' staged slots), captured from a background thread
         while the live graphs serve; every rank of the next layout calls this together."""
@@ -262,9 +251,9 @@ class ModelRunner:
             logger.info("no CUDA graphs: the Triton kernels need bf16/fp16 (the fp32 reference path syncs)")
             return None
         arch, max_len = self.config.model.arch, self.config.model.max_model_len
-        return DecodeGraphs(self.model, self.max_graph_batch, -(-max_len // self.block_size), max_len,
-                            arch.hidden_size, self.config.model.dtype, self.device, parallel.data_parallel_size,
-                            staged)
+        return DecodeGraphs(self.model, self.config.scheduler.max_graph_batch, -(-max_len // self.block_size),
+                            max_len, arch.hidden_size, self.config.model.dtype, self.device,
+                            parallel.data_parallel_size, staged)
 
     # ---- execution ------------------------------------------------------------------------------------
     @torch.inference_mode()
