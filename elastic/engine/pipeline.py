@@ -37,6 +37,7 @@ from elastic.config import EngineConfig
 from elastic.engine.block_manager import BlockManager
 from elastic.engine.scheduler import Scheduler
 from elastic.executor.model_runner import LaunchedDecode, ModelRunner
+from elastic.layers.pinned_copy import to_device
 from elastic.layers.sampler import _needs_processing
 from elastic.protocol.from_engine import EngineCoreOutput, TokenLogprobs
 from elastic.request import Request, RequestStatus, SchedulerOutput
@@ -98,7 +99,7 @@ class DecodePipeline:
         self.device_s = None  # a new batch: its steps are timed afresh
         if self.inflight is None and self._steady(reqs, offset=0):
             ids = torch.tensor([r.all_token_ids[-1] for r in reqs], dtype=torch.long)
-            self._launch(reqs, 0, ids.to(self.core.runner.device, non_blocking=True))
+            self._launch(reqs, 0, to_device(ids, self.core.runner.device))
 
     def advance(self) -> list[EngineCoreOutput]:
         """Launch the step after the one on its way (if still steady), then read and report that one."""

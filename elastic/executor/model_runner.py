@@ -15,6 +15,7 @@ from elastic.executor.cuda_graphs import DecodeGraphs
 from elastic.forward_context import AttentionMetadata, ForwardContext, set_forward_context
 from elastic.kernels import HAS_TRITON
 from elastic.layers.attention import PagedCacheLayer
+from elastic.layers.pinned_copy import to_device
 from elastic.layers.sampler import Sampler
 from elastic.models.loader import load_model
 from elastic.protocol.from_engine import TokenLogprobs
@@ -314,8 +315,7 @@ class ModelRunner:
         return self._to_device(np.asarray(input_ids, dtype=np.int64), torch.long), positions, md, logit_rows
 
     def _to_device(self, values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-        host = torch.from_numpy(values).to(dtype)
-        return (host.pin_memory() if self.device.type == "cuda" else host).to(self.device, non_blocking=True)
+        return to_device(torch.from_numpy(values).to(dtype), self.device)
 
     def _metadata(self, reqs: list[Request], starts: np.ndarray, num_new: np.ndarray
                   ) -> tuple[torch.Tensor, AttentionMetadata]:

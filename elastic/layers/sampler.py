@@ -14,6 +14,7 @@ import logging
 
 import torch
 
+from elastic.layers.pinned_copy import to_device
 from elastic.protocol.from_engine import TokenLogprobs
 from elastic.request import Request
 
@@ -65,10 +66,8 @@ def _truncate(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, mi
 
 
 def _on(device: torch.device, values: list) -> torch.Tensor:
-    """A small per-row parameter tensor on `device` without a host sync (a copy from pageable memory syncs the
-    stream; a pipelined step must not wait for the one before it)."""
-    host = torch.tensor(values)
-    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+    """A small per-row parameter tensor on `device`, without a host sync."""
+    return to_device(torch.tensor(values), device)
 
 
 def _check_finite(best: torch.Tensor) -> None:
