@@ -24,7 +24,7 @@ import zmq
 import zmq.asyncio
 
 from elastic.cluster.devices import rank_device
-from elastic.cluster.launcher import EngineStartupError, describe_exit
+from elastic.cluster.engine_process import EngineStartupError, describe_exit
 from elastic.cluster.remote import new_node_identity
 from elastic.config import EngineConfig
 from elastic.engine.process import run_engine_core

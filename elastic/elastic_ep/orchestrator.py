@@ -25,7 +25,8 @@ import time
 from typing import Any, Awaitable, Callable
 
 from elastic.cluster.devices import visible_gpus
-from elastic.cluster.launcher import EngineLauncher, EngineProcess
+from elastic.cluster.engine_process import EngineProcess
+from elastic.cluster.launcher import EngineLauncher
 from elastic.config import EngineConfig
 from elastic.elastic_ep.capacity import check_target
 from elastic.elastic_ep.metrics import ScaleMetrics

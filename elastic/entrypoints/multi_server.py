@@ -36,7 +36,8 @@ from multiprocessing.process import BaseProcess
 import msgspec
 import zmq
 
-from elastic.cluster.launcher import EngineLauncher, EngineStartupError, describe_exit
+from elastic.cluster.engine_process import EngineStartupError, describe_exit
+from elastic.cluster.launcher import EngineLauncher
 from elastic.frontend.ipc import make_ipc_namespace, remove_ipc_namespace
 from elastic.config import EngineConfig
 from elastic.config.server import ServerConfig

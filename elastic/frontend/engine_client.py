@@ -30,7 +30,8 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from elastic.cluster.launcher import EngineLauncher, EngineStartupError, describe_exit
+from elastic.cluster.engine_process import EngineStartupError, describe_exit
+from elastic.cluster.launcher import EngineLauncher
 from elastic.frontend.node_frontend import start_node_frontend
 from elastic.frontend.ipc import make_ipc_namespace, remove_ipc_namespace
 from elastic.config import EngineConfig

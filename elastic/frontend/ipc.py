@@ -11,7 +11,7 @@ import secrets
 import shutil
 import sys
 
-from elastic.cluster.launcher import make_socket_dir
+from elastic.cluster.engine_process import make_socket_dir
 
 ABSTRACT_PREFIX = "@"
 

@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 import zmq.asyncio
 
-from elastic.cluster.launcher import EngineStartupError
+from elastic.cluster.engine_process import EngineStartupError
 from elastic.cluster.node import NodeAgent
 from elastic.protocol.from_engine import EngineReady
 from elastic.protocol.scaling import ACTIVE
