@@ -17,7 +17,7 @@ One MoE layer, `rows` = the step's largest per-rank token count (every rank know
     compute    my experts over all W * rows rows of my own buffers (contiguous) -> each (row, k) pair's
                contribution (or, for the torch reference, each row's sum: partial)
     push       sum each row's pairs (fp32) and write block d into rank d's combine at my block; barrier
-    reduce     sum my W blocks in rank order (fp32): a kernel, or for a few rows the push's last CTA
+    reduce     sum my W blocks in rank order (fp32)
 
 Two barriers per layer are enough. A rank writes a peer's tokens only after the last layer's second barrier,
 which the peer passed only after computing from them; it writes a peer's combine buffer only after this
@@ -57,9 +57,6 @@ from ._backend import cdiv, next_pow2
 
 _BLOCK_H = 1024
 _MAX_PROGRAMS = 512  # per destination rank: a program per row for every decode batch (graphs go up to 512)
-# Steps of up to this many rows per rank have the push kernel's last CTA sum the combine buffer (what
-# p2p_combine_reduce's kernel does, one launch fewer); more rows are summed faster by a kernel of their own.
-LAST_CTA_REDUCE_ROWS = 2
 
 
 @dataclass(frozen=True)
@@ -105,13 +102,10 @@ def p2p_dispatch(hidden: torch.Tensor, physical: torch.Tensor, weights: torch.Te
 
 
 def p2p_combine_push(partial: torch.Tensor, combine_table: torch.Tensor, out_dtype: torch.dtype, barrier: Barrier,
-                     rows: int, rank: int, sync: bool = True, pair_ids: torch.Tensor | None = None,
-                     reduce: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                     rows: int, rank: int, sync: bool = True, pair_ids: torch.Tensor | None = None) -> None:
     """partial [W * rows, H] (any float dtype): block d -> rank d's combine buffer (out_dtype) at this rank's
     block, then the barrier if `sync`. With pair_ids [W * rows, K] int32, partial is [W * rows * K, H]: each
-    row's K pair contributions, summed (fp32, those with pair_ids >= 0 only) as they are sent. With `reduce` =
-    (this rank's combine buffer, out [T, H]): then p2p_combine_reduce into out, by the CTA that passed the
-    barrier (for a few rows, one kernel fewer)."""
+    row's K pair contributions, summed (fp32, those with pair_ids >= 0 only) as they are sent."""
     from .ep_p2p_triton import TL_DTYPES, p2p_combine_push_kernel
 
     world = combine_table.shape[0]
@@ -119,13 +113,11 @@ def p2p_combine_push(partial: torch.Tensor, combine_table: torch.Tensor, out_dty
     if pair_ids is not None:
         assert pair_ids.dtype == torch.int32 and partial.shape[0] == pair_ids.numel()
     hidden_size = partial.shape[1]
-    combine, out = reduce if reduce is not None else (partial, partial)  # (dummies unless REDUCE)
     p2p_combine_push_kernel[(_programs(rows), world)](
         partial.contiguous(), pair_ids.contiguous() if pair_ids is not None else combine_table, combine_table,
-        barrier.pad_table, barrier.sequence, barrier.arrivals, barrier.abort, rows, rank, world, int(sync), combine,
-        out, out.shape[0], out.stride(0), H=hidden_size, PAIRS=pairs, OUT=TL_DTYPES[out_dtype],
-        BLOCK_H=min(_BLOCK_H, next_pow2(hidden_size)), BLOCK_P=next_pow2(pairs), REDUCE=reduce is not None,
-        num_warps=4)
+        barrier.pad_table, barrier.sequence, barrier.arrivals, barrier.abort, rows, rank, world, int(sync),
+        H=hidden_size, PAIRS=pairs, OUT=TL_DTYPES[out_dtype], BLOCK_H=min(_BLOCK_H, next_pow2(hidden_size)),
+        BLOCK_P=next_pow2(pairs), num_warps=4)
 
 
 def p2p_combine_reduce(combine: torch.Tensor, num_tokens: int, rows: int, world: int) -> torch.Tensor:

@@ -63,14 +63,12 @@ def _arrive(arrivals, pad_table, sequence, abort, rank, world, sync):
     # so it synchronizes with every earlier CTA's release, and its system-scope release in the barrier passes
     # them all on (causality is transitive across scopes). System scope here cost ~1.5 us per kernel.
     arrived = tl.atomic_add(arrivals, 1, sem="acq_rel", scope="gpu")
-    last = arrived == total - 1
-    if last:
+    if arrived == total - 1:
         # Every other CTA of this grid has counted itself: reset for the next kernel on this stream (it
         # starts after this one ends; a reset on the device keeps CUDA-graph replays right).
         tl.store(arrivals, 0)
         if sync != 0:
             _barrier(pad_table, sequence, abort, rank, world)
-    return last
 
 
 @triton.jit
@@ -115,35 +113,20 @@ def p2p_dispatch_kernel(hidden, physical, weights, tokens_table, weights_table, 
     _arrive(arrivals, pad_table, sequence, abort, rank, world, sync)
 
 
-@triton.jit
-def _reduce_rows(combine, out, row, h_start, h_step, rows, world, stride_out, H: tl.constexpr,
-                 BLOCK_H: tl.constexpr, VOLATILE: tl.constexpr):
-    # out[row] = the world blocks' rows `row` of this rank's combine buffer, summed in rank order in fp32
-    # (columns from h_start on, BLOCK_H at a time, h_step apart).
-    for h in range(h_start, H, h_step):
-        offs = h + tl.arange(0, BLOCK_H)
-        acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
-        for src in range(world):
-            acc += tl.load(combine + (src * rows + row).to(tl.int64) * H + offs, mask=offs < H,
-                           volatile=VOLATILE).to(tl.float32)
-        tl.store(out + row * stride_out + offs, acc.to(out.dtype.element_ty), mask=offs < H)
-
-
-@triton.jit(do_not_specialize=["rows", "rank", "world", "sync", "num_tokens"])
+@triton.jit(do_not_specialize=["rows", "rank", "world", "sync"])
 def p2p_combine_push_kernel(partial, pair_ids, combine_table, pad_table, sequence, arrivals, abort, rows, rank, world,
-                            sync, combine, out, num_tokens, stride_out, H: tl.constexpr, PAIRS: tl.constexpr,
-                            OUT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, REDUCE: tl.constexpr):
+                            sync, H: tl.constexpr, PAIRS: tl.constexpr, OUT: tl.constexpr, BLOCK_H: tl.constexpr,
+                            BLOCK_P: tl.constexpr):
     # grid (programs, world): rows [dst * rows, (dst + 1) * rows) of this rank's results belong to rank `dst`;
     # they land, as OUT (the buffer's dtype), at rows [rank * rows, ...) of its combine buffer, each program
     # taking every programs-th row. Then the barrier. PAIRS > 1: `partial` holds each row's PAIRS (token, k)
     # contributions, [rows * PAIRS, H], summed here in fp32 over those whose pair_ids >= 0 (the others were
-    # never written); PAIRS == 1: `partial` [rows, H] holds the sums already (pair_ids unused). REDUCE: then
-    # out [num_tokens, H] = this rank's `combine` buffer's blocks summed (p2p_combine_reduce_kernel's work).
+    # never written); PAIRS == 1: `partial` [rows, H] holds the sums already (pair_ids unused).
     dst = tl.program_id(1)
     offs_p = tl.arange(0, BLOCK_P)
     for row in range(tl.program_id(0), rows, tl.num_programs(0)):
         src = (dst * rows + row).to(tl.int64)
-        peer_combine = _peer(combine_table, dst, OUT) + (rank * rows + row).to(tl.int64) * H
+        combine = _peer(combine_table, dst, OUT) + (rank * rows + row).to(tl.int64) * H
         if PAIRS > 1:
             pair = src * PAIRS + offs_p
             here = tl.load(pair_ids + pair, mask=offs_p < PAIRS, other=-1) >= 0
@@ -155,17 +138,16 @@ def p2p_combine_push_kernel(partial, pair_ids, combine_table, pad_table, sequenc
                 total = tl.sum(vals.to(tl.float32), axis=0)
             else:
                 total = tl.load(partial + src * H + offs, mask=offs < H)
-            tl.store(peer_combine + offs, total.to(OUT), mask=offs < H)
-    last = _arrive(arrivals, pad_table, sequence, abort, rank, world, sync)
-    if REDUCE:  # a few rows: the CTA that passed the barrier sums them too (no reduce kernel after this one)
-        if last:
-            tl.debug_barrier()  # what this CTA's one thread acquired, its other threads read (volatile: not L1)
-            for row in range(num_tokens):
-                _reduce_rows(combine, out, row, 0, BLOCK_H, rows, world, stride_out, H, BLOCK_H, True)
+            tl.store(combine + offs, total.to(OUT), mask=offs < H)
+    _arrive(arrivals, pad_table, sequence, abort, rank, world, sync)
 
 
 @triton.jit(do_not_specialize=["rows", "world"])
 def p2p_combine_reduce_kernel(combine, out, rows, world, stride_out, H: tl.constexpr, BLOCK_H: tl.constexpr):
     # grid (num_tokens, cdiv(H, BLOCK_H)): out[row] = sum over source ranks, in rank order, in float32.
-    _reduce_rows(combine, out, tl.program_id(0), tl.program_id(1) * BLOCK_H, tl.num_programs(1) * BLOCK_H, rows,
-                 world, stride_out, H, BLOCK_H, False)
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for src in range(world):
+        acc += tl.load(combine + (src * rows + row).to(tl.int64) * H + offs, mask=offs < H).to(tl.float32)
+    tl.store(out + row * stride_out + offs, acc.to(out.dtype.element_ty), mask=offs < H)

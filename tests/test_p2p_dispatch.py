@@ -163,7 +163,7 @@ def test_exchange_equals_allgather_path(triton_on_cpu: None, monkeypatch: pytest
         assert int(ex.arrivals) == 0  # reset by each kernel's last CTA
 
 
-@pytest.mark.parametrize("tokens", [(3, 0), (1, 2)])  # (1, 2): few rows, summed by the push kernel's last CTA
+@pytest.mark.parametrize("tokens", [(3, 0), (1, 2)])
 def test_pairs_summed_as_sent_equal_the_experts_own_sums(triton_on_cpu: None, monkeypatch: pytest.MonkeyPatch,
                                                          tokens: tuple[int, int]) -> None:
     """fp16 experts run Triton's fused MoE, whose pair outputs the push sums as it sends them (no sum kernel):

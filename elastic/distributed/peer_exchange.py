@@ -178,12 +178,8 @@ class PeerExchange:
         With pair_ids (the dispatch's ids [W*rows, K]), partial is [W*rows*K, H], one row per (row, k) pair,
         summed as it is sent (the experts' own sum kernel left out)."""
         tables = self.local_tables if local else self.tables
-        push = (partial, tables["combine"], self.combine.dtype, self.device_barrier, rows, self.rank)
-        if rows <= ep_p2p.LAST_CTA_REDUCE_ROWS:  # summed by the push kernel, after its barrier
-            out = torch.empty(num_tokens, partial.shape[1], dtype=self.combine.dtype, device=self.combine.device)
-            ep_p2p.p2p_combine_push(*push, sync=not local, pair_ids=pair_ids, reduce=(self.combine, out))
-            return out
-        ep_p2p.p2p_combine_push(*push, sync=not local, pair_ids=pair_ids)
+        ep_p2p.p2p_combine_push(partial, tables["combine"], self.combine.dtype, self.device_barrier, rows, self.rank,
+                                sync=not local, pair_ids=pair_ids)
         return ep_p2p.p2p_combine_reduce(self.combine, num_tokens, rows, self.world)
 
     def abort(self) -> None:
