@@ -7,7 +7,7 @@
 #   2. ep_comm.py timing at 1/2/64/128 tokens per rank (p2p with and without its barriers);
 #   3. decode.py, Qwen3-30B-A3B shape: DP=2 p2p and DP=1 at ${BATCHES:-1,16,64} per rank;
 #   4. profile_dp_step.py at 1 and 64 per rank: kernel table and the exchange kernels' waits by layer; and a
-#      1 024-token prefill on rank 0 beside an idle rank 1;
+#      1 024-token prefill on rank 0 beside an idle rank 1, and on one GPU alone;
 #   5. with SERVE=1: serving at c=1 and c=64, DP=1 then DP=2.
 #   bash benchmarks/gpu_ep_fast.sh
 set -uo pipefail
@@ -27,7 +27,8 @@ part dp2 100 python3 benchmarks/decode.py --shape qwen3-30b-a3b --data-parallel-
     --batch-sizes "$batches" --out "$out/epf_dp2.json"
 part dp1 80 python3 benchmarks/decode.py --shape qwen3-30b-a3b --batch-sizes "$batches" --out "$out/epf_dp1.json"
 TAIL=2 part profile 150 python3 benchmarks/profile_dp_step.py --world 2 --mode p2p --batches 1,64 --prefill 1024
-grep -E "median step|_kernel: first layer|prefill of" "$out/epf_profile.log"
+TAIL=2 part profile_dp1 100 python3 benchmarks/profile_dp_step.py --world 1 --batches 1 --prefill 1024
+grep -hE "median step|_kernel: first layer|prefill of" "$out/epf_profile.log" "$out/epf_profile_dp1.log"
 if [ "${SERVE:-0}" = 1 ]; then  # a short serving comparison: c=1 and c=64, one GPU against two
   TAG=dp1 CONCS="1 64" part serve_dp1 150 bash benchmarks/gpu_serve.sh
   TAG=dp2 CONCS="1 64" part serve_dp2 150 bash benchmarks/gpu_serve.sh --data-parallel-size 2
