@@ -141,29 +141,12 @@ def print_barrier_ptx() -> None:
     print("dispatch kernel, barrier operations in PTX:", *ops, sep="\n  ")
 
 
-def worker(rank: int, world: int, port: int, out_path: str | None, token_counts: list[int], check: bool,
-           max_programs: int | None) -> None:
-    torch.cuda.set_device(rank)
-    device = torch.device("cuda", rank)
-    store = create_store("127.0.0.1", port, is_master=False)
-    group = StatelessGroup(store, "ep-bench", rank, world, "nccl", device)
-    if max_programs:
-        from elastic.kernels import ep_p2p
-
-        ep_p2p._MAX_PROGRAMS = max_programs  # programs per destination rank (rows loop beyond)
-    if check:
-        exchange = PeerExchange.over_group(group, ExchangeShape(world, max(token_counts), HIDDEN, TOP_K, torch.bfloat16))
-        check_pair_sums(group, exchange, token_counts)
-        group.barrier()
-        group.destroy()
-        return
-    # Link bandwidth as NCCL sees it: a 256 MiB all-to-all, bytes each rank sends to others per second.
-    big = torch.empty(128 << 20, dtype=torch.bfloat16, device=device)
-    split = [big.shape[0] // world] * world
-    a2a_us = time_cuda(lambda: group.all_to_all(big, split, split), iters=10)
-    link_bps = big.numel() * 2 * (world - 1) / world / (a2a_us * 1e-6)
+def time_paths(group: StatelessGroup, exchange: PeerExchange | None, token_counts: list[int],
+               link_bps: float) -> list[dict]:
+    """Per token count: each path's µs per layer (eagerly and, where it can be captured, from a CUDA graph; p2p
+    also without its barriers) and the link floors of all-to-all and all-gather."""
+    rank, world, device = group.rank, group.world_size, group.device
     moe = IdentityExperts(world, rank)
-    exchange = PeerExchange.over_group(group, ExchangeShape(world, max(token_counts), HIDDEN, TOP_K, torch.bfloat16))
     gen = torch.Generator(device=device).manual_seed(rank)
     rows = []
     for tokens in token_counts:
@@ -189,19 +172,49 @@ def worker(rank: int, world: int, port: int, out_path: str | None, token_counts:
         result["alltoall_floor_us"] = a2a_bytes / link_bps * 1e6
         result["allgather_floor_us"] = ag_bytes / link_bps * 1e6
         rows.append(result)
+    return rows
+
+
+def print_report(report: dict) -> None:
+    print(f"{report['gpu']} x{report['world']}: 256 MiB all-to-all {report['big_all_to_all_us']:.0f} us -> "
+          f"{report['link_gbs_per_rank']:.0f} GB/s per rank")
+    print("per layer, dispatch + combine, us (graph: replayed from a CUDA graph, as decode steps run)")
+    print(f"{'tok/rank':>8} {'a2a':>7} {'a2a floor':>9} {'ag':>7} {'ag graph':>8} {'p2p':>7} {'p2p graph':>9} "
+          f"{'no barrier':>10} {'ag floor':>8}")
+    for r in report["rows"]:
+        print(f"{r['tokens_per_rank']:>8} {r['alltoall_us']:7.1f} {r['alltoall_floor_us']:9.1f} "
+              f"{r['allgather_us']:7.1f} {r['allgather_graph_us']:8.1f} {r['p2p_us']:7.1f} "
+              f"{r['p2p_graph_us']:9.1f} {r['p2p_no_barrier_graph_us']:10.1f} {r['allgather_floor_us']:8.1f}")
+
+
+def worker(rank: int, world: int, port: int, out_path: str | None, token_counts: list[int], check: bool,
+           max_programs: int | None) -> None:
+    torch.cuda.set_device(rank)
+    device = torch.device("cuda", rank)
+    store = create_store("127.0.0.1", port, is_master=False)
+    group = StatelessGroup(store, "ep-bench", rank, world, "nccl", device)
+    if max_programs:
+        from elastic.kernels import ep_p2p
+
+        ep_p2p._MAX_PROGRAMS = max_programs  # programs per destination rank (rows loop beyond)
+    exchange = PeerExchange.over_group(group, ExchangeShape(world, max(token_counts), HIDDEN, TOP_K, torch.bfloat16))
+    if check:
+        check_pair_sums(group, exchange, token_counts)
+        group.barrier()
+        group.destroy()
+        return
+    # Link bandwidth as NCCL sees it: a 256 MiB all-to-all, bytes each rank sends to others per second.
+    big = torch.empty(128 << 20, dtype=torch.bfloat16, device=device)
+    split = [big.shape[0] // world] * world
+    a2a_us = time_cuda(lambda: group.all_to_all(big, split, split), iters=10)
+    link_bps = big.numel() * 2 * (world - 1) / world / (a2a_us * 1e-6)
+    rows = time_paths(group, exchange, token_counts, link_bps)
     group.barrier()
     if rank == 0:
         report = dict(gpu=torch.cuda.get_device_name(device), world=world, date=time.strftime("%Y-%m-%d"),
                       hidden=HIDDEN, experts=EXPERTS, top_k=TOP_K, link_gbs_per_rank=link_bps / 1e9,
                       big_all_to_all_us=a2a_us, rows=rows)
-        print(f"{report['gpu']} x{world}: 256 MiB all-to-all {a2a_us:.0f} us -> {link_bps / 1e9:.0f} GB/s per rank")
-        print("per layer, dispatch + combine, us (graph: replayed from a CUDA graph, as decode steps run)")
-        print(f"{'tok/rank':>8} {'a2a':>7} {'a2a floor':>9} {'ag':>7} {'ag graph':>8} {'p2p':>7} {'p2p graph':>9} "
-              f"{'no barrier':>10} {'ag floor':>8}")
-        for r in rows:
-            print(f"{r['tokens_per_rank']:>8} {r['alltoall_us']:7.1f} {r['alltoall_floor_us']:9.1f} "
-                  f"{r['allgather_us']:7.1f} {r['allgather_graph_us']:8.1f} {r['p2p_us']:7.1f} "
-                  f"{r['p2p_graph_us']:9.1f} {r['p2p_no_barrier_graph_us']:10.1f} {r['allgather_floor_us']:8.1f}")
+        print_report(report)
         if out_path:
             Path(out_path).write_text(json.dumps(report, indent=1))
     group.destroy()
