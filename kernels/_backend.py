@@ -48,3 +48,10 @@ def next_pow2(n: int) -> int:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def tl_dtype(dtype: torch.dtype):  # noqa: ANN201  (a triton.language dtype; triton is imported here, lazily)
+    """Triton's spelling of a float dtype, for a kernel's constexpr argument (only on a Triton path)."""
+    import triton.language as tl
+
+    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._backend import cdiv, next_pow2
+from ._backend import cdiv, next_pow2, tl_dtype
 
 _BLOCK_H = 1024
 _MAX_PROGRAMS = 512  # per destination rank: a program per row for every decode batch (graphs go up to 512)
@@ -106,7 +106,7 @@ def p2p_combine_push(partial: torch.Tensor, combine_table: torch.Tensor, out_dty
     """partial [W * rows, H] (any float dtype): block d -> rank d's combine buffer (out_dtype) at this rank's
     block, then the barrier if `sync`. With pair_ids [W * rows, K] int32, partial is [W * rows * K, H]: each
     row's K pair contributions, summed (fp32, those with pair_ids >= 0 only) as they are sent."""
-    from .ep_p2p_triton import TL_DTYPES, p2p_combine_push_kernel
+    from .ep_p2p_triton import p2p_combine_push_kernel
 
     world = combine_table.shape[0]
     pairs = 1 if pair_ids is None else pair_ids.shape[1]
@@ -116,7 +116,7 @@ def p2p_combine_push(partial: torch.Tensor, combine_table: torch.Tensor, out_dty
     p2p_combine_push_kernel[(_programs(rows), world)](
         partial.contiguous(), pair_ids.contiguous() if pair_ids is not None else combine_table, combine_table,
         barrier.pad_table, barrier.sequence, barrier.arrivals, barrier.abort, rows, rank, world, int(sync),
-        H=hidden_size, PAIRS=pairs, OUT=TL_DTYPES[out_dtype], BLOCK_H=min(_BLOCK_H, next_pow2(hidden_size)),
+        H=hidden_size, PAIRS=pairs, OUT=tl_dtype(out_dtype), BLOCK_H=min(_BLOCK_H, next_pow2(hidden_size)),
         BLOCK_P=next_pow2(pairs), num_warps=4)
 
 

@@ -14,12 +14,8 @@ are not specialized on: every rank and batch size runs one compiled variant per 
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
-
-# Buffer dtypes the kernels write, as Triton spells them (a constexpr of the combine push).
-TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 @triton.jit

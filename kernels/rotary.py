@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import next_pow2, use_triton
+from ._backend import next_pow2, tl_dtype, use_triton
 from .norm import rms_norm_reference
 
 _TRITON_DTYPES = (torch.bfloat16, torch.float16)
@@ -51,17 +51,12 @@ def _triton_ok(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: t
             and all(w.dtype == weights[0].dtype and w.shape == (D,) and w.is_contiguous() for w in weights))
 
 
-_TL_ROUND = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
 def _launch(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
             weights: tuple[torch.Tensor, torch.Tensor] | None, eps: float,
             store: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
             ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """-> (q, k) rotated; with `store` = (v, k_cache, v_cache, slot_mapping), k goes into the cache (with v)
     instead: -> (q, None)."""
-    import triton.language as tl
-
     from .rotary_triton import _qk_rotary_kernel
 
     T, Hq, D = q.shape
@@ -78,7 +73,7 @@ def _launch(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torc
         positions, q, k, q_out, k_out, qw, kw, cos, sin, Hq, Hkv,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), eps,
         v, k_cache, v_cache, slots, v.stride(0), v.stride(1), *cache_strides,
-        HALF=D // 2, NORM=weights is not None, ROUND=getattr(tl, _TL_ROUND[out_dtype]), STORE=store is not None,
+        HALF=D // 2, NORM=weights is not None, ROUND=tl_dtype(out_dtype), STORE=store is not None,
         BLOCK_SIZE=k_cache.shape[1] if store is not None else 1, BLOCK_HQ=next_pow2(Hq),
         BLOCK_HKV=next_pow2(Hkv), BLOCK_HALF=block_half, BLOCK_D=next_pow2(D),
         num_warps=4 if block_h * block_half <= 2048 else 8)
