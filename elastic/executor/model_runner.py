@@ -100,6 +100,7 @@ class ModelRunner:
         self.model = load_model(config.model, config.parallel, self.device)
         self.sampler = Sampler(self.device, config.model.seed)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, PagedCacheLayer)]
+        self.moe_layers = self.model.moe_layers()  # (modules stay; a new layout changes their slots)
         self.block_size = config.cache.block_size
         self.num_blocks = 0
         self.kv_caches: list[list[torch.Tensor]] = []
@@ -161,7 +162,7 @@ class ModelRunner:
         own launch configuration, compiled on first use, and without this the first prefill of each new size
         stalls for seconds (first requests' TTFT). The local experts see up to the step's token budget from
         every rank (expert parallelism)."""
-        moe = self.model.moe_layers()
+        moe = self.moe_layers
         if self.device.type != "cuda" or not moe:
             return
         most = self.config.scheduler.max_num_batched_tokens * self.config.parallel.data_parallel_size
@@ -208,7 +209,7 @@ class ModelRunner:
         for caches in self.kv_caches:
             for cache in caches:
                 cache[:used].zero_()
-        for moe in self.model.moe_layers():
+        for moe in self.moe_layers:
             moe.expert_load.zero_()
 
     def release_cuda_graphs(self) -> None:
@@ -288,7 +289,7 @@ class ModelRunner:
             empty = torch.empty(0, dtype=torch.long, device=self.device)
             self.graphs.run(empty, empty, None, graph_size)  # type: ignore[union-attr]
             return
-        layers = self.model.moe_layers()
+        layers = self.moe_layers
         if not layers:
             return
         first = layers[0]
