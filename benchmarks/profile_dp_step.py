@@ -2,12 +2,14 @@
 
     python benchmarks/profile_dp_step.py --world 2 --batches 1,64 --mode p2p
     python benchmarks/profile_dp_step.py --world 2 --mode p2p --batches 64 --prefill 1024   # + a prefill step
+    python benchmarks/profile_dp_step.py --world 2 --mode p2p --batches 1 --prefill 1024 --beside 0,32
     python benchmarks/profile_dp_step.py --world 1 --shape deepseek-v2-lite --batches 64
 
 A model shape with dummy weights, one engine core per GPU stepping in lockstep (as the engine processes of
 the server do). Prints the per-step wall time and the top operators by self CPU and CUDA time. --prefill N
 also profiles one step in which rank 0 alone prefills an N-token prompt and the other ranks idle (the
-time to first token of a request that arrives at a quiet server).
+time to first token of a request that arrives at a quiet server) or, with --beside B, decode B requests each
+(a busy server).
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from elastic.sampling_params import SamplingParams  # noqa: E402
 
 
 def rank_main(rank: int, world: int, port: int, path: str, batches: list[int], mode: str, steps: int,
-              prefill: int) -> None:
+              prefill: int, beside: list[int]) -> None:
     torch.cuda.set_device(rank)
     from elastic.engine.core import EngineCore
 
@@ -42,20 +44,31 @@ def rank_main(rank: int, world: int, port: int, path: str, batches: list[int], m
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, device=f"cuda:{rank}"),
                                  parallel=dataclasses.replace(config.parallel.for_rank(rank), store_port=port))
     engine = EngineCore(config)
-    if prefill:
-        profile_prefill(engine, rank, world, prefill)
+    for others in beside if prefill else []:
+        profile_prefill(engine, rank, world, prefill, others)
     for batch in batches:
         profile_batch(engine, rank, world, batch, mode, steps)
     engine.shutdown()
 
 
-def profile_prefill(engine, rank: int, world: int, length: int) -> None:  # noqa: ANN001
-    """Rank 0 prefills one `length`-token prompt (twice: compile, then profile); the others idle along."""
+def profile_prefill(engine, rank: int, world: int, length: int, beside: int) -> None:  # noqa: ANN001
+    """Rank 0 prefills one `length`-token prompt (twice: compile, then profile); the other ranks idle along,
+    or decode `beside` requests each (in flight before the prefill arrives)."""
     from elastic.protocol.to_engine import EngineCoreRequest
 
+    vocab = engine.config.model.arch.vocab_size
     for attempt in ("warm-up", "profiled"):
+        if rank != 0 and beside:
+            rng = random.Random(f"{attempt}-{rank}-{beside}")
+            for i in range(beside):
+                engine.add_request(EngineCoreRequest(f"beside-{attempt}-{i}", [rng.randrange(vocab) for _ in range(length)],
+                                                     SamplingParams(max_tokens=32, ignore_eos=True)))
+        engine.start_wave()
+        for _ in range(8 if beside else 0):  # the others' prompts in, their decoding under way
+            engine.step()
         if rank == 0:
-            prompt = [random.Random(attempt).randrange(engine.config.model.arch.vocab_size) for _ in range(length)]
+            rng = random.Random(f"{attempt}-{beside}")  # (a prompt seen before would hit the prefix cache)
+            prompt = [rng.randrange(vocab) for _ in range(length)]
             engine.add_request(EngineCoreRequest(f"prefill-{attempt}", prompt, SamplingParams(max_tokens=1)))
         engine.start_wave()
         torch.cuda.synchronize()
@@ -71,10 +84,12 @@ def profile_prefill(engine, rank: int, world: int, length: int) -> None:  # noqa
         table = prof.key_averages()
         busy = sum(e.self_device_time_total for e in table
                    if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3
-        print(f"DP={world} prefill of {length} tokens on rank 0 (the others idle): step {elapsed * 1e3:.2f} ms "
+        others = f"{beside} decoding on each other rank" if beside else "the others idle"
+        print(f"DP={world} prefill of {length} tokens on rank 0 ({others}): step {elapsed * 1e3:.2f} ms "
               f"(profiled), GPU kernels {busy:.2f} ms", flush=True)
         print(table.table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
         print(table.table(sort_by="self_cuda_time_total", row_limit=20), flush=True)
+        print_barrier_waits(prof, engine.config.model.arch.num_layers)
 
 
 def profile_batch(engine, rank: int, world: int, batch: int, mode: str, steps: int) -> None:  # noqa: ANN001
@@ -140,12 +155,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--shape", default="qwen3-30b-a3b", help="a model shape of benchmarks/shapes.py")
     ap.add_argument("--prefill", type=int, default=0, help="also profile a prefill of this many tokens on rank 0")
+    ap.add_argument("--beside", default="0", help="with --prefill: requests each other rank decodes meanwhile "
+                                                  "(comma-separated: one profile each; 0: idle)")
     args = ap.parse_args()
     store = create_store("127.0.0.1", 0, is_master=True)
     with tempfile.TemporaryDirectory() as tmp:
         path = str(dummy_model_dir(args.shape, tmp))
         batches = [int(b) for b in args.batches.split(",")]
-        mp.start_processes(rank_main, args=(args.world, store.port, path, batches, args.mode, args.steps, args.prefill),
+        mp.start_processes(rank_main, args=(args.world, store.port, path, batches, args.mode, args.steps, args.prefill,
+                                                   [int(b) for b in args.beside.split(",")]),
                            nprocs=args.world, start_method="spawn")
 
 

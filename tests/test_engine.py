@@ -222,3 +222,25 @@ def test_idle_step_joins_every_moe_exchange_in_model_order(llm: LLM):
             moe.live.ep_comm = None
     assert full == list(range(len(layers))) and [c[0] for c in calls] == full
     assert all(dp == [9, 1] and shape == (1, layers[0].hidden_size) and weight == 0 for _, dp, shape, weight in calls)
+
+
+def test_step_trace_records_each_step(checkpoint_dir, tmp_path, monkeypatch):
+    """ELASTIC_STEP_TRACE: one JSON line per step the engine runs (prefill, then decodes), written at shutdown,
+    which benchmarks/step_trace_report.py reads back."""
+    import importlib.util
+    from pathlib import Path
+
+    monkeypatch.setenv("ELASTIC_STEP_TRACE", str(tmp_path))
+    llm = LLM(str(checkpoint_dir("qwen3_moe")), max_model_len=64)
+    llm.generate([{"prompt_token_ids": random_prompts((9,), seed=5)[0]}], SamplingParams(temperature=0, max_tokens=4),
+                 use_tqdm=False)
+    llm.engine.shutdown()
+    (path,) = tmp_path.glob("steps-*.jsonl")
+    steps = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(s["tokens"], s["decode"], s["dp"], s["rank"]) for s in steps] == [(9, False, None, 0)] + [(1, True, None, 0)] * 3
+    assert all(a["t"] <= b["t"] for a, b in zip(steps, steps[1:]))
+    spec = importlib.util.spec_from_file_location("report", Path(__file__).parent.parent / "benchmarks/step_trace_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    kinds = {row[0]: row[1] for row in report.summarize(report.load(tmp_path)[0], idle_s=60)}
+    assert kinds == {"prefill": 1, "decode graph": 2}

@@ -25,6 +25,7 @@ from elastic.engine.reconfigure import (StagedLayout, parallel_config_for, recv_
                                         share_placement, transfer_experts)
 from elastic.engine.scheduler import Scheduler
 from elastic.engine.standby import Prewarmed
+from elastic.engine.step_trace import StepTrace
 from elastic.engine.waves import RequestWave
 from elastic.eplb.balancer import ExpertBalancer, warm_up
 from elastic.executor.model_runner import ModelRunner
@@ -102,6 +103,7 @@ class EngineCore:
         # (A proxy: the engine owns its pipeline, and with no cycle between them a dropped engine's GPU memory
         # is freed at once, not at the cycle collector's next pass.)
         self.pipeline = DecodePipeline(weakref.proxy(self)) if config.scheduler.async_scheduling else None
+        self.trace = StepTrace.from_env()  # (ELASTIC_STEP_TRACE: performance work only)
         logger.info("engine ready in %.1fs (%s): %d KV blocks of %d tokens (%d tokens)", clock.total_s,
                     clock.summary(), num_blocks, config.cache.block_size, num_blocks * config.cache.block_size)
 
@@ -336,6 +338,8 @@ class EngineCore:
 
     def shutdown(self) -> None:
         self._settle()
+        if self.trace is not None:
+            self.trace.flush()
         # Graphs first: captured collectives reference the communicators that destroy() tears down.
         self.runner.release_cuda_graphs()
         if self.parallel is not None:
@@ -428,6 +432,9 @@ class EngineCore:
                                    self.parallel.all_eplb_plan_ready)
         elif not num_tokens and not self._eplb_pending:
             return None
+        if self.trace is not None:
+            self.trace.record(self.layout.rank, self.layout.epoch, num_tokens, decode_only, agreed.dp_num_tokens,
+                              agreed.graph_size)
         if eplb_due:  # every rank of the EP group decided this at this same step
             self.balancer.begin(self._ep_group)
         return agreed
