@@ -5,8 +5,9 @@ the traced time.
     ELASTIC_STEP_TRACE=/tmp/steps elastic serve ... ; python benchmarks/step_trace_report.py /tmp/steps
 
 Kinds: "prefill" (this rank's tokens include a prompt chunk), "decode beside prefill" (this rank decodes
-while another rank's tokens forced an eager step), "idle beside prefill", "decode graph" (a CUDA graph
-replay; on one rank: a decode step of at most 512 tokens), "idle graph". A gap over --idle-s seconds
+while another rank prefills: a mixed-step graph), "idle beside prefill", "decode graph" (a decode graph's
+replay; on one rank: a decode step of at most 512 tokens), "idle graph"; "(eager)": a data-parallel step
+that no graph fits (on one rank the engine picks a graph itself, which the trace does not record). A gap over --idle-s seconds
 between two steps is idle time, not a step; --last-run keeps only the steps after the last such gap (a
 benchmark's last run, after warm-ups).
 """
@@ -20,11 +21,13 @@ from pathlib import Path
 
 
 def kind(step: dict) -> str:
+    eager = " (eager)" if step["dp"] is not None and step["graph"] is None else ""
     if not step["decode"]:
-        return "prefill"
-    graph = step["graph"] is not None or (step["dp"] is None and step["tokens"] <= 512)
+        return "prefill" + eager
     who = "idle" if step["tokens"] == 0 else "decode"
-    return f"{who} graph" if graph else f"{who} beside prefill"
+    if step.get("mixed") or eager:
+        return f"{who} beside prefill{eager}"
+    return f"{who} graph" if step["graph"] is not None or step["tokens"] <= 512 else f"{who} (eager)"
 
 
 def load(directory: Path) -> dict[int, list[dict]]:

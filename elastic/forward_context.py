@@ -23,6 +23,9 @@ class AttentionMetadata:
     max_query_len: int
     max_seq_len: int
     query_start_loc_cpu: list[int]  # host copy, for host-side bookkeeping without a device sync
+    # [programs, 2] int32: the prefill attention kernel's (request, query tile) per program (a mixed-step CUDA
+    # graph's fixed grid, elastic.kernels.attention.prefill_tile_map); None: one program per tile of each request
+    tile_map: torch.Tensor | None = None
 
 
 @dataclass

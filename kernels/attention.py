@@ -135,13 +135,16 @@ def merge_splits(part_acc: torch.Tensor, part_ml: torch.Tensor, out: torch.Tenso
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, query_start_loc: torch.Tensor,
                     seq_lens: torch.Tensor, scale: float, max_query_len: int,
-                    max_seq_len: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    max_seq_len: int, out: Optional[torch.Tensor] = None,
+                    tile_map: Optional[torch.Tensor] = None) -> torch.Tensor:
     """q [T, Hq, D], caches [num_blocks, block_size, Hkv, D], block_tables [B, max_blocks]
     int32, query_start_loc [B+1] int32, seq_lens [B] int32 -> [T, Hq, D] in q's dtype.
 
     max_query_len / max_seq_len are host-side upper bounds (>= every q_len / seq_len): they
     size the grids, so no device value is read on the host. max_query_len == 1 selects the
-    split-KV decode kernels (graph-capturable); otherwise the tiled prefill kernel runs.
+    split-KV decode kernels (graph-capturable); otherwise the tiled prefill kernel runs, one program
+    per (request, tile of its queries) or, with `tile_map` ([programs, 2] int32, prefill_tile_map),
+    one per row of the map: a grid that depends on no batch's layout (CUDA graphs of mixed steps).
     """
     T, Hq, D = q.shape
     B = seq_lens.shape[0]
@@ -176,16 +179,39 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             merge_splits(part_acc, part_ml, out, query_start_loc, num_splits)
         return out
     cfg = PREFILL_CFG
-    block_r = max(cfg["BLOCK_R"], g_pad)
-    block_q = block_r // g_pad
+    block_q = prefill_tile_queries(Hq, Hkv)
     tiles = cdiv(max_query_len, block_q)
-    kv_fastest = cfg["kv_fastest"] and B * tiles <= _MAX_GRID_Y
-    grid = (Hkv, B * tiles, 1) if kv_fastest else (B * tiles, Hkv, 1)
+    programs = B * tiles if tile_map is None else tile_map.shape[0]
+    kv_fastest = cfg["kv_fastest"] and programs <= _MAX_GRID_Y
+    grid = (Hkv, programs, 1) if kv_fastest else (programs, Hkv, 1)
     _attn_fwd_kernel[grid](
-        *args, out, out, qk_scale, tiles, 1, Hq, group, D, *strides,  # one split: whole context
-        BLOCK_Q=block_q, BLOCK_R=block_r, BLOCK_N=cfg["BLOCK_N"], SPLIT=False,
-        TWO_PHASE=cfg["two_phase"], KV_FASTEST=kv_fastest,
+        *args, out, out, out if tile_map is None else tile_map, qk_scale, tiles, 1, Hq, group, D, *strides,
+        BLOCK_Q=block_q, BLOCK_R=block_q * g_pad, BLOCK_N=cfg["BLOCK_N"], SPLIT=False,  # one split: whole context
+        TWO_PHASE=cfg["two_phase"], KV_FASTEST=kv_fastest, TILE_MAP=tile_map is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
+    return out
+
+
+def prefill_tile_queries(num_heads: int, num_kv_heads: int) -> int:
+    """Queries per program of the prefill kernel (its rows are (query, head of the kv group) pairs)."""
+    g_pad = next_pow2(num_heads // num_kv_heads)
+    return max(PREFILL_CFG["BLOCK_R"], g_pad) // g_pad
+
+
+def prefill_tile_map(query_start_loc: "np.ndarray", tile_queries: int, programs: int) -> "np.ndarray":
+    """The prefill kernel's programs for a batch whose request b owns query rows [query_start_loc[b],
+    query_start_loc[b + 1]) -> int32 [programs, 2]: (b, query tile) per program, (-1, -1) past the last
+    (every request's ceil(q_len / tile_queries) tiles; at most T / tile_queries + B of them). Host numpy."""
+    import numpy as np
+
+    q_lens = np.diff(np.asarray(query_start_loc, dtype=np.int64))
+    tiles = -(-q_lens // tile_queries)  # [B]
+    total = int(tiles.sum())
+    if total > programs:
+        raise ValueError(f"{total} query tiles do not fit a tile map of {programs}")
+    out = np.full((programs, 2), -1, dtype=np.int32)
+    out[:total, 0] = np.repeat(np.arange(len(q_lens)), tiles)
+    out[:total, 1] = np.arange(total) - np.repeat(np.cumsum(tiles) - tiles, tiles)
     return out
 
 
@@ -201,7 +227,7 @@ def _paged_decode(args: tuple[torch.Tensor, ...], part_acc: torch.Tensor, part_m
     kv_fastest = cfg["kv_fastest"] and B <= _MAX_GRID_Y
     grid = (Hkv, B, num_splits) if kv_fastest else (B, Hkv, num_splits)
     _attn_fwd_kernel[grid](
-        *args, part_acc, part_ml, qk_scale, 1, num_splits, Hq, Hq // Hkv, D, *strides,
+        *args, part_acc, part_ml, part_acc, qk_scale, 1, num_splits, Hq, Hq // Hkv, D, *strides,
         BLOCK_Q=1, BLOCK_R=max(16, common["G_PAD"]), BLOCK_N=cfg["BLOCK_N"], SPLIT=num_splits > 1,
-        TWO_PHASE=cfg["two_phase"], KV_FASTEST=kv_fastest,
+        TWO_PHASE=cfg["two_phase"], KV_FASTEST=kv_fastest, TILE_MAP=False,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)

@@ -133,14 +133,14 @@ def store_output(out_ptr, q_row, head, stride_ot, stride_oh, acc, l_i, row_ok, o
 
 @triton.jit(do_not_specialize=["tiles_per_req", "num_splits"])
 def _attn_fwd_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, qsl_ptr, seq_lens_ptr,
-                     out_ptr, part_acc_ptr, part_ml_ptr,
+                     out_ptr, part_acc_ptr, part_ml_ptr, tile_map_ptr,
                      qk_scale, tiles_per_req, num_splits, HQ, G, D,
                      stride_qt, stride_qh, stride_ot, stride_oh,
                      stride_cb, stride_cs, stride_ch, stride_bt,
                      BLOCK_SIZE: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      EVEN_D: tl.constexpr, SPLIT: tl.constexpr, TWO_PHASE: tl.constexpr,
-                     KV_FASTEST: tl.constexpr):
+                     KV_FASTEST: tl.constexpr, TILE_MAP: tl.constexpr):
     if KV_FASTEST:        # programs of one token's kv heads run together: whole cache rows
         kvh = tl.program_id(0)
         pid0 = tl.program_id(1)
@@ -148,8 +148,14 @@ def _attn_fwd_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, qsl_ptr,
         pid0 = tl.program_id(0)
         kvh = tl.program_id(1)
     split = tl.program_id(2)
-    b = pid0 // tiles_per_req
-    qt = pid0 % tiles_per_req
+    if TILE_MAP:          # tile_map [programs, 2]: (request, query tile) of each program, -1: none (padding)
+        b = tl.load(tile_map_ptr + pid0 * 2)
+        if b < 0:
+            return
+        qt = tl.load(tile_map_ptr + pid0 * 2 + 1)
+    else:
+        b = pid0 // tiles_per_req
+        qt = pid0 % tiles_per_req
     q_start = tl.load(qsl_ptr + b)
     q_len = tl.load(qsl_ptr + b + 1) - q_start
     if qt * BLOCK_Q >= q_len:

@@ -74,14 +74,17 @@ def _dispatch_row(hidden, physical, weights, tokens, out_weights, out_ids, row, 
     # tokens [H], out_weights [K] f32, out_ids [K] int32: this row's place in rank `dst`'s buffers.
     k = tl.arange(0, BLOCK_K)
     if row < num_tokens:
-        for h in range(0, H, BLOCK_H):
-            offs = h + tl.arange(0, BLOCK_H)
-            x = tl.load(hidden + row * stride_hidden + offs, mask=offs < H)
-            tl.store(tokens + offs, x, mask=offs < H)
         # Rank dst holds slots [dst * slots_per_rank, (dst + 1) * slots_per_rank) (ExpertLayout): it gets its
         # own slot index, -1 for a slot elsewhere (slots_to_local, computed here instead of on the receiver).
-        local = tl.load(physical + row * stride_physical + k, mask=k < K).to(tl.int32) - dst * slots_per_rank
-        local = tl.where((local >= 0) & (local < slots_per_rank), local, -1)
+        local = tl.load(physical + row * stride_physical + k, mask=k < K, other=-1).to(tl.int32) - dst * slots_per_rank
+        local = tl.where((k < K) & (local >= 0) & (local < slots_per_rank), local, -1)
+        # The token itself only where one of its experts is: rank dst's experts read no other row (CUDA-graph
+        # padding routes nowhere: a mixed step's bucket is mostly padding on a rank that only decodes).
+        if tl.max(local, axis=0) >= 0:
+            for h in range(0, H, BLOCK_H):
+                offs = h + tl.arange(0, BLOCK_H)
+                x = tl.load(hidden + row * stride_hidden + offs, mask=offs < H)
+                tl.store(tokens + offs, x, mask=offs < H)
         weight = tl.load(weights + row * stride_weights + k, mask=k < K).to(tl.float32)
         tl.store(out_ids + k, local, mask=k < K)
         tl.store(out_weights + k, weight, mask=k < K)

@@ -244,3 +244,43 @@ def test_step_trace_records_each_step(checkpoint_dir, tmp_path, monkeypatch):
     spec.loader.exec_module(report)
     kinds = {row[0]: row[1] for row in report.summarize(report.load(tmp_path)[0], idle_s=60)}
     assert kinds == {"prefill": 1, "decode graph": 2}
+
+
+def test_mixed_step_through_graph_buffers_equals_eager(llm: LLM):
+    """A mixed step (prompt chunks and a decode) as a mixed-step CUDA graph runs it: padded to a token bucket in
+    the graphs' static buffers, padded requests and query rows included. Run eagerly here (no graphs on the
+    CPU; the tile-map attention kernel is tested in test_kernels): the same hidden states as the step run
+    alone, and the padding rows count no expert load."""
+    import math
+
+    from elastic.executor.mixed_graphs import MixedInputs, mixed_sizes
+    from elastic.forward_context import ForwardContext, set_forward_context
+    from elastic.request import Request, SchedulerOutput
+
+    assert mixed_sizes(300) == [128, 256, 300] and mixed_sizes(128) == [128]
+    runner, config = llm.engine.runner, llm.engine.config
+    arch, bs = config.model.arch, config.cache.block_size
+    scheduled, first_block = [], 0
+    for i, (n, done) in enumerate(((13, 0), (5, 0), (1, 9))):  # two prompts, one decode after 9 cached tokens
+        req = Request(EngineCoreRequest(f"mixed-{i}", list(range(3, 3 + n + done)), SamplingParams(max_tokens=1)),
+                      runner.device)
+        req.num_computed_tokens = done
+        req.block_table = list(range(first_block, first_block + math.ceil((n + done) / bs)))
+        first_block += len(req.block_table)
+        scheduled.append((req, n))
+    input_ids, positions, md, _ = runner._prepare(SchedulerOutput(scheduled))
+    loads = lambda: torch.stack([m.expert_load.clone() for m in runner.moe_layers])  # noqa: E731
+    before = loads()
+    with torch.inference_mode(), set_forward_context(ForwardContext(attn=md)):
+        want = runner.model(input_ids, positions)
+    counted = loads() - before
+    mixed = MixedInputs(300, 8, md.block_tables.shape[1] + 2, config.model.max_model_len, arch.hidden_size,
+                        arch.num_heads, arch.num_kv_heads, config.model.dtype, runner.device)
+    size = mixed.size_for(len(input_ids))
+    mixed.load(input_ids, positions, md, size)
+    before = loads()
+    with torch.inference_mode(), set_forward_context(mixed.context(size, 1, False)):
+        got = runner.model(mixed.input_ids[:size], mixed.positions[:size])
+    assert size == 128 and torch.equal(loads() - before, counted)
+    torch.testing.assert_close(got[:len(input_ids)], want, rtol=1e-5, atol=1e-5)
+    assert mixed.tile_map[:, 0].ge(0).sum() == sum(-(-n // mixed.tile_queries) for _, n in scheduled)

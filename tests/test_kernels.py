@@ -330,3 +330,31 @@ def test_paged_attention_triton(interp, monkeypatch, case, path, two_phase, kv_f
     if path == "decode":  # graphs sized for a far longer context: each request's own context is split
         long = ek.paged_attention(q, kc, vc, bt, qsl, sl, scale, 1, 4096)
         torch.testing.assert_close(long.float(), ref.float(), rtol=1e-2, atol=1e-2)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", list(ATTN_CASES))
+def test_paged_attention_tile_map_equals_per_request_grid(interp, monkeypatch, case):
+    """A mixed-step CUDA graph's grid: programs read (request, query tile) from a tile map sized for a larger
+    batch (padding query rows, requests without queries, programs with nothing to do) and compute exactly
+    what the per-request grid computes for the real rows."""
+    seq_lens, q_lens, Hq, Hkv, D, bs = ATTN_CASES[case]
+    monkeypatch.setitem(ek.attention.PREFILL_CFG, "BLOCK_R", 16)
+    monkeypatch.setitem(ek.attention.PREFILL_CFG, "BLOCK_N", 16)
+    q, kc, vc, bt, qsl, sl, _, _ = _attn_case(seq_lens, q_lens, Hq, Hkv, D, bs, torch.float16, "tile_map")
+    scale, (T, B) = D ** -0.5, (q.shape[0], len(seq_lens))
+    want = ek.paged_attention(q, kc, vc, bt, qsl, sl, scale, max(max(q_lens), 2), max(seq_lens))
+    pad_rows, pad_reqs = 5, 3
+    q_pad = torch.cat([q, torch.randn(pad_rows, Hq, D).to(q.dtype)])
+    qsl_pad = torch.cat([qsl, torch.full((pad_reqs,), T, dtype=torch.int32)])
+    sl_pad = torch.cat([sl, torch.zeros(pad_reqs, dtype=torch.int32)])
+    bt_pad = torch.cat([bt, torch.zeros(pad_reqs, bt.shape[1], dtype=torch.int32)])
+    tile = ek.attention.prefill_tile_queries(Hq, Hkv)
+    programs = -(-(T + pad_rows) // tile) + B + pad_reqs
+    tile_map = torch.from_numpy(ek.attention.prefill_tile_map(qsl_pad.numpy(), tile, programs))
+    assert int((tile_map[:, 0] >= 0).sum()) == sum(-(-n // tile) for n in q_lens)
+    got = ek.paged_attention(q_pad, kc, vc, bt_pad, qsl_pad, sl_pad, scale, T + pad_rows, 4096,
+                             out=torch.full_like(q_pad, float("nan")), tile_map=tile_map)
+    assert torch.equal(got[:T], want)
+    with pytest.raises(ValueError, match="do not fit"):
+        ek.attention.prefill_tile_map(qsl.numpy(), tile, 1)

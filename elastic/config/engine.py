@@ -80,6 +80,8 @@ class CacheConfig:
     enable_prefix_caching: bool = option(True, "disable reuse of cached prompt prefixes",
                                          negative_flag="--no-enable-prefix-caching")
     enforce_eager: bool = option(False, "never use CUDA graphs")
+    mixed_step_graphs: bool = option(True, "no CUDA graphs for steps with prompt tokens (they run eagerly; "
+                                     "decode steps keep theirs)", negative_flag="--no-mixed-step-graphs")
 
     def __post_init__(self) -> None:
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

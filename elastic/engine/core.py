@@ -28,6 +28,7 @@ from elastic.engine.standby import Prewarmed
 from elastic.engine.step_trace import StepTrace
 from elastic.engine.waves import RequestWave
 from elastic.eplb.balancer import ExpertBalancer, warm_up
+from elastic.executor.cuda_graphs import StepGraph
 from elastic.executor.model_runner import ModelRunner
 from elastic.layers.moe import ExpertLayout
 from elastic.protocol.from_engine import EngineCoreOutput, SchedulerStats, TokenLogprobs
@@ -45,7 +46,7 @@ class StepAgreement:
     """What every DP rank agreed on for one step (a single rank: its own decisions)."""
 
     dp_num_tokens: list[int] | None  # every rank's token count (None: no data parallelism)
-    graph_size: int | None  # the captured batch size every rank replays, or None: eager
+    graph: StepGraph | None  # the CUDA graph every rank replays, or None: eager
     plans_ready: bool  # every rank has the next expert placement computed: its moves may start
 
 
@@ -407,7 +408,7 @@ class EngineCore:
         agreed = self.agree_step(out.num_tokens, all(n == 1 for _, n in out.scheduled))
         if agreed is None:
             return []
-        outputs = self._forward(out, agreed.dp_num_tokens, agreed.graph_size)
+        outputs = self._forward(out, agreed.dp_num_tokens, agreed.graph)
         self.after_step(agreed)
         return outputs
 
@@ -428,13 +429,13 @@ class EngineCore:
                 num_tokens or 1, has_work, decode_only, eplb_due, scale_ready, plans_ready)
             if not self.wave.running:
                 return None
-            agreed = StepAgreement(dp_num_tokens, self.runner.dp_graph_size(dp_num_tokens, all_decode),
+            agreed = StepAgreement(dp_num_tokens, self.runner.dp_graph(dp_num_tokens, all_decode),
                                    self.parallel.all_eplb_plan_ready)
         elif not num_tokens and not self._eplb_pending:
             return None
         if self.trace is not None:
             self.trace.record(self.layout.rank, self.layout.epoch, num_tokens, decode_only, agreed.dp_num_tokens,
-                              agreed.graph_size)
+                              agreed.graph)
         if eplb_due:  # every rank of the EP group decided this at this same step
             self.balancer.begin(self._ep_group)
         return agreed
@@ -447,16 +448,16 @@ class EngineCore:
             self.balancer.advance(self._ep_group, agreed.plans_ready)
 
     def _forward(self, out: SchedulerOutput, dp_num_tokens: list[int] | None,
-                 graph_size: int | None) -> list[EngineCoreOutput]:
+                 graph: StepGraph | None) -> list[EngineCoreOutput]:
         if not out:
             if self.parallel is not None:  # keep the MoE collectives of the other ranks company
-                self.runner.idle_step(dp_num_tokens, graph_size)
+                self.runner.idle_step(dp_num_tokens, graph)
             return []
         # Seeded requests' generators as before the step: a void step's draws are put back, so the tokens
         # computed again after a recovery are the ones an undisturbed run draws.
         seeded = [(r.generator, r.generator.get_state()) for r, _ in out.scheduled if r.generator is not None]
         try:
-            sampled, logprobs, failed = self.runner.execute(out, dp_num_tokens, graph_size)
+            sampled, logprobs, failed = self.runner.execute(out, dp_num_tokens, graph)
             if self.peer_failed.is_set():  # collectives aborted under this step: its tokens may be garbage
                 raise RuntimeError("a peer rank failed during this step")
         except Exception:

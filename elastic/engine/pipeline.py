@@ -155,11 +155,12 @@ class DecodePipeline:
         agreed = self.core.agree_step(len(reqs), decode_only=True)
         assert agreed is not None  # this rank has work: the wave goes on
         began = time.perf_counter()  # (the exchange's wait for the other ranks is not launch time)
-        step = self.core.runner.launch_decode(reqs, offset, input_ids, agreed.dp_num_tokens, agreed.graph_size)
+        step = self.core.runner.launch_decode(reqs, offset, input_ids, agreed.dp_num_tokens, agreed.graph)
         took = time.perf_counter() - began
         self.launch_s = took if self.launch_s is None else 0.8 * self.launch_s + 0.2 * took
-        # A step another rank's prefill ran beside (eager, with its tokens) is no measure of the next ones.
-        self.inflight = _Inflight(reqs, step, timed=agreed.dp_num_tokens is None or agreed.graph_size is not None)
+        # A step another rank's prefill ran beside (its mixed-step graph, or eager) is no measure of the next ones.
+        beside_prefill = agreed.dp_num_tokens is not None and (agreed.graph is None or agreed.graph.mixed)
+        self.inflight = _Inflight(reqs, step, timed=not beside_prefill)
         self.core.after_step(agreed)
         self.launched += 1
 

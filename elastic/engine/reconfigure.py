@@ -27,7 +27,7 @@ from elastic.distributed.group import StatelessGroup
 from elastic.distributed.parallel_state import ParallelState
 from elastic.eplb.balancer import ExpertBalancer
 from elastic.eplb.transfer import SlotMove, execute_moves, plan_moves
-from elastic.executor.cuda_graphs import DecodeGraphs
+from elastic.executor.cuda_graphs import StepGraphs
 from elastic.layers.moe import ExpertLayout, ExpertSlots, FusedMoE
 from elastic.protocol.scaling import ParallelLayout
 
@@ -45,7 +45,7 @@ class StagedLayout:
     groups: ParallelState | None  # None at size 1
     config: EngineConfig  # with the new parallel layout
     balancer: ExpertBalancer | None
-    graphs: DecodeGraphs | None
+    graphs: StepGraphs | None
 
 
 def parallel_config_for(parallel: ParallelConfig, layout: ParallelLayout | None) -> ParallelConfig:

@@ -97,7 +97,7 @@ def _compile_decode_kernels(runner: ModelRunner) -> None:
         layer.live.ep_comm = comm
     runner.allocate_kv_cache(2)
     try:
-        runner.warm_up_decode_graphs()
+        runner.warm_up_step_graphs()
     finally:
         for layer in moe:
             layer.live.ep_comm = None

@@ -4,7 +4,8 @@ DIR/steps-<pid>.jsonl:
 
     {"t": seconds (monotonic, the host's clock), "rank": DP rank, "epoch": layout epoch,
      "tokens": this rank's tokens, "decode": all of them decodes, "dp": every rank's tokens (null: one rank),
-     "graph": the CUDA graph size replayed (null: eager)}
+     "graph": the CUDA graph's size (null: eager; one rank: null, its engine picks the graph), "mixed": that
+     graph is a mixed step's}
 
 The time between a rank's consecutive lines is its step period (a launched decode step's device time while
 pipelined, a whole step otherwise); lines of several ranks share one clock (one host). Lines are buffered and
@@ -36,9 +37,10 @@ class StepTrace:
         return cls(directory) if directory else None
 
     def record(self, rank: int, epoch: int, tokens: int, decode: bool, dp: list[int] | None,
-               graph: int | None) -> None:
-        self.lines.append(self.encoder.encode({"t": time.monotonic(), "rank": rank, "epoch": epoch,
-                                               "tokens": tokens, "decode": decode, "dp": dp, "graph": graph}))
+               graph: tuple[int, bool] | None) -> None:
+        self.lines.append(self.encoder.encode({
+            "t": time.monotonic(), "rank": rank, "epoch": epoch, "tokens": tokens, "decode": decode, "dp": dp,
+            "graph": graph[0] if graph is not None else None, "mixed": graph is not None and graph[1]}))
         if len(self.lines) >= _FLUSH_EVERY:
             self.flush()
 

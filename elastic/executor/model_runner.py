@@ -11,10 +11,11 @@ import numpy as np
 import torch
 
 from elastic.config import EngineConfig, ParallelConfig
-from elastic.executor.cuda_graphs import DecodeGraphs
+from elastic.executor.cuda_graphs import StepGraph, StepGraphs
+from elastic.executor.mixed_graphs import MixedInputs
 from elastic.forward_context import AttentionMetadata, ForwardContext, set_forward_context
 from elastic.kernels import HAS_TRITON
-from elastic.layers.attention import PagedCacheLayer
+from elastic.layers.attention import Attention, PagedCacheLayer
 from elastic.layers.pinned_copy import to_device
 from elastic.layers.sampler import Sampler
 from elastic.models.loader import load_model
@@ -104,7 +105,7 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.num_blocks = 0
         self.kv_caches: list[list[torch.Tensor]] = []
-        self.graphs: DecodeGraphs | None = None
+        self.graphs: StepGraphs | None = None
 
     # ---- KV cache -------------------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -224,26 +225,26 @@ class ModelRunner:
         self.release_cuda_graphs()
         self.graphs = self._capture(self.config.parallel, staged=False)
 
-    def stage_cuda_graphs(self, parallel: ParallelConfig) -> DecodeGraphs | None:
+    def stage_cuda_graphs(self, parallel: ParallelConfig) -> StepGraphs | None:
         """The next layout's graphs (over the MoE layers' staged slots), captured from a background thread
         while the live graphs serve; every rank of the next layout calls this together."""
         return self._capture(parallel, staged=True)
 
-    def _capture(self, parallel: ParallelConfig, staged: bool) -> DecodeGraphs | None:
-        graphs = self._decode_graphs(parallel, staged)
+    def _capture(self, parallel: ParallelConfig, staged: bool) -> StepGraphs | None:
+        graphs = self._step_graphs(parallel, staged)
         if graphs is not None:
             graphs.capture()
         return graphs
 
-    def warm_up_decode_graphs(self) -> bool:
+    def warm_up_step_graphs(self) -> bool:
         """Compile every kernel the decode graphs of this layout launch, capturing none (a standby engine,
         before it joins: its MoE layers run with stand-in collectives). False if this layout has no graphs."""
-        graphs = self._decode_graphs(self.config.parallel, staged=False)
+        graphs = self._step_graphs(self.config.parallel, staged=False)
         if graphs is not None:
             graphs.warm_up()
         return graphs is not None
 
-    def _decode_graphs(self, parallel: ParallelConfig, staged: bool) -> DecodeGraphs | None:
+    def _step_graphs(self, parallel: ParallelConfig, staged: bool) -> StepGraphs | None:
         if self.device.type != "cuda" or self.config.cache.enforce_eager:
             return None
         if parallel.is_distributed and parallel.ep_dispatch == "alltoall":
@@ -252,19 +253,23 @@ class ModelRunner:
         if not HAS_TRITON or self.config.model.dtype not in (torch.bfloat16, torch.float16):
             logger.info("no CUDA graphs: the Triton kernels need bf16/fp16 (the fp32 reference path syncs)")
             return None
-        arch, max_len = self.config.model.arch, self.config.model.max_model_len
-        return DecodeGraphs(self.model, self.config.scheduler.max_graph_batch, -(-max_len // self.block_size),
-                            max_len, arch.hidden_size, self.config.model.dtype, self.device,
-                            parallel.data_parallel_size, staged)
+        arch, max_len, sched = self.config.model.arch, self.config.model.max_model_len, self.config.scheduler
+        max_blocks, dtype = -(-max_len // self.block_size), self.config.model.dtype
+        mixed = None
+        if self.config.cache.mixed_step_graphs and all(type(m) is Attention for m in self.attention_layers):
+            mixed = MixedInputs(sched.max_num_batched_tokens, sched.max_num_seqs, max_blocks, max_len,  # (MLA: eager)
+                                arch.hidden_size, arch.num_heads, arch.num_kv_heads, dtype, self.device)
+        return StepGraphs(self.model, sched.max_graph_batch, max_blocks, max_len, arch.hidden_size, dtype,
+                          self.device, parallel.data_parallel_size, staged, mixed)
 
     # ---- execution ------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def dp_graph_size(self, dp_num_tokens: list[int], all_decode: bool) -> int | None:
-        """The captured batch size every DP rank replays this step, or None to run eagerly."""
-        if self.graphs is None or not self.graphs.graphs or not all_decode:
+    def dp_graph(self, dp_num_tokens: list[int], all_decode: bool) -> StepGraph | None:
+        """The graph every DP rank replays this step (the same on every rank: from what all agreed on), or None
+        to run eagerly."""
+        if self.graphs is None or not self.graphs.graphs:
             return None
-        largest = max(dp_num_tokens)
-        return self.graphs.size_for(largest) if largest <= self.graphs.sizes[-1] else None
+        return self.graphs.choose(max(dp_num_tokens), 1 if all_decode else 2)
 
     def dummy_run(self, num_tokens: int, num_logits: int = 1) -> None:
         """A forward with no KV cache (memory profiling; with data parallelism every rank runs it alike)."""
@@ -278,16 +283,17 @@ class ModelRunner:
         self.model.compute_logits(hidden[:num_logits])
 
     @torch.inference_mode()
-    def idle_step(self, dp_num_tokens: list[int], graph_size: int | None) -> None:
-        """Nothing scheduled here while other data-parallel ranks step: join the step's MoE collectives. When
-        every rank decodes, replay the graph of the others' size, with padding only. Otherwise (another rank
-        prefills) run only the MoE layers' exchanges, in the model's order, on one row of zero weight: the
-        experts here still compute their share of the others' tokens, but none of the attention, norms and
-        routing around them is launched. Eagerly, those launches kept this rank's host behind the prefilling
-        rank's device: it waited at every layer's exchange (2 x H100, a 1 024-token prefill: ~0.4 ms a layer)."""
-        if graph_size is not None:
+    def idle_step(self, dp_num_tokens: list[int], graph: StepGraph | None) -> None:
+        """Nothing scheduled here while other data-parallel ranks step: join the step's MoE collectives. Where
+        the step has a graph, replay it with padding only. Otherwise (an eager step: the step is too large for
+        the graphs, or there are none) run only the MoE layers' exchanges, in the model's order, on one row of
+        zero weight: the experts here still compute their share of the others' tokens, but none of the
+        attention, norms and routing around them is launched. Eagerly, those launches kept this rank's host
+        behind the prefilling rank's device: it waited at every layer's exchange (2 x H100, a 1 024-token
+        prefill: ~0.4 ms a layer)."""
+        if graph is not None:
             empty = torch.empty(0, dtype=torch.long, device=self.device)
-            self.graphs.run(empty, empty, None, graph_size)  # type: ignore[union-attr]
+            self.graphs.run(empty, empty, None, graph)  # type: ignore[union-attr]
             return
         layers = self.moe_layers
         if not layers:
@@ -354,12 +360,12 @@ class ModelRunner:
             return self.model.compute_logits(self.model(input_ids, positions))
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, dp_num_tokens: list[int] | None = None, graph_size: int | None = None
+    def execute(self, out: SchedulerOutput, dp_num_tokens: list[int] | None = None, graph: StepGraph | None = None
                 ) -> tuple[dict[str, int], dict[str, TokenLogprobs], dict[str, str]]:
         """Run one step; returns the sampled token (and logprobs) of each request that reached its end, and
         {request id: why} for requests whose sampling failed (they fail alone; see Sampler.sample)."""
         input_ids, positions, md, logit_rows = self._prepare(out)
-        hidden = self._forward(input_ids, positions, md, dp_num_tokens, graph_size)
+        hidden = self._forward(input_ids, positions, md, dp_num_tokens, graph)
         self._prompt_logprobs(out, hidden, md.query_start_loc_cpu)
         sampling_reqs = [req for req, n in out.scheduled if req.num_computed_tokens + n == req.num_tokens]
         if not sampling_reqs:
@@ -371,18 +377,19 @@ class ModelRunner:
         return sampled, sampled_logprobs, {sampling_reqs[row].request_id: why for row, why in errors.items()}
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata,
-                 dp_num_tokens: list[int] | None = None, graph_size: int | None = None) -> torch.Tensor:
-        """-> hidden [T, H]: a CUDA graph's replay where one fits the step, else an eager forward."""
-        if graph_size is not None:
-            return self.graphs.run(input_ids, positions, md, graph_size)  # type: ignore[union-attr]
-        if self.graphs is not None and dp_num_tokens is None and self.graphs.can_run(len(input_ids), md.max_query_len):
-            return self.graphs.run(input_ids, positions, md)
+                 dp_num_tokens: list[int] | None = None, graph: StepGraph | None = None) -> torch.Tensor:
+        """-> hidden [T, H]: a CUDA graph's replay where one fits the step (with data parallelism: `graph`, the
+        one every rank agreed on), else an eager forward."""
+        if graph is None and self.graphs is not None and dp_num_tokens is None:
+            graph = self.graphs.choose(len(input_ids), md.max_query_len)
+        if graph is not None:
+            return self.graphs.run(input_ids, positions, md, graph)  # type: ignore[union-attr]
         with set_forward_context(ForwardContext(attn=md, dp_num_tokens=dp_num_tokens)):
             return self.model(input_ids, positions)  # [T, hidden]
 
     @torch.inference_mode()
     def launch_decode(self, reqs: list[Request], offset: int, input_ids: torch.Tensor,
-                      dp_num_tokens: list[int] | None = None, graph_size: int | None = None) -> LaunchedDecode:
+                      dp_num_tokens: list[int] | None = None, graph: StepGraph | None = None) -> LaunchedDecode:
         """A decode step of `reqs` (no penalties or logprobs), each at position num_computed_tokens + offset with
         its token in `input_ids` [B] (on the device: the previous step's, not read yet, when offset is 1),
         launched and not waited for: its tokens are copied to the host behind it (LaunchedDecode.read). The
@@ -391,7 +398,7 @@ class ModelRunner:
         starts = np.fromiter((r.num_computed_tokens + offset for r in reqs), dtype=np.int64, count=len(reqs))
         positions, md = self._metadata(reqs, starts, np.ones(len(reqs), dtype=np.int64))
         started = LaunchedDecode.mark_start(self.device)
-        hidden = self._forward(input_ids, positions, md, dp_num_tokens, graph_size)
+        hidden = self._forward(input_ids, positions, md, dp_num_tokens, graph)
         generators = [(r.generator, r.generator.get_state()) for r in reqs if r.generator is not None]
         tokens, finite = self.sampler.sample_on_device(self.model.compute_logits(hidden), reqs)
         return LaunchedDecode.copy_back(tokens, finite, started, generators)

@@ -54,4 +54,4 @@ class Attention(PagedCacheLayer):
         else:
             store_kvcache(k, v, self.k_cache, self.v_cache, md.slot_mapping)
         return paged_attention(q, self.k_cache, self.v_cache, md.block_tables, md.query_start_loc, md.seq_lens,
-                               self.scale, md.max_query_len, md.max_seq_len)
+                               self.scale, md.max_query_len, md.max_seq_len, tile_map=md.tile_map)
