@@ -3,10 +3,12 @@
 # dummy model, drive it with benchmarks/serve.py, shut it down. Results go to ${OUT:-.}/serve_*.json.
 # Extra arguments go to `elastic serve`, e.g. `bash benchmarks/gpu_serve.sh --data-parallel-size 2`.
 # CONCS: concurrencies (4 x c requests each); BURST=1: first a c=16 burst on the fresh server (_burst.json);
-# RATES: then Poisson arrival rates, requests per second (_r<rate>.json).
+# RATES: then Poisson arrival rates, requests per second (_r<rate>.json). STEP_TRACE=1: the engines' step
+# traces in ${OUT:-.}/${TAG}_trace (benchmarks/step_trace_report.py; its --last-run is the last rate's run).
 set -uo pipefail
 out=${OUT:-.}
 model=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from shapes import dummy_model_dir; print(dummy_model_dir('qwen3-30b-a3b'))")
+[ "${STEP_TRACE:-0}" = 1 ] && export ELASTIC_STEP_TRACE="$out/${TAG:-serve}_trace"
 python3 -m elastic serve "$model" --load-format dummy --skip-tokenizer-init --max-model-len 4096 \
     --port 8011 --host 127.0.0.1 --served-model-name qwen3-30b-a3b-dummy --disable-uvicorn-access-log "$@" \
     > "$out/${TAG:-serve}_server.log" 2>&1 &

@@ -2,12 +2,17 @@
 # Serving, one GPU against two (DP=2, expert-parallel p2p), same machine, same prompts, Qwen3-30B-A3B-shaped
 # dummy model, 1024 in / 128 out. Per server: the fresh server's first c=16 burst, then c = 16/1/64/128, then
 # Poisson arrivals at ${RATE:-8} requests per second per rank (DP=1: RATE, DP=2: 2 x RATE: equal load per rank).
+# Step traces of both servers (STEP_TRACE=1, benchmarks/gpu_serve.sh), summarized for the rate run.
 #   bash benchmarks/gpu_serve_ep.sh     # results: ${OUT:-.}/dp1_*.json, dp2_*.json; a table last
 set -uo pipefail
 rate=${RATE:-8}
+export STEP_TRACE=1
 TAG=dp1 BURST=1 CONCS="16 1 64 128" RATES="$rate" bash benchmarks/gpu_serve.sh "$@" > /dev/null
 TAG=dp2 BURST=1 CONCS="16 1 64 128" RATES="$((2 * rate))" bash benchmarks/gpu_serve.sh --data-parallel-size 2 "$@" \
     > /dev/null
+for tag in dp1 dp2; do
+  python3 benchmarks/step_trace_report.py --last-run "${OUT:-.}/${tag}_trace"
+done
 python3 - "${OUT:-.}" <<'PY'
 import json, sys
 from pathlib import Path

@@ -16,9 +16,9 @@ rate=${RATE:-8}
 part profile 200 python3 benchmarks/profile_dp_step.py --world 2 --mode p2p --batches 1 --prefill 1024 --beside 0,32
 grep -hE "median step|_kernel: first layer|prefill of" "$out/ttft_profile.log"
 for dp in 1 2; do
-  ELASTIC_STEP_TRACE="$out/ttft_trace_dp$dp" TAG=ttft_dp$dp BURST=1 CONCS="${CONCS:- }" RATES="$((dp * rate))" \
+  STEP_TRACE=1 TAG=ttft_dp$dp BURST=1 CONCS="${CONCS:- }" RATES="$((dp * rate))" \
       part "serve_dp$dp" 200 bash benchmarks/gpu_serve.sh --data-parallel-size $dp
-  python3 benchmarks/step_trace_report.py --last-run "$out/ttft_trace_dp$dp"
+  python3 benchmarks/step_trace_report.py --last-run "$out/ttft_dp${dp}_trace"
 done
 for f in "$out"/ttft_dp*_r*.json "$out"/ttft_dp*_c*.json; do
   [ -f "$f" ] && python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[1].split('/')[-1], round(r['output_throughput']), 'tok/s, TTFT mean', round(r['mean_ttft_ms'], 1), 'median', round(r['median_ttft_ms'], 1), 'p99', round(r['p99_ttft_ms'], 1), 'ms, TPOT', round(r['mean_tpot_ms'], 2), 'ITL p99', round(r['p99_itl_ms'], 1), 'failed', r['failed'])" "$f"

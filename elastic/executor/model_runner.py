@@ -176,12 +176,13 @@ class ModelRunner:
                     time.perf_counter() - started)
 
     def warm_up_prefill(self) -> None:
-        """Eager prefill steps of dummy prompts through the KV cache (with expert parallelism every rank calls
-        this at once): on CUDA it compiles the prefill kernels the profile run, which has no cache, leaves
-        out (attention over the cache, the eager exchange). On one H100 the first burst of 16 requests after
-        start-up took 5x the time to first token of the next burst (518 vs 103 ms mean), the expert kernels
-        already compiled: likely these compiles (not measured since). Run on the CPU too (cheap there), so
-        that every start-up takes the same collectives and the tests cover them."""
+        """Prefill steps of dummy prompts through the KV cache, as serving runs them (a mixed-step graph, or
+        eagerly without one; with expert parallelism every rank calls this at once): on CUDA it compiles the
+        prefill kernels the profile run, which has no cache, leaves out (attention over the cache, the eager
+        exchange). On one H100 the first burst of 16 requests after start-up took 5x the time to first token
+        of the next burst (518 vs 103 ms mean), the expert kernels already compiled (session 8; with these
+        warm-ups 11% more, session 9). Run on the CPU too (cheap there), so that every start-up takes the same
+        collectives and the tests cover them."""
         if self.num_blocks < 4:  # (the same on every rank: they agreed on the KV size)
             return
         started = time.perf_counter()
@@ -205,8 +206,8 @@ class ModelRunner:
                 first_block += len(req.block_table)
                 scheduled.append((req, n))
             used = max(used, first_block)
-            num_tokens = sum(lengths)
-            self.execute(SchedulerOutput(scheduled), [num_tokens] * world if world > 1 else None)
+            dp_num_tokens = [sum(lengths)] * world if world > 1 else None  # (one rank: its engine picks a graph)
+            self.execute(SchedulerOutput(scheduled), dp_num_tokens, dp_num_tokens and self.dp_graph(dp_num_tokens, False))
         for caches in self.kv_caches:
             for cache in caches:
                 cache[:used].zero_()
