@@ -74,9 +74,9 @@ def main() -> None:
         rows = summarize(steps, args.idle_s)
         traced = sum(r[2] for r in rows)
         print(f"rank {rank}: {len(steps)} steps, {traced:.2f} s traced")
-        print(f"  {'kind':<22} {'steps':>6} {'share':>6} {'median ms':>10} {'p90 ms':>8} {'max ms':>8} {'tokens':>7}")
+        print(f"  {'kind':<30} {'steps':>6} {'share':>6} {'median ms':>10} {'p90 ms':>8} {'max ms':>8} {'tokens':>7}")
         for name, count, total, median, p90, longest, mean_tokens in rows:
-            print(f"  {name:<22} {count:>6} {total / traced:6.1%} {median:10.2f} {p90:8.2f} {longest:8.2f} "
+            print(f"  {name:<30} {count:>6} {total / traced:6.1%} {median:10.2f} {p90:8.2f} {longest:8.2f} "
                   f"{mean_tokens:7.0f}")
 
 
