@@ -284,3 +284,21 @@ def test_mixed_step_through_graph_buffers_equals_eager(llm: LLM):
     assert size == 128 and torch.equal(loads() - before, counted)
     torch.testing.assert_close(got[:len(input_ids)], want, rtol=1e-5, atol=1e-5)
     assert mixed.tile_map[:, 0].ge(0).sum() == sum(-(-n // mixed.tile_queries) for _, n in scheduled)
+
+
+def test_step_graph_choice(llm: LLM):
+    """Which graph a step replays: decodes up to the largest decode batch take a decode graph, anything else up
+    to the step budget the mixed-step graph of its token bucket, larger steps none; captured largest first."""
+    from elastic.executor.cuda_graphs import StepGraph, StepGraphs
+    from elastic.executor.mixed_graphs import MixedInputs
+
+    runner, arch = llm.engine.runner, llm.engine.config.model.arch
+    mixed = MixedInputs(300, 8, 4, 64, arch.hidden_size, arch.num_heads, arch.num_kv_heads, torch.float32, runner.device)
+    graphs = StepGraphs(runner.model, 16, 4, 64, arch.hidden_size, torch.float32, runner.device, mixed=mixed)
+    assert graphs.choose(5, 1) == StepGraph(8) and graphs.choose(16, 1) == StepGraph(16)
+    assert graphs.choose(17, 1) == StepGraph(128, True) and graphs.choose(5, 3) == StepGraph(128, True)
+    assert graphs.choose(257, 40) == StepGraph(300, True) and graphs.choose(301, 40) is None
+    assert graphs.keys()[:3] == [StepGraph(300, True), StepGraph(256, True), StepGraph(128, True)]
+    assert graphs.keys()[-1] == StepGraph(1)
+    graphs.mixed = None
+    assert graphs.choose(5, 3) is None
