@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 from typing import Optional
 
+import numpy as np
 import torch
 
 from ._backend import cdiv, next_pow2, use_triton
@@ -152,8 +153,6 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         ref = paged_attention_reference(q, k_cache, v_cache, block_tables, query_start_loc,
                                         seq_lens, scale, max_query_len, max_seq_len)
         return ref if out is None else out.copy_(ref)
-    from .attention_triton import _attn_fwd_kernel
-
     Hkv = k_cache.shape[2]
     group = Hq // Hkv
     assert Hq % Hkv == 0 and k_cache.stride() == v_cache.stride()
@@ -178,6 +177,18 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         if split:
             merge_splits(part_acc, part_ml, out, query_start_loc, num_splits)
         return out
+    _paged_prefill(args, tile_map, qk_scale, max_query_len, strides, common)
+    return out
+
+
+def _paged_prefill(args: tuple[torch.Tensor, ...], tile_map: Optional[torch.Tensor], qk_scale: float,
+                   max_query_len: int, strides: tuple[int, ...], common: dict) -> None:
+    """The prefill launch: one program per (tile of a request's queries, kv head), the whole context each; the
+    programs are every request's tiles up to max_query_len's, or the tile map's rows."""
+    from .attention_triton import _attn_fwd_kernel
+
+    q, k_cache, seq_lens, out = args[0], args[1], args[5], args[6]
+    B, Hq, D, Hkv = seq_lens.shape[0], q.shape[1], q.shape[2], k_cache.shape[2]
     cfg = PREFILL_CFG
     block_q = prefill_tile_queries(Hq, Hkv)
     tiles = cdiv(max_query_len, block_q)
@@ -185,11 +196,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     kv_fastest = cfg["kv_fastest"] and programs <= _MAX_GRID_Y
     grid = (Hkv, programs, 1) if kv_fastest else (programs, Hkv, 1)
     _attn_fwd_kernel[grid](
-        *args, out, out, out if tile_map is None else tile_map, qk_scale, tiles, 1, Hq, group, D, *strides,
-        BLOCK_Q=block_q, BLOCK_R=block_q * g_pad, BLOCK_N=cfg["BLOCK_N"], SPLIT=False,  # one split: whole context
+        *args, out, out, out if tile_map is None else tile_map, qk_scale, tiles, 1, Hq, Hq // Hkv, D, *strides,
+        BLOCK_Q=block_q, BLOCK_R=block_q * common["G_PAD"], BLOCK_N=cfg["BLOCK_N"], SPLIT=False,  # one split
         TWO_PHASE=cfg["two_phase"], KV_FASTEST=kv_fastest, TILE_MAP=tile_map is not None,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
-    return out
 
 
 def prefill_tile_queries(num_heads: int, num_kv_heads: int) -> int:
@@ -198,12 +208,10 @@ def prefill_tile_queries(num_heads: int, num_kv_heads: int) -> int:
     return max(PREFILL_CFG["BLOCK_R"], g_pad) // g_pad
 
 
-def prefill_tile_map(query_start_loc: "np.ndarray", tile_queries: int, programs: int) -> "np.ndarray":
+def prefill_tile_map(query_start_loc: np.ndarray, tile_queries: int, programs: int) -> np.ndarray:
     """The prefill kernel's programs for a batch whose request b owns query rows [query_start_loc[b],
     query_start_loc[b + 1]) -> int32 [programs, 2]: (b, query tile) per program, (-1, -1) past the last
     (every request's ceil(q_len / tile_queries) tiles; at most T / tile_queries + B of them). Host numpy."""
-    import numpy as np
-
     q_lens = np.diff(np.asarray(query_start_loc, dtype=np.int64))
     tiles = -(-q_lens // tile_queries)  # [B]
     total = int(tiles.sum())
