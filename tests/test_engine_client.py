@@ -104,3 +104,27 @@ def test_async_llm_against_an_engine_process(checkpoint: Path, transport: str) -
     labels = (("engine", "0"), ("model_name", "m"))
     assert values[("vllm:request_success_total", tuple(sorted(labels + (("finished_reason", "length"),))))] == 1
     assert values[("vllm:request_success_total", tuple(sorted(labels + (("finished_reason", "abort"),))))] == 1
+
+
+def test_load_balancer_spreads_a_burst_and_takes_snapshots():
+    """Between two coordinator snapshots the front end counts what it sent: a burst alternates over idle
+    ranks (ties to the lowest); a snapshot of the current epoch replaces the counts, a stale one does not."""
+    from types import SimpleNamespace
+
+    from elastic.frontend.load_balancer import LoadBalancer
+    from elastic.protocol.from_coordinator import LoadSnapshot
+
+    ranks = [SimpleNamespace(rank=0), SimpleNamespace(rank=1)]
+    lb = LoadBalancer(2)
+    picks = []
+    for _ in range(4):
+        engine = lb.pick(ranks)
+        lb.sent(engine.rank, 1)
+        picks.append(engine.rank)
+    assert picks == [0, 1, 0, 1]
+    lb.on_snapshot(LoadSnapshot([[0, 9], [0, 1]], wave=0, running=True, epoch=3), epoch=3)
+    assert lb.pick(ranks).rank == 1
+    lb.on_snapshot(LoadSnapshot([[0, 0], [5, 5]], wave=0, running=True, epoch=2), epoch=3)  # an old layout's: ignored
+    assert lb.counts == [[0, 9], [0, 1]]
+    lb.reset(3)
+    assert lb.counts == [[0, 0]] * 3

@@ -34,6 +34,7 @@ from elastic.cluster.engine_process import EngineStartupError, describe_exit
 from elastic.cluster.launcher import EngineLauncher
 from elastic.frontend.node_frontend import start_node_frontend
 from elastic.frontend.ipc import make_ipc_namespace, remove_ipc_namespace
+from elastic.frontend.load_balancer import LoadBalancer
 from elastic.config import EngineConfig
 from elastic.protocol.from_coordinator import LoadSnapshot
 from elastic.protocol.from_engine import (EngineCoreOutputMessage, EngineCoreOutputs, EngineDead, EngineReady,
@@ -50,7 +51,6 @@ __all__ = ["EngineCoreClient", "EngineDeadError", "EngineHandle", "EngineStartup
 
 _REGISTRATION_TIMEOUT_S = 30.0
 _ATTACHED_REGISTRATION_TIMEOUT_S = 900.0  # attached: engines may still be loading weights
-WAITING_WEIGHT = 4  # a waiting request costs more than a running one (vLLM's routing score)
 
 
 class EngineDeadError(RuntimeError):
@@ -102,7 +102,7 @@ class EngineCoreClient:
         self.on_membership: Callable[[Membership, list[int]], None] | None = None  # (record, ids gone)
         self.coordinator_subscribed = False
         # Routing table: [waiting, running] per rank, from the coordinator plus our own routing since.
-        self.lb_counts: list[list[int]] = [[0, 0] for _ in range(n)]
+        self.load_balancer = LoadBalancer(n)
         self.encoder = msgspec.msgpack.Encoder()
         self.output_decoder = msgspec.msgpack.Decoder(EngineCoreOutputMessage)
         self.ctx = zmq.Context()
@@ -296,7 +296,7 @@ class EngineCoreClient:
             del self.by_id[engine_id]
         self.engines = [self.by_id[m.engine_id] for m in membership.ranked()]
         if [e.index for e in self.engines] != old_ranks:
-            self.lb_counts = [[0, 0] for _ in self.engines]  # by rank: the next snapshot fills it
+            self.load_balancer.reset(len(self.engines))
         self.membership = membership
         if self.on_membership is not None:
             self.on_membership(membership, gone)
@@ -413,9 +413,7 @@ class EngineCoreClient:
             except (msgspec.DecodeError, msgspec.ValidationError) as e:
                 logger.error("dropping an undecodable load snapshot: %s", e)
                 continue
-            if snapshot.epoch == self.membership.epoch and len(snapshot.counts) == len(self.engines):
-                # Replaces what we added since the last one: the engines now count those requests themselves.
-                self.lb_counts = [list(c) for c in snapshot.counts]
+            self.load_balancer.on_snapshot(snapshot, self.membership.epoch)
 
     @property
     def is_ready(self) -> bool:
@@ -442,8 +440,7 @@ class EngineCoreClient:
                 and e.index != exclude and self.is_local(e.index)]
         if not live:
             raise EngineDeadError(self.dead_reason or "no engine core is ready")
-        counts = self.lb_counts
-        return min(live, key=lambda e: (counts[e.rank][0] * WAITING_WEIGHT + counts[e.rank][1], e.rank))
+        return self.load_balancer.pick(live)
 
     def _send(self, engine: EngineHandle, msg: EngineCoreInput) -> None:
         if engine.dead_reason is not None:
@@ -457,8 +454,7 @@ class EngineCoreClient:
         for req in requests:
             self._send(engine, req)
         engine.num_in_flight += len(requests)
-        if 0 <= engine.rank < len(self.lb_counts):  # waiting there until the next snapshot says otherwise
-            self.lb_counts[engine.rank][0] += len(requests)
+        self.load_balancer.sent(engine.rank, len(requests))
 
     def release(self, engine_index: int, num_requests: int) -> None:
         engine = self.by_id.get(engine_index)
