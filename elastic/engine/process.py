@@ -109,7 +109,9 @@ class EngineCoreProc:
             "counters": lambda: {"steps": self.num_steps, "requests": self.num_requests,
                                  "wave": self.core.wave.number,
                                  "running": bool(self.core.global_unfinished),
-                                 "pipelined": self.core.pipeline.launched if self.core.pipeline is not None else 0},
+                                 "pipelined": self.core.pipeline.launched if self.core.pipeline is not None else 0,
+                                 "graph_replays": dict(self.core.runner.graphs.replays) if self.core.runner.graphs
+                                 is not None else {}},
             "eplb_rebalance": self.core.request_rebalance,
             "eplb_state": self.core.eplb_state,
         }

@@ -20,6 +20,10 @@ from elastic.forward_context import AttentionMetadata, ForwardContext, set_forwa
 
 logger = logging.getLogger(__name__)
 
+# Set to 1: CPU engines "capture" graphs whose replays are eager forwards over the graphs' buffers (tests of
+# the graph paths where CI has no GPU; never on CUDA).
+EMULATE_ENV = "ELASTIC_EMULATE_CUDA_GRAPHS"
+
 
 def capture_sizes(max_batch_size: int) -> list[int]:
     """Batch sizes with a graph: powers of two to 16, then every 16 to 64, then every 32 (14 graphs up to 256).
@@ -63,6 +67,7 @@ class StepGraphs:
         self.pool: object | None = None
         self.warm_up_layers: list[int] = model.warm_up_layers()
         self.warmup_s = 0.0  # of the capture time: eager warm-up runs (compiles) vs recording the graphs
+        self.replays = {"decode": 0, "mixed": 0}  # steps each family served (the engine's counters)
 
     def keys(self) -> list[StepGraph]:
         """Every graph, largest first (smaller ones reuse its memory): mixed steps', then decode batches'."""
@@ -77,6 +82,9 @@ class StepGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
+        if self.device.type != "cuda":  # EMULATE_ENV: every graph's replay is an eager forward (tests)
+            self.graphs = {key: _EagerReplay(self, key) for key in self.keys()}  # type: ignore[misc]
+            return
         start = time.perf_counter()
         self.pool = torch.cuda.graph_pool_handle()
         # A stream of our own (captures cannot use the legacy default stream). Staged graphs are captured while
@@ -144,7 +152,8 @@ class StepGraphs:
     def release(self) -> None:
         self.graphs.clear()
         self.pool = None
-        torch.cuda.empty_cache()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def choose(self, num_tokens: int, max_query_len: int) -> StepGraph | None:
         """The graph a step of `num_tokens` tokens replays (max_query_len 1: decodes only), or None: eager."""
@@ -158,6 +167,7 @@ class StepGraphs:
         """Forward of a step's n tokens through graph `key` -> hidden [n, H] (a view of a static buffer). With
         md None and no rows the replay only keeps this rank in step with the others (data parallelism)."""
         n = input_ids.shape[0]
+        self.replays["mixed" if key.mixed else "decode"] += 1
         if key.mixed:
             self.mixed.load(input_ids, positions, md, key.size)  # type: ignore[union-attr]
             self.graphs[key].replay()
@@ -175,3 +185,18 @@ class StepGraphs:
         self.block_tables[n:bs, 0] = 0
         self.graphs[key].replay()
         return self.hidden[:n]
+
+
+class _EagerReplay:
+    """A graph's stand-in on the CPU, where there are none (EMULATE_ENV=1; tests): replay() runs the forward
+    eagerly over the same static buffers, padding and forward context that a capture records, so that the
+    choice of graphs, their inputs and, with data parallelism, the agreement on them run in CI."""
+
+    def __init__(self, graphs: StepGraphs, key: StepGraph) -> None:
+        self.graphs, self.key = graphs, key
+
+    def replay(self) -> None:
+        graphs, size = self.graphs, self.key.size
+        input_ids, positions, hidden = graphs._buffers(self.key)
+        with set_forward_context(graphs._context(self.key)):
+            hidden[:size] = graphs.model(input_ids[:size], positions[:size])

@@ -5,13 +5,14 @@ import dataclasses
 import itertools
 import logging
 import math
+import os
 import time
 
 import numpy as np
 import torch
 
 from elastic.config import EngineConfig, ParallelConfig
-from elastic.executor.cuda_graphs import StepGraph, StepGraphs
+from elastic.executor.cuda_graphs import EMULATE_ENV, StepGraph, StepGraphs
 from elastic.executor.mixed_graphs import MixedInputs
 from elastic.forward_context import AttentionMetadata, ForwardContext, set_forward_context
 from elastic.kernels import HAS_TRITON
@@ -246,12 +247,13 @@ class ModelRunner:
         return graphs is not None
 
     def _step_graphs(self, parallel: ParallelConfig, staged: bool) -> StepGraphs | None:
-        if self.device.type != "cuda" or self.config.cache.enforce_eager:
+        emulated = self.device.type == "cpu" and os.environ.get(EMULATE_ENV) == "1"  # (tests)
+        if (self.device.type != "cuda" and not emulated) or self.config.cache.enforce_eager:
             return None
         if parallel.is_distributed and parallel.ep_dispatch == "alltoall":
             logger.info("no CUDA graphs: the all-to-all expert dispatch syncs with the host")
             return None
-        if not HAS_TRITON or self.config.model.dtype not in (torch.bfloat16, torch.float16):
+        if not emulated and (not HAS_TRITON or self.config.model.dtype not in (torch.bfloat16, torch.float16)):
             logger.info("no CUDA graphs: the Triton kernels need bf16/fp16 (the fp32 reference path syncs)")
             return None
         arch, max_len, sched = self.config.model.arch, self.config.model.max_model_len, self.config.scheduler
