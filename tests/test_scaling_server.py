@@ -160,6 +160,27 @@ def test_scale_2_3_1_2_under_load(model) -> None:
         assert "Traceback" not in server.log(), server.log()[-5000:]
 
 
+def test_scale_1_2_1_through_graphs_under_load(model) -> None:
+    """Scaling with the CUDA-graph paths, emulated on the CPU (ELASTIC_EMULATE_CUDA_GRAPHS: each replay an
+    eager forward over the graphs' padded buffers): the next layout's decode and mixed-step graphs are
+    captured beside serving and swapped in at the switch, and every request of the load has the tokens of an
+    unscaled run."""
+    path, expected = model
+    env = {**ENV, "ELASTIC_EMULATE_CUDA_GRAPHS": "1"}
+    with ServerProcess(path, *TEST_SERVER_ARGS, *SCALE_ARGS, "--ep-dispatch", "allgather", env=env) as server:
+        server.wait_ready()
+        with Load(server) as load:
+            for size in (2, 1):
+                done = len(load.results)
+                assert scale(server, size)["result"] == "succeeded"
+                wait_until(lambda: len(load.results) >= done + len(PROMPTS), 120, "requests at the new size")
+        load.check(expected)
+        log = server.log()
+        assert len(re.findall(r"emulating \d+ CUDA graphs on the CPU for the next layout", log)) >= 2, log[-3000:]
+        assert server.stop() == 0, server.log()[-3000:]
+        assert "Traceback" not in server.log(), server.log()[-5000:]
+
+
 def _api_contract(server: ServerProcess) -> None:
     """409 while another operation runs, idempotent operation ids, 400 and 401 (from size 2)."""
     assert server.post("/scale", json={"new_data_parallel_size": 3}).status_code in (401, 403)

@@ -193,6 +193,8 @@ class EngineCore:
         self.parallel, self.layout, self.balancer = staged.groups, staged.layout, staged.balancer
         self.config = self.runner.config = staged.config
         self.runner.graphs = staged.graphs
+        if staged.graphs is not None:
+            staged.graphs.staged = False  # the live ones now (an emulated replay reads the live slots)
         return old_groups if old_groups is not staged.groups else None
 
     def reconfigure(self, layout: ParallelLayout, groups: ParallelState | None, old_p2l: torch.Tensor,

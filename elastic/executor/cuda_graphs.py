@@ -84,6 +84,8 @@ class StepGraphs:
     def capture(self) -> None:
         if self.device.type != "cuda":  # EMULATE_ENV: every graph's replay is an eager forward (tests)
             self.graphs = {key: _EagerReplay(self, key) for key in self.keys()}  # type: ignore[misc]
+            logger.info("emulating %d CUDA graphs on the CPU%s (%s)", len(self.graphs),
+                        " for the next layout" if self.staged else "", EMULATE_ENV)
             return
         start = time.perf_counter()
         self.pool = torch.cuda.graph_pool_handle()
