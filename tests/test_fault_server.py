@@ -48,8 +48,11 @@ def kill(pid: int) -> None:
 @pytest.fixture(scope="module")
 def three_ranks(model):  # noqa: F811
     path, _ = model
-    env = {**ENV, "ELASTIC_HEARTBEAT_TIMEOUT_S": "5"}  # a frozen rank is found in seconds, not 20 s
-    with ServerProcess(path, *TEST_SERVER_ARGS, *SCALE_ARGS, "-dp", "3", env=env) as server:
+    # A frozen rank is found in seconds, not 20 s. The CUDA-graph paths, emulated on the CPU (each replay an
+    # eager forward over the graphs' padded buffers), as a GPU server runs: recoveries capture them again.
+    env = {**ENV, "ELASTIC_HEARTBEAT_TIMEOUT_S": "5", "ELASTIC_EMULATE_CUDA_GRAPHS": "1"}
+    with ServerProcess(path, *TEST_SERVER_ARGS, *SCALE_ARGS, "-dp", "3", "--ep-dispatch", "allgather",
+                       env=env) as server:
         server.wait_ready(180)
         yield server
 
