@@ -91,7 +91,7 @@ def main() -> None:
             with torch.inference_mode():
                 runner._forward(input_ids, positions, md)
 
-        key = runner.graphs.choose(len(input_ids), md.max_query_len) if runner.graphs is not None else None
+        key = runner.graphs.choose(len(input_ids), md.max_query_len == 1) if runner.graphs is not None else None
         for name, forward in (("eager", eager), (f"graph {tuple(key) if key else None}", graph)):
             launch, total, device = time_forward(forward, args.repeats)
             rows.append({"tokens": tokens, "path": name, "launch_ms": launch, "total_ms": total, "device_ms": device})

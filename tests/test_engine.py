@@ -295,10 +295,10 @@ def test_step_graph_choice(llm: LLM):
     runner, arch = llm.engine.runner, llm.engine.config.model.arch
     mixed = MixedInputs(300, 8, 4, 64, arch.hidden_size, arch.num_heads, arch.num_kv_heads, torch.float32, runner.device)
     graphs = StepGraphs(runner.model, 16, 4, 64, arch.hidden_size, torch.float32, runner.device, mixed=mixed)
-    assert graphs.choose(5, 1) == StepGraph(8) and graphs.choose(16, 1) == StepGraph(16)
-    assert graphs.choose(17, 1) == StepGraph(128, True) and graphs.choose(5, 3) == StepGraph(128, True)
-    assert graphs.choose(257, 40) == StepGraph(300, True) and graphs.choose(301, 40) is None
+    assert graphs.choose(5, True) == StepGraph(8) and graphs.choose(16, True) == StepGraph(16)
+    assert graphs.choose(17, True) == StepGraph(128, True) and graphs.choose(5, False) == StepGraph(128, True)
+    assert graphs.choose(257, False) == StepGraph(300, True) and graphs.choose(301, False) is None
     assert graphs.keys()[:3] == [StepGraph(300, True), StepGraph(256, True), StepGraph(128, True)]
     assert graphs.keys()[-1] == StepGraph(1)
     graphs.mixed = None
-    assert graphs.choose(5, 3) is None
+    assert graphs.choose(5, False) is None

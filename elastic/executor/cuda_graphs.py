@@ -157,9 +157,10 @@ class StepGraphs:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def choose(self, num_tokens: int, max_query_len: int) -> StepGraph | None:
-        """The graph a step of `num_tokens` tokens replays (max_query_len 1: decodes only), or None: eager."""
-        if max_query_len == 1 and num_tokens <= self.sizes[-1]:
+    def choose(self, num_tokens: int, decode_only: bool) -> StepGraph | None:
+        """The graph a step of `num_tokens` tokens replays (`decode_only`: one token per request), or None:
+        eager."""
+        if decode_only and num_tokens <= self.sizes[-1]:
             return StepGraph(next(s for s in self.sizes if s >= num_tokens))
         size = self.mixed.size_for(num_tokens) if self.mixed is not None else None
         return StepGraph(size, True) if size is not None else None

@@ -207,8 +207,10 @@ class ModelRunner:
                 first_block += len(req.block_table)
                 scheduled.append((req, n))
             used = max(used, first_block)
-            dp_num_tokens = [sum(lengths)] * world if world > 1 else None  # (one rank: its engine picks a graph)
-            self.execute(SchedulerOutput(scheduled), dp_num_tokens, dp_num_tokens and self.dp_graph(dp_num_tokens, False))
+            dp_num_tokens = [sum(lengths)] * world if world > 1 else None
+            # The graph every rank agrees on (one rank: execute picks its own).
+            graph = self.dp_graph(dp_num_tokens, all_decode=False) if dp_num_tokens else None
+            self.execute(SchedulerOutput(scheduled), dp_num_tokens, graph)
         for caches in self.kv_caches:
             for cache in caches:
                 cache[:used].zero_()
@@ -272,7 +274,7 @@ class ModelRunner:
         to run eagerly."""
         if self.graphs is None or not self.graphs.graphs:
             return None
-        return self.graphs.choose(max(dp_num_tokens), 1 if all_decode else 2)
+        return self.graphs.choose(max(dp_num_tokens), all_decode)
 
     def dummy_run(self, num_tokens: int, num_logits: int = 1) -> None:
         """A forward with no KV cache (memory profiling; with data parallelism every rank runs it alike)."""
@@ -384,7 +386,7 @@ class ModelRunner:
         """-> hidden [T, H]: a CUDA graph's replay where one fits the step (with data parallelism: `graph`, the
         one every rank agreed on), else an eager forward."""
         if graph is None and self.graphs is not None and dp_num_tokens is None:
-            graph = self.graphs.choose(len(input_ids), md.max_query_len)
+            graph = self.graphs.choose(len(input_ids), md.max_query_len == 1)
         if graph is not None:
             return self.graphs.run(input_ids, positions, md, graph)  # type: ignore[union-attr]
         with set_forward_context(ForwardContext(attn=md, dp_num_tokens=dp_num_tokens)):
