@@ -241,7 +241,7 @@ class ModelRunner:
         return graphs
 
     def warm_up_step_graphs(self) -> bool:
-        """Compile every kernel the decode graphs of this layout launch, capturing none (a standby engine,
+        """Compile every kernel the graphs of this layout launch, capturing none (a standby engine,
         before it joins: its MoE layers run with stand-in collectives). False if this layout has no graphs."""
         graphs = self._step_graphs(self.config.parallel, staged=False)
         if graphs is not None:
@@ -260,9 +260,9 @@ class ModelRunner:
             return None
         arch, max_len, sched = self.config.model.arch, self.config.model.max_model_len, self.config.scheduler
         max_blocks, dtype = -(-max_len // self.block_size), self.config.model.dtype
-        mixed = None
+        mixed = None  # (MLA layers have no tile-map prefill kernel: their mixed steps stay eager)
         if self.config.cache.mixed_step_graphs and all(type(m) is Attention for m in self.attention_layers):
-            mixed = MixedInputs(sched.max_num_batched_tokens, sched.max_num_seqs, max_blocks, max_len,  # (MLA: eager)
+            mixed = MixedInputs(sched.max_num_batched_tokens, sched.max_num_seqs, max_blocks, max_len,
                                 arch.hidden_size, arch.num_heads, arch.num_kv_heads, dtype, self.device)
         return StepGraphs(self.model, sched.max_graph_batch, max_blocks, max_len, arch.hidden_size, dtype,
                           self.device, parallel.data_parallel_size, staged, mixed)
