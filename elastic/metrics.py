@@ -55,6 +55,7 @@ class _EngineSeries:
         self.request_generation_tokens = m.request_generation_tokens.labels(**labels)
         self.labels = labels
         self.last_preemptions = 0
+        self.last_steps: dict[str, int] = {}  # by kind: the engine's cumulative counts last reported
         self.finish_reasons: set[str] = set()  # the request_success children that exist
 
 
@@ -83,6 +84,8 @@ class ServerMetrics:
                                          "usage.", labels, registry=r, **gauge_mode)
         self.num_preemptions = Counter("vllm:num_preemptions", "Cumulative number of preemptions from the "
                                        "engine.", labels, registry=r)
+        self.engine_steps = Counter("elastic:engine_steps", "Forwards an engine ran, by kind: a decode CUDA "
+                                    "graph, a mixed-step (prompt) graph, or eager.", labels + ["kind"], registry=r)
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Number of prefill tokens processed.", labels,
                                      registry=r)
         self.generation_tokens = Counter("vllm:generation_tokens", "Number of generation tokens processed.",
@@ -123,6 +126,10 @@ class ServerMetrics:
         if self.primary and stats.num_preemptions > s.last_preemptions:
             s.preemptions.inc(stats.num_preemptions - s.last_preemptions)
         s.last_preemptions = stats.num_preemptions
+        for kind, count in (stats.steps_by_kind or {}).items():
+            if self.primary and count > s.last_steps.get(kind, 0):
+                self.engine_steps.labels(**s.labels, kind=kind).inc(count - s.last_steps.get(kind, 0))
+            s.last_steps[kind] = count
         if stats.eplb is not None:
             self.eplb.record(s.labels, stats.eplb, count=self.primary)
 
@@ -151,6 +158,8 @@ class ServerMetrics:
                 pass
         for reason in series.finish_reasons:
             self.request_success.remove(*series.labels.values(), reason)
+        for kind in series.last_steps:
+            self.engine_steps.remove(*series.labels.values(), kind)
 
     def record_queue_time(self, engine: int, seconds: float) -> None:
         self.engine(engine).queue_time.observe(seconds)

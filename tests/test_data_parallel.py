@@ -131,8 +131,8 @@ def test_graph_paths_with_data_parallelism_equal_single_rank(single_rank, monkey
     a decode batch's or, in a step with a prompt anywhere, the mixed-step graph of the largest rank's token
     bucket, which a rank that only decodes or idles replays padded. Few sequences per rank, requests of
     different lengths, pipelined: prompts are admitted beside decodes on one rank while the other decodes or
-    idles. Greedy outputs equal one rank's eager ones (and one rank's through its graphs), and both kinds of
-    graphs served steps on every rank."""
+    idles. Greedy outputs equal one rank's eager ones (and one rank's through its graphs), both kinds of graphs
+    served steps on every rank, and no step ran eagerly."""
     path, _ = single_rank("qwen3_moe")
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (3, 17, 9, 24, 1, 12)]
     prompts = [{"prompt_token_ids": p} for p in PROMPTS]
@@ -140,10 +140,12 @@ def test_graph_paths_with_data_parallelism_equal_single_rank(single_rank, monkey
     monkeypatch.setenv("ELASTIC_EMULATE_CUDA_GRAPHS", "1")  # (inherited by the engine processes)
     one = LLM(path, **LLM_ARGS, max_num_seqs=2)  # one rank picks its graphs itself
     assert [o.outputs[0].token_ids for o in one.generate(prompts, params, use_tqdm=False)] == expected
-    assert all(n > 0 for n in one.engine.runner.graphs.replays.values()), one.engine.runner.graphs.replays
+    kinds = one.engine.runner.steps_by_kind
+    assert kinds["decode_graph"] > 0 and kinds["mixed_graph"] > 0 and kinds["eager"] == 0, kinds
     with LLM(path, **LLM_ARGS, data_parallel_size=2, ep_dispatch="allgather", max_num_seqs=2,
              async_scheduling=True) as llm:
         outs = llm.generate(prompts, params, use_tqdm=False)
         assert [o.outputs[0].token_ids for o in outs] == expected
         stats = wait_until(lambda: at_rest(llm), 10, "every rank to leave the wave")
-        assert all(c["graph_replays"]["mixed"] > 0 and c["graph_replays"]["decode"] > 0 for c in stats), stats
+        kinds = [c["steps_by_kind"] for c in stats]
+        assert all(k["decode_graph"] > 0 and k["mixed_graph"] > 0 and k["eager"] == 0 for k in kinds), kinds

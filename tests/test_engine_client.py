@@ -128,3 +128,23 @@ def test_load_balancer_spreads_a_burst_and_takes_snapshots():
     assert lb.counts == [[0, 9], [0, 1]]
     lb.reset(3)
     assert lb.counts == [[0, 0]] * 3
+
+
+def test_engine_steps_metric_counts_the_engines_cumulative_steps():
+    """elastic:engine_steps_total{kind}: the engines report cumulative counts in their stats; the primary API
+    server adds what is new since the last report, another server of the same port adds nothing, and an
+    engine that left takes its series along."""
+    from elastic.protocol.from_engine import SchedulerStats
+
+    def steps(metrics: ServerMetrics, kind: str) -> float | None:
+        return metrics.registry.get_sample_value("elastic:engine_steps_total",
+                                                 {"model_name": "m", "engine": "0", "kind": kind})
+
+    metrics, other = ServerMetrics("m", 256), ServerMetrics("m", 256, primary=False)
+    for counts in ({"decode_graph": 3, "mixed_graph": 1, "eager": 0}, {"decode_graph": 7, "mixed_graph": 1, "eager": 2}):
+        for m in (metrics, other):
+            m.record_scheduler_stats(0, SchedulerStats(1, 0, 0.1, 0, None, counts))
+    assert (steps(metrics, "decode_graph"), steps(metrics, "mixed_graph"), steps(metrics, "eager")) == (7, 1, 2)
+    assert steps(other, "decode_graph") in (None, 0)
+    metrics.remove_engine(0)
+    assert steps(metrics, "decode_graph") is None

@@ -390,6 +390,9 @@ def test_metrics_have_vllm_names_and_labels(server: ServerProcess, client: opena
                  "vllm:request_queue_time_seconds"):
         assert delta(f"{hist}_count") == 1, hist
     assert delta("vllm:inter_token_latency_seconds_count") == 6
+    # The engine's forwards by kind (eager on the CPU: no CUDA graphs), from the stats of its next batches.
+    steps = ("elastic:engine_steps_total", tuple(sorted(labels + (("kind", "eager"),))))
+    wait_until(lambda: server.metrics().get(steps, 0.0) - before.get(steps, 0.0) >= 7, 10, "the request's 7 steps")
 
 
 def test_cli_help() -> None:

@@ -366,7 +366,8 @@ class EngineCore:
     def stats(self) -> SchedulerStats:
         s = self.scheduler
         eplb = msgspec.structs.replace(self.balancer.stats) if self.balancer is not None else None  # a snapshot
-        return SchedulerStats(len(s.running), len(s.waiting), s.kv_cache_usage, s.num_preemptions, eplb)
+        return SchedulerStats(len(s.running), len(s.waiting), s.kv_cache_usage, s.num_preemptions, eplb,
+                              dict(self.runner.steps_by_kind))
 
     def step(self) -> list[EngineCoreOutput]:
         """One step. With data parallelism every rank must call this while `global_unfinished`: a rank

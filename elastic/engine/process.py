@@ -110,8 +110,7 @@ class EngineCoreProc:
                                  "wave": self.core.wave.number,
                                  "running": bool(self.core.global_unfinished),
                                  "pipelined": self.core.pipeline.launched if self.core.pipeline is not None else 0,
-                                 "graph_replays": dict(self.core.runner.graphs.replays) if self.core.runner.graphs
-                                 is not None else {}},
+                                 "steps_by_kind": dict(self.core.runner.steps_by_kind)},
             "eplb_rebalance": self.core.request_rebalance,
             "eplb_state": self.core.eplb_state,
         }

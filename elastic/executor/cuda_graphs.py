@@ -67,7 +67,6 @@ class StepGraphs:
         self.pool: object | None = None
         self.warm_up_layers: list[int] = model.warm_up_layers()
         self.warmup_s = 0.0  # of the capture time: eager warm-up runs (compiles) vs recording the graphs
-        self.replays = {"decode": 0, "mixed": 0}  # steps each family served (the engine's counters)
 
     def keys(self) -> list[StepGraph]:
         """Every graph, largest first (smaller ones reuse its memory): mixed steps', then decode batches'."""
@@ -170,7 +169,6 @@ class StepGraphs:
         """Forward of a step's n tokens through graph `key` -> hidden [n, H] (a view of a static buffer). With
         md None and no rows the replay only keeps this rank in step with the others (data parallelism)."""
         n = input_ids.shape[0]
-        self.replays["mixed" if key.mixed else "decode"] += 1
         if key.mixed:
             self.mixed.load(input_ids, positions, md, key.size)  # type: ignore[union-attr]
             self.graphs[key].replay()

@@ -27,6 +27,9 @@ from elastic.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
+# How a step's forward ran (the labels of elastic:engine_steps_total).
+STEP_DECODE_GRAPH, STEP_MIXED_GRAPH, STEP_EAGER = "decode_graph", "mixed_graph", "eager"
+
 _CPU_DEFAULT_KV_BYTES = 1 << 30
 
 
@@ -107,6 +110,8 @@ class ModelRunner:
         self.num_blocks = 0
         self.kv_caches: list[list[torch.Tensor]] = []
         self.graphs: StepGraphs | None = None
+        # Forwards this runner ran, by how (cumulative; the engine's stats, elastic:engine_steps_total).
+        self.steps_by_kind = {STEP_DECODE_GRAPH: 0, STEP_MIXED_GRAPH: 0, STEP_EAGER: 0}
 
     # ---- KV cache -------------------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -296,6 +301,7 @@ class ModelRunner:
         attention, norms and routing around them is launched. Eagerly, those launches kept this rank's host
         behind the prefilling rank's device: it waited at every layer's exchange (2 x H100, a 1 024-token
         prefill: ~0.4 ms a layer)."""
+        self._count(graph)
         if graph is not None:
             empty = torch.empty(0, dtype=torch.long, device=self.device)
             self.graphs.run(empty, empty, None, graph)  # type: ignore[union-attr]
@@ -387,10 +393,15 @@ class ModelRunner:
         one every rank agreed on), else an eager forward."""
         if graph is None and self.graphs is not None and dp_num_tokens is None:
             graph = self.graphs.choose(len(input_ids), md.max_query_len == 1)
+        self._count(graph)
         if graph is not None:
             return self.graphs.run(input_ids, positions, md, graph)  # type: ignore[union-attr]
         with set_forward_context(ForwardContext(attn=md, dp_num_tokens=dp_num_tokens)):
             return self.model(input_ids, positions)  # [T, hidden]
+
+    def _count(self, graph: StepGraph | None) -> None:
+        kind = STEP_EAGER if graph is None else STEP_MIXED_GRAPH if graph.mixed else STEP_DECODE_GRAPH
+        self.steps_by_kind[kind] += 1
 
     @torch.inference_mode()
     def launch_decode(self, reqs: list[Request], offset: int, input_ids: torch.Tensor,

@@ -60,6 +60,7 @@ class SchedulerStats(msgspec.Struct, array_like=True):
     kv_cache_usage: float  # 0..1
     num_preemptions: int  # cumulative
     eplb: EplbStats | None = None  # with --enable-eplb
+    steps_by_kind: dict[str, int] | None = None  # forwards run, by how: decode_graph, mixed_graph, eager (cumulative)
 
 
 # ---- output queue ---------------------------------------------------------------------------------------
