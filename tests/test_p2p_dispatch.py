@@ -226,6 +226,27 @@ def test_dispatch_writes_each_rank_its_local_ids(triton_on_cpu: None) -> None:
             assert (got_weights[rows * block + 1:rows * (block + 1)] == 0).all()
 
 
+def test_dispatch_sends_a_token_only_where_one_of_its_experts_is(triton_on_cpu: None) -> None:
+    """A token is copied to a rank only if one of its slots is there: a token whose experts are all on rank 0
+    and a CUDA-graph padding row (routed nowhere: slot -1) leave rank 1's buffer as it was; the ids and
+    weights, which tell the experts what to skip, go everywhere."""
+    ranks, spr, rows = _ranks(2, capacity=4), 4, 3
+    hidden = torch.arange(1.0, 4.0).unsqueeze(1).repeat(1, H)  # row r holds r + 1
+    slots = torch.tensor([[0, 5], [1, 2], [-1, -1]], dtype=torch.int32)  # both ranks / rank 0 only / padding
+    weights = torch.tensor([[0.5, 0.5], [0.5, 0.5], [0.0, 0.0]])
+    for ex in ranks:
+        ex.views["tokens"].fill_(-7.0)
+
+    _run_ranks(2, lambda rank: ranks[rank].dispatch(hidden, slots, weights, rows, spr))
+    for rank, copied in ((0, [True, True, False]), (1, [True, False, False])):
+        tokens = ranks[rank].views["tokens"]
+        for sender in (0, 1):  # rows sender * rows ... of this rank's buffer
+            for row, sent in enumerate(copied):
+                want = float(row + 1) if sent else -7.0
+                assert (tokens[sender * rows + row] == want).all(), (rank, sender, row)
+        assert (ranks[rank].views["ids"][:2 * rows] == slots_to_local(slots, rank * spr, spr).repeat(2, 1)).all()
+
+
 def test_warm_up_waits_for_no_one(triton_on_cpu: None) -> None:
     """`local` (CUDA-graph warm-up): the same kernels on this rank's buffers, no barrier, nothing counted."""
     ex = _ranks(2, capacity=4)[0]
