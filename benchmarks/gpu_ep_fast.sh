@@ -2,7 +2,8 @@
 # The expert-parallel fast path after session 9's changes (2 GPUs; device machine, repo root; PYTHONPATH,
 # elastic/kernels and NVLink multicast off set up by the caller). Parts (${OUT:-.}/epf_*):
 #   1. checks: ep_comm.py --check (real bf16 experts, the push's pair sums bit-equal to the experts' own; the
-#      barrier's PTX), gpu_check_fused.py (rotary into the cache bit-equal to rotary + store), gpu_check_engine.py
+#      barrier's PTX), gpu_check_fused.py (rotary into the cache bit-equal to rotary + store), gpu_check_mixed.py
+#      (mixed-step graphs: tile-map attention, a step against eager, every family's generations), gpu_check_engine.py
 #      (every family against transformers on one GPU), gpu_check_dp.py (fp32 DP=2 p2p = one GPU, bf16 agreement);
 #   2. ep_comm.py timing at 1/2/64/128 tokens per rank (p2p with and without its barriers);
 #   3. decode.py, Qwen3-30B-A3B shape: DP=2 p2p and DP=1 at ${BATCHES:-1,16,64} per rank;
@@ -19,6 +20,8 @@ source "$(dirname "$0")/parts.sh"
 batches=${BATCHES:-1,16,64}
 part check 90 python3 benchmarks/ep_comm.py --world 2 --check --tokens 1,2,7,64,300
 part fused 120 python3 benchmarks/gpu_check_fused.py --no-bench --out "$out/epf_fused.json"
+part mixed 120 python3 benchmarks/gpu_check_mixed.py --out "$out/epf_mixed.json"
+grep -E "bit-equal|identical" "$out/epf_mixed.log" | sed 's/.*\r//'
 part engine 240 python3 benchmarks/gpu_check_engine.py --skip-30b --out "$out/epf_engine.json"
 part check_dp 200 python3 benchmarks/gpu_check_dp.py --world 2 --skip-30b --families qwen3_moe --modes p2p \
     --out "$out/epf_check_dp.json"
