@@ -131,6 +131,19 @@ def store_output(out_ptr, q_row, head, stride_ot, stride_oh, acc, l_i, row_ok, o
              o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
+@triton.jit
+def _request_tile(pid0, tile_map_ptr, tiles_per_req, TILE_MAP: tl.constexpr):
+    # -> (request, tile of its queries) of program pid0: from the tile map [programs, 2] ((-1, -1): none), or
+    # every request's tiles_per_req tiles in turn.
+    if TILE_MAP:
+        b = tl.load(tile_map_ptr + pid0 * 2)
+        qt = tl.load(tile_map_ptr + pid0 * 2 + 1)
+    else:
+        b = pid0 // tiles_per_req
+        qt = pid0 % tiles_per_req
+    return b, qt
+
+
 @triton.jit(do_not_specialize=["tiles_per_req", "num_splits"])
 def _attn_fwd_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, qsl_ptr, seq_lens_ptr,
                      out_ptr, part_acc_ptr, part_ml_ptr, tile_map_ptr,
@@ -148,14 +161,9 @@ def _attn_fwd_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, qsl_ptr,
         pid0 = tl.program_id(0)
         kvh = tl.program_id(1)
     split = tl.program_id(2)
-    if TILE_MAP:          # tile_map [programs, 2]: (request, query tile) of each program, -1: none (padding)
-        b = tl.load(tile_map_ptr + pid0 * 2)
-        if b < 0:
-            return
-        qt = tl.load(tile_map_ptr + pid0 * 2 + 1)
-    else:
-        b = pid0 // tiles_per_req
-        qt = pid0 % tiles_per_req
+    b, qt = _request_tile(pid0, tile_map_ptr, tiles_per_req, TILE_MAP)
+    if b < 0:             # a tile map's padding program
+        return
     q_start = tl.load(qsl_ptr + b)
     q_len = tl.load(qsl_ptr + b + 1) - q_start
     if qt * BLOCK_Q >= q_len:
