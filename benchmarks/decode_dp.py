@@ -90,9 +90,13 @@ def all_true(group: StatelessGroup, flag: bool) -> bool:
 
 
 def time_rank(engine: EngineCore, bench: StatelessGroup, timer: ExchangeTimer | None, bs: int, context: int,
-              steps: int, max_tokens: int, rng: random.Random) -> dict[str, Any] | None:
-    """This rank's part of one batch size: per-step times, exchange times and the local expert slots touched
-    in one step; None (on every rank) when some rank's KV cache cannot hold its whole batch."""
+              steps: int, max_tokens: int, rng: random.Random, lone: bool = False) -> dict[str, Any] | None:
+    """This rank's part of one batch size: per-step times, exchange times and the expert slots of every rank
+    touched in one step; None (on every rank) when some rank's KV cache cannot hold its whole batch. `lone`:
+    only rank 0 has the batch, the other ranks step along idle (`idle_along`) and take part in nothing else."""
+    if lone and bench.rank != 0:
+        return idle_along(engine, bench.rank)
+    agree = (lambda flag: flag) if lone else (lambda flag: all_true(bench, flag))
     arch, moe_layers = engine.config.model.arch, engine.runner.model.moe_layers()
     rank, device = bench.rank, engine.runner.device
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
@@ -101,26 +105,27 @@ def time_rank(engine: EngineCore, bench: StatelessGroup, timer: ExchangeTimer | 
     for rid in ids:
         engine.add_request(EngineCoreRequest(rid, [rng.randrange(arch.vocab_size) for _ in range(context)], params))
     started: set[str] = set()
-    while not all_true(bench, len(started) >= bs):  # prefill every rank's batch first
+    while not agree(len(started) >= bs):  # prefill every rank's batch first
         started.update(o.request_id for o in engine.step())
     for _ in range(3):  # warm-up decode steps
         engine.step()
-    if not all_true(bench, len(engine.scheduler.running) >= bs):
+    if not agree(len(engine.scheduler.running) >= bs):
         if rank == 0:
             print(f"batch {bs}: some rank's KV cache ({engine.num_kv_blocks} blocks) cannot hold it; skipped",
                   flush=True)
-        engine.abort_requests(ids)
+        end_batch(engine, ids, lone)
         return None
     before = [m.expert_load.clone() for m in moe_layers]
     engine.step()
     # Slots hold experts; a rank computes its own slots for the tokens of every rank, so the loads (each rank
-    # counts its own tokens' choices over all slots) are summed before counting this rank's touched slots.
+    # counts its own tokens' choices over all slots) are summed before counting each rank's touched slots.
     load = torch.stack([(m.expert_load - b).cpu() for m, b in zip(moe_layers, before)]) if moe_layers else None
-    touched = 0
+    touched = [0] * bench.world_size
     if load is not None:
-        bench.all_reduce(load)
-        first, spr = moe_layers[0].first_slot, moe_layers[0].slots_per_rank
-        touched = int((load[:, first:first + spr] > 0).sum())
+        if not lone:
+            bench.all_reduce(load)
+        spr = moe_layers[0].slots_per_rank
+        touched = [int((load[:, r * spr:(r + 1) * spr] > 0).sum()) for r in range(bench.world_size)]
     if timer is not None:
         timer.times.clear()
     times = []
@@ -131,10 +136,25 @@ def time_rank(engine: EngineCore, bench: StatelessGroup, timer: ExchangeTimer | 
         t0 = time.perf_counter()
         engine.step()  # ends with a step's sampled tokens on the host
         times.append(time.perf_counter() - t0)
-    held = all_true(bench, len(engine.scheduler.running) >= bs)  # no request finished while timed
+    held = agree(len(engine.scheduler.running) >= bs)  # no request finished while timed
+    end_batch(engine, ids, lone)
+    return dict(rank=rank, requests=bs, step_s=times, exchange_s=list(timer.times) if timer else [],
+                touched=touched[rank], touched_by_rank=touched, held=held, exchanges=timer.calls if timer else None)
+
+
+def idle_along(engine: EngineCore, rank: int) -> dict[str, Any]:
+    """A rank without requests beside rank 0's lone batch: it runs the dummy steps an idle engine process runs,
+    until rank 0's wave ends (its steps are not timed: rank 0's are the lone request's)."""
+    engine.start_wave()
+    while engine.global_unfinished:
+        engine.step()
+    return dict(rank=rank, requests=0, step_s=None, exchange_s=[], touched=None, held=True, exchanges=None)
+
+
+def end_batch(engine: EngineCore, ids: list[str], lone: bool) -> None:
     engine.abort_requests(ids)
-    return dict(rank=rank, step_s=times, exchange_s=list(timer.times) if timer else [], touched=touched,
-                held=held, exchanges=timer.calls if timer else None)
+    while lone and engine.global_unfinished:  # the idle ranks step until the wave ends: end it with them
+        engine.step()
 
 
 def rank_main(rank: int, base: EngineConfig, port: int, batch_sizes: list[int], args: argparse.Namespace) -> None:
@@ -154,10 +174,10 @@ def rank_main(rank: int, base: EngineConfig, port: int, batch_sizes: list[int], 
     rng = random.Random(rank)
     max_tokens = config.model.max_model_len - args.context
     for bs in batch_sizes:
-        part = time_rank(engine, bench, timer, bs, args.context, args.steps, max_tokens, rng)
+        part = time_rank(engine, bench, timer, bs, args.context, args.steps, max_tokens, rng, args.lone)
         if part is not None:
-            kv_bytes = bs * (args.context + 6 + args.steps // 2) * kv_per_token
-            part.update(bandwidth=bandwidth, floor_bytes=fixed + part["touched"] * per_expert + kv_bytes)
+            kv_bytes = part["requests"] * (args.context + 6 + args.steps // 2) * kv_per_token
+            part.update(bandwidth=bandwidth, fixed_bytes=fixed + kv_bytes, expert_bytes=per_expert)
         store.set(f"bench/rows/{bs}/{rank}", json.dumps(part))
     bench.barrier()  # every rank's last collective is done before any group goes away
     if rank == 0:
@@ -168,21 +188,25 @@ def rank_main(rank: int, base: EngineConfig, port: int, batch_sizes: list[int], 
 
 
 def combine(bs: int, parts: list[dict[str, Any]], num_moe: int) -> dict[str, Any]:
-    world = len(parts)
-    step_max = [max(p["step_s"][i] for p in parts) for i in range(len(parts[0]["step_s"]))]
+    for p in parts:
+        if p["touched"] is None:  # an idle rank beside a lone batch: the slots rank 0's tokens touched there
+            p["touched"] = parts[0]["touched_by_rank"][p["rank"]]
+        p["floor_bytes"] = p["fixed_bytes"] + p["touched"] * p["expert_bytes"]
+    timed = [p for p in parts if p["step_s"] is not None]  # (a lone batch: rank 0's steps)
+    step_max = [max(p["step_s"][i] for p in timed) for i in range(len(timed[0]["step_s"]))]
     step = statistics.median(step_max)  # the median over steps of the slowest rank's step
     floors = [p["floor_bytes"] / p["bandwidth"] for p in parts]
     floor, worst = max(floors), parts[floors.index(max(floors))]
-    exchange = [t for p in parts for t in p["exchange_s"]]
-    fastest = [min(per_step) for per_step in zip(*(p["exchange_s"] for p in parts))]  # the least skew-waiting
+    exchange = [t for p in timed for t in p["exchange_s"]]
+    fastest = [min(per_step) for per_step in zip(*(p["exchange_s"] for p in timed))]  # the least skew-waiting
     row = dict(batch=bs, step_ms=step * 1e3, floor_ms=floor * 1e3, ratio=step / floor,
                experts_touched_per_layer=statistics.mean(p["touched"] for p in parts) / num_moe,
-               floor_gb=worst["floor_bytes"] / 1e9, tokens_per_s=world * bs / step,
+               floor_gb=worst["floor_bytes"] / 1e9, tokens_per_s=sum(p["requests"] for p in parts) / step,
                exchange_us=statistics.median(exchange) * 1e6 if exchange else None,
                exchange_min_us=statistics.median(fastest) * 1e6 if fastest else None,
-               rank_step_ms=[statistics.median(p["step_s"]) * 1e3 for p in parts],
+               rank_step_ms=[statistics.median(p["step_s"]) * 1e3 for p in timed],
                rank_floor_ms=[f * 1e3 for f in floors], batch_held=all(p["held"] for p in parts))
-    if len({p["exchanges"] for p in parts}) != 1:
+    if len({p["exchanges"] for p in timed}) != 1:
         raise RuntimeError(f"batch {bs}: ranks out of lockstep (exchanges per rank {[p['exchanges'] for p in parts]})")
     if not row["batch_held"]:
         print(f"batch {bs}: a request finished during the timed steps (the batch shrank)", flush=True)
@@ -204,7 +228,7 @@ def report(args: argparse.Namespace, config: EngineConfig, parts: dict[int, list
     result = dict(shape=args.shape, gpu=gpu, date=time.strftime("%Y-%m-%d"), context=args.context,
                   cuda_graphs=device.type == "cuda" and not args.enforce_eager, data_parallel_size=world,
                   ep_dispatch=config.parallel.ep_dispatch, ep_dispatch_requested=args.ep_dispatch,
-                  async_scheduling=config.scheduler.async_scheduling,
+                  async_scheduling=config.scheduler.async_scheduling, lone=args.lone,
                   bandwidth_gbs=min(bandwidths) / 1e9 if bandwidths else None, kv_bytes_per_token=kv_per_token,
                   kv_bytes_per_token_expanded=kv_expanded, kv_tokens=kv_tokens, rows=rows,
                   step_ms_is="median over steps of the slowest rank's step", floor_is="the largest rank floor")

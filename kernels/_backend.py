@@ -14,6 +14,8 @@ import os
 import torch
 
 HAS_TRITON: bool = importlib.util.find_spec("triton") is not None
+# "0" launches every kernel the plain way (no programmatic dependent launch): for A/B timings and as a way out.
+PDL_ENV = "ELASTIC_PDL"
 
 
 def interpret_mode() -> bool:
@@ -55,3 +57,19 @@ def tl_dtype(dtype: torch.dtype):  # noqa: ANN201  (a triton.language dtype; tri
     import triton.language as tl
 
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_capable(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def pdl(t: torch.Tensor) -> dict[str, bool]:
+    """Launch options for a Triton kernel over `t`: on a Hopper-or-later GPU, programmatic dependent launch
+    (its kernel starts with pdl_triton.pdl_enter(USE_PDL), which makes it safe); {} elsewhere (the
+    interpreter, older GPUs, ELASTIC_PDL=0)."""
+    if not t.is_cuda or os.environ.get(PDL_ENV, "1") == "0":
+        return {}
+    if not _pdl_capable(t.device.index if t.device.index is not None else torch.cuda.current_device()):
+        return {}
+    return {"USE_PDL": True, "launch_pdl": True}

@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ._backend import cdiv, next_pow2, use_triton
+from ._backend import cdiv, next_pow2, pdl, use_triton
 
 _TRITON_DTYPES = (torch.bfloat16, torch.float16)
 # Buffer allocator; tests swap in a NaN-filling one to prove no unwritten element is consumed.
@@ -64,7 +64,7 @@ def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
                            key.stride(0), key.stride(1), value.stride(0), value.stride(1),
                            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), Hkv, D,
                            BLOCK_SIZE=k_cache.shape[1], BLOCK_H=next_pow2(Hkv),
-                           BLOCK_D=next_pow2(D), num_warps=4)
+                           BLOCK_D=next_pow2(D), num_warps=4, **pdl(key))
 
 
 def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -130,7 +130,8 @@ def merge_splits(part_acc: torch.Tensor, part_ml: torch.Tensor, out: torch.Tenso
 
     B, H, width = query_start_loc.shape[0] - 1, out.shape[1], out.shape[2]
     _attn_merge_kernel[(B, H)](part_acc, part_ml, out, query_start_loc, H, num_splits, width, out.stride(0),
-                               out.stride(1), BLOCK_S=next_pow2(num_splits), BLOCK_D=next_pow2(width), num_warps=4)
+                               out.stride(1), BLOCK_S=next_pow2(num_splits), BLOCK_D=next_pow2(width), num_warps=4,
+                               **pdl(out))
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -199,7 +200,7 @@ def _paged_prefill(args: tuple[torch.Tensor, ...], tile_map: Optional[torch.Tens
         *args, out, out, out if tile_map is None else tile_map, qk_scale, tiles, 1, Hq, Hq // Hkv, D, *strides,
         BLOCK_Q=block_q, BLOCK_R=block_q * common["G_PAD"], BLOCK_N=cfg["BLOCK_N"], SPLIT=False,  # one split
         TWO_PHASE=cfg["two_phase"], KV_FASTEST=kv_fastest, TILE_MAP=tile_map is not None,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common, **pdl(q))
 
 
 def prefill_tile_queries(num_heads: int, num_kv_heads: int) -> int:
@@ -238,4 +239,4 @@ def _paged_decode(args: tuple[torch.Tensor, ...], part_acc: torch.Tensor, part_m
         *args, part_acc, part_ml, part_acc, qk_scale, 1, num_splits, Hq, Hq // Hkv, D, *strides,
         BLOCK_Q=1, BLOCK_R=max(16, common["G_PAD"]), BLOCK_N=cfg["BLOCK_N"], SPLIT=num_splits > 1,
         TWO_PHASE=cfg["two_phase"], KV_FASTEST=kv_fastest, TILE_MAP=False,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common, **pdl(q))

@@ -13,6 +13,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .pdl_triton import pdl_enter
+
 LOG2E = 1.4426950408889634
 
 
@@ -20,7 +22,9 @@ LOG2E = 1.4426950408889634
 def _store_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
                      stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_cb, stride_cs, stride_ch, HKV, D,
-                     BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                     BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                     USE_PDL: tl.constexpr = False):
+    pdl_enter(USE_PDL)  # first: see pdl_triton.py
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t)
     if slot < 0:                                   # padding token
@@ -153,7 +157,8 @@ def _attn_fwd_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, qsl_ptr,
                      BLOCK_SIZE: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      EVEN_D: tl.constexpr, SPLIT: tl.constexpr, TWO_PHASE: tl.constexpr,
-                     KV_FASTEST: tl.constexpr, TILE_MAP: tl.constexpr):
+                     KV_FASTEST: tl.constexpr, TILE_MAP: tl.constexpr, USE_PDL: tl.constexpr = False):
+    pdl_enter(USE_PDL)  # first: see pdl_triton.py
     if KV_FASTEST:        # programs of one token's kv heads run together: whole cache rows
         kvh = tl.program_id(0)
         pid0 = tl.program_id(1)
@@ -207,8 +212,10 @@ def _attn_fwd_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, qsl_ptr,
 
 @triton.jit(do_not_specialize=["num_splits"])
 def _attn_merge_kernel(part_acc_ptr, part_ml_ptr, out_ptr, qsl_ptr, HQ, num_splits, D,
-                       stride_ot, stride_oh, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+                       stride_ot, stride_oh, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                       USE_PDL: tl.constexpr = False):
     """Merge the split-KV partial softmax states of one (request, q head) into the output."""
+    pdl_enter(USE_PDL)  # first: see pdl_triton.py
     b = tl.program_id(0)
     h = tl.program_id(1)
     q_start = tl.load(qsl_ptr + b)

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._backend import cdiv, next_pow2, tl_dtype
+from ._backend import cdiv, next_pow2, pdl, tl_dtype
 
 _BLOCK_H = 1024
 _MAX_PROGRAMS = 512  # per destination rank: a program per row for every decode batch (graphs go up to 512)
@@ -98,7 +98,7 @@ def p2p_dispatch(hidden: torch.Tensor, physical: torch.Tensor, weights: torch.Te
         hidden, physical, weights, tokens_table, weights_table, ids_table, barrier.pad_table, barrier.sequence,
         barrier.arrivals, barrier.abort, num_tokens, rows, rank, world, slots_per_rank, int(sync),
         hidden.stride(0), physical.stride(0), weights.stride(0), H=hidden.shape[1], K=top_k,
-        BLOCK_H=min(_BLOCK_H, next_pow2(hidden.shape[1])), BLOCK_K=next_pow2(top_k), num_warps=4)
+        BLOCK_H=min(_BLOCK_H, next_pow2(hidden.shape[1])), BLOCK_K=next_pow2(top_k), num_warps=4, **pdl(hidden))
 
 
 def p2p_combine_push(partial: torch.Tensor, combine_table: torch.Tensor, out_dtype: torch.dtype, barrier: Barrier,
@@ -117,7 +117,7 @@ def p2p_combine_push(partial: torch.Tensor, combine_table: torch.Tensor, out_dty
         partial.contiguous(), pair_ids.contiguous() if pair_ids is not None else combine_table, combine_table,
         barrier.pad_table, barrier.sequence, barrier.arrivals, barrier.abort, rows, rank, world, int(sync),
         H=hidden_size, PAIRS=pairs, OUT=tl_dtype(out_dtype), BLOCK_H=min(_BLOCK_H, next_pow2(hidden_size)),
-        BLOCK_P=next_pow2(pairs), num_warps=4)
+        BLOCK_P=next_pow2(pairs), num_warps=4, **pdl(partial))
 
 
 def p2p_combine_reduce(combine: torch.Tensor, num_tokens: int, rows: int, world: int) -> torch.Tensor:
@@ -129,5 +129,5 @@ def p2p_combine_reduce(combine: torch.Tensor, num_tokens: int, rows: int, world:
     if num_tokens:
         block = min(_BLOCK_H, next_pow2(hidden_size))
         p2p_combine_reduce_kernel[(num_tokens, cdiv(hidden_size, block))](
-            combine, out, rows, world, out.stride(0), H=hidden_size, BLOCK_H=block, num_warps=4)
+            combine, out, rows, world, out.stride(0), H=hidden_size, BLOCK_H=block, num_warps=4, **pdl(out))
     return out

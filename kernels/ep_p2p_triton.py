@@ -17,6 +17,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .pdl_triton import pdl_enter
+
 
 @triton.jit
 def _peer(table, rank, dtype: tl.constexpr):
@@ -97,7 +99,8 @@ def _dispatch_row(hidden, physical, weights, tokens, out_weights, out_ids, row, 
 def p2p_dispatch_kernel(hidden, physical, weights, tokens_table, weights_table, ids_table, pad_table, sequence,
                         arrivals, abort, num_tokens, rows, rank, world, slots_per_rank, sync, stride_hidden,
                         stride_physical, stride_weights, H: tl.constexpr, K: tl.constexpr, BLOCK_H: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
+                        BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = False):
+    pdl_enter(USE_PDL)  # first: see pdl_triton.py
     # grid (programs, world): this rank's row `row` goes to rank `dst` at row rank * rows + row of its
     # buffers, each program taking every programs-th row; then the barrier (the grid has a CTA even when
     # rows == 0, so every step passes it).
@@ -115,7 +118,8 @@ def p2p_dispatch_kernel(hidden, physical, weights, tokens_table, weights_table, 
 @triton.jit(do_not_specialize=["rows", "rank", "world", "sync"])
 def p2p_combine_push_kernel(partial, pair_ids, combine_table, pad_table, sequence, arrivals, abort, rows, rank, world,
                             sync, H: tl.constexpr, PAIRS: tl.constexpr, OUT: tl.constexpr, BLOCK_H: tl.constexpr,
-                            BLOCK_P: tl.constexpr):
+                            BLOCK_P: tl.constexpr, USE_PDL: tl.constexpr = False):
+    pdl_enter(USE_PDL)  # first: see pdl_triton.py
     # grid (programs, world): rows [dst * rows, (dst + 1) * rows) of this rank's results belong to rank `dst`;
     # they land, as OUT (the buffer's dtype), at rows [rank * rows, ...) of its combine buffer, each program
     # taking every programs-th row. Then the barrier. PAIRS > 1: `partial` holds each row's PAIRS (token, k)
@@ -142,7 +146,9 @@ def p2p_combine_push_kernel(partial, pair_ids, combine_table, pad_table, sequenc
 
 
 @triton.jit(do_not_specialize=["rows", "world"])
-def p2p_combine_reduce_kernel(combine, out, rows, world, stride_out, H: tl.constexpr, BLOCK_H: tl.constexpr):
+def p2p_combine_reduce_kernel(combine, out, rows, world, stride_out, H: tl.constexpr, BLOCK_H: tl.constexpr,
+                              USE_PDL: tl.constexpr = False):
+    pdl_enter(USE_PDL)  # first: see pdl_triton.py
     # grid (num_tokens, cdiv(H, BLOCK_H)): out[row] = sum over source ranks, in rank order, in float32.
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import cdiv, next_pow2, use_triton
+from ._backend import cdiv, next_pow2, pdl, use_triton
 from .attention import decode_split, merge_splits, split_state
 
 _TRITON_DTYPES = (torch.bfloat16, torch.float16)
@@ -58,7 +58,7 @@ def store_latent(c_kv: torch.Tensor, k_pe: torch.Tensor, kv_cache: torch.Tensor,
     assert c_kv.stride(-1) == 1 and k_pe.stride(-1) == 1 and kv_cache.stride(-1) == 1
     _store_latent_kernel[(T,)](c_kv, k_pe, kv_cache, slot_mapping, c_kv.stride(0), k_pe.stride(0),
                                kv_cache.stride(0), kv_cache.stride(1), C, R, BLOCK_SIZE=kv_cache.shape[1],
-                               BLOCK_C=next_pow2(C), BLOCK_P=next_pow2(R), num_warps=4)
+                               BLOCK_C=next_pow2(C), BLOCK_P=next_pow2(R), num_warps=4, **pdl(c_kv))
 
 
 def mla_attention_reference(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
@@ -135,7 +135,7 @@ def mla_attention(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
         kv_cache.stride(0), kv_cache.stride(1), block_tables.stride(0),
         BLOCK_SIZE=kv_cache.shape[1], BLOCK_H=block_h, BLOCK_Q=block_q, BLOCK_R=block_r, BLOCK_N=cfg["BLOCK_N"],
         BLOCK_C=next_pow2(C), BLOCK_P=max(16, next_pow2(R)), SPLIT=split,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl(q_lat))
     if split:
         merge_splits(part_acc, part_ml, out, query_start_loc, num_splits)
     return out

@@ -11,11 +11,14 @@ import triton
 import triton.language as tl
 
 from .attention_triton import online_softmax_step, split_range, store_output, store_split_state
+from .pdl_triton import pdl_enter
 
 
 @triton.jit
 def _store_latent_kernel(ckv_ptr, kpe_ptr, cache_ptr, slot_ptr, stride_ct, stride_pt, stride_cb, stride_cs, C, R,
-                         BLOCK_SIZE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+                         BLOCK_SIZE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+                         USE_PDL: tl.constexpr = False):
+    pdl_enter(USE_PDL)  # first: see pdl_triton.py
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t)
     if slot < 0:                                   # padding token
@@ -61,7 +64,9 @@ def _mla_fwd_kernel(ql_ptr, qp_ptr, cache_ptr, block_tables_ptr, qsl_ptr, seq_le
                     stride_qlt, stride_qlh, stride_qpt, stride_qph, stride_ot, stride_oh,
                     stride_cb, stride_cs, stride_bt,
                     BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, SPLIT: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, SPLIT: tl.constexpr,
+                    USE_PDL: tl.constexpr = False):
+    pdl_enter(USE_PDL)  # first: see pdl_triton.py
     pid0 = tl.program_id(0)
     hb = tl.program_id(1)
     split = tl.program_id(2)

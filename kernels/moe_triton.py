@@ -20,8 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import cdiv, next_pow2
+from ._backend import cdiv, next_pow2, pdl
 from .moe_config import MoEConfig
+from .pdl_triton import pdl_enter
 
 # Buffer allocator; tests swap in a NaN-filling one to prove no unwritten element is consumed.
 _alloc = torch.empty
@@ -66,8 +67,9 @@ def _write_block_table(counts, pstart, pend, S, num_blocks, sorted_ids_ptr, bloc
 @triton.jit(do_not_specialize=["P", "num_blocks"])
 def _moe_align_one_cta_kernel(slots_ptr, cursor_ptr, sorted_ids_ptr, block_slot_ptr, P, S,
                               num_blocks, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr,
-                              BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr):
+                              BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr, USE_PDL: tl.constexpr = False):
     """Whole alignment in one program (one launch: what small batches want)."""
+    pdl_enter(USE_PDL)  # first: see pdl_triton.py
     offs_s = tl.arange(0, BLOCK_S)
     counts = tl.zeros([BLOCK_S], dtype=tl.int32)
     skipped = tl.zeros([BLOCK], dtype=tl.int32)
@@ -95,7 +97,8 @@ def _moe_align_one_cta_kernel(slots_ptr, cursor_ptr, sorted_ids_ptr, block_slot_
 
 
 @triton.jit(do_not_specialize=["P"])
-def _moe_count_kernel(slots_ptr, counts_ptr, P, S, BLOCK: tl.constexpr):
+def _moe_count_kernel(slots_ptr, counts_ptr, P, S, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
+    pdl_enter(USE_PDL)  # first: see pdl_triton.py
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     slot = tl.load(slots_ptr + offs, mask=offs < P, other=-1)
     tl.atomic_add(counts_ptr + slot, 1, mask=(slot >= 0) & (slot < S))
@@ -104,7 +107,8 @@ def _moe_count_kernel(slots_ptr, counts_ptr, P, S, BLOCK: tl.constexpr):
 @triton.jit(do_not_specialize=["P", "num_blocks"])
 def _moe_offsets_kernel(counts_ptr, cursor_ptr, sorted_ids_ptr, block_slot_ptr, P, S,
                         num_blocks, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
-                        BLOCK_B: tl.constexpr):
+                        BLOCK_B: tl.constexpr, USE_PDL: tl.constexpr = False):
+    pdl_enter(USE_PDL)  # first: see pdl_triton.py
     offs_s = tl.arange(0, BLOCK_S)
     counts = tl.load(counts_ptr + offs_s, mask=offs_s < S, other=0)
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
@@ -116,7 +120,9 @@ def _moe_offsets_kernel(counts_ptr, cursor_ptr, sorted_ids_ptr, block_slot_ptr, 
 
 
 @triton.jit(do_not_specialize=["P"])
-def _moe_scatter_kernel(slots_ptr, cursor_ptr, sorted_ids_ptr, P, S, BLOCK: tl.constexpr):
+def _moe_scatter_kernel(slots_ptr, cursor_ptr, sorted_ids_ptr, P, S, BLOCK: tl.constexpr,
+                        USE_PDL: tl.constexpr = False):
+    pdl_enter(USE_PDL)  # first: see pdl_triton.py
     # Order inside a slot is whatever the atomics give; results do not depend on it because
     # every GEMM row is computed independently of the other rows of its tile.
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -143,14 +149,14 @@ def moe_align(topk_slots: torch.Tensor, num_slots: int,
     if P <= _ONE_CTA_MAX_PAIRS:
         _moe_align_one_cta_kernel[(1,)](slots, cursor, sorted_ids, block_slot, P, num_slots, nb,
                                         BLOCK_M=block_m, BLOCK=min(1024, next_pow2(P)),
-                                        BLOCK_S=block_s, BLOCK_B=block_b, num_warps=8)
+                                        BLOCK_S=block_s, BLOCK_B=block_b, num_warps=8, **pdl(slots))
         return sorted_ids, block_slot
     counts = torch.zeros(num_slots, dtype=torch.int32, device=dev)
     grid = (cdiv(P, 1024),)
-    _moe_count_kernel[grid](slots, counts, P, num_slots, BLOCK=1024, num_warps=4)
+    _moe_count_kernel[grid](slots, counts, P, num_slots, BLOCK=1024, num_warps=4, **pdl(slots))
     _moe_offsets_kernel[(1,)](counts, cursor, sorted_ids, block_slot, P, num_slots, nb,
-                              BLOCK_M=block_m, BLOCK_S=block_s, BLOCK_B=block_b, num_warps=8)
-    _moe_scatter_kernel[grid](slots, cursor, sorted_ids, P, num_slots, BLOCK=1024, num_warps=4)
+                              BLOCK_M=block_m, BLOCK_S=block_s, BLOCK_B=block_b, num_warps=8, **pdl(slots))
+    _moe_scatter_kernel[grid](slots, cursor, sorted_ids, P, num_slots, BLOCK=1024, num_warps=4, **pdl(slots))
     return sorted_ids, block_slot
 
 
@@ -169,8 +175,9 @@ def _tile_of(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 def _moe_up_kernel(x_ptr, w_ptr, out_ptr, sorted_ids_ptr, block_slot_ptr,
                    P, top_k, N, K, num_pid_m, stride_xm, stride_we, stride_wn, stride_om,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+                   GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr = False):
     """out[row, n] = silu(x[tok] . w[slot, n]) * (x[tok] . w[slot, N + n]); N = I, K = H."""
+    pdl_enter(USE_PDL)  # first: see pdl_triton.py
     pid_m, pid_n = _tile_of(tl.program_id(0), num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)
     slot = tl.load(block_slot_ptr + pid_m)
     if slot < 0:
@@ -212,8 +219,9 @@ def _moe_up_kernel(x_ptr, w_ptr, out_ptr, sorted_ids_ptr, block_slot_ptr,
 def _moe_down_kernel(a_ptr, w_ptr, out_ptr, sorted_ids_ptr, block_slot_ptr, topk_w_ptr,
                      P, N, K, num_pid_m, stride_am, stride_we, stride_wn, stride_om,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+                     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, USE_PDL: tl.constexpr = False):
     """out[pair, n] = topk_w[pair] * a[row] . w[slot, n]; N = H, K = I."""
+    pdl_enter(USE_PDL)  # first: see pdl_triton.py
     pid_m, pid_n = _tile_of(tl.program_id(0), num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)
     slot = tl.load(block_slot_ptr + pid_m)
     if slot < 0:
@@ -248,8 +256,9 @@ def _moe_down_kernel(a_ptr, w_ptr, out_ptr, sorted_ids_ptr, block_slot_ptr, topk
 
 @triton.jit(do_not_specialize=["top_k"])
 def _moe_sum_kernel(pair_out_ptr, slots_ptr, out_ptr, H, S, top_k, stride_om,
-                    BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr):
+                    BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, USE_PDL: tl.constexpr = False):
     """out[t] = sum_k pair_out[t*K + k] over k with 0 <= slot < S (others were never written)."""
+    pdl_enter(USE_PDL)  # first: see pdl_triton.py
     t = tl.program_id(0).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_k = tl.arange(0, BLOCK_K)
@@ -279,7 +288,7 @@ def moe_up(hidden: torch.Tensor, w13: torch.Tensor, sorted_ids: torch.Tensor,
     grid = (nb * cdiv(inter_size, g["BLOCK_N"]),)
     _moe_up_kernel[grid](hidden, w13, inter, sorted_ids, block_slot, P, top_k, inter_size, H,
                          nb, hidden.stride(0), w13.stride(0), w13.stride(1), inter.stride(0),
-                         BLOCK_M=block_m, EVEN_K=H % g["BLOCK_K"] == 0, **_launch_opts(g))
+                         BLOCK_M=block_m, EVEN_K=H % g["BLOCK_K"] == 0, **_launch_opts(g), **pdl(hidden))
     return inter
 
 
@@ -295,7 +304,7 @@ def moe_down(inter: torch.Tensor, w2: torch.Tensor, sorted_ids: torch.Tensor,
     _moe_down_kernel[grid](inter, w2, pair_out, sorted_ids, block_slot, topk_weights, P, H,
                            inter_size, nb, inter.stride(0), w2.stride(0), w2.stride(1),
                            pair_out.stride(0), BLOCK_M=block_m,
-                           EVEN_K=inter_size % g["BLOCK_K"] == 0, **_launch_opts(g))
+                           EVEN_K=inter_size % g["BLOCK_K"] == 0, **_launch_opts(g), **pdl(inter))
     return pair_out
 
 
@@ -306,7 +315,7 @@ def moe_sum(pair_out: torch.Tensor, topk_slots: torch.Tensor, num_slots: int,
     block_h = min(1024, next_pow2(H))
     _moe_sum_kernel[(T, cdiv(H, block_h))](pair_out, topk_slots, out, H, num_slots, K,
                                            out.stride(0), BLOCK_K=next_pow2(K),
-                                           BLOCK_H=block_h, num_warps=4)
+                                           BLOCK_H=block_h, num_warps=4, **pdl(out))
     return out
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import next_pow2, use_triton
+from ._backend import next_pow2, pdl, use_triton
 
 _TRITON_DTYPES = (torch.bfloat16, torch.float16)
 # Output allocator; tests swap in a NaN-filling one to prove every element is written.
@@ -51,7 +51,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     block_n = next_pow2(N)
     _rms_norm_kernel[(T * H,)](
         x3, res_in, weight, out, res_out, H, N, x3.stride(0), x3.stride(1), res_in.stride(0), eps,
-        HAS_RESIDUAL=residual is not None, BLOCK_N=block_n, num_warps=4 if block_n <= 1024 else 8)
+        HAS_RESIDUAL=residual is not None, BLOCK_N=block_n, num_warps=4 if block_n <= 1024 else 8, **pdl(x))
     return out, (res_out if residual is not None else None)
 
 

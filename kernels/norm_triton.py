@@ -2,11 +2,14 @@
 import triton
 import triton.language as tl
 
+from .pdl_triton import pdl_enter
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, H, N,
                      stride_xt, stride_xh, stride_rt, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr = False):
+    pdl_enter(USE_PDL)  # first: see pdl_triton.py
     # One program per row (t, h) of x[T, H, N]; outputs are contiguous [T * H, N].
     row = tl.program_id(0)
     t = (row // H).to(tl.int64)

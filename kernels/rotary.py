@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import next_pow2, tl_dtype, use_triton
+from ._backend import next_pow2, pdl, tl_dtype, use_triton
 from .norm import rms_norm_reference
 
 _TRITON_DTYPES = (torch.bfloat16, torch.float16)
@@ -76,7 +76,7 @@ def _launch(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torc
         HALF=D // 2, NORM=weights is not None, ROUND=tl_dtype(out_dtype), STORE=store is not None,
         BLOCK_SIZE=k_cache.shape[1] if store is not None else 1, BLOCK_HQ=next_pow2(Hq),
         BLOCK_HKV=next_pow2(Hkv), BLOCK_HALF=block_half, BLOCK_D=next_pow2(D),
-        num_warps=4 if block_h * block_half <= 2048 else 8)
+        num_warps=4 if block_h * block_half <= 2048 else 8, **pdl(q))
     return q_out, (k_out if store is None else None)
 
 

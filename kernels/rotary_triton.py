@@ -2,6 +2,8 @@
 import triton
 import triton.language as tl
 
+from .pdl_triton import pdl_enter
+
 
 @triton.jit
 def _rotate_heads(x_ptr, o_ptr, w_ptr, t, stride_t, stride_h, o_stride_h, H, cos, sin, eps,
@@ -50,7 +52,8 @@ def _qk_rotary_kernel(pos_ptr, q_ptr, k_ptr, qo_ptr, ko_ptr, qw_ptr, kw_ptr, cos
                       v_ptr, kc_ptr, vc_ptr, slot_ptr, stride_vt, stride_vh, stride_cb, stride_cs, stride_ch,
                       HALF: tl.constexpr, NORM: tl.constexpr, ROUND: tl.constexpr, STORE: tl.constexpr,
                       BLOCK_SIZE: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
-                      BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr):
+                      BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr = False):
+    pdl_enter(USE_PDL)  # first: see pdl_triton.py
     # One program per token: its q heads and k heads share one cos/sin row. STORE: the rotated k heads and
     # the v heads go straight into the paged cache at the token's slot (none for slot < 0), not into ko_ptr.
     t = tl.program_id(0).to(tl.int64)

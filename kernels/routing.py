@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import cdiv, next_pow2, use_triton
+from ._backend import cdiv, next_pow2, pdl, use_triton
 
 # Output allocator of route_to_slots; tests swap in a NaN/huge-filling one.
 _alloc = torch.empty
@@ -42,7 +42,7 @@ def topk_route(router_logits: torch.Tensor, top_k: int,
     _topk_route_kernel[(cdiv(T, block_t),)](
         router_logits, weights, ids, T, E, router_logits.stride(0), TOP_K=top_k,
         RENORM=renormalize, BLOCK_T=block_t, BLOCK_E=next_pow2(E), BLOCK_K=next_pow2(top_k),
-        num_warps=4)
+        num_warps=4, **pdl(router_logits))
     return weights, ids
 
 
@@ -114,7 +114,7 @@ def grouped_topk(router_logits: torch.Tensor, top_k: int, renormalize: bool, sco
         router_logits, bias, weights, ids, T, router_logits.stride(0), float(scaling), TOP_K=top_k,
         RENORM=renormalize, SIGMOID=scoring_func == "sigmoid", HAS_BIAS=score_bias is not None,
         GROUPS=num_groups, TOPK_GROUPS=topk_groups, TOP2=group_score == "top2_sum", BLOCK_T=block_t, E=E,
-        BLOCK_K=next_pow2(top_k), num_warps=4)
+        BLOCK_K=next_pow2(top_k), num_warps=4, **pdl(router_logits))
     return weights, ids
 
 
@@ -162,7 +162,7 @@ def ids_to_slots(ids: torch.Tensor, logical_to_physical: torch.Tensor, logical_r
         expert_load if expert_load is not None else physical,      # dummy: never touched unless RECORD
         num_valid if num_valid is not None else counts,            # dummy: never read unless HAS_VALID
         T, ids.stride(0), l2p.stride(0), first_slot, slots_per_rank, TOP_K=K, RECORD=expert_load is not None,
-        HAS_VALID=num_valid is not None, BLOCK_T=block_t, BLOCK_K=next_pow2(K), num_warps=4)
+        HAS_VALID=num_valid is not None, BLOCK_T=block_t, BLOCK_K=next_pow2(K), num_warps=4, **pdl(ids))
     return physical, local
 
 
@@ -219,5 +219,5 @@ def route_to_slots(router_logits: torch.Tensor, top_k: int, renormalize: bool,
         T, E, router_logits.stride(0), l2p.stride(0), first_slot, slots_per_rank,
         TOP_K=top_k, RENORM=renormalize, RECORD=expert_load is not None, HAS_VALID=num_valid is not None,
         BLOCK_T=block_t,
-        BLOCK_E=next_pow2(E), BLOCK_K=next_pow2(top_k), num_warps=4)
+        BLOCK_E=next_pow2(E), BLOCK_K=next_pow2(top_k), num_warps=4, **pdl(router_logits))
     return weights, physical, local

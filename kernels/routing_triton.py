@@ -2,6 +2,8 @@
 import triton
 import triton.language as tl
 
+from .pdl_triton import pdl_enter
+
 
 @triton.jit
 def _softmax_topk(logits_ptr, offs_t, t_ok, E, stride_t, TOP_K: tl.constexpr, RENORM: tl.constexpr,
@@ -31,7 +33,9 @@ def _softmax_topk(logits_ptr, offs_t, t_ok, E, stride_t, TOP_K: tl.constexpr, RE
 @triton.jit
 def _topk_route_kernel(logits_ptr, w_ptr, ids_ptr, T, E, stride_t,
                        TOP_K: tl.constexpr, RENORM: tl.constexpr,
-                       BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+                       USE_PDL: tl.constexpr = False):
+    pdl_enter(USE_PDL)  # first: see pdl_triton.py
     # One fused pass replaces softmax + topk + sum + div + cast (5 launches at decode).
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_k = tl.arange(0, BLOCK_K)
@@ -48,7 +52,9 @@ def _route_to_slots_kernel(logits_ptr, w_ptr, phys_ptr, local_ptr, l2p_ptr, coun
                            T, E, stride_t, stride_l2p, first_slot, slots_per_rank,
                            TOP_K: tl.constexpr, RENORM: tl.constexpr, RECORD: tl.constexpr,
                            HAS_VALID: tl.constexpr,
-                           BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+                           BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+                           USE_PDL: tl.constexpr = False):
+    pdl_enter(USE_PDL)  # first: see pdl_triton.py
     # Routing plus the replica choice, the slot gather, the load count and the local-slot mask:
     # ~20 small torch launches at decode become this one.
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -88,7 +94,8 @@ def _store_slots(ids, offs_t, out_mask, out_off, phys_ptr, local_ptr, l2p_ptr, c
 def _ids_to_slots_kernel(ids_ptr, phys_ptr, local_ptr, l2p_ptr, count_ptr, load_ptr, valid_ptr,
                          T, stride_ids, stride_l2p, first_slot, slots_per_rank,
                          TOP_K: tl.constexpr, RECORD: tl.constexpr, HAS_VALID: tl.constexpr,
-                         BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+                         BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = False):
+    pdl_enter(USE_PDL)  # first: see pdl_triton.py
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_k = tl.arange(0, BLOCK_K)
     out_mask = (offs_t < T)[:, None] & (offs_k < TOP_K)[None, :]
@@ -102,7 +109,8 @@ def _ids_to_slots_kernel(ids_ptr, phys_ptr, local_ptr, l2p_ptr, count_ptr, load_
 def _grouped_topk_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, T, stride_t, scaling,
                          TOP_K: tl.constexpr, RENORM: tl.constexpr, SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr,
                          GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr, TOP2: tl.constexpr,
-                         BLOCK_T: tl.constexpr, E: tl.constexpr, BLOCK_K: tl.constexpr):
+                         BLOCK_T: tl.constexpr, E: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = False):
+    pdl_enter(USE_PDL)  # first: see pdl_triton.py
     # DeepSeek routing (see routing.grouped_topk) in one pass; E and GROUPS are powers of two here.
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_e = tl.arange(0, E)
