@@ -10,7 +10,7 @@ With --data-parallel-size N > 1 (or --device cpu) it runs N engine cores in lock
 engine processes of the server do (benchmarks/decode_dp.py):
 
     python benchmarks/decode.py --shape qwen3-30b-a3b --data-parallel-size 2 --batch-sizes 1,16,64,128
-    python benchmarks/decode.py --data-parallel-size 2 --batch-sizes 1 --lone   # one request, the other rank idle
+    python benchmarks/decode.py --data-parallel-size 2 --batch-sizes 64 --lone-batch-sizes 1   # + a lone request
 """
 from __future__ import annotations
 
@@ -122,8 +122,9 @@ def main() -> None:
     # No choices here: the engine config validates (modes are being added in elastic/distributed/).
     ap.add_argument("--ep-dispatch", default="auto", help="the engine's ep_dispatch (auto, alltoall, ...)")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu (gloo ranks: a smoke check, not a number)")
-    ap.add_argument("--lone", action="store_true",
-                    help="with data parallelism: only rank 0 gets the batch, the others idle (a lone request)")
+    ap.add_argument("--lone-batch-sizes", default="",
+                    help="with data parallelism, also these batches on rank 0 alone, the other ranks idle (1: a lone "
+                         "request on a quiet server)")
     args = ap.parse_args()
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     if args.model_dir is not None:

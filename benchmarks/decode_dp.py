@@ -173,15 +173,17 @@ def rank_main(rank: int, base: EngineConfig, port: int, batch_sizes: list[int], 
     num_moe = max(len(model.moe_layers()), 1)
     rng = random.Random(rank)
     max_tokens = config.model.max_model_len - args.context
-    for bs in batch_sizes:
-        part = time_rank(engine, bench, timer, bs, args.context, args.steps, max_tokens, rng, args.lone)
+    runs = [(bs, False) for bs in batch_sizes] + [(bs, True) for bs in lone_sizes(args)]
+    for bs, lone in runs:
+        part = time_rank(engine, bench, timer, bs, args.context, args.steps, max_tokens, rng, lone)
         if part is not None:
             kv_bytes = part["requests"] * (args.context + 6 + args.steps // 2) * kv_per_token
             part.update(bandwidth=bandwidth, fixed_bytes=fixed + kv_bytes, expert_bytes=per_expert)
-        store.set(f"bench/rows/{bs}/{rank}", json.dumps(part))
+        store.set(f"bench/rows/{bs}/{lone}/{rank}", json.dumps(part))
     bench.barrier()  # every rank's last collective is done before any group goes away
     if rank == 0:
-        parts = {bs: [json.loads(store.get(f"bench/rows/{bs}/{r}")) for r in range(world)] for bs in batch_sizes}
+        parts = {run: [json.loads(store.get(f"bench/rows/{run[0]}/{run[1]}/{r}")) for r in range(world)]
+                 for run in runs}
         report(args, config, parts, num_moe, kv_per_token, engine.num_kv_blocks * runner.block_size)
     bench.destroy()
     engine.shutdown()
@@ -213,12 +215,16 @@ def combine(bs: int, parts: list[dict[str, Any]], num_moe: int) -> dict[str, Any
     return row
 
 
-def report(args: argparse.Namespace, config: EngineConfig, parts: dict[int, list[dict[str, Any] | None]],
+def lone_sizes(args: argparse.Namespace) -> list[int]:
+    return [int(b) for b in args.lone_batch_sizes.split(",") if b]
+
+
+def report(args: argparse.Namespace, config: EngineConfig, parts: dict[tuple[int, bool], list[dict[str, Any] | None]],
            num_moe: int, kv_per_token: int, kv_tokens: int) -> None:
     rows = []
-    for bs, ranks in parts.items():
+    for (bs, lone), ranks in parts.items():
         if all(p is not None for p in ranks):
-            rows.append(combine(bs, ranks, num_moe))  # type: ignore[arg-type]
+            rows.append(dict(combine(bs, ranks, num_moe), lone=lone))  # type: ignore[arg-type]
             print(json.dumps(rows[-1]), flush=True)
     device = torch.device(config.device)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or '?'})"
@@ -228,7 +234,7 @@ def report(args: argparse.Namespace, config: EngineConfig, parts: dict[int, list
     result = dict(shape=args.shape, gpu=gpu, date=time.strftime("%Y-%m-%d"), context=args.context,
                   cuda_graphs=device.type == "cuda" and not args.enforce_eager, data_parallel_size=world,
                   ep_dispatch=config.parallel.ep_dispatch, ep_dispatch_requested=args.ep_dispatch,
-                  async_scheduling=config.scheduler.async_scheduling, lone=args.lone,
+                  async_scheduling=config.scheduler.async_scheduling,
                   bandwidth_gbs=min(bandwidths) / 1e9 if bandwidths else None, kv_bytes_per_token=kv_per_token,
                   kv_bytes_per_token_expanded=kv_expanded, kv_tokens=kv_tokens, rows=rows,
                   step_ms_is="median over steps of the slowest rank's step", floor_is="the largest rank floor")
@@ -240,14 +246,16 @@ def report(args: argparse.Namespace, config: EngineConfig, parts: dict[int, list
           f"{', async scheduling' if result['async_scheduling'] else ''}")
     print(f"KV cache: {kv_per_token / 1024:.1f} KiB per token ({kv_expanded / 1024:.1f} KiB expanded, "
           f"{kv_expanded / kv_per_token:.1f}x), {kv_tokens} tokens fit per rank")
-    print("batch = requests per rank; step = median of the slowest rank's step; floor = the largest rank's; "
-          "experts = local slots touched per layer (mean over ranks); exch = DP exchange (all / fastest rank)")
-    print(f"{'batch':>5} {'step ms':>8} {'floor ms':>9} {'x floor':>8} {'experts/layer':>14} {'tok/s':>8} "
+    print("batch = requests per rank (lone: on rank 0 only, the others idle); step = median of the slowest rank's "
+          "step; floor = the largest rank's; experts = local slots touched per layer (mean over ranks); exch = DP "
+          "exchange (all / fastest rank)")
+    print(f"{'batch':>7} {'step ms':>8} {'floor ms':>9} {'x floor':>8} {'experts/layer':>14} {'tok/s':>8} "
           f"{'exch us':>8} {'min us':>7}")
     for r in rows:
         ex = f"{r['exchange_us']:8.0f} {r['exchange_min_us']:7.0f}" if r["exchange_us"] is not None else \
             f"{'-':>8} {'-':>7}"
-        print(f"{r['batch']:>5} {r['step_ms']:8.2f} {r['floor_ms']:9.2f} {r['ratio']:8.2f} "
+        batch = f"{r['batch']} lone" if r["lone"] else str(r["batch"])
+        print(f"{batch:>7} {r['step_ms']:8.2f} {r['floor_ms']:9.2f} {r['ratio']:8.2f} "
               f"{r['experts_touched_per_layer']:14.1f} {r['tokens_per_s']:8.0f} {ex}")
 
 
@@ -260,11 +268,12 @@ def run_data_parallel(args: argparse.Namespace, batch_sizes: list[int]) -> None:
     model_dir, load_format = (args.model_dir, "auto") if args.model_dir else (dummy_model_dir(args.shape), "dummy")
     # Decode tokens that early requests make while later ones prefill (chunks of the default token budget)
     # come on top of the timed steps: room for them, so no request finishes while timed.
-    prefill_steps = math.ceil(max(batch_sizes) * args.context / max(8192, max(batch_sizes))) + 1
+    largest = max(batch_sizes + lone_sizes(args))
+    prefill_steps = math.ceil(largest * args.context / max(8192, largest)) + 1
     base = create_engine_config(str(model_dir), load_format=load_format, device=args.device,
                                 skip_tokenizer_init=True, data_parallel_size=world, ep_dispatch=args.ep_dispatch,
                                 max_model_len=args.context + args.steps + 16 + prefill_steps,
-                                max_num_seqs=max(batch_sizes), enforce_eager=args.enforce_eager,
+                                max_num_seqs=largest, enforce_eager=args.enforce_eager,
                                 async_scheduling=args.async_scheduling)
     store = create_store(STORE_HOST, 0, is_master=True)  # lives until every rank has exited
     mp.spawn(rank_main, args=(base, store.port, batch_sizes, args), nprocs=world, join=True)
