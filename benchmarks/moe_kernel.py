@@ -2,6 +2,7 @@
 
     PYTHONPATH=$PWD python benchmarks/moe_kernel.py --out moe.json
     PYTHONPATH=$PWD python benchmarks/moe_kernel.py --tune --shapes qwen3-30b-a3b --out moe.json
+    PYTHONPATH=$PWD python benchmarks/moe_kernel.py --tune --no-bench --ep 2 --shapes qwen3-30b-a3b --tokens 2,4,128
 
 For every shape and token count it times, in the same run: ours (fused_moe), torch._grouped_mm
 (sort + gather + 2 grouped GEMMs + SiLU-mul + weighted scatter-add, when available), a
@@ -9,7 +10,8 @@ per-expert torch loop, and the HBM floor = (bytes of the distinct experts touche
 / bandwidth of a large device-to-device copy measured in the same run. Ours and grouped_mm run
 from CUDA graphs (ours must be capturable anyway); inputs rotate over several routing sets so
 that consecutive calls touch different experts and small cases do not run from L2.
---tune searches launch configurations per token bucket and writes kernels/configs/*.json.
+--tune searches launch configurations per token bucket and writes kernels/configs/*.json; with --ep N, for one
+rank's share of the experts under expert parallelism (E/N slots, each row's experts mostly elsewhere).
 """
 from __future__ import annotations
 
@@ -66,13 +68,16 @@ def make_weights(H, S, I, dtype=torch.bfloat16, seed=0):
     return w13, w2
 
 
-def make_sets(T, H, S, K, n_sets, dtype=torch.bfloat16, seed=1):
-    """Routing sets: uniformly random distinct experts per token, softmax-like weights."""
+def make_sets(T, H, S, K, n_sets, dtype=torch.bfloat16, seed=1, ep=1):
+    """Routing sets: uniformly random distinct experts per token, softmax-like weights. With `ep` ranks, what
+    one rank's experts see: T rows (every rank's tokens) choosing among S * ep experts, those outside this
+    rank's S slots -1 (skipped), as the expert-parallel exchange hands them over."""
     g = torch.Generator(device="cuda").manual_seed(seed + T)
     sets = []
     for _ in range(n_sets):
         x = torch.randn(T, H, device="cuda", dtype=dtype, generator=g)
-        ids = torch.rand(T, S, device="cuda", generator=g).topk(K, dim=1).indices.to(torch.int32)
+        ids = torch.rand(T, S * ep, device="cuda", generator=g).topk(K, dim=1).indices.to(torch.int32)
+        ids = torch.where(ids < S, ids, -1)
         w = torch.rand(T, K, device="cuda", generator=g)
         sets.append((x, ids, w / w.sum(1, keepdim=True)))
     return sets
@@ -242,12 +247,18 @@ def precompile(jobs, workers: int = 14) -> None:
         list(pool.map(_compile_jobs, chunks))
 
 
-def tune_shape(ek, name, tokens, log) -> dict:
-    H, S, K, I = SHAPES[name]
+def shape_of(name: str, ep: int) -> tuple[int, int, int, int]:
+    """(H, slots per rank, K, I) of a shape whose experts spread over `ep` ranks."""
+    H, E, K, I = SHAPES[name]
+    return H, -(-E // ep), K, I
+
+
+def tune_shape(ek, name, tokens, log, ep=1) -> dict:
+    H, S, K, I = shape_of(name, ep)
     mt = submodule(ek, "moe_triton")
     w13, w2 = make_weights(H, S, I)
     jobs = {(bm, kind, tuple(sorted(g.items())))
-            for T in tokens for bm in bm_choices(T, K, S)
+            for T in tokens for bm in bm_choices(T, K, S * ep)
             for kind in ("up", "down") for g in candidates(bm, kind)}
     t0 = time.time()
     try:
@@ -257,9 +268,12 @@ def tune_shape(ek, name, tokens, log) -> dict:
     log(f"[tune {name}] precompiled {len(jobs)} kernels in {time.time() - t0:.0f}s")
     table = {}
     for T in tokens:
-        sets = make_sets(T, H, S, K, 4)
+        sets = make_sets(T, H, S, K, 4, ep=ep)
+        current = ek.get_moe_config(T, K, S, I, torch.bfloat16, torch.device("cuda"))  # (before this run)
+        current_us = time_graph([lambda s=s: ek.fused_moe(s[0], w13, w2, s[2], s[1], config=current)
+                                 for s in sets], min_ms=10) * 1e3
         best = None
-        for bm in bm_choices(T, K, S):
+        for bm in bm_choices(T, K, S * ep):  # (rows per slot: a rank holds 1 / ep of the experts)
             aligned = [mt.moe_align(ids, S, bm) for _, ids, _ in sets]
             inters = [mt.moe_up(x, w13, sid, bs, K, bm, candidates(bm, "up")[0])
                       for (x, _, _), (sid, bs) in zip(sets, aligned)]
@@ -286,12 +300,13 @@ def tune_shape(ek, name, tokens, log) -> dict:
             log(f"[tune {name}] T={T} BM={bm}: up {res['up'][0] * 1e3:.1f} us "
                 f"down {res['down'][0] * 1e3:.1f} us")
         table[str(T)] = best[1]
-        log(f"[tune {name}] T={T}: {best[0] * 1e3:.1f} us  {json.dumps(best[1])}")
+        log(f"[tune {name}] T={T}: {best[0] * 1e3:.1f} us (up + down; fused_moe with the config before: "
+            f"{current_us:.1f} us)  {json.dumps(best[1])}")
     return table
 
 
-def write_table(ek, name, table, out_dir: Path) -> Path:
-    H, S, K, I = SHAPES[name]
+def write_table(ek, name, table, out_dir: Path, ep=1) -> Path:
+    H, S, K, I = shape_of(name, ep)
     cfg = submodule(ek, "moe_config")
     path = out_dir / cfg.config_file_name(S, I, cfg.device_name_for(torch.device("cuda")),
                                           torch.bfloat16)
@@ -344,7 +359,11 @@ def main() -> None:
     ap.add_argument("--tune", action="store_true", help="search configs, write kernels/configs")
     ap.add_argument("--tune-dir", default=str(ROOT / "kernels" / "configs"))
     ap.add_argument("--no-bench", action="store_true")
+    ap.add_argument("--ep", type=int, default=1, help="tune one rank's share of the experts over this many ranks "
+                    "(--tokens: rows a rank's experts see, every rank's tokens); with --no-bench")
     args = ap.parse_args()
+    if args.ep > 1 and not args.no_bench:
+        ap.error("--ep tunes only: add --no-bench")
     ek = load_kernels()
     names = args.shapes.split(",")
     tokens = [int(t) for t in args.tokens.split(",")]
@@ -358,8 +377,8 @@ def main() -> None:
     result["triton"] = triton.__version__
     if args.tune:
         for name in names:
-            table = tune_shape(ek, name, tokens, log)
-            result["tuned"][name] = str(write_table(ek, name, table, Path(args.tune_dir)))
+            table = tune_shape(ek, name, tokens, log, args.ep)
+            result["tuned"][name] = str(write_table(ek, name, table, Path(args.tune_dir), args.ep))
     if not args.no_bench:
         bw = copy_bandwidth()
         result["copy_bandwidth_GBps"] = bw / 1e9
