@@ -142,6 +142,8 @@ def test_graph_paths_with_data_parallelism_equal_single_rank(single_rank, monkey
     assert [o.outputs[0].token_ids for o in one.generate(prompts, params, use_tqdm=False)] == expected
     kinds = one.engine.runner.steps_by_kind
     assert kinds["decode_graph"] > 0 and kinds["mixed_graph"] > 0 and kinds["eager"] == 0, kinds
+    lone = LLM(path, **LLM_ARGS, max_num_seqs=1)  # graphs of one sequence (its start-up warm-up too)
+    assert [o.outputs[0].token_ids for o in lone.generate(prompts[:2], params[:2], use_tqdm=False)] == expected[:2]
     with LLM(path, **LLM_ARGS, data_parallel_size=2, ep_dispatch="allgather", max_num_seqs=2,
              async_scheduling=True) as llm:
         outs = llm.generate(prompts, params, use_tqdm=False)

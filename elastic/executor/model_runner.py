@@ -201,10 +201,12 @@ class ModelRunner:
     def prefill_dummy(self) -> None:
         """Prefill dummy prompts into the first KV blocks (no request holds them yet), then zero them again, as
         allocated, and forget the expert load they counted. Two steps: one prompt whose token count is not a
-        multiple of 16, then two whose total is (Triton compiles a variant per divisibility of its ints)."""
+        multiple of 16, then two whose total is (Triton compiles a variant per divisibility of its ints); one
+        such prompt where a step holds one sequence (the mixed-step graphs hold no more than a step can)."""
         bs, world, used = self.block_size, self.config.parallel.data_parallel_size, 0
         params = SamplingParams(temperature=0, max_tokens=1)  # greedy: no draw from the sampler's generator
-        for lengths in ((2 * bs + 3,), (2 * bs, 2 * bs)):
+        second = (2 * bs, 2 * bs) if self.config.scheduler.max_num_seqs > 1 else (4 * bs,)
+        for lengths in ((2 * bs + 3,), second):
             scheduled, first_block = [], 0
             for i, n in enumerate(lengths):
                 req = Request(EngineCoreRequest(f"__warm_up_{i}__", [0] * n, params), self.device)
