@@ -9,12 +9,12 @@ mkdir -p "$out/tune_configs"
 PART_PREFIX=tune_
 TAIL=${TAIL:-4}
 source "$(dirname "$0")/parts.sh"
-dp2() { python3 benchmarks/decode.py --data-parallel-size 2 --ep-dispatch p2p --batch-sizes 1,64 --lone-batch-sizes 1 "$@"; }
-part dp2_before 125 dp2 --out "$out/tune_dp2_before.json"
+dp2=(python3 benchmarks/decode.py --data-parallel-size 2 --ep-dispatch p2p --batch-sizes 1,64 --lone-batch-sizes 1)
+part dp2_before 125 "${dp2[@]}" --out "$out/tune_dp2_before.json"
 part tune 240 python3 benchmarks/moe_kernel.py --tune --no-bench --ep 2 --shapes qwen3-30b-a3b \
     --tokens 2,4,8,16,32,64,128,256,512,1024,2048,4096,8192 --out "$out/tune_ep2.json"
 cp kernels/configs/E=64,N=768,* "$out/tune_configs/" 2>/dev/null
-part dp2_after 125 dp2 --out "$out/tune_dp2_after.json"
+part dp2_after 125 "${dp2[@]}" --out "$out/tune_dp2_after.json"
 part dp1 85 python3 benchmarks/decode.py --batch-sizes 1 --out "$out/tune_dp1.json"
 echo
 echo "== EP tuning ($(python3 -c 'import torch; print(torch.cuda.get_device_name())' 2>/dev/null))"

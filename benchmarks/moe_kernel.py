@@ -253,6 +253,21 @@ def shape_of(name: str, ep: int) -> tuple[int, int, int, int]:
     return H, -(-E // ep), K, I
 
 
+def time_gemm(mt, kind: str, sets, w13, w2, K: int, bm: int, g: dict) -> float:
+    """ms per call of the up or down GEMM with BLOCK_M `bm` and launch config `g`, over the routing sets."""
+    S = w13.shape[0]
+    aligned = [mt.moe_align(ids, S, bm) for _, ids, _ in sets]
+    if kind == "up":
+        fns = [lambda x=x, sid=sid, bs=bs: mt.moe_up(x, w13, sid, bs, K, bm, g)
+               for (x, _, _), (sid, bs) in zip(sets, aligned)]
+    else:
+        inters = [mt.moe_up(x, w13, sid, bs, K, bm, candidates(bm, "up")[0])
+                  for (x, _, _), (sid, bs) in zip(sets, aligned)]
+        fns = [lambda a=a, sid=sid, bs=bs, w=w: mt.moe_down(a, w2, sid, bs, w, bm, g)
+               for a, (_, _, w), (sid, bs) in zip(inters, sets, aligned)]
+    return time_graph(fns, min_ms=10, trials=3)
+
+
 def tune_shape(ek, name, tokens, log, ep=1) -> dict:
     H, S, K, I = shape_of(name, ep)
     mt = submodule(ek, "moe_triton")
@@ -269,27 +284,14 @@ def tune_shape(ek, name, tokens, log, ep=1) -> dict:
     table = {}
     for T in tokens:
         sets = make_sets(T, H, S, K, 4, ep=ep)
-        current = ek.get_moe_config(T, K, S, I, torch.bfloat16, torch.device("cuda"))  # (before this run)
-        current_us = time_graph([lambda s=s: ek.fused_moe(s[0], w13, w2, s[2], s[1], config=current)
-                                 for s in sets], min_ms=10) * 1e3
         best = None
         for bm in bm_choices(T, K, S * ep):  # (rows per slot: a rank holds 1 / ep of the experts)
-            aligned = [mt.moe_align(ids, S, bm) for _, ids, _ in sets]
-            inters = [mt.moe_up(x, w13, sid, bs, K, bm, candidates(bm, "up")[0])
-                      for (x, _, _), (sid, bs) in zip(sets, aligned)]
             res = {}
             for kind in ("up", "down"):
                 scored = []
                 for g in candidates(bm, kind):
-                    if kind == "up":
-                        fns = [lambda x=x, sid=sid, bs=bs, g=g: mt.moe_up(x, w13, sid, bs, K, bm, g)
-                               for (x, _, _), (sid, bs) in zip(sets, aligned)]
-                    else:
-                        fns = [lambda a=a, sid=sid, bs=bs, w=w, g=g:
-                               mt.moe_down(a, w2, sid, bs, w, bm, g)
-                               for a, (_, _, w), (sid, bs) in zip(inters, sets, aligned)]
                     try:
-                        scored.append((time_graph(fns, min_ms=10, trials=3), g))
+                        scored.append((time_gemm(mt, kind, sets, w13, w2, K, bm, g), g))
                     except Exception as exc:  # e.g. out of shared memory for this config
                         log(f"[tune {name}] T={T} bm={bm} {kind} {g}: {type(exc).__name__}")
                 scored.sort(key=lambda r: r[0])
@@ -299,9 +301,11 @@ def tune_shape(ek, name, tokens, log, ep=1) -> dict:
                 best = (total, {"BLOCK_M": bm, "up": res["up"][1], "down": res["down"][1]})
             log(f"[tune {name}] T={T} BM={bm}: up {res['up'][0] * 1e3:.1f} us "
                 f"down {res['down'][0] * 1e3:.1f} us")
+        before = ek.get_moe_config(T, K, S, I, torch.bfloat16, torch.device("cuda"))  # (the table being replaced)
+        before_ms = sum(time_gemm(mt, kind, sets, w13, w2, K, before["BLOCK_M"], before[kind]) for kind in ("up", "down"))
         table[str(T)] = best[1]
-        log(f"[tune {name}] T={T}: {best[0] * 1e3:.1f} us (up + down; fused_moe with the config before: "
-            f"{current_us:.1f} us)  {json.dumps(best[1])}")
+        log(f"[tune {name}] T={T}: {best[0] * 1e3:.1f} us (up + down; the config before: {before_ms * 1e3:.1f} us)  "
+            f"{json.dumps(best[1])}")
     return table
 
 
