@@ -358,3 +358,28 @@ def test_paged_attention_tile_map_equals_per_request_grid(interp, monkeypatch, c
     assert torch.equal(got[:T], want)
     with pytest.raises(ValueError, match="do not fit"):
         ek.attention.prefill_tile_map(qsl.numpy(), tile, 1)
+
+
+@needs_triton
+@pytest.mark.parametrize("M,N,K,bias", [(1, 40, 64, False), (5, 128, 200, True), (16, 48, 256, False),
+                                        (33, 24, 96, True)])
+def test_skinny_linear_triton(interp, monkeypatch, M, N, K, bias):
+    """The decode batches' linear kernel against F.linear in fp32 (fp16 operands: see the module docstring),
+    every output element written; a 3-d input keeps its leading dims; more rows than SKINNY_MAX_ROWS, and
+    fp32, take F.linear itself."""
+    from importlib import import_module
+    lin = import_module(ek.__name__ + ".linear")
+    monkeypatch.setattr(lin, "_alloc", poisoned)
+    g = _gen("linear", M, N, K, bias)
+    x = torch.randn(M, K, generator=g).half()
+    w = (torch.randn(N, K, generator=g) / math.sqrt(K)).half()
+    b = torch.randn(N, generator=g).half() if bias else None
+    assert lin.uses_skinny(x, w)
+    out = lin.linear(x, w, b)
+    want = F.linear(x.float(), w.float(), b.float() if bias else None)
+    assert out.dtype == torch.float16 and out.shape == (M, N)
+    torch.testing.assert_close(out.float(), want, rtol=2e-3, atol=2e-3)
+    assert torch.equal(lin.linear(x.view(1, M, K), w, b), out.view(1, M, N))
+    tall = torch.randn(lin.SKINNY_MAX_ROWS + 1, K, generator=g).half()
+    assert not lin.uses_skinny(tall, w) and not lin.uses_skinny(x.float(), w.float())
+    assert torch.equal(lin.linear(x.float(), w.float()), F.linear(x.float(), w.float()))
