@@ -9,6 +9,7 @@ ELASTIC_SKINNY_LINEAR=0 turns the kernel off (A/B timings, a way out).
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -24,14 +25,27 @@ _TRITON_DTYPES = (torch.bfloat16, torch.float16)
 _alloc = torch.empty
 
 
-def skinny_config(rows: int, out_features: int, in_features: int) -> dict[str, int]:
-    """Launch configuration: BLOCK_M the rows (the tl.dot minimum of 16 up), BLOCK_N narrow enough that the
-    grid covers every SM of a large GPU (132) about twice, BLOCK_K deep for many weight bytes in flight."""
-    block_n = 16
-    while block_n < 64 and cdiv(out_features, block_n * 2) >= 264:
-        block_n *= 2
-    return {"BLOCK_M": max(16, next_pow2(rows)), "BLOCK_N": block_n, "BLOCK_K": min(256, next_pow2(in_features)),
-            "num_warps": 4, "num_stages": 4}
+def skinny_config(rows: int, out_features: int, in_features: int, device: torch.device | None = None
+                  ) -> dict[str, int]:
+    """Launch configuration, from a sweep on H100 (benchmarks/linear_kernel.py --sweep): BLOCK_M the rows (the
+    tl.dot minimum of 16 up); wide outputs (q/k/v, lm_head) in 64-column blocks of 128-deep tiles, narrow ones
+    (output and router projections) in 16-column blocks of deep tiles, so that every SM streams weight rows;
+    as many pipeline stages (up to 5) as the GPU's shared memory holds."""
+    block_m = max(16, next_pow2(rows))
+    block_n = 64 if out_features >= 4096 else 16
+    block_k = 128 if block_n == 64 else (512 if block_m <= 16 else 256)
+    block_k = min(block_k, max(16, next_pow2(in_features)))
+    stage_bytes = (block_m + block_n) * block_k * 2
+    stages = max(2, min(5, _shared_memory(device) // stage_bytes))
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4, "num_stages": stages}
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_memory(device: torch.device | None) -> int:
+    """Bytes of shared memory a kernel may use on `device`, less room for the compiler's own (CPU: H100's)."""
+    if device is None or device.type != "cuda":
+        return 224 << 10
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin - (16 << 10)
 
 
 def uses_skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -51,7 +65,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
 
     M, K = flat.shape
     N = weight.shape[0]
-    cfg = config or skinny_config(M, N, K)
+    cfg = config or skinny_config(M, N, K, x.device)
     out = _alloc(M, N, dtype=x.dtype, device=x.device)
     _skinny_linear_kernel[(cdiv(N, cfg["BLOCK_N"]), cdiv(M, cfg["BLOCK_M"]))](
         flat, weight, bias if bias is not None else weight, out, M, N, K, flat.stride(0), weight.stride(0),
