@@ -1,11 +1,11 @@
 """Linear layer y = x W^T (+ b): torch's (cuBLAS) in general, a Triton kernel for decode's skinny batches.
 
 A decode step multiplies a few rows by each weight matrix: the layer reads its weight once and is bound by
-memory. cuBLAS picks tiles for tall inputs there (on H200 the 30B shape's q/k/v, output and router projections
-took ~22 us a layer at 1 to 64 rows, under half the copy bandwidth, benchmarks/linear_kernel.py), and its
-kernels take no programmatic dependent launch. `linear` runs rows <= SKINNY_MAX_ROWS of bf16/fp16 through
-one Triton kernel (fp32 accumulation, PDL); everything else, and every CPU tensor, through F.linear.
-ELASTIC_SKINNY_LINEAR=0 turns the kernel off (A/B timings, a way out).
+memory. There cuBLAS reached 53-71% of the copy bandwidth (the 30B shape's q/k/v and output projections at one
+row on H100; with the router 25.6 us a layer against 21.7 for this kernel; benchmarks/linear_kernel.py,
+docs/performance.md "Session 11"), and its kernels take no programmatic dependent launch. `linear` runs up to
+SKINNY_MAX_ROWS rows of bf16/fp16 through one Triton kernel (fp32 accumulation, PDL); everything else, and every
+CPU tensor, through F.linear. ELASTIC_SKINNY_LINEAR=0 turns the kernel off (A/B timings, a way out).
 """
 from __future__ import annotations
 
