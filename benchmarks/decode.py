@@ -107,7 +107,7 @@ def time_decode_steps(engine, bs: int, context: int, steps: int, rng: random.Ran
     return statistics.median(times), touched
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="qwen3-30b-a3b", choices=sorted(SHAPES))
     ap.add_argument("--batch-sizes", default="1,8,64,128")
@@ -125,7 +125,11 @@ def main() -> None:
     ap.add_argument("--lone-batch-sizes", default="",
                     help="with data parallelism, also these batches on rank 0 alone, the other ranks idle (1: a lone "
                          "request on a quiet server)")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     if args.model_dir is not None:
         args.shape = args.model_dir.name
