@@ -15,7 +15,9 @@ import torch
 
 HAS_TRITON: bool = importlib.util.find_spec("triton") is not None
 # "0" launches every kernel the plain way (no programmatic dependent launch): for A/B timings and as a way out.
+# Read once: a launch must not pay for it, and captured CUDA graphs keep what their capture saw anyway.
 PDL_ENV = "ELASTIC_PDL"
+_PDL_OFF = os.environ.get(PDL_ENV, "1") == "0"
 
 
 def interpret_mode() -> bool:
@@ -68,7 +70,7 @@ def pdl(t: torch.Tensor) -> dict[str, bool]:
     """Launch options for a Triton kernel over `t`: on a Hopper-or-later GPU, programmatic dependent launch
     (its kernel starts with pdl_triton.pdl_enter(USE_PDL), which makes it safe); {} elsewhere (the
     interpreter, older GPUs, ELASTIC_PDL=0)."""
-    if not t.is_cuda or os.environ.get(PDL_ENV, "1") == "0":
+    if not t.is_cuda or _PDL_OFF:
         return {}
     if not _pdl_capable(t.device.index if t.device.index is not None else torch.cuda.current_device()):
         return {}

@@ -20,6 +20,7 @@ from ._backend import cdiv, next_pow2, pdl, use_triton
 
 SKINNY_MAX_ROWS = 64
 SKINNY_ENV = "ELASTIC_SKINNY_LINEAR"
+_SKINNY_OFF = os.environ.get(SKINNY_ENV, "1") == "0"  # (read once, as _backend's PDL switch)
 _TRITON_DTYPES = (torch.bfloat16, torch.float16)
 # Output allocator; tests swap in a NaN-filling one to prove every element is written.
 _alloc = torch.empty
@@ -51,7 +52,7 @@ def _shared_memory(device: torch.device | None) -> int:
 def uses_skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (use_triton(x) and x.dim() == 2 and 0 < x.shape[0] <= SKINNY_MAX_ROWS and x.dtype in _TRITON_DTYPES
             and weight.dtype == x.dtype and x.stride(-1) == 1 and weight.stride(-1) == 1
-            and os.environ.get(SKINNY_ENV, "1") != "0")
+            and not _SKINNY_OFF)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
