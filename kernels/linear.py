@@ -49,10 +49,10 @@ def _shared_memory(device: torch.device | None) -> int:
     return torch.cuda.get_device_properties(device).shared_memory_per_block_optin - (16 << 10)
 
 
-def uses_skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def uses_skinny(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> bool:
     return (use_triton(x) and x.dim() == 2 and 0 < x.shape[0] <= SKINNY_MAX_ROWS and x.dtype in _TRITON_DTYPES
-            and weight.dtype == x.dtype and x.stride(-1) == 1 and weight.stride(-1) == 1
-            and not _SKINNY_OFF)
+            and weight.dim() == 2 and weight.dtype == x.dtype and x.stride(-1) == 1 and weight.stride(-1) == 1
+            and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous())) and not _SKINNY_OFF)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -60,7 +60,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     """x [..., K], weight [N, K], bias [N] or None -> [..., N] in x's dtype (F.linear's contract). `config`
     overrides skinny_config (benchmarks)."""
     flat = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
-    if not uses_skinny(flat, weight):
+    if not uses_skinny(flat, weight, bias):
         return F.linear(x, weight, bias)
     from .linear_triton import _skinny_linear_kernel
 
