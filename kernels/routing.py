@@ -24,6 +24,12 @@ def _block_t(T: int, E: int) -> int:
     return max(1, min(16, 4096 // next_pow2(E), next_pow2(T)))
 
 
+def _warps(block_t: int, E: int) -> int:
+    """Warps of a routing program: one for a decode token's few hundred logits, so that its top-k rounds reduce
+    within a warp (no shared memory between warps), up to 4 for 16 tokens of many experts."""
+    return max(1, min(4, block_t * next_pow2(E) // 512))
+
+
 def topk_route(router_logits: torch.Tensor, top_k: int,
                renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """router_logits [T, E] -> (weights [T, K] f32, ids [T, K] int32), descending weights.
@@ -42,7 +48,7 @@ def topk_route(router_logits: torch.Tensor, top_k: int,
     _topk_route_kernel[(cdiv(T, block_t),)](
         router_logits, weights, ids, T, E, router_logits.stride(0), TOP_K=top_k,
         RENORM=renormalize, BLOCK_T=block_t, BLOCK_E=next_pow2(E), BLOCK_K=next_pow2(top_k),
-        num_warps=4, **pdl(router_logits))
+        num_warps=_warps(block_t, E), **pdl(router_logits))
     return weights, ids
 
 
@@ -219,5 +225,6 @@ def route_to_slots(router_logits: torch.Tensor, top_k: int, renormalize: bool,
         T, E, router_logits.stride(0), l2p.stride(0), first_slot, slots_per_rank,
         TOP_K=top_k, RENORM=renormalize, RECORD=expert_load is not None, HAS_VALID=num_valid is not None,
         BLOCK_T=block_t,
-        BLOCK_E=next_pow2(E), BLOCK_K=next_pow2(top_k), num_warps=4, **pdl(router_logits))
+        BLOCK_E=next_pow2(E), BLOCK_K=next_pow2(top_k), num_warps=_warps(block_t, E),
+        **pdl(router_logits))
     return weights, physical, local

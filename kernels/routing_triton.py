@@ -20,8 +20,8 @@ def _softmax_topk(logits_ptr, offs_t, t_ok, E, stride_t, TOP_K: tl.constexpr, RE
     w = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
     ids = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int32)
     for k in tl.static_range(TOP_K):
-        best = tl.max(p, axis=1)                                   # [BLOCK_T]
-        arg = tl.argmax(p, axis=1).to(tl.int32)
+        best, arg = tl.max(p, axis=1, return_indices=True)         # [BLOCK_T]: one reduction, the first max
+        arg = arg.to(tl.int32)
         w = tl.where(offs_k[None, :] == k, best[:, None], w)
         ids = tl.where(offs_k[None, :] == k, arg[:, None], ids)
         p = tl.where(offs_e[None, :] == arg[:, None], -1.0, p)     # remove the winner
