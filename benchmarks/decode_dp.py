@@ -4,7 +4,9 @@ Each rank is built the way the launcher builds an engine process (cluster/launch
 with this rank's ParallelConfig and device; engine/process.py: device and threads, then EngineCore), over a
 TCPStore hosted by this parent process. Every rank adds `batch` requests, prefills, then times decode steps;
 `EngineCore.step()` runs the per-step DP exchange, so every rank calls it the same number of times (loop
-exits are agreed over a separate gloo group, outside the timed steps).
+exits are agreed over a separate gloo group, outside the timed steps). A lone batch (--lone-batch-sizes) goes
+to rank 0 only: the other ranks step as idle engine processes do, until rank 0's wave ends, and rank 0's steps
+are the ones timed.
 
 Reported per batch (requests per rank): the median over steps of the slowest rank's step time; the floor
 of the rank with the largest one, (non-expert weights + this rank's LOCAL expert slots that any rank's
