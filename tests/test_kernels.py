@@ -383,3 +383,27 @@ def test_skinny_linear_triton(interp, monkeypatch, M, N, K, bias):
     tall = torch.randn(lin.SKINNY_MAX_ROWS + 1, K, generator=g).half()
     assert not lin.uses_skinny(tall, w) and not lin.uses_skinny(x.float(), w.float())
     assert torch.equal(lin.linear(x.float(), w.float()), F.linear(x.float(), w.float()))
+
+
+def test_every_triton_kernel_waits_first_and_launches_with_pdl():
+    """Programmatic dependent launch is exact only if every kernel launched with it waits for the kernel ahead
+    before touching memory (kernels/pdl_triton.py): each *_kernel of the Triton modules takes USE_PDL and opens
+    with pdl_enter(USE_PDL), and each launch of one passes **pdl(...)."""
+    import ast
+    launches = 0
+    for path in sorted(KERNELS_DIR.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for fn in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name.endswith("_kernel")):
+            assert "USE_PDL" in [a.arg for a in fn.args.args], f"{path.name}:{fn.name} takes no USE_PDL"
+            body = [s for s in fn.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
+            first = body[0]
+            assert (isinstance(first, ast.Expr) and isinstance(first.value, ast.Call)
+                    and getattr(first.value.func, "id", None) == "pdl_enter"), f"{path.name}:{fn.name} waits late"
+        for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Subscript)):
+            name = getattr(call.func.value, "id", "")
+            if name.endswith("_kernel"):
+                launches += 1
+                pdl_args = [k for k in call.keywords if k.arg is None and isinstance(k.value, ast.Call)
+                            and getattr(k.value.func, "id", None) == "pdl"]
+                assert pdl_args, f"{path.name}: a launch of {name} without **pdl(...)"
+    assert launches >= 20
