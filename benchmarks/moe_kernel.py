@@ -253,18 +253,23 @@ def shape_of(name: str, ep: int) -> tuple[int, int, int, int]:
     return H, -(-E // ep), K, I
 
 
-def time_gemm(mt, kind: str, sets, w13, w2, K: int, bm: int, g: dict) -> float:
-    """ms per call of the up or down GEMM with BLOCK_M `bm` and launch config `g`, over the routing sets."""
-    S = w13.shape[0]
-    aligned = [mt.moe_align(ids, S, bm) for _, ids, _ in sets]
+def prepare(mt, sets, w13, K: int, bm: int) -> list[tuple]:
+    """Per routing set, what the GEMMs take at BLOCK_M `bm`: (x, sorted ids, block slots, weights, the up GEMM's
+    output for the down GEMM), computed once for every candidate configuration."""
+    out = []
+    for x, ids, w in sets:
+        sid, bs = mt.moe_align(ids, w13.shape[0], bm)
+        out.append((x, sid, bs, w, mt.moe_up(x, w13, sid, bs, K, bm, candidates(bm, "up")[0])))
+    return out
+
+
+def time_gemm(mt, kind: str, prepared: list[tuple], w13, w2, K: int, bm: int, g: dict) -> float:
+    """ms per call of the up or down GEMM with BLOCK_M `bm` and launch config `g`, over prepare()'s sets."""
     if kind == "up":
-        fns = [lambda x=x, sid=sid, bs=bs: mt.moe_up(x, w13, sid, bs, K, bm, g)
-               for (x, _, _), (sid, bs) in zip(sets, aligned)]
+        fns = [lambda x=x, sid=sid, bs=bs: mt.moe_up(x, w13, sid, bs, K, bm, g) for x, sid, bs, _, _ in prepared]
     else:
-        inters = [mt.moe_up(x, w13, sid, bs, K, bm, candidates(bm, "up")[0])
-                  for (x, _, _), (sid, bs) in zip(sets, aligned)]
         fns = [lambda a=a, sid=sid, bs=bs, w=w: mt.moe_down(a, w2, sid, bs, w, bm, g)
-               for a, (_, _, w), (sid, bs) in zip(inters, sets, aligned)]
+               for _, sid, bs, w, a in prepared]
     return time_graph(fns, min_ms=10, trials=3)
 
 
@@ -286,12 +291,12 @@ def tune_shape(ek, name, tokens, log, ep=1) -> dict:
         sets = make_sets(T, H, S, K, 4, ep=ep)
         best = None
         for bm in bm_choices(T, K, S * ep):  # (rows per slot: a rank holds 1 / ep of the experts)
-            res = {}
+            res, prepared = {}, prepare(mt, sets, w13, K, bm)
             for kind in ("up", "down"):
                 scored = []
                 for g in candidates(bm, kind):
                     try:
-                        scored.append((time_gemm(mt, kind, sets, w13, w2, K, bm, g), g))
+                        scored.append((time_gemm(mt, kind, prepared, w13, w2, K, bm, g), g))
                     except Exception as exc:  # e.g. out of shared memory for this config
                         log(f"[tune {name}] T={T} bm={bm} {kind} {g}: {type(exc).__name__}")
                 scored.sort(key=lambda r: r[0])
@@ -302,7 +307,9 @@ def tune_shape(ek, name, tokens, log, ep=1) -> dict:
             log(f"[tune {name}] T={T} BM={bm}: up {res['up'][0] * 1e3:.1f} us "
                 f"down {res['down'][0] * 1e3:.1f} us")
         before = ek.get_moe_config(T, K, S, I, torch.bfloat16, torch.device("cuda"))  # (the table being replaced)
-        before_ms = sum(time_gemm(mt, kind, sets, w13, w2, K, before["BLOCK_M"], before[kind]) for kind in ("up", "down"))
+        prepared = prepare(mt, sets, w13, K, before["BLOCK_M"])
+        before_ms = sum(time_gemm(mt, kind, prepared, w13, w2, K, before["BLOCK_M"], before[kind])
+                        for kind in ("up", "down"))
         table[str(T)] = best[1]
         log(f"[tune {name}] T={T}: {best[0] * 1e3:.1f} us (up + down; the config before: {before_ms * 1e3:.1f} us)  "
             f"{json.dumps(best[1])}")

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent)]
-from moe_kernel import candidates, load_kernels, make_sets, make_weights, shape_of, submodule, time_gemm  # noqa: E402
+from moe_kernel import (candidates, load_kernels, make_sets, make_weights, prepare, shape_of, submodule,  # noqa: E402
+                        time_gemm)
 
 
 def with_padding_row(sets: list) -> list:
@@ -38,13 +39,14 @@ def main() -> None:
     H, S, K, I = shape_of("qwen3-30b-a3b", 2)
     w13, w2 = make_weights(H, S, I)
     cases = {"lone": with_padding_row(make_sets(1, H, S, K, 8, ep=2)), "both": make_sets(2, H, S, K, 8, ep=2)}
+    cases = {name: prepare(mt, sets, w13, K, 16) for name, sets in cases.items()}
     best, rows = {}, []
     extra = [{"BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 1, "num_warps": 4, "num_stages": st}
              for n, k, st in ((16, 512, 3), (32, 512, 3), (16, 256, 4), (32, 128, 5))]  # narrower, deeper tiles
     for kind in ("up", "down"):
         for g in candidates(16, kind) + extra:
             try:
-                times = {name: time_gemm(mt, kind, sets, w13, w2, K, 16, g) * 1e3 for name, sets in cases.items()}
+                times = {name: time_gemm(mt, kind, prep, w13, w2, K, 16, g) * 1e3 for name, prep in cases.items()}
             except Exception:  # (out of shared memory)
                 continue
             rows.append(dict(kind=kind, config=g, **times))
