@@ -4,12 +4,17 @@
     python benchmarks/profile_dp_step.py --world 2 --mode p2p --batches 64 --prefill 1024   # + a prefill step
     python benchmarks/profile_dp_step.py --world 2 --mode p2p --batches 1 --prefill 1024 --beside 0,32
     python benchmarks/profile_dp_step.py --world 1 --shape deepseek-v2-lite --batches 64
+    python benchmarks/profile_dp_step.py --world 2 --mode p2p --batches 1 --lone   # rank 0 alone decodes
 
 A model shape with dummy weights, one engine core per GPU stepping in lockstep (as the engine processes of
 the server do). Prints the per-step wall time and the top operators by self CPU and CUDA time. --prefill N
 also profiles one step in which rank 0 alone prefills an N-token prompt and the other ranks idle (the
 time to first token of a request that arrives at a quiet server) or, with --beside B, decode B requests each
-(a busy server).
+(a busy server). --lone gives rank 0 the batch and lets the other ranks step along idle (a lone request).
+
+Each decode profile ends with rank 0's kernels by name, per step: what each kernel adds to the step's GPU time,
+from its end back to the end of the kernel before it (with programmatic dependent launch a kernel's CTAs start
+while the one ahead still runs and wait, so its start says little), and the gaps where no kernel ran.
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ from elastic.sampling_params import SamplingParams  # noqa: E402
 
 
 def rank_main(rank: int, world: int, port: int, path: str, batches: list[int], mode: str, steps: int,
-              prefill: int, beside: list[int]) -> None:
+              prefill: int, beside: list[int], lone: bool) -> None:
     torch.cuda.set_device(rank)
     from elastic.engine.core import EngineCore
 
@@ -47,8 +52,18 @@ def rank_main(rank: int, world: int, port: int, path: str, batches: list[int], m
     for others in beside if prefill else []:
         profile_prefill(engine, rank, world, prefill, others)
     for batch in batches:
-        profile_batch(engine, rank, world, batch, mode, steps)
+        if lone and rank != 0:
+            idle_along(engine)
+        else:
+            profile_batch(engine, rank, world, batch, mode, steps, lone)
     engine.shutdown()
+
+
+def idle_along(engine) -> None:  # noqa: ANN001
+    """A rank without requests beside rank 0's lone batch: the dummy steps of an idle engine, until the wave ends."""
+    engine.start_wave()
+    while engine.global_unfinished:
+        engine.step()
 
 
 def profile_prefill(engine, rank: int, world: int, length: int, beside: int) -> None:  # noqa: ANN001
@@ -92,7 +107,8 @@ def profile_prefill(engine, rank: int, world: int, length: int, beside: int) -> 
         print_barrier_waits(prof, engine.config.model.arch.num_layers)
 
 
-def profile_batch(engine, rank: int, world: int, batch: int, mode: str, steps: int) -> None:  # noqa: ANN001
+def profile_batch(engine, rank: int, world: int, batch: int, mode: str, steps: int,  # noqa: ANN001
+                  lone: bool = False) -> None:
     from elastic.protocol.to_engine import EngineCoreRequest
 
     rng = random.Random(rank)
@@ -120,11 +136,13 @@ def profile_batch(engine, rank: int, world: int, batch: int, mode: str, steps: i
         table = prof.key_averages()
         busy = sum(e.self_device_time_total for e in table
                    if e.device_type == torch.autograd.DeviceType.CUDA) / profiled / 1e3
-        print(f"DP={world} {mode} batch {batch}/rank: median step {statistics.median(times) * 1e3:.2f} ms, "
+        what = f"{batch} on rank 0 alone" if lone else f"{batch}/rank"
+        print(f"DP={world} {mode} batch {what}: median step {statistics.median(times) * 1e3:.2f} ms, "
               f"GPU kernels {busy:.2f} ms/step", flush=True)
         print(table.table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
         print(table.table(sort_by="self_cuda_time_total", row_limit=30), flush=True)
         print_barrier_waits(prof, engine.config.model.arch.num_layers)
+        print_kernel_timeline(prof, profiled)
     engine.abort_requests(list(engine.scheduler.requests))
     while engine.global_unfinished:
         engine.step()
@@ -147,6 +165,30 @@ def print_barrier_waits(prof, num_layers: int) -> None:  # noqa: ANN001
               f"{rest[len(rest) * 9 // 10]:.1f} / max {rest[-1]:.1f} us", flush=True)
 
 
+def print_kernel_timeline(prof, steps: int) -> None:  # noqa: ANN001
+    """rank 0's kernels by name: calls and µs per step, each kernel's share counted from the end of the kernel
+    before it (or from its own start, after a gap), and the gaps where no kernel ran, per step."""
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                     if e.device_type == torch.autograd.DeviceType.CUDA)
+    share: dict[str, float] = {}
+    calls: dict[str, int] = {}
+    gaps, last_end = 0.0, None
+    for start, end, name in kernels:
+        if last_end is not None and end <= last_end:  # ran wholly inside the one before (another stream)
+            continue
+        begin = start if last_end is None or start >= last_end else last_end
+        if last_end is not None and start > last_end and start - last_end < 50:  # within a step, not between steps
+            gaps += start - last_end
+        share[name] = share.get(name, 0.0) + end - begin
+        calls[name] = calls.get(name, 0) + 1
+        last_end = end
+    total = sum(share.values()) + gaps
+    print(f"kernel timeline, per step: {total / steps:.1f} us ({gaps / steps:.1f} us of gaps under 50 us)", flush=True)
+    for name, us in sorted(share.items(), key=lambda kv: -kv[1])[:25]:
+        print(f"  {us / steps:9.1f} us  {calls[name] / steps:6.1f} calls  {us / calls[name]:7.2f} us/call  "
+              f"{name[:90]}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--world", type=int, default=2)
@@ -157,13 +199,14 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=0, help="also profile a prefill of this many tokens on rank 0")
     ap.add_argument("--beside", default="0", help="with --prefill: requests each other rank decodes meanwhile "
                                                   "(comma-separated: one profile each; 0: idle)")
+    ap.add_argument("--lone", action="store_true", help="the batch on rank 0 only, the other ranks idle")
     args = ap.parse_args()
     store = create_store("127.0.0.1", 0, is_master=True)
     with tempfile.TemporaryDirectory() as tmp:
         path = str(dummy_model_dir(args.shape, tmp))
         batches = [int(b) for b in args.batches.split(",")]
         mp.start_processes(rank_main, args=(args.world, store.port, path, batches, args.mode, args.steps, args.prefill,
-                                                   [int(b) for b in args.beside.split(",")]),
+                                                   [int(b) for b in args.beside.split(",")], args.lone),
                            nprocs=args.world, start_method="spawn")
 
 

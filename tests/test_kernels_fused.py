@@ -208,6 +208,39 @@ def test_rms_norm_triton(interp, dtype, w_dtype, case):
     _assert_close_dtype(got, ref)
 
 
+def test_sum_add_rms_norm_reference():
+    """The blocks' sum is fp32 in block order rounded once, then exactly fused_add_rms_norm: what the exchange's
+    reduce followed by the norm gave."""
+    g = _gen("sum_ref")
+    blocks = (torch.randn(3, 6, 24, generator=g) * 4).to(torch.bfloat16)   # 3 ranks' blocks, 6 rows each
+    r, w = torch.randn(4, 24, generator=g).to(torch.bfloat16), torch.rand(24, generator=g) + 0.5
+    acc = torch.zeros(4, 24)
+    for block in blocks[:, :4]:
+        acc += block.float()
+    want = norm.fused_add_rms_norm_reference(acc.to(torch.bfloat16), r, w, 1e-6)
+    got = norm.sum_add_rms_norm_reference(blocks, r, w, 1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    if not INTERPRET_ENV:
+        assert all(torch.equal(a, b) for a, b in zip(norm.sum_add_rms_norm(blocks, r, w, 1e-6), want))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("parts,rows,T", [(2, 5, 3), (1, 4, 4), (3, 2, 2)])
+def test_sum_add_rms_norm_triton(interp, dtype, parts, rows, T):
+    """Blocks of an exchange buffer (rows beyond T are another rank's padding, poisoned) summed in the norm."""
+    g = _gen("sum_tr", dtype, parts, rows, T)
+    N = 40
+    buffer = torch.full((parts * rows + 3, N), float("nan"), dtype=dtype)    # a larger buffer's first rows
+    blocks = buffer[:parts * rows].view(parts, rows, N)
+    blocks[:, :T] = torch.randn(parts, T, N, generator=g).to(dtype)
+    r, w = torch.randn(T, N, generator=g).to(dtype), (torch.rand(N, generator=g) + 0.5).to(dtype)
+    got, got_res = norm.sum_add_rms_norm(blocks, r, w, 1e-6)
+    ref, ref_res = norm.sum_add_rms_norm_reference(blocks, r, w, 1e-6)
+    _assert_close_dtype(got_res, ref_res)
+    _assert_close_dtype(got, norm.rms_norm_reference(got_res, w, 1e-6))
+
+
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("T,Hq,Hkv,D", [(1, 4, 2, 16), (9, 6, 1, 24), (4, 3, 3, 8)])

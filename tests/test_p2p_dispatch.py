@@ -202,6 +202,45 @@ def test_pairs_summed_as_sent_equal_the_experts_own_sums(triton_on_cpu: None, mo
         torch.testing.assert_close(results[rank, True].float(), single, rtol=2e-2, atol=2e-2)
 
 
+def test_unreduced_output_summed_in_the_next_norm(triton_on_cpu: None) -> None:
+    """A decode layer's output left as the combine buffer's per-rank blocks (UnreducedRows) and summed by the next
+    RMSNorm's kernel: bit for bit the exchange's reduce kernel followed by the fused add + norm (fp16), with a
+    rank holding fewer rows than the step's largest (its blocks' tail is another rank's padding)."""
+    from elastic.kernels.norm import fused_add_rms_norm
+    from elastic.layers.norm import RMSNorm
+    from elastic.layers.unreduced import UnreducedRows
+
+    world, tokens = 2, (3, 1)
+    g = torch.Generator().manual_seed(11)
+    w13 = (torch.randn(EXPERTS, 2 * INTER, H, generator=g) / 4).half()
+    w2 = (torch.randn(EXPERTS, H, INTER, generator=g) / 4).half()
+    layers = _moe_layers(world, w13, w2)
+    inputs = [(h.half(), s, w) for h, s, w in _step_inputs(g, tokens, 0)]
+    residuals = [torch.randn(t, H, generator=g).half() for t in tokens]
+    norm = RMSNorm(H).half()
+    norm.weight.data.uniform_(0.5, 1.5, generator=g)
+    results = {(r, what): torch.zeros(tokens[r], H, dtype=torch.float16).share_memory_()
+               for r in range(world) for what in ("normed", "residual", "normed_ref", "residual_ref")}
+    exchanges = _ranks(world, capacity=4, dtype=torch.float16)
+
+    def run(rank: int) -> None:
+        moe, (hidden, slots, weights) = layers[rank], inputs[rank]
+        comm = ExpertParallelComm(None, "p2p", exchanges[rank])  # type: ignore[arg-type]
+        out = comm._p2p(moe, moe.live, hidden, weights, slots, max(tokens), local=False, unreduced=True)
+        assert isinstance(out, UnreducedRows) and out.num_tokens == tokens[rank]
+        normed, residual = norm(out, residuals[rank])
+        normed_ref, residual_ref = fused_add_rms_norm(out.reduce(), residuals[rank], norm.weight, norm.eps)
+        for name, t in zip(("normed", "residual", "normed_ref", "residual_ref"),
+                           (normed, residual, normed_ref, residual_ref)):
+            results[rank, name].copy_(t)
+
+    _run_ranks(world, run)
+    for rank in range(world):
+        assert not results[rank, "normed"].isnan().any()
+        assert torch.equal(results[rank, "normed"], results[rank, "normed_ref"]), rank
+        assert torch.equal(results[rank, "residual"], results[rank, "residual_ref"]), rank
+
+
 def test_dispatch_writes_each_rank_its_local_ids(triton_on_cpu: None) -> None:
     """Rank d receives its own slot index (slots_to_local of rank d), -1 ids and zero weights on padding."""
     ranks, spr, rows = _ranks(2, capacity=4), 4, 3

@@ -21,6 +21,7 @@ from elastic.distributed.group import StatelessGroup
 from elastic.distributed.peer_exchange import ExchangeShape, PeerExchange
 from elastic.forward_context import get_forward_context
 from elastic.layers.moe import ExpertSlots, FusedMoE
+from elastic.layers.unreduced import UnreducedRows
 
 logger = logging.getLogger(__name__)
 
@@ -32,17 +33,19 @@ class ExpertParallelComm:
         self.group, self.mode, self.exchange = group, mode, exchange
 
     def __call__(self, moe: FusedMoE, slots: ExpertSlots, hidden: torch.Tensor, topk_weights: torch.Tensor,
-                 physical: torch.Tensor) -> torch.Tensor:
+                 physical: torch.Tensor, unreduced: bool = False) -> torch.Tensor | UnreducedRows:
+        """`unreduced`: the caller takes the p2p exchange's per-rank blocks unsummed (see UnreducedRows)."""
         if self.mode == "alltoall":
             return self._alltoall(moe, slots, hidden, topk_weights, physical)
         ctx = get_forward_context()
         sizes = ctx.dp_num_tokens
         if self.exchange is not None and sizes is not None and max(sizes) <= self.exchange.capacity:
-            return self._p2p(moe, slots, hidden, topk_weights, physical, max(sizes), ctx.stand_in_collectives)
+            return self._p2p(moe, slots, hidden, topk_weights, physical, max(sizes), ctx.stand_in_collectives,
+                             unreduced)
         return self._allgather(moe, slots, hidden, topk_weights, physical)
 
     def _p2p(self, moe: FusedMoE, slots: ExpertSlots, hidden: torch.Tensor, weights: torch.Tensor,
-             physical: torch.Tensor, rows: int, local: bool) -> torch.Tensor:
+             physical: torch.Tensor, rows: int, local: bool, unreduced: bool = False) -> torch.Tensor | UnreducedRows:
         # hidden [T, H] -> every rank's rows [W * rows, H] here -> this rank's experts -> summed back [T, H].
         # `local`: a CUDA-graph warm-up runs the same kernels on this rank's own buffers only. The dispatch
         # writes each rank's own slot indices (int32, rank r's slots start at r * slots_per_rank), so the
@@ -53,9 +56,10 @@ class ExpertParallelComm:
                                                                   slots.slots_per_rank, local)
         pairs = moe.compute_local_pairs(slots, all_hidden, all_weights, all_ids)  # [W * rows * K, H] | None
         if pairs is not None:
-            return self.exchange.combine_into(pairs, hidden.shape[0], rows, local, pair_ids=all_ids)
+            return self.exchange.combine_into(pairs, hidden.shape[0], rows, local, pair_ids=all_ids,
+                                              unreduced=unreduced)
         partial = moe.compute_local_ids(slots, all_hidden, all_weights, all_ids)  # [W * rows, H]
-        return self.exchange.combine_into(partial, hidden.shape[0], rows, local)
+        return self.exchange.combine_into(partial, hidden.shape[0], rows, local, unreduced=unreduced)
 
     def _allgather(self, moe: FusedMoE, slots: ExpertSlots, hidden: torch.Tensor, weights: torch.Tensor,
                    physical: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """The peer-to-peer expert-parallel exchange: one buffer per rank that every rank of the EP group maps (CUDA
 IPC, peer-to-peer over NVLink; nothing multicast), and the per-layer protocol of elastic.kernels.ep_p2p on
-it: dispatch (+ barrier, in the same kernel), local experts, combine push (+ barrier), sum.
+it: dispatch (+ barrier, in the same kernel), local experts, combine push (+ barrier), sum (in the next
+RMSNorm's kernel where the model lets it: `UnreducedRows`).
 
 Compared with NCCL all-gather + reduce-scatter it moves the same bytes but as a few fixed-shape kernels
 (no proxy thread, no protocol handshakes), so a decode step's MoE exchange costs a few microseconds more than
@@ -24,6 +25,7 @@ from elastic.distributed.group import StatelessGroup
 from elastic.distributed.host_exchange import on_one_host
 from elastic.kernels import ep_p2p
 from elastic.layers.moe import FusedMoE
+from elastic.layers.unreduced import UnreducedRows
 
 logger = logging.getLogger(__name__)
 
@@ -173,14 +175,21 @@ class PeerExchange:
         return self.views["tokens"][:n], self.views["weights"][:n], self.views["ids"][:n]
 
     def combine_into(self, partial: torch.Tensor, num_tokens: int, rows: int, local: bool = False,
-                     pair_ids: torch.Tensor | None = None) -> torch.Tensor:
+                     pair_ids: torch.Tensor | None = None, unreduced: bool = False) -> torch.Tensor | UnreducedRows:
         """partial [W*rows, H] (this rank's experts' share for every rank's rows) -> this rank's [T, H] sums.
         With pair_ids (the dispatch's ids [W*rows, K]), partial is [W*rows*K, H], one row per (row, k) pair,
-        summed as it is sent (the experts' own sum kernel left out)."""
+        summed as it is sent (the experts' own sum kernel left out). `unreduced`: -> the W blocks of this
+        rank's combine buffer as they are, for the next norm to sum (no reduce kernel)."""
         tables = self.local_tables if local else self.tables
         ep_p2p.p2p_combine_push(partial, tables["combine"], self.combine.dtype, self.device_barrier, rows, self.rank,
                                 sync=not local, pair_ids=pair_ids)
-        return ep_p2p.p2p_combine_reduce(self.combine, num_tokens, rows, self.world)
+
+        def reduce() -> torch.Tensor:
+            return ep_p2p.p2p_combine_reduce(self.combine, num_tokens, rows, self.world)
+
+        if unreduced:
+            return UnreducedRows(self.combine[:self.world * rows].view(self.world, rows, -1), num_tokens, reduce)
+        return reduce()
 
     def abort(self) -> None:
         """Release this rank's barriers now and for good (a peer died; another thread calls this while the

@@ -15,6 +15,7 @@ from torch import nn
 from elastic.forward_context import get_forward_context
 from elastic.kernels import fused_moe, fused_moe_pairs
 from elastic.kernels.routing import ids_to_slots, route_to_slots, slots_to_local
+from elastic.layers.unreduced import UnreducedRows
 
 # A model's own expert choice (e.g. DeepSeek's grouped top-k): router_logits [T, E] -> (weights [T, K] f32,
 # logical ids [T, K]); FusedMoE maps the ids to physical slots as for the built-in softmax top-k.
@@ -94,9 +95,9 @@ class ExpertSlots:
         # Tokens routed to each physical slot, accumulated on device (no host sync) for EPLB; the balancer
         # re-points this at a row of its per-step buffer.
         self.expert_load = torch.zeros(layout.num_physical, dtype=torch.long, device=device)
-        # Set by elastic.distributed.expert_parallel when experts are spread over several ranks.
-        self.ep_comm: Callable[[FusedMoE, ExpertSlots, torch.Tensor, torch.Tensor, torch.Tensor],
-                               torch.Tensor] | None = None
+        # Set by elastic.distributed.expert_parallel when experts are spread over several ranks
+        # (moe, slots, hidden, weights, physical, unreduced=...) -> output.
+        self.ep_comm: Callable[..., torch.Tensor | UnreducedRows] | None = None
         self.set_placement(torch.arange(layout.num_physical, device="cpu") % num_logical)
 
     @property
@@ -236,8 +237,10 @@ class FusedMoE(nn.Module):
         return bool((self.live.local_experts() == expert_id).any())
 
     # ---- forward ------------------------------------------------------------------------------------------
-    def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-        # hidden [T, H]; router_logits [T, E] -> [T, H]
+    def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor,
+                unreduced_ok: bool = False) -> torch.Tensor | UnreducedRows:
+        # hidden [T, H]; router_logits [T, E] -> [T, H]. `unreduced_ok`: the caller hands the output straight to
+        # an RMSNorm, so an expert-parallel exchange may leave its per-rank blocks unsummed (UnreducedRows).
         # One kernel on CUDA: softmax/top-k, replica choice (token index % replica count), the
         # logical->physical gather, the expert-load count and the local-slot mask.
         ctx = get_forward_context()
@@ -253,7 +256,7 @@ class FusedMoE(nn.Module):
                 slots.logical_replica_count, load, slots.first_slot, slots.slots_per_rank,
                 num_valid=ctx.num_valid_tokens)  # [T, K] f32, [T, K] int64 global, [T, K] int32
         if slots.ep_comm is not None:
-            return slots.ep_comm(self, slots, hidden, topk_weights, physical)
+            return slots.ep_comm(self, slots, hidden, topk_weights, physical, unreduced=unreduced_ok)
         return self.backend(hidden, slots.w13, slots.w2, topk_weights, local)
 
     def compute_local(self, slots: ExpertSlots, hidden: torch.Tensor, topk_weights: torch.Tensor,

@@ -13,6 +13,7 @@ from elastic.kernels.routing import grouped_topk
 from elastic.layers.linear import default_weight_loader
 from elastic.layers.mla import MlaAttention
 from elastic.layers.moe import FusedMoE, TopkRouter
+from elastic.layers.unreduced import UnreducedRows
 from elastic.models.moe_decoder import DecoderLayer, DenseMLP, MoeForCausalLM
 
 
@@ -65,8 +66,8 @@ class DeepseekMoE(nn.Module):
         if arch.shared_expert_intermediate_size:
             self.shared_experts = DenseMLP(arch.hidden_size, arch.shared_expert_intermediate_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.experts(x, self.gate(x))
+    def forward(self, x: torch.Tensor) -> torch.Tensor | UnreducedRows:
+        out = self.experts(x, self.gate(x), unreduced_ok=self.shared_experts is None)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out

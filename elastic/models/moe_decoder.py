@@ -14,6 +14,7 @@ from elastic.layers.linear import Linear, MergedLinear, default_weight_loader
 from elastic.layers.moe import FusedMoE
 from elastic.layers.norm import RMSNorm
 from elastic.layers.rotary import RotaryEmbedding
+from elastic.layers.unreduced import UnreducedRows
 
 
 class SelfAttention(nn.Module):
@@ -71,8 +72,9 @@ class SparseMoeBlock(nn.Module):
             self.shared_expert = DenseMLP(arch.hidden_size, arch.shared_expert_intermediate_size)
             self.shared_expert_gate = Linear(arch.hidden_size, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.experts(x, self.gate(x))
+    def forward(self, x: torch.Tensor) -> torch.Tensor | UnreducedRows:
+        # The next RMSNorm may sum an exchange's per-rank blocks itself, unless a shared expert is added first.
+        out = self.experts(x, self.gate(x), unreduced_ok=self.shared_expert is None)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out
@@ -94,12 +96,12 @@ class DecoderLayer(nn.Module):
     def make_moe(self, arch: ModelArch, parallel: ParallelConfig) -> nn.Module:
         return SparseMoeBlock(arch, parallel)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor,
-                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor | UnreducedRows,
+                residual: torch.Tensor | None = None) -> tuple[torch.Tensor | UnreducedRows, torch.Tensor]:
         """Pre-norm block in the fused-residual style: x [T, hidden] is the previous block's output
         not yet added to `residual` (None for the first layer, whose x is the embedding).
         Returns (this block's MLP output, residual stream before it); the caller's next norm adds
-        them. Same math as  h = r + attn(norm(r));  out = h + mlp(norm(h)),  with each add fused into
+        them (and sums an expert-parallel output's per-rank blocks: UnreducedRows). Same math as  h = r + attn(norm(r));  out = h + mlp(norm(h)),  with each add fused into
         the norm that follows it (one kernel on CUDA)."""
         if residual is None:
             residual, h = x, self.input_layernorm(x)
