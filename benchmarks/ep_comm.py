@@ -28,6 +28,7 @@ from elastic.distributed.expert_parallel import ExpertParallelComm  # noqa: E402
 from elastic.distributed.group import StatelessGroup, create_store  # noqa: E402
 from elastic.distributed.peer_exchange import ExchangeShape, PeerExchange  # noqa: E402
 from elastic.forward_context import ForwardContext, set_forward_context  # noqa: E402
+from elastic.layers.moe import Routing  # noqa: E402
 
 HIDDEN, EXPERTS, TOP_K = 2048, 128, 8
 TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
@@ -109,11 +110,11 @@ def check_pair_sums(group: StatelessGroup, exchange: PeerExchange, token_counts:
         physical = torch.rand(tokens, EXPERTS, device=device).topk(TOP_K, dim=-1).indices
         weights = torch.rand(tokens, TOP_K, device=device)
         with set_forward_context(ForwardContext(attn=None, dp_num_tokens=[tokens] * world)):
-            fused = p2p(moe, moe.live, hidden, weights, physical).clone()
+            fused = p2p(moe, moe.live, hidden, Routing(weights, physical)).clone()
             moe.compute_local_pairs = lambda *args: None  # the experts' own sums, sent as they are
-            unfused = p2p(moe, moe.live, hidden, weights, physical).clone()
+            unfused = p2p(moe, moe.live, hidden, Routing(weights, physical)).clone()
             moe.compute_local_pairs = fused_sum
-            gathered = allgather(moe, moe.live, hidden, weights, physical)
+            gathered = allgather(moe, moe.live, hidden, Routing(weights, physical))
         torch.cuda.synchronize()
         equal = torch.equal(fused, unfused)
         close = torch.allclose(fused.float(), gathered.float(), rtol=2e-2, atol=2e-3)
@@ -158,13 +159,13 @@ def time_paths(group: StatelessGroup, exchange: PeerExchange | None, token_count
         for mode in ("alltoall", "allgather", "p2p"):
             comm = ExpertParallelComm(group, mode, exchange if mode == "p2p" else None)
             with set_forward_context(ForwardContext(attn=None, dp_num_tokens=[tokens] * world)):
-                result[f"{mode}_us"] = time_cuda(lambda: comm(moe, moe, hidden, weights, physical))
+                result[f"{mode}_us"] = time_cuda(lambda: comm(moe, moe, hidden, Routing(weights, physical)))
                 if mode != "alltoall":
-                    result[f"{mode}_graph_us"] = time_graph(lambda: comm(moe, moe, hidden, weights, physical))
+                    result[f"{mode}_graph_us"] = time_graph(lambda: comm(moe, moe, hidden, Routing(weights, physical)))
             if mode == "p2p":  # the same kernels without their barriers: what the barriers cost
                 with set_forward_context(ForwardContext(attn=None, dp_num_tokens=[tokens] * world,
                                                         stand_in_collectives=True)):
-                    result["p2p_no_barrier_graph_us"] = time_graph(lambda: comm(moe, moe, hidden, weights, physical))
+                    result["p2p_no_barrier_graph_us"] = time_graph(lambda: comm(moe, moe, hidden, Routing(weights, physical)))
         # alltoall sends each remote (token, k) pair's hidden row out and its result back
         a2a_bytes = 2 * remote * HIDDEN * 2
         # allgather sends this rank's rows to every other rank, reduce-scatter sends the others' sums back

@@ -54,9 +54,11 @@ from dataclasses import dataclass
 import torch
 
 from ._backend import cdiv, next_pow2, pdl, tl_dtype
+from .routing import RouterInputs
 
 _BLOCK_H = 1024
 _MAX_PROGRAMS = 512  # per destination rank: a program per row for every decode batch (graphs go up to 512)
+_MAX_ROUTED_EXPERTS = 4096  # as routing.route_to_slots: more logits than one program routes
 
 
 @dataclass(frozen=True)
@@ -82,23 +84,60 @@ def _row_major(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def p2p_dispatch(hidden: torch.Tensor, physical: torch.Tensor, weights: torch.Tensor,
+def p2p_dispatch(hidden: torch.Tensor, physical: torch.Tensor | None, weights: torch.Tensor | None,
                  tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor], barrier: Barrier, rows: int, rank: int,
-                 slots_per_rank: int, sync: bool = True) -> None:
+                 slots_per_rank: int, sync: bool = True, router: RouterInputs | None = None) -> None:
     """hidden [T, H], physical [T, K] global slot ids (any int dtype), weights [T, K] (cast to f32 in the
     kernel) -> every rank's tokens/weights/ids (tables: their addresses [W] each), then the barrier if `sync`.
-    T <= rows; rank d's slots are [d * slots_per_rank, (d + 1) * slots_per_rank)."""
+    T <= rows; rank d's slots are [d * slots_per_rank, (d + 1) * slots_per_rank). With `router` instead of
+    physical and weights, the rows are routed (route_to_slots, load counted) in this kernel when every row has its
+    own program (decode steps), by the route kernel first otherwise."""
     from .ep_p2p_triton import p2p_dispatch_kernel
 
+    if router is not None and (rows > _MAX_PROGRAMS or router.logits.shape[1] > _MAX_ROUTED_EXPERTS):
+        # programs looping over rows (a prefill chunk), or too many experts for one program: route all at once
+        weights, physical, _ = router.route()
+        router = None
+    assert (router is None) == (physical is not None and weights is not None), "pass a router or the routing"
     tokens_table, weights_table, ids_table = tables
-    num_tokens, top_k = physical.shape
     world = tokens_table.shape[0]
-    hidden, physical, weights = _row_major(hidden), _row_major(physical), _row_major(weights)
+    hidden = _row_major(hidden)
+    if router is None:
+        physical, weights = _row_major(physical), _row_major(weights)  # type: ignore[arg-type]
+        top_k, route_args, route_meta, warps = physical.shape[1], _unrouted_args(physical), _UNROUTED_META, 4
+    else:
+        top_k, route_args, route_meta = router.top_k, _route_args(router), _route_meta(router)
+        physical = weights = router.logits  # unused
+        warps = 1  # as the route kernel's: a row's top-k rounds reduce within one warp
     p2p_dispatch_kernel[(_programs(rows), world)](
         hidden, physical, weights, tokens_table, weights_table, ids_table, barrier.pad_table, barrier.sequence,
-        barrier.arrivals, barrier.abort, num_tokens, rows, rank, world, slots_per_rank, int(sync),
-        hidden.stride(0), physical.stride(0), weights.stride(0), H=hidden.shape[1], K=top_k,
-        BLOCK_H=min(_BLOCK_H, next_pow2(hidden.shape[1])), BLOCK_K=next_pow2(top_k), num_warps=4, **pdl(hidden))
+        barrier.arrivals, barrier.abort, hidden.shape[0], rows, rank, world, slots_per_rank, int(sync),
+        hidden.stride(0), physical.stride(0), weights.stride(0), *route_args, H=hidden.shape[1], K=top_k,
+        BLOCK_H=min(_BLOCK_H, next_pow2(hidden.shape[1])), BLOCK_K=next_pow2(top_k), **route_meta,
+        num_warps=warps, **pdl(hidden))
+
+
+def _route_args(router: RouterInputs) -> tuple:
+    """The dispatch kernel's routing arguments (logits, stride, l2p, counts, load, valid, l2p stride, E)."""
+    logits, l2p = _row_major(router.logits), _row_major(router.logical_to_physical)
+    counts = router.replica_count.contiguous()
+    assert l2p.dtype == counts.dtype == torch.int64 and l2p.shape[0] == logits.shape[1]
+    load = router.expert_load
+    assert load is None or (load.dtype == torch.int64 and load.is_contiguous())
+    return (logits, logits.stride(0), l2p, counts, load if load is not None else counts,  # dummies: never touched
+            router.num_valid if router.num_valid is not None else counts, l2p.stride(0), logits.shape[1])
+
+
+def _route_meta(router: RouterInputs) -> dict:
+    return dict(BLOCK_E=next_pow2(router.logits.shape[1]), ROUTE=True, RENORM=router.renormalize,
+                RECORD=router.expert_load is not None, HAS_VALID=router.num_valid is not None)
+
+
+def _unrouted_args(physical: torch.Tensor) -> tuple:
+    return (physical, 0, physical, physical, physical, physical, 0, 1)  # never read without ROUTE
+
+
+_UNROUTED_META = dict(BLOCK_E=1, ROUTE=False, RENORM=False, RECORD=False, HAS_VALID=False)
 
 
 def p2p_combine_push(partial: torch.Tensor, combine_table: torch.Tensor, out_dtype: torch.dtype, barrier: Barrier,

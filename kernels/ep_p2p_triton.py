@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .pdl_triton import pdl_enter
+from .routing_triton import physical_slots, softmax_topk
 
 
 @triton.jit
@@ -70,48 +71,77 @@ def _arrive(arrivals, pad_table, sequence, abort, rank, world, sync):
 
 
 @triton.jit
-def _dispatch_row(hidden, physical, weights, tokens, out_weights, out_ids, row, dst, num_tokens, slots_per_rank,
-                  stride_hidden, stride_physical, stride_weights, H: tl.constexpr, K: tl.constexpr,
-                  BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    # tokens [H], out_weights [K] f32, out_ids [K] int32: this row's place in rank `dst`'s buffers.
+def _row_slots(row, dst, physical, weights, stride_physical, stride_weights, logits, stride_logits, l2p, counts,
+               load, valid, stride_l2p, E, K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+               ROUTE: tl.constexpr, RENORM: tl.constexpr, RECORD: tl.constexpr, HAS_VALID: tl.constexpr):
+    # Row `row`'s global slots [BLOCK_K] int64 (-1: none) and routing weights [BLOCK_K] f32: routed here from the
+    # router's logits (ROUTE: routing.route_to_slots's math, one kernel fewer a layer), or the route kernel's.
     k = tl.arange(0, BLOCK_K)
-    if row < num_tokens:
-        # Rank dst holds slots [dst * slots_per_rank, (dst + 1) * slots_per_rank) (ExpertLayout): it gets its
-        # own slot index, -1 for a slot elsewhere (slots_to_local, computed here instead of on the receiver).
-        local = tl.load(physical + row * stride_physical + k, mask=k < K, other=-1).to(tl.int32) - dst * slots_per_rank
-        local = tl.where((k < K) & (local >= 0) & (local < slots_per_rank), local, -1)
-        # The token itself only where one of its experts is: rank dst's experts read no other row (CUDA-graph
-        # padding routes nowhere: a mixed step's bucket is mostly padding on a rank that only decodes).
-        if tl.max(local, axis=0) >= 0:
-            for h in range(0, H, BLOCK_H):
-                offs = h + tl.arange(0, BLOCK_H)
-                x = tl.load(hidden + row * stride_hidden + offs, mask=offs < H)
-                tl.store(tokens + offs, x, mask=offs < H)
-        weight = tl.load(weights + row * stride_weights + k, mask=k < K).to(tl.float32)
-        tl.store(out_ids + k, local, mask=k < K)
-        tl.store(out_weights + k, weight, mask=k < K)
-    else:  # padding up to the step's largest rank: no expert, so it contributes nothing anywhere
-        tl.store(out_ids + k, tl.full((BLOCK_K,), -1, tl.int32), mask=k < K)
-        tl.store(out_weights + k, tl.zeros((BLOCK_K,), tl.float32), mask=k < K)
+    if ROUTE:
+        offs_t = row + tl.arange(0, 1)
+        mask = (offs_t >= 0)[:, None] & (k < K)[None, :]
+        w, ids = softmax_topk(logits, offs_t, offs_t >= 0, E, stride_logits, K, RENORM, 1, BLOCK_E, BLOCK_K)
+        phys = physical_slots(ids, offs_t, mask, l2p, counts, valid, stride_l2p, HAS_VALID)
+        if RECORD:
+            if dst == 0:  # every destination's program routes the row; one of them counts it
+                tl.atomic_add(load + phys, tl.full((1, BLOCK_K), 1, tl.int64), mask=mask & (phys >= 0))
+        slots = tl.reshape(phys, (BLOCK_K,))
+        weight = tl.reshape(w, (BLOCK_K,))
+    else:
+        slots = tl.load(physical + row * stride_physical + k, mask=k < K, other=-1).to(tl.int64)
+        weight = tl.load(weights + row * stride_weights + k, mask=k < K, other=0.0).to(tl.float32)
+    return slots, weight
 
 
-@triton.jit(do_not_specialize=["num_tokens", "rows", "rank", "world", "slots_per_rank", "sync"])
+@triton.jit
+def _dispatch_row(hidden, slots, weight, tokens, out_weights, out_ids, row, dst, slots_per_rank, stride_hidden,
+                  H: tl.constexpr, K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    # slots [BLOCK_K] global slot ids (-1: none), weight [BLOCK_K] f32 of a real row -> tokens [H], out_weights [K]
+    # f32, out_ids [K] int32: this row's place in rank `dst`'s buffers.
+    k = tl.arange(0, BLOCK_K)
+    # Rank dst holds slots [dst * slots_per_rank, (dst + 1) * slots_per_rank) (ExpertLayout): it gets its own
+    # slot index, -1 for a slot elsewhere (slots_to_local, computed here instead of on the receiver).
+    local = slots.to(tl.int32) - dst * slots_per_rank
+    local = tl.where((k < K) & (local >= 0) & (local < slots_per_rank), local, -1)
+    # The token itself only where one of its experts is: rank dst's experts read no other row (CUDA-graph
+    # padding routes nowhere: a mixed step's bucket is mostly padding on a rank that only decodes).
+    if tl.max(local, axis=0) >= 0:
+        for h in range(0, H, BLOCK_H):
+            offs = h + tl.arange(0, BLOCK_H)
+            x = tl.load(hidden + row * stride_hidden + offs, mask=offs < H)
+            tl.store(tokens + offs, x, mask=offs < H)
+    tl.store(out_ids + k, local, mask=k < K)
+    tl.store(out_weights + k, weight, mask=k < K)
+
+
+@triton.jit(do_not_specialize=["num_tokens", "rows", "rank", "world", "slots_per_rank", "sync", "E"])
 def p2p_dispatch_kernel(hidden, physical, weights, tokens_table, weights_table, ids_table, pad_table, sequence,
                         arrivals, abort, num_tokens, rows, rank, world, slots_per_rank, sync, stride_hidden,
-                        stride_physical, stride_weights, H: tl.constexpr, K: tl.constexpr, BLOCK_H: tl.constexpr,
-                        BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = False):
+                        stride_physical, stride_weights, logits, stride_logits, l2p, counts, load, valid, stride_l2p,
+                        E, H: tl.constexpr, K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                        BLOCK_E: tl.constexpr, ROUTE: tl.constexpr, RENORM: tl.constexpr, RECORD: tl.constexpr,
+                        HAS_VALID: tl.constexpr, USE_PDL: tl.constexpr = False):
     pdl_enter(USE_PDL)  # first: see pdl_triton.py
     # grid (programs, world): this rank's row `row` goes to rank `dst` at row rank * rows + row of its
     # buffers, each program taking every programs-th row; then the barrier (the grid has a CTA even when
-    # rows == 0, so every step passes it).
+    # rows == 0, so every step passes it). ROUTE: the rows' slots and weights come from the router's logits
+    # here (physical and weights unused), else from the route kernel's output (logits .. valid unused).
     dst = tl.program_id(1)
+    k = tl.arange(0, BLOCK_K)
     for row in range(tl.program_id(0), rows, tl.num_programs(0)):
         out_row = (rank * rows + row).to(tl.int64)
         tokens = _peer(tokens_table, dst, hidden.dtype.element_ty) + out_row * H
         out_weights = _peer(weights_table, dst, tl.float32) + out_row * K
         out_ids = _peer(ids_table, dst, tl.int32) + out_row * K
-        _dispatch_row(hidden, physical, weights, tokens, out_weights, out_ids, row, dst, num_tokens,
-                      slots_per_rank, stride_hidden, stride_physical, stride_weights, H, K, BLOCK_H, BLOCK_K)
+        if row < num_tokens:
+            slots, weight = _row_slots(row, dst, physical, weights, stride_physical, stride_weights, logits,
+                                       stride_logits, l2p, counts, load, valid, stride_l2p, E, K, BLOCK_K, BLOCK_E,
+                                       ROUTE, RENORM, RECORD, HAS_VALID)
+            _dispatch_row(hidden, slots, weight, tokens, out_weights, out_ids, row, dst, slots_per_rank,
+                          stride_hidden, H, K, BLOCK_H, BLOCK_K)
+        else:  # padding up to the step's largest rank: no expert, so it contributes nothing anywhere
+            tl.store(out_ids + k, tl.full((BLOCK_K,), -1, tl.int32), mask=k < K)
+            tl.store(out_weights + k, tl.zeros((BLOCK_K,), tl.float32), mask=k < K)
     _arrive(arrivals, pad_table, sequence, abort, rank, world, sync)
 
 

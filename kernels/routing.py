@@ -2,6 +2,8 @@
 the chosen logical experts to physical expert slots (replicas, this rank's local slots)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ._backend import cdiv, next_pow2, pdl, use_triton
@@ -228,3 +230,23 @@ def route_to_slots(router_logits: torch.Tensor, top_k: int, renormalize: bool,
         BLOCK_E=next_pow2(E), BLOCK_K=next_pow2(top_k), num_warps=_warps(block_t, E),
         **pdl(router_logits))
     return weights, physical, local
+
+
+@dataclass(frozen=True)
+class RouterInputs:
+    """What route_to_slots reads (the softmax top-k), for a kernel that routes its rows itself as it goes (the
+    peer-to-peer dispatch: one launch a layer fewer). logits [T, E]; logical_to_physical [E, R] int64;
+    replica_count [E] int64; expert_load [num_physical] int64 or None; num_valid [1] int64 or None."""
+
+    logits: torch.Tensor
+    top_k: int
+    renormalize: bool
+    logical_to_physical: torch.Tensor
+    replica_count: torch.Tensor
+    expert_load: torch.Tensor | None = None
+    num_valid: torch.Tensor | None = None
+
+    def route(self, first_slot: int = 0, slots_per_rank: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """route_to_slots of these inputs -> (weights [T, K] f32, physical [T, K] int64, local [T, K] int32)."""
+        return route_to_slots(self.logits, self.top_k, self.renormalize, self.logical_to_physical, self.replica_count,
+                              self.expert_load, first_slot, slots_per_rank, num_valid=self.num_valid)

@@ -6,7 +6,7 @@ from .pdl_triton import pdl_enter
 
 
 @triton.jit
-def _softmax_topk(logits_ptr, offs_t, t_ok, E, stride_t, TOP_K: tl.constexpr, RENORM: tl.constexpr,
+def softmax_topk(logits_ptr, offs_t, t_ok, E, stride_t, TOP_K: tl.constexpr, RENORM: tl.constexpr,
                   BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
     # -> (weights [BLOCK_T, BLOCK_K] f32, ids [BLOCK_T, BLOCK_K] int32), descending weights.
     offs_e = tl.arange(0, BLOCK_E)
@@ -40,7 +40,7 @@ def _topk_route_kernel(logits_ptr, w_ptr, ids_ptr, T, E, stride_t,
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_k = tl.arange(0, BLOCK_K)
     t_ok = offs_t < T
-    w, ids = _softmax_topk(logits_ptr, offs_t, t_ok, E, stride_t, TOP_K, RENORM, BLOCK_T, BLOCK_E, BLOCK_K)
+    w, ids = softmax_topk(logits_ptr, offs_t, t_ok, E, stride_t, TOP_K, RENORM, BLOCK_T, BLOCK_E, BLOCK_K)
     out_off = offs_t[:, None] * TOP_K + offs_k[None, :]
     out_mask = t_ok[:, None] & (offs_k < TOP_K)[None, :]
     tl.store(w_ptr + out_off, w, mask=out_mask)
@@ -60,7 +60,7 @@ def _route_to_slots_kernel(logits_ptr, w_ptr, phys_ptr, local_ptr, l2p_ptr, coun
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_k = tl.arange(0, BLOCK_K)
     t_ok = offs_t < T
-    w, ids = _softmax_topk(logits_ptr, offs_t, t_ok, E, stride_t, TOP_K, RENORM, BLOCK_T, BLOCK_E, BLOCK_K)
+    w, ids = softmax_topk(logits_ptr, offs_t, t_ok, E, stride_t, TOP_K, RENORM, BLOCK_T, BLOCK_E, BLOCK_K)
     out_mask = t_ok[:, None] & (offs_k < TOP_K)[None, :]
     out_off = offs_t[:, None] * TOP_K + offs_k[None, :]
     tl.store(w_ptr + out_off, w, mask=out_mask)
@@ -69,18 +69,25 @@ def _route_to_slots_kernel(logits_ptr, w_ptr, phys_ptr, local_ptr, l2p_ptr, coun
 
 
 @triton.jit
+def physical_slots(ids, offs_t, mask, l2p_ptr, count_ptr, valid_ptr, stride_l2p, HAS_VALID: tl.constexpr):
+    # Logical ids [BLOCK_T, BLOCK_K] of tokens offs_t -> global physical slots, int64 (-1 outside `mask`).
+    ids = ids.to(tl.int64)
+    # Replicas of one expert take tokens in turn: replica = token index % replica count.
+    count = tl.load(count_ptr + ids, mask=mask, other=1)
+    replica = offs_t[:, None].to(tl.int64) % count
+    phys = tl.load(l2p_ptr + ids * stride_l2p + replica, mask=mask, other=-1).to(tl.int64)
+    if HAS_VALID:  # a device scalar, so a captured graph reads each replay's real batch size
+        # CUDA-graph padding rows go to no slot: no expert reads weights for them, no rank receives them.
+        phys = tl.where((offs_t < tl.load(valid_ptr))[:, None], phys, -1)
+    return phys
+
+
+@triton.jit
 def _store_slots(ids, offs_t, out_mask, out_off, phys_ptr, local_ptr, l2p_ptr, count_ptr, load_ptr, valid_ptr,
                  stride_l2p, first_slot, slots_per_rank, RECORD: tl.constexpr, HAS_VALID: tl.constexpr,
                  BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
     # The replica choice, the slot gather, the load count and the local-slot mask of logical ids [BLOCK_T, BLOCK_K].
-    ids = ids.to(tl.int64)
-    # Replicas of one expert take tokens in turn: replica = token index % replica count.
-    count = tl.load(count_ptr + ids, mask=out_mask, other=1)
-    replica = offs_t[:, None].to(tl.int64) % count
-    phys = tl.load(l2p_ptr + ids * stride_l2p + replica, mask=out_mask, other=-1).to(tl.int64)
-    if HAS_VALID:  # a device scalar, so a captured graph reads each replay's real batch size
-        # CUDA-graph padding rows go to no slot: no expert reads weights for them, no rank receives them.
-        phys = tl.where((offs_t < tl.load(valid_ptr))[:, None], phys, -1)
+    phys = physical_slots(ids, offs_t, out_mask, l2p_ptr, count_ptr, valid_ptr, stride_l2p, HAS_VALID)
     local = phys - first_slot
     local = tl.where((phys >= 0) & (local >= 0) & (local < slots_per_rank), local, -1)
     if RECORD:

@@ -206,7 +206,8 @@ def test_idle_step_joins_every_moe_exchange_in_model_order(llm: LLM):
     calls: list[tuple[int, list[int] | None, tuple[int, ...], float]] = []
 
     def recorder(index: int):
-        def exchange(moe, slots, hidden, weights, physical):  # noqa: ANN001, ANN202
+        def exchange(moe, slots, hidden, routing, unreduced=False):  # noqa: ANN001, ANN202
+            weights, _ = routing.resolve()
             calls.append((index, get_forward_context().dp_num_tokens, tuple(hidden.shape), float(weights.abs().sum())))
             return torch.zeros_like(hidden)
         return exchange

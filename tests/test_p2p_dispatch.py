@@ -23,7 +23,7 @@ from elastic.distributed.expert_parallel import ExpertParallelComm
 from elastic.distributed.peer_exchange import ExchangeShape, PeerExchange
 from elastic.kernels import ep_p2p, fused_moe_reference
 from elastic.kernels.routing import slots_to_local
-from elastic.layers.moe import FusedMoE
+from elastic.layers.moe import FusedMoE, Routing
 
 pytestmark = needs_triton
 
@@ -77,14 +77,15 @@ def triton_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ELASTIC_TRITON_ON_CPU", "1")
 
 
-def _moe_layers(world: int, w13: torch.Tensor, w2: torch.Tensor) -> list[FusedMoE]:
+def _moe_layers(world: int, w13: torch.Tensor, w2: torch.Tensor, num_redundant: int = 0) -> list[FusedMoE]:
     """One FusedMoE per rank holding its share of the experts (slot s = expert s % EXPERTS), in w13's dtype."""
     layers = []
     for rank in range(world):
         default = torch.get_default_dtype()
         torch.set_default_dtype(w13.dtype)  # the layer's slots are made in the default dtype
         try:
-            moe = FusedMoE(EXPERTS, TOP_K, H, INTER, renormalize=False, ep_size=world, ep_rank=rank)
+            moe = FusedMoE(EXPERTS, TOP_K, H, INTER, renormalize=False, ep_size=world, ep_rank=rank,
+                           num_redundant=num_redundant)
         finally:
             torch.set_default_dtype(default)
         spr = moe.slots_per_rank
@@ -145,7 +146,7 @@ def test_exchange_equals_allgather_path(triton_on_cpu: None, monkeypatch: pytest
         for step, tokens in enumerate(steps):
             for layer in range(2):  # back to back: the buffers are reused with two barriers per layer
                 hidden, slots, weights = inputs[step][layer][rank]
-                out = comm._p2p(moe, moe.live, hidden, weights, slots, max(tokens), local=False)
+                out = comm._p2p(moe, moe.live, hidden, Routing(weights, slots), max(tokens), local=False)
                 results[rank][step][layer].copy_(out)
 
     _run_ranks(world, run)
@@ -190,7 +191,7 @@ def test_pairs_summed_as_sent_equal_the_experts_own_sums(triton_on_cpu: None, mo
         for fused in (True, False):
             if not fused:
                 moe.compute_local_pairs = lambda *args: None
-            results[rank, fused].copy_(comm._p2p(moe, moe.live, hidden, weights, slots, max(tokens), local=False))
+            results[rank, fused].copy_(comm._p2p(moe, moe.live, hidden, Routing(weights, slots), max(tokens), local=False))
 
     _run_ranks(world, run_shared)
     for rank in range(world):
@@ -226,7 +227,7 @@ def test_unreduced_output_summed_in_the_next_norm(triton_on_cpu: None) -> None:
     def run(rank: int) -> None:
         moe, (hidden, slots, weights) = layers[rank], inputs[rank]
         comm = ExpertParallelComm(None, "p2p", exchanges[rank])  # type: ignore[arg-type]
-        out = comm._p2p(moe, moe.live, hidden, weights, slots, max(tokens), local=False, unreduced=True)
+        out = comm._p2p(moe, moe.live, hidden, Routing(weights, slots), max(tokens), local=False, unreduced=True)
         assert isinstance(out, UnreducedRows) and out.num_tokens == tokens[rank]
         normed, residual = norm(out, residuals[rank])
         normed_ref, residual_ref = fused_add_rms_norm(out.reduce(), residuals[rank], norm.weight, norm.eps)
@@ -241,6 +242,47 @@ def test_unreduced_output_summed_in_the_next_norm(triton_on_cpu: None) -> None:
         assert torch.equal(results[rank, "residual"], results[rank, "residual_ref"]), rank
 
 
+@pytest.mark.parametrize("tokens,max_programs", [((3, 0), 512), ((2, 3), 512), ((2, 3), 1)])
+def test_dispatch_routes_the_rows_itself(triton_on_cpu: None, monkeypatch: pytest.MonkeyPatch,
+                                         tokens: tuple[int, int], max_programs: int) -> None:
+    """The router's logits routed inside the dispatch kernel (one launch a layer fewer) give the outputs and the
+    expert-load counts of the route kernel followed by the dispatch: with replicas (experts 0 and 1 in two slots,
+    tokens taking them in turn), CUDA-graph padding (num_valid: the last row routes nowhere) and a rank without
+    tokens. max_programs 1: programs that loop over rows take the route kernel first, as a prefill chunk does."""
+    from elastic.kernels.routing import RouterInputs
+
+    monkeypatch.setattr(ep_p2p, "_MAX_PROGRAMS", max_programs)
+    world = 2
+    g = torch.Generator().manual_seed(5)
+    w13 = torch.randn(EXPERTS, 2 * INTER, H, generator=g) / 4
+    w2 = torch.randn(EXPERTS, H, INTER, generator=g) / 4
+    layers = _moe_layers(world, w13, w2, num_redundant=2)
+    hidden = [torch.randn(t, H, generator=g) for t in tokens]
+    logits = [torch.randn(t, EXPERTS, generator=g) for t in tokens]
+    valid = [torch.tensor([t - 1]) if t > 1 else None for t in tokens]
+    num_physical = layers[0].num_physical
+    results = {(r, fused): torch.zeros(tokens[r], H).share_memory_() for r in range(world) for fused in (True, False)}
+    loads = {(r, fused): torch.zeros(num_physical, dtype=torch.long).share_memory_()
+             for r in range(world) for fused in (True, False)}
+    exchanges = _ranks(world, capacity=4)
+
+    def run(rank: int) -> None:
+        moe = layers[rank]
+        comm = ExpertParallelComm(None, "p2p", exchanges[rank])  # type: ignore[arg-type]
+        for fused in (True, False):
+            router = RouterInputs(logits[rank], TOP_K, True, moe.live.logical_to_physical,
+                                  moe.live.logical_replica_count, loads[rank, fused], valid[rank])
+            routing = Routing(router=router) if fused else Routing(*router.route()[:2])
+            results[rank, fused].copy_(comm._p2p(moe, moe.live, hidden[rank], routing, max(tokens), local=False))
+
+    _run_ranks(world, run)
+    for rank in range(world):
+        assert torch.equal(results[rank, True], results[rank, False]), rank
+        assert torch.equal(loads[rank, True], loads[rank, False]), rank
+        assert int(loads[rank, True].sum()) == TOP_K * (tokens[rank] - (valid[rank] is not None))
+    assert tokens[1] == 0 or bool(results[1, True].abs().sum() > 0)
+
+
 def test_dispatch_writes_each_rank_its_local_ids(triton_on_cpu: None) -> None:
     """Rank d receives its own slot index (slots_to_local of rank d), -1 ids and zero weights on padding."""
     ranks, spr, rows = _ranks(2, capacity=4), 4, 3
@@ -250,7 +292,7 @@ def test_dispatch_writes_each_rank_its_local_ids(triton_on_cpu: None) -> None:
                 for _ in range(2)]
 
     def dispatch(rank: int) -> None:
-        _, all_weights, all_ids = ranks[rank].dispatch(hidden, slots, weights, rows, spr)
+        _, all_weights, all_ids = ranks[rank].dispatch(hidden, Routing(weights, slots), rows, spr)
         assert all_ids.dtype == torch.int32 and all_ids.is_contiguous() and all_weights.is_contiguous()
         received[rank][0].copy_(all_ids)
         received[rank][1].copy_(all_weights)
@@ -276,7 +318,7 @@ def test_dispatch_sends_a_token_only_where_one_of_its_experts_is(triton_on_cpu: 
     for ex in ranks:
         ex.views["tokens"].fill_(-7.0)
 
-    _run_ranks(2, lambda rank: ranks[rank].dispatch(hidden, slots, weights, rows, spr))
+    _run_ranks(2, lambda rank: ranks[rank].dispatch(hidden, Routing(weights, slots), rows, spr))
     for rank, copied in ((0, [True, True, False]), (1, [True, False, False])):
         tokens = ranks[rank].views["tokens"]
         for sender in (0, 1):  # rows sender * rows ... of this rank's buffer
@@ -291,7 +333,7 @@ def test_warm_up_waits_for_no_one(triton_on_cpu: None) -> None:
     ex = _ranks(2, capacity=4)[0]
     moe = _moe_layers(2, torch.randn(EXPERTS, 2 * INTER, H), torch.randn(EXPERTS, H, INTER))[0]
     comm = ExpertParallelComm(None, "p2p", ex)  # type: ignore[arg-type]
-    out = comm._p2p(moe, moe.live, torch.randn(3, H), torch.rand(3, TOP_K), torch.zeros(3, TOP_K, dtype=torch.long),
+    out = comm._p2p(moe, moe.live, torch.randn(3, H), Routing(torch.rand(3, TOP_K), torch.zeros(3, TOP_K, dtype=torch.long)),
                     rows=3, local=True)
     assert out.shape == (3, H)
     assert int(ex.sequence) == 0 and int(ex.arrivals) == 0
@@ -305,7 +347,7 @@ def test_abort_releases_a_rank_waiting_in_the_fused_barrier(triton_on_cpu: None)
 
     def layer_alone() -> None:
         ex = ranks[0]
-        ex.dispatch(torch.ones(2, H), torch.zeros(2, TOP_K, dtype=torch.long), torch.ones(2, TOP_K), 2, 4)
+        ex.dispatch(torch.ones(2, H), Routing(torch.ones(2, TOP_K), torch.zeros(2, TOP_K, dtype=torch.long)), 2, 4)
         ex.combine_into(torch.ones(4, H), 2, 2)
 
     waiter = _start(layer_alone)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from elastic.distributed.group import StatelessGroup
 from elastic.distributed.peer_exchange import ExchangeShape, PeerExchange
 from elastic.forward_context import get_forward_context
-from elastic.layers.moe import ExpertSlots, FusedMoE
+from elastic.layers.moe import ExpertSlots, FusedMoE, Routing
 from elastic.layers.unreduced import UnreducedRows
 
 logger = logging.getLogger(__name__)
@@ -32,28 +32,28 @@ class ExpertParallelComm:
             raise ValueError(f"unknown expert-parallel dispatch mode {mode!r}")
         self.group, self.mode, self.exchange = group, mode, exchange
 
-    def __call__(self, moe: FusedMoE, slots: ExpertSlots, hidden: torch.Tensor, topk_weights: torch.Tensor,
-                 physical: torch.Tensor, unreduced: bool = False) -> torch.Tensor | UnreducedRows:
+    def __call__(self, moe: FusedMoE, slots: ExpertSlots, hidden: torch.Tensor, routing: Routing,
+                 unreduced: bool = False) -> torch.Tensor | UnreducedRows:
         """`unreduced`: the caller takes the p2p exchange's per-rank blocks unsummed (see UnreducedRows)."""
-        if self.mode == "alltoall":
-            return self._alltoall(moe, slots, hidden, topk_weights, physical)
         ctx = get_forward_context()
         sizes = ctx.dp_num_tokens
-        if self.exchange is not None and sizes is not None and max(sizes) <= self.exchange.capacity:
-            return self._p2p(moe, slots, hidden, topk_weights, physical, max(sizes), ctx.stand_in_collectives,
-                             unreduced)
-        return self._allgather(moe, slots, hidden, topk_weights, physical)
+        if (self.mode != "alltoall" and self.exchange is not None and sizes is not None
+                and max(sizes) <= self.exchange.capacity):
+            return self._p2p(moe, slots, hidden, routing, max(sizes), ctx.stand_in_collectives, unreduced)
+        weights, physical = routing.resolve()
+        if self.mode == "alltoall":
+            return self._alltoall(moe, slots, hidden, weights, physical)
+        return self._allgather(moe, slots, hidden, weights, physical)
 
-    def _p2p(self, moe: FusedMoE, slots: ExpertSlots, hidden: torch.Tensor, weights: torch.Tensor,
-             physical: torch.Tensor, rows: int, local: bool, unreduced: bool = False) -> torch.Tensor | UnreducedRows:
+    def _p2p(self, moe: FusedMoE, slots: ExpertSlots, hidden: torch.Tensor, routing: Routing, rows: int,
+             local: bool, unreduced: bool = False) -> torch.Tensor | UnreducedRows:
         # hidden [T, H] -> every rank's rows [W * rows, H] here -> this rank's experts -> summed back [T, H].
         # `local`: a CUDA-graph warm-up runs the same kernels on this rank's own buffers only. The dispatch
         # writes each rank's own slot indices (int32, rank r's slots start at r * slots_per_rank), so the
         # experts take them as they are; the push sums each row's (row, k) pairs as it sends them: dispatch,
         # experts (align, up, down), push, reduce, and no glue kernel in between.
         assert slots.first_slot == self.exchange.rank * slots.slots_per_rank, "EP rank != the exchange's rank"
-        all_hidden, all_weights, all_ids = self.exchange.dispatch(hidden, physical, weights, rows,
-                                                                  slots.slots_per_rank, local)
+        all_hidden, all_weights, all_ids = self.exchange.dispatch(hidden, routing, rows, slots.slots_per_rank, local)
         pairs = moe.compute_local_pairs(slots, all_hidden, all_weights, all_ids)  # [W * rows * K, H] | None
         if pairs is not None:
             return self.exchange.combine_into(pairs, hidden.shape[0], rows, local, pair_ids=all_ids,

@@ -24,7 +24,7 @@ import torch
 from elastic.distributed.group import StatelessGroup
 from elastic.distributed.host_exchange import on_one_host
 from elastic.kernels import ep_p2p
-from elastic.layers.moe import FusedMoE
+from elastic.layers.moe import FusedMoE, Routing
 from elastic.layers.unreduced import UnreducedRows
 
 logger = logging.getLogger(__name__)
@@ -161,16 +161,17 @@ class PeerExchange:
         return group.device.type == "cuda" and on_one_host(group)
 
     # ---- one MoE layer --------------------------------------------------------------------------------------
-    def dispatch(self, hidden: torch.Tensor, physical: torch.Tensor, weights: torch.Tensor, rows: int,
-                 slots_per_rank: int, local: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This rank's tokens to every rank, then the barrier (one kernel); -> every rank's rows here: (hidden
-        [W*rows, H], weights [W*rows, K] f32, ids [W*rows, K] int32: this rank's slot index, -1 for none), all
-        contiguous. physical [T, K]: global slot ids, rank d holding [d * slots_per_rank, (d + 1) * ...).
-        `local`: a CUDA-graph warm-up (the same kernel, compiled for these shapes, writes this rank's buffers
-        only and waits for no one)."""
+    def dispatch(self, hidden: torch.Tensor, routing: Routing, rows: int, slots_per_rank: int,
+                 local: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's tokens to every rank, then the barrier (one kernel, which also routes them when `routing`
+        holds the router's inputs); -> every rank's rows here: (hidden [W*rows, H], weights [W*rows, K] f32,
+        ids [W*rows, K] int32: this rank's slot index, -1 for none), all contiguous. Global slot ids: rank d
+        holds [d * slots_per_rank, (d + 1) * ...). `local`: a CUDA-graph warm-up (the same kernel, compiled
+        for these shapes, writes this rank's buffers only and waits for no one)."""
         tables = self.local_tables if local else self.tables
-        ep_p2p.p2p_dispatch(hidden, physical, weights, (tables["tokens"], tables["weights"], tables["ids"]),
-                            self.device_barrier, rows, self.rank, slots_per_rank, sync=not local)
+        ep_p2p.p2p_dispatch(hidden, routing.physical, routing.weights,
+                            (tables["tokens"], tables["weights"], tables["ids"]), self.device_barrier, rows,
+                            self.rank, slots_per_rank, sync=not local, router=routing.router)
         n = self.world * rows
         return self.views["tokens"][:n], self.views["weights"][:n], self.views["ids"][:n]
 

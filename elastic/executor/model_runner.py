@@ -17,6 +17,7 @@ from elastic.executor.mixed_graphs import MixedInputs
 from elastic.forward_context import AttentionMetadata, ForwardContext, set_forward_context
 from elastic.kernels import HAS_TRITON
 from elastic.layers.attention import Attention, PagedCacheLayer
+from elastic.layers.moe import Routing
 from elastic.layers.pinned_copy import to_device
 from elastic.layers.sampler import Sampler
 from elastic.models.loader import load_model
@@ -318,7 +319,7 @@ class ModelRunner:
         # them somewhere), weight 0: they add nothing anywhere
         with set_forward_context(ForwardContext(attn=None, record_expert_load=False, dp_num_tokens=dp_num_tokens)):
             for moe in layers:
-                moe.live.ep_comm(moe, moe.live, hidden, weights, physical)  # type: ignore[misc]
+                moe.live.ep_comm(moe, moe.live, hidden, Routing(weights, physical))  # type: ignore[misc]
 
     def _prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         reqs = [req for req, _ in out.scheduled]

@@ -14,7 +14,7 @@ from torch import nn
 
 from elastic.forward_context import get_forward_context
 from elastic.kernels import fused_moe, fused_moe_pairs
-from elastic.kernels.routing import ids_to_slots, route_to_slots, slots_to_local
+from elastic.kernels.routing import RouterInputs, ids_to_slots, slots_to_local
 from elastic.layers.unreduced import UnreducedRows
 
 # A model's own expert choice (e.g. DeepSeek's grouped top-k): router_logits [T, E] -> (weights [T, K] f32,
@@ -39,6 +39,25 @@ def placement_maps(physical_to_logical: torch.Tensor, num_logical: int,
     replica = torch.arange(p2l.numel(), device="cpu") - starts[p2l[order]]
     l2p[p2l[order], replica] = order
     return p2l, l2p, counts
+
+
+@dataclass(frozen=True)
+class Routing:
+    """A step's expert choice as an expert-parallel exchange gets it: routed already (weights [T, K] f32,
+    physical [T, K] global slot ids), or the built-in router's inputs, which the exchange routes itself (the
+    peer-to-peer dispatch kernel does, one launch fewer) or through `resolve`."""
+
+    weights: torch.Tensor | None = None
+    physical: torch.Tensor | None = None
+    router: RouterInputs | None = None
+
+    def resolve(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (weights, physical), routing now if they are not yet."""
+        if self.router is not None:
+            weights, physical, _ = self.router.route()
+            return weights, physical
+        assert self.weights is not None and self.physical is not None
+        return self.weights, self.physical
 
 
 # (hidden [T, H], w13 [S, 2I, H], w2 [S, H, I], topk_weights [T, K] f32, topk_slots [T, K] int32) -> [T, H]
@@ -96,7 +115,7 @@ class ExpertSlots:
         # re-points this at a row of its per-step buffer.
         self.expert_load = torch.zeros(layout.num_physical, dtype=torch.long, device=device)
         # Set by elastic.distributed.expert_parallel when experts are spread over several ranks
-        # (moe, slots, hidden, weights, physical, unreduced=...) -> output.
+        # (moe, slots, hidden, routing: Routing, unreduced=...) -> output.
         self.ep_comm: Callable[..., torch.Tensor | UnreducedRows] | None = None
         self.set_placement(torch.arange(layout.num_physical, device="cpu") % num_logical)
 
@@ -241,7 +260,7 @@ class FusedMoE(nn.Module):
                 unreduced_ok: bool = False) -> torch.Tensor | UnreducedRows:
         # hidden [T, H]; router_logits [T, E] -> [T, H]. `unreduced_ok`: the caller hands the output straight to
         # an RMSNorm, so an expert-parallel exchange may leave its per-rank blocks unsummed (UnreducedRows).
-        # One kernel on CUDA: softmax/top-k, replica choice (token index % replica count), the
+        # One kernel on CUDA routes: softmax/top-k, replica choice (token index % replica count), the
         # logical->physical gather, the expert-load count and the local-slot mask.
         ctx = get_forward_context()
         slots = self.staged if ctx.use_staged and self.staged is not None else self.live
@@ -250,13 +269,15 @@ class FusedMoE(nn.Module):
             topk_weights, ids = self.router(router_logits)
             physical, local = ids_to_slots(ids, slots.logical_to_physical, slots.logical_replica_count, load,
                                            slots.first_slot, slots.slots_per_rank, ctx.num_valid_tokens)
+            routing = Routing(topk_weights, physical)
         else:
-            topk_weights, physical, local = route_to_slots(
-                router_logits, self.top_k, self.renormalize, slots.logical_to_physical,
-                slots.logical_replica_count, load, slots.first_slot, slots.slots_per_rank,
-                num_valid=ctx.num_valid_tokens)  # [T, K] f32, [T, K] int64 global, [T, K] int32
+            routing = Routing(router=RouterInputs(router_logits, self.top_k, self.renormalize,
+                                                  slots.logical_to_physical, slots.logical_replica_count, load,
+                                                  ctx.num_valid_tokens))
         if slots.ep_comm is not None:
-            return slots.ep_comm(self, slots, hidden, topk_weights, physical, unreduced=unreduced_ok)
+            return slots.ep_comm(self, slots, hidden, routing, unreduced=unreduced_ok)
+        if routing.router is not None:  # [T, K] f32, [T, K] int64 global, [T, K] int32
+            topk_weights, physical, local = routing.router.route(slots.first_slot, slots.slots_per_rank)
         return self.backend(hidden, slots.w13, slots.w2, topk_weights, local)
 
     def compute_local(self, slots: ExpertSlots, hidden: torch.Tensor, topk_weights: torch.Tensor,
