@@ -73,11 +73,13 @@ class Barrier:
     abort: torch.Tensor
 
 
-def _programs(rows: int) -> int:
-    """Programs per destination rank: one per row up to _MAX_PROGRAMS (every decode batch), then each program
-    loops over rows. Every program ends in a system-scope arrival atomic, so a prefill chunk of thousands of
-    rows must not mean thousands of programs."""
-    return max(1, min(rows, _MAX_PROGRAMS))
+def _grid(rows: int, world: int) -> tuple[int, int]:
+    """(programs, destination columns): a program per row up to _MAX_PROGRAMS (every decode batch), then each
+    program loops over rows (every program ends in an arrival atomic, so a prefill chunk of thousands of rows
+    must not mean thousands of programs); a column per destination rank, except for one row per rank: then a
+    single program serves every destination and its barrier needs no arrival count (a lone request's step)."""
+    programs = max(1, min(rows, _MAX_PROGRAMS))
+    return programs, (world if programs > 1 else 1)
 
 
 def _row_major(t: torch.Tensor) -> torch.Tensor:
@@ -109,7 +111,7 @@ def p2p_dispatch(hidden: torch.Tensor, physical: torch.Tensor | None, weights: t
         top_k, route_args, route_meta = router.top_k, _route_args(router), _route_meta(router)
         physical = weights = router.logits  # unused
         warps = 1  # as the route kernel's: a row's top-k rounds reduce within one warp
-    p2p_dispatch_kernel[(_programs(rows), world)](
+    p2p_dispatch_kernel[_grid(rows, world)](
         hidden, physical, weights, tokens_table, weights_table, ids_table, barrier.pad_table, barrier.sequence,
         barrier.arrivals, barrier.abort, hidden.shape[0], rows, rank, world, slots_per_rank, int(sync),
         hidden.stride(0), physical.stride(0), weights.stride(0), *route_args, H=hidden.shape[1], K=top_k,
@@ -152,7 +154,7 @@ def p2p_combine_push(partial: torch.Tensor, combine_table: torch.Tensor, out_dty
     if pair_ids is not None:
         assert pair_ids.dtype == torch.int32 and partial.shape[0] == pair_ids.numel()
     hidden_size = partial.shape[1]
-    p2p_combine_push_kernel[(_programs(rows), world)](
+    p2p_combine_push_kernel[_grid(rows, world)](
         partial.contiguous(), pair_ids.contiguous() if pair_ids is not None else combine_table, combine_table,
         barrier.pad_table, barrier.sequence, barrier.arrivals, barrier.abort, rows, rank, world, int(sync),
         H=hidden_size, PAIRS=pairs, OUT=tl_dtype(out_dtype), BLOCK_H=min(_BLOCK_H, next_pow2(hidden_size)),

@@ -27,10 +27,11 @@ def _peer(table, rank, dtype: tl.constexpr):
 
 
 @triton.jit
-def _barrier(pad_table, sequence, abort, rank, world):
+def _barrier(pad_table, sequence, passed, abort, rank, world):
     # Scalar code, run by one CTA of this rank. `sequence` counts this rank's barriers on the device, so
-    # CUDA-graph replays advance it too.
-    n = tl.load(sequence) + 1
+    # CUDA-graph replays advance it too; `passed` is its value, read when the kernel started (only the CTA
+    # running a barrier writes it, and only after every other CTA of its grid is done).
+    n = passed + 1
     tl.store(sequence, n)
     # Release: everything this CTA has observed (the kernel's stores, see _arrive) is visible to a rank that
     # sees n. Tell every other rank that this rank reached barrier n.
@@ -52,26 +53,32 @@ def _barrier(pad_table, sequence, abort, rank, world):
 
 
 @triton.jit
-def _arrive(arrivals, pad_table, sequence, abort, rank, world, sync):
+def _arrive(arrivals, pad_table, sequence, passed, abort, rank, world, sync):
     # Every CTA, after its stores: count it; the last CTA of the grid runs the barrier (when `sync`), so no
     # CTA ever waits for a CTA that may not be resident. bar.sync first: the stores of every thread of this
-    # CTA precede (CTA scope) the one thread's release below.
+    # CTA precede (CTA scope) the one thread's release below. -> whether this CTA was the last.
     tl.debug_barrier()
     total = tl.num_programs(0) * tl.num_programs(1)
-    # acq_rel at GPU scope: releases this CTA's stores; the last CTA's acquire reads the end of the RMW chain,
-    # so it synchronizes with every earlier CTA's release, and its system-scope release in the barrier passes
-    # them all on (causality is transitive across scopes). System scope here cost ~1.5 us per kernel.
-    arrived = tl.atomic_add(arrivals, 1, sem="acq_rel", scope="gpu")
-    if arrived == total - 1:
-        # Every other CTA of this grid has counted itself: reset for the next kernel on this stream (it
-        # starts after this one ends; a reset on the device keeps CUDA-graph replays right).
-        tl.store(arrivals, 0)
+    last = total == 1  # a grid of one program (one row per rank) counts nothing: no atomic on the way
+    if total > 1:
+        # acq_rel at GPU scope: releases this CTA's stores; the last CTA's acquire reads the end of the RMW
+        # chain, so it synchronizes with every earlier CTA's release, and its system-scope release in the
+        # barrier passes them all on (causality is transitive across scopes). System scope here cost ~1.5 us
+        # per kernel.
+        arrived = tl.atomic_add(arrivals, 1, sem="acq_rel", scope="gpu")
+        last = arrived == total - 1
+        if last:
+            # Every other CTA of this grid has counted itself: reset for the next kernel on this stream (it
+            # starts after this one ends; a reset on the device keeps CUDA-graph replays right).
+            tl.store(arrivals, 0)
+    if last:
         if sync != 0:
-            _barrier(pad_table, sequence, abort, rank, world)
+            _barrier(pad_table, sequence, passed, abort, rank, world)
+    return last
 
 
 @triton.jit
-def _row_slots(row, dst, physical, weights, stride_physical, stride_weights, logits, stride_logits, l2p, counts,
+def _row_slots(row, count_load, physical, weights, stride_physical, stride_weights, logits, stride_logits, l2p, counts,
                load, valid, stride_l2p, E, K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
                ROUTE: tl.constexpr, RENORM: tl.constexpr, RECORD: tl.constexpr, HAS_VALID: tl.constexpr):
     # Row `row`'s global slots [BLOCK_K] int64 (-1: none) and routing weights [BLOCK_K] f32: routed here from the
@@ -83,7 +90,7 @@ def _row_slots(row, dst, physical, weights, stride_physical, stride_weights, log
         w, ids = softmax_topk(logits, offs_t, offs_t >= 0, E, stride_logits, K, RENORM, 1, BLOCK_E, BLOCK_K)
         phys = physical_slots(ids, offs_t, mask, l2p, counts, valid, stride_l2p, HAS_VALID)
         if RECORD:
-            if dst == 0:  # every destination's program routes the row; one of them counts it
+            if count_load:  # each destination column's program routes the row; the first counts it
                 tl.atomic_add(load + phys, tl.full((1, BLOCK_K), 1, tl.int64), mask=mask & (phys >= 0))
         slots = tl.reshape(phys, (BLOCK_K,))
         weight = tl.reshape(w, (BLOCK_K,))
@@ -122,27 +129,29 @@ def p2p_dispatch_kernel(hidden, physical, weights, tokens_table, weights_table, 
                         BLOCK_E: tl.constexpr, ROUTE: tl.constexpr, RENORM: tl.constexpr, RECORD: tl.constexpr,
                         HAS_VALID: tl.constexpr, USE_PDL: tl.constexpr = False):
     pdl_enter(USE_PDL)  # first: see pdl_triton.py
-    # grid (programs, world): this rank's row `row` goes to rank `dst` at row rank * rows + row of its
-    # buffers, each program taking every programs-th row; then the barrier (the grid has a CTA even when
-    # rows == 0, so every step passes it). ROUTE: the rows' slots and weights come from the router's logits
-    # here (physical and weights unused), else from the route kernel's output (logits .. valid unused).
-    dst = tl.program_id(1)
+    passed = tl.load(sequence)  # now, off the barrier's path
+    # grid (programs, world or 1): this rank's row `row` goes to rank `dst` at row rank * rows + row of its
+    # buffers, each program taking every programs-th row, and every destination (one column) or one each;
+    # then the barrier (the grid has a CTA even when rows == 0, so every step passes it). ROUTE: the rows'
+    # slots and weights come from the router's logits here (physical and weights unused), else from the
+    # route kernel's output (logits .. valid unused).
     k = tl.arange(0, BLOCK_K)
     for row in range(tl.program_id(0), rows, tl.num_programs(0)):
         out_row = (rank * rows + row).to(tl.int64)
-        tokens = _peer(tokens_table, dst, hidden.dtype.element_ty) + out_row * H
-        out_weights = _peer(weights_table, dst, tl.float32) + out_row * K
-        out_ids = _peer(ids_table, dst, tl.int32) + out_row * K
         if row < num_tokens:
-            slots, weight = _row_slots(row, dst, physical, weights, stride_physical, stride_weights, logits,
-                                       stride_logits, l2p, counts, load, valid, stride_l2p, E, K, BLOCK_K, BLOCK_E,
-                                       ROUTE, RENORM, RECORD, HAS_VALID)
+            slots, weight = _row_slots(row, tl.program_id(1) == 0, physical, weights, stride_physical,
+                                       stride_weights, logits, stride_logits, l2p, counts, load, valid, stride_l2p,
+                                       E, K, BLOCK_K, BLOCK_E, ROUTE, RENORM, RECORD, HAS_VALID)
+        else:  # padding up to the step's largest rank: no expert, so it contributes nothing anywhere
+            slots = tl.full((BLOCK_K,), -1, tl.int64)
+            weight = tl.zeros((BLOCK_K,), tl.float32)
+        for dst in range(tl.program_id(1), world, tl.num_programs(1)):
+            tokens = _peer(tokens_table, dst, hidden.dtype.element_ty) + out_row * H
+            out_weights = _peer(weights_table, dst, tl.float32) + out_row * K
+            out_ids = _peer(ids_table, dst, tl.int32) + out_row * K
             _dispatch_row(hidden, slots, weight, tokens, out_weights, out_ids, row, dst, slots_per_rank,
                           stride_hidden, H, K, BLOCK_H, BLOCK_K)
-        else:  # padding up to the step's largest rank: no expert, so it contributes nothing anywhere
-            tl.store(out_ids + k, tl.full((BLOCK_K,), -1, tl.int32), mask=k < K)
-            tl.store(out_weights + k, tl.zeros((BLOCK_K,), tl.float32), mask=k < K)
-    _arrive(arrivals, pad_table, sequence, abort, rank, world, sync)
+    _arrive(arrivals, pad_table, sequence, passed, abort, rank, world, sync)
 
 
 @triton.jit(do_not_specialize=["rows", "rank", "world", "sync"])
@@ -150,14 +159,20 @@ def p2p_combine_push_kernel(partial, pair_ids, combine_table, pad_table, sequenc
                             sync, H: tl.constexpr, PAIRS: tl.constexpr, OUT: tl.constexpr, BLOCK_H: tl.constexpr,
                             BLOCK_P: tl.constexpr, USE_PDL: tl.constexpr = False):
     pdl_enter(USE_PDL)  # first: see pdl_triton.py
-    # grid (programs, world): rows [dst * rows, (dst + 1) * rows) of this rank's results belong to rank `dst`;
-    # they land, as OUT (the buffer's dtype), at rows [rank * rows, ...) of its combine buffer, each program
-    # taking every programs-th row. Then the barrier. PAIRS > 1: `partial` holds each row's PAIRS (token, k)
-    # contributions, [rows * PAIRS, H], summed here in fp32 over those whose pair_ids >= 0 (the others were
-    # never written); PAIRS == 1: `partial` [rows, H] holds the sums already (pair_ids unused).
-    dst = tl.program_id(1)
+    passed = tl.load(sequence)  # now, off the barrier's path
+    # grid (programs, world or 1): rows [dst * rows, (dst + 1) * rows) of this rank's results belong to rank
+    # `dst`; they land, as OUT (the buffer's dtype), at rows [rank * rows, ...) of its combine buffer, each
+    # program taking every programs-th row, of one destination (a column each) or of all. Then the barrier.
+    # PAIRS > 1: `partial` holds each row's PAIRS (token, k) contributions, [rows * PAIRS, H], summed here in
+    # fp32 over those whose pair_ids >= 0 (the others were never written); PAIRS == 1: `partial` [rows, H] holds
+    # the sums already (pair_ids unused).
     offs_p = tl.arange(0, BLOCK_P)
-    for row in range(tl.program_id(0), rows, tl.num_programs(0)):
+    # (dst, row) pairs flattened, dst-major, spread over the grid's programs flattened (a column of programs
+    # per destination: program (p, dst) starts at dst * rows + p).
+    for index in range(tl.program_id(1) * tl.num_programs(0) + tl.program_id(0), world * rows,
+                       tl.num_programs(0) * tl.num_programs(1)):
+        dst = index // rows
+        row = index % rows
         src = (dst * rows + row).to(tl.int64)
         combine = _peer(combine_table, dst, OUT) + (rank * rows + row).to(tl.int64) * H
         if PAIRS > 1:
@@ -172,7 +187,7 @@ def p2p_combine_push_kernel(partial, pair_ids, combine_table, pad_table, sequenc
             else:
                 total = tl.load(partial + src * H + offs, mask=offs < H)
             tl.store(combine + offs, total.to(OUT), mask=offs < H)
-    _arrive(arrivals, pad_table, sequence, abort, rank, world, sync)
+    _arrive(arrivals, pad_table, sequence, passed, abort, rank, world, sync)
 
 
 @triton.jit(do_not_specialize=["rows", "world"])

@@ -242,7 +242,7 @@ def test_unreduced_output_summed_in_the_next_norm(triton_on_cpu: None) -> None:
         assert torch.equal(results[rank, "residual"], results[rank, "residual_ref"]), rank
 
 
-@pytest.mark.parametrize("tokens,max_programs", [((3, 0), 512), ((2, 3), 512), ((2, 3), 1)])
+@pytest.mark.parametrize("tokens,max_programs", [((3, 0), 512), ((1, 0), 512), ((2, 3), 512), ((2, 3), 1)])
 def test_dispatch_routes_the_rows_itself(triton_on_cpu: None, monkeypatch: pytest.MonkeyPatch,
                                          tokens: tuple[int, int], max_programs: int) -> None:
     """The router's logits routed inside the dispatch kernel (one launch a layer fewer) give the outputs and the
