@@ -50,15 +50,20 @@ All launches are fixed-shape kernels with no host sync, so a decode step capture
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ._backend import cdiv, next_pow2, pdl, tl_dtype
 from .routing import RouterInputs
 
+if TYPE_CHECKING:
+    from .moe_triton import Alignment
+
 _BLOCK_H = 1024
 _MAX_PROGRAMS = 512  # per destination rank: a program per row for every decode batch (graphs go up to 512)
 _MAX_ROUTED_EXPERTS = 4096  # as routing.route_to_slots: more logits than one program routes
+_ONE_WARP_PAIRS = 256  # a dispatch that aligns more (token, k) pairs than this runs 4 warps
 
 
 @dataclass(frozen=True)
@@ -88,12 +93,15 @@ def _row_major(t: torch.Tensor) -> torch.Tensor:
 
 def p2p_dispatch(hidden: torch.Tensor, physical: torch.Tensor | None, weights: torch.Tensor | None,
                  tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor], barrier: Barrier, rows: int, rank: int,
-                 slots_per_rank: int, sync: bool = True, router: RouterInputs | None = None) -> None:
+                 slots_per_rank: int, sync: bool = True, router: RouterInputs | None = None,
+                 aligned: tuple[torch.Tensor, Alignment] | None = None) -> None:
     """hidden [T, H], physical [T, K] global slot ids (any int dtype), weights [T, K] (cast to f32 in the
     kernel) -> every rank's tokens/weights/ids (tables: their addresses [W] each), then the barrier if `sync`.
     T <= rows; rank d's slots are [d * slots_per_rank, (d + 1) * slots_per_rank). With `router` instead of
     physical and weights, the rows are routed (route_to_slots, load counted) in this kernel when every row has its
-    own program (decode steps), by the route kernel first otherwise."""
+    own program (decode steps), by the route kernel first otherwise. `aligned` (this rank's ids buffer [W * rows,
+    K] and its empty Alignment): the kernel then also aligns every rank's ids there for the experts (one
+    launch fewer)."""
     from .ep_p2p_triton import p2p_dispatch_kernel
 
     if router is not None and (rows > _MAX_PROGRAMS or router.logits.shape[1] > _MAX_ROUTED_EXPERTS):
@@ -106,17 +114,30 @@ def p2p_dispatch(hidden: torch.Tensor, physical: torch.Tensor | None, weights: t
     hidden = _row_major(hidden)
     if router is None:
         physical, weights = _row_major(physical), _row_major(weights)  # type: ignore[arg-type]
-        top_k, route_args, route_meta, warps = physical.shape[1], _unrouted_args(physical), _UNROUTED_META, 4
+        top_k, route_args, route_meta = physical.shape[1], _unrouted_args(physical), _UNROUTED_META
     else:
         top_k, route_args, route_meta = router.top_k, _route_args(router), _route_meta(router)
         physical = weights = router.logits  # unused
-        warps = 1  # as the route kernel's: a row's top-k rounds reduce within one warp
+    align_args, align_meta = _align_args(aligned, physical)
+    # One warp where a row's top-k rounds then reduce within it (as the route kernel's) and the alignment is small.
+    small = router is not None and (aligned is None or aligned[1].num_pairs <= _ONE_WARP_PAIRS)
     p2p_dispatch_kernel[_grid(rows, world)](
         hidden, physical, weights, tokens_table, weights_table, ids_table, barrier.pad_table, barrier.sequence,
         barrier.arrivals, barrier.abort, hidden.shape[0], rows, rank, world, slots_per_rank, int(sync),
-        hidden.stride(0), physical.stride(0), weights.stride(0), *route_args, H=hidden.shape[1], K=top_k,
-        BLOCK_H=min(_BLOCK_H, next_pow2(hidden.shape[1])), BLOCK_K=next_pow2(top_k), **route_meta,
-        num_warps=warps, **pdl(hidden))
+        hidden.stride(0), physical.stride(0), weights.stride(0), *route_args, *align_args, H=hidden.shape[1],
+        K=top_k, BLOCK_H=min(_BLOCK_H, next_pow2(hidden.shape[1])), BLOCK_K=next_pow2(top_k), **route_meta,
+        **align_meta, num_warps=1 if small else 4, **pdl(hidden))
+
+
+def _align_args(aligned: tuple[torch.Tensor, Alignment] | None, dummy: torch.Tensor) -> tuple[tuple, dict]:
+    """The dispatch kernel's alignment arguments (ids_here, cursor, sorted_ids, block_slot, P, S, num_blocks)
+    and constexprs."""
+    if aligned is None:
+        return (dummy,) * 4 + (0, 0, 0), dict(ALIGN=False, BLOCK_M=1, BLOCK=1, BLOCK_S=1, BLOCK_B=1)
+    ids_here, alignment = aligned
+    assert ids_here.dtype == torch.int32 and ids_here.is_contiguous() and ids_here.numel() == alignment.num_pairs
+    assert alignment.in_one_program
+    return (ids_here,) + alignment.args(), dict(ALIGN=True, **alignment.meta())
 
 
 def _route_args(router: RouterInputs) -> tuple:

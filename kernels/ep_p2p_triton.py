@@ -17,6 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .moe_triton import align_in_one_program
 from .pdl_triton import pdl_enter
 from .routing_triton import physical_slots, softmax_topk
 
@@ -121,20 +122,25 @@ def _dispatch_row(hidden, slots, weight, tokens, out_weights, out_ids, row, dst,
     tl.store(out_weights + k, weight, mask=k < K)
 
 
-@triton.jit(do_not_specialize=["num_tokens", "rows", "rank", "world", "slots_per_rank", "sync", "E"])
+@triton.jit(do_not_specialize=["num_tokens", "rows", "rank", "world", "slots_per_rank", "sync", "E",
+                             "num_pairs", "num_slots", "num_blocks"])
 def p2p_dispatch_kernel(hidden, physical, weights, tokens_table, weights_table, ids_table, pad_table, sequence,
                         arrivals, abort, num_tokens, rows, rank, world, slots_per_rank, sync, stride_hidden,
                         stride_physical, stride_weights, logits, stride_logits, l2p, counts, load, valid, stride_l2p,
-                        E, H: tl.constexpr, K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                        E, ids_here, cursor, sorted_ids, block_slot, num_pairs, num_slots, num_blocks,
+                        H: tl.constexpr, K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                         BLOCK_E: tl.constexpr, ROUTE: tl.constexpr, RENORM: tl.constexpr, RECORD: tl.constexpr,
-                        HAS_VALID: tl.constexpr, USE_PDL: tl.constexpr = False):
+                        HAS_VALID: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr,
+                        BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr, USE_PDL: tl.constexpr = False):
     pdl_enter(USE_PDL)  # first: see pdl_triton.py
     passed = tl.load(sequence)  # now, off the barrier's path
     # grid (programs, world or 1): this rank's row `row` goes to rank `dst` at row rank * rows + row of its
     # buffers, each program taking every programs-th row, and every destination (one column) or one each;
     # then the barrier (the grid has a CTA even when rows == 0, so every step passes it). ROUTE: the rows'
     # slots and weights come from the router's logits here (physical and weights unused), else from the
-    # route kernel's output (logits .. valid unused).
+    # route kernel's output (logits .. valid unused). ALIGN: the CTA that ran the barrier then aligns every
+    # rank's slot ids now in this rank's buffer (ids_here, num_pairs of them) for the experts, as the
+    # fused MoE's one-program align kernel would (cursor .. num_blocks, BLOCK_M .. BLOCK_B: its arguments).
     k = tl.arange(0, BLOCK_K)
     for row in range(tl.program_id(0), rows, tl.num_programs(0)):
         out_row = (rank * rows + row).to(tl.int64)
@@ -151,7 +157,12 @@ def p2p_dispatch_kernel(hidden, physical, weights, tokens_table, weights_table, 
             out_ids = _peer(ids_table, dst, tl.int32) + out_row * K
             _dispatch_row(hidden, slots, weight, tokens, out_weights, out_ids, row, dst, slots_per_rank,
                           stride_hidden, H, K, BLOCK_H, BLOCK_K)
-    _arrive(arrivals, pad_table, sequence, passed, abort, rank, world, sync)
+    last = _arrive(arrivals, pad_table, sequence, passed, abort, rank, world, sync)
+    if ALIGN:
+        if last:
+            tl.debug_barrier()  # every thread of the CTA reads after the barrier's acquire
+            align_in_one_program(ids_here, cursor, sorted_ids, block_slot, num_pairs, num_slots, num_blocks,
+                                 BLOCK_M, BLOCK, BLOCK_S, BLOCK_B)
 
 
 @triton.jit(do_not_specialize=["rows", "rank", "world", "sync"])

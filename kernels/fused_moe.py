@@ -9,7 +9,7 @@ gets zeros). Slots index the S physical expert slots of this rank.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,9 @@ import torch.nn.functional as F
 from ._backend import use_triton
 from .moe_config import MoEConfig, get_moe_config
 from .routing import topk_route, topk_route_reference  # noqa: F401  (re-exported)
+
+if TYPE_CHECKING:
+    from .moe_triton import Alignment
 
 # fp32 activations would make tl.dot fall back to TF32; they take the (exact) reference path.
 _TRITON_DTYPES = (torch.bfloat16, torch.float16)
@@ -75,20 +78,40 @@ def _prepared(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_sl
 
 
 def fused_moe_pairs(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                    topk_weights: torch.Tensor, topk_slots: torch.Tensor) -> Optional[torch.Tensor]:
+                    topk_weights: torch.Tensor, topk_slots: torch.Tensor,
+                    aligned: Optional[Alignment] = None) -> Optional[torch.Tensor]:
     """fused_moe without its last step: -> pair_out [T*K, H] in hidden's dtype, row t*K+k holding
     weights[t,k] * expert(slots[t,k])(hidden[t]), for a caller that sums the pairs itself (the
     expert-parallel exchange, as it sends each token's sum back). Rows of pairs whose slot is < 0
     are NOT written: read only those with slots[t,k] >= 0. None where only the reference runs
-    (fp32, no Triton): the caller then takes fused_moe's sums."""
+    (fp32, no Triton): the caller then takes fused_moe's sums. `aligned`: topk_slots' alignment,
+    done already by the kernel that wrote them (see pairs_alignment)."""
     _check_shapes(hidden, w13, w2, topk_weights, topk_slots)
-    if not use_triton(hidden) or hidden.dtype not in _TRITON_DTYPES or hidden.shape[0] == 0:
+    if not _pairs_on_triton(hidden.shape[0], hidden.dtype, hidden):
         return None
     from .moe_triton import fused_moe_pairs_triton
 
     hidden, w13, w2, config = _prepared(hidden, w13, w2, topk_slots, None)
     return fused_moe_pairs_triton(hidden, w13, w2, topk_weights.to(torch.float32).contiguous(),
-                                  topk_slots.to(torch.int32).contiguous(), config)
+                                  topk_slots.to(torch.int32).contiguous(), config, aligned)
+
+
+def _pairs_on_triton(num_rows: int, dtype: torch.dtype, where: torch.Tensor) -> bool:
+    return use_triton(where) and dtype in _TRITON_DTYPES and num_rows > 0
+
+
+def pairs_alignment(num_rows: int, top_k: int, w13: torch.Tensor, w2: torch.Tensor,
+                    dtype: torch.dtype) -> Optional[Alignment]:
+    """Empty buffers of the alignment fused_moe_pairs would make for num_rows x top_k slot ids, for a kernel
+    that writes those ids and aligns them as it ends (the expert-parallel dispatch: one launch fewer); None
+    where fused_moe_pairs takes another path or its alignment spans several programs."""
+    if not _pairs_on_triton(num_rows, dtype, w13):
+        return None
+    from .moe_triton import Alignment
+
+    config = get_moe_config(num_rows, top_k, w13.shape[0], w2.shape[2], dtype, w13.device)
+    aligned = Alignment.empty(num_rows * top_k, w13.shape[0], config["BLOCK_M"], w13.device)
+    return aligned if aligned.in_one_program else None
 
 
 def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,

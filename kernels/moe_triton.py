@@ -14,6 +14,7 @@ whole layer runs without a host sync and can be captured in a CUDA graph.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -70,6 +71,15 @@ def _moe_align_one_cta_kernel(slots_ptr, cursor_ptr, sorted_ids_ptr, block_slot_
                               BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr, USE_PDL: tl.constexpr = False):
     """Whole alignment in one program (one launch: what small batches want)."""
     pdl_enter(USE_PDL)  # first: see pdl_triton.py
+    align_in_one_program(slots_ptr, cursor_ptr, sorted_ids_ptr, block_slot_ptr, P, S, num_blocks, BLOCK_M, BLOCK,
+                         BLOCK_S, BLOCK_B)
+
+
+@triton.jit
+def align_in_one_program(slots_ptr, cursor_ptr, sorted_ids_ptr, block_slot_ptr, P, S, num_blocks,
+                         BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr):
+    # The whole alignment of slots [P] (int32, < 0 or >= S: skipped) by the calling program; cursor [S] scratch.
+    # (Also the tail of the expert-parallel dispatch kernel, once every rank's slot ids are in.)
     offs_s = tl.arange(0, BLOCK_S)
     counts = tl.zeros([BLOCK_S], dtype=tl.int32)
     skipped = tl.zeros([BLOCK], dtype=tl.int32)
@@ -132,6 +142,43 @@ def _moe_scatter_kernel(slots_ptr, cursor_ptr, sorted_ids_ptr, P, S, BLOCK: tl.c
     tl.store(sorted_ids_ptr + pos, offs, mask=ok)
 
 
+@dataclass(frozen=True)
+class Alignment:
+    """The outputs of aligning P (token, k) pairs over S slots in BLOCK_M-row blocks (sorted_ids [nb*BLOCK_M],
+    block_slot [nb], int32; cursor [S] scratch) and the one-program align's shapes: what the up and down
+    GEMMs read, for a kernel that aligns as it ends (the expert-parallel dispatch)."""
+
+    sorted_ids: torch.Tensor
+    block_slot: torch.Tensor
+    cursor: torch.Tensor
+    num_pairs: int
+    num_slots: int
+    block_m: int
+
+    @staticmethod
+    def empty(num_pairs: int, num_slots: int, block_m: int, device: torch.device) -> Alignment:
+        nb = max_num_blocks(num_pairs, num_slots, block_m)
+        return Alignment(_alloc(nb * block_m, dtype=torch.int32, device=device),
+                         _alloc(nb, dtype=torch.int32, device=device),
+                         _alloc(num_slots, dtype=torch.int32, device=device), num_pairs, num_slots, block_m)
+
+    @property
+    def in_one_program(self) -> bool:
+        return self.num_pairs <= _ONE_CTA_MAX_PAIRS
+
+    def args(self) -> tuple:
+        """(cursor, sorted_ids, block_slot, P, S, num_blocks) of align_in_one_program."""
+        return (self.cursor, self.sorted_ids, self.block_slot, self.num_pairs, self.num_slots,
+                self.block_slot.shape[0])
+
+    def meta(self) -> dict:
+        """Its constexprs (BLOCK_M, BLOCK, BLOCK_S, BLOCK_B)."""
+        block_s = next_pow2(self.num_slots)
+        block_b = max(1, min(next_pow2(self.block_slot.shape[0]), 8192 // max(block_s, self.block_m)))
+        return dict(BLOCK_M=self.block_m, BLOCK=min(1024, next_pow2(self.num_pairs)), BLOCK_S=block_s,
+                    BLOCK_B=block_b)
+
+
 def moe_align(topk_slots: torch.Tensor, num_slots: int,
               block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """topk_slots [T, K] int32 -> (sorted_ids [nb*BLOCK_M] int32, block_slot [nb] int32)."""
@@ -139,17 +186,13 @@ def moe_align(topk_slots: torch.Tensor, num_slots: int,
     if slots.dtype != torch.int32 or not slots.is_contiguous():
         slots = slots.to(torch.int32).contiguous()
     P = slots.numel()
-    nb = max_num_blocks(P, num_slots, block_m)
     dev = slots.device
-    sorted_ids = _alloc(nb * block_m, dtype=torch.int32, device=dev)
-    block_slot = _alloc(nb, dtype=torch.int32, device=dev)
-    block_s = next_pow2(num_slots)
-    block_b = max(1, min(next_pow2(nb), 8192 // max(block_s, block_m)))
-    cursor = _alloc(num_slots, dtype=torch.int32, device=dev)
-    if P <= _ONE_CTA_MAX_PAIRS:
-        _moe_align_one_cta_kernel[(1,)](slots, cursor, sorted_ids, block_slot, P, num_slots, nb,
-                                        BLOCK_M=block_m, BLOCK=min(1024, next_pow2(P)),
-                                        BLOCK_S=block_s, BLOCK_B=block_b, num_warps=8, **pdl(slots))
+    plan = Alignment.empty(P, num_slots, block_m, dev)
+    sorted_ids, block_slot, cursor, nb = plan.sorted_ids, plan.block_slot, plan.cursor, plan.block_slot.shape[0]
+    meta = plan.meta()
+    block_s, block_b = meta["BLOCK_S"], meta["BLOCK_B"]
+    if plan.in_one_program:
+        _moe_align_one_cta_kernel[(1,)](slots, *plan.args(), **meta, num_warps=8, **pdl(slots))
         return sorted_ids, block_slot
     counts = torch.zeros(num_slots, dtype=torch.int32, device=dev)
     grid = (cdiv(P, 1024),)
@@ -321,12 +364,17 @@ def moe_sum(pair_out: torch.Tensor, topk_slots: torch.Tensor, num_slots: int,
 
 def fused_moe_pairs_triton(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                            topk_weights: torch.Tensor, topk_slots: torch.Tensor,
-                           config: MoEConfig) -> torch.Tensor:
+                           config: MoEConfig, aligned: Optional[Alignment] = None) -> torch.Tensor:
     """Steps 1-3: -> pair_out [T*K, H], the weighted contribution of each (token, k) pair; rows of
-    pairs whose slot is skipped are left unwritten. T > 0; topk_slots int32, topk_weights f32."""
+    pairs whose slot is skipped are left unwritten. T > 0; topk_slots int32, topk_weights f32.
+    `aligned`: step 1 done already (by the kernel that wrote topk_slots), with config's BLOCK_M."""
     K = topk_slots.shape[1]
     bm = config["BLOCK_M"]
-    sorted_ids, block_slot = moe_align(topk_slots, w13.shape[0], bm)
+    if aligned is not None:
+        assert aligned.block_m == bm and aligned.num_pairs == topk_slots.numel()
+        sorted_ids, block_slot = aligned.sorted_ids, aligned.block_slot
+    else:
+        sorted_ids, block_slot = moe_align(topk_slots, w13.shape[0], bm)
     inter = moe_up(hidden, w13, sorted_ids, block_slot, K, bm, config["up"])
     return moe_down(inter, w2, sorted_ids, block_slot, topk_weights, bm, config["down"])
 

@@ -53,8 +53,10 @@ class ExpertParallelComm:
         # experts take them as they are; the push sums each row's (row, k) pairs as it sends them: dispatch,
         # experts (align, up, down), push, reduce, and no glue kernel in between.
         assert slots.first_slot == self.exchange.rank * slots.slots_per_rank, "EP rank != the exchange's rank"
-        all_hidden, all_weights, all_ids = self.exchange.dispatch(hidden, routing, rows, slots.slots_per_rank, local)
-        pairs = moe.compute_local_pairs(slots, all_hidden, all_weights, all_ids)  # [W * rows * K, H] | None
+        aligned = moe.pairs_alignment(slots, self.exchange.world * rows)  # filled by the dispatch kernel
+        all_hidden, all_weights, all_ids = self.exchange.dispatch(hidden, routing, rows, slots.slots_per_rank, local,
+                                                                  aligned)
+        pairs = moe.compute_local_pairs(slots, all_hidden, all_weights, all_ids, aligned)  # [W*rows*K, H] | None
         if pairs is not None:
             return self.exchange.combine_into(pairs, hidden.shape[0], rows, local, pair_ids=all_ids,
                                               unreduced=unreduced)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import msgspec
 import torch
@@ -26,6 +27,9 @@ from elastic.distributed.host_exchange import on_one_host
 from elastic.kernels import ep_p2p
 from elastic.layers.moe import FusedMoE, Routing
 from elastic.layers.unreduced import UnreducedRows
+
+if TYPE_CHECKING:
+    from elastic.kernels.moe_triton import Alignment
 
 logger = logging.getLogger(__name__)
 
@@ -162,17 +166,19 @@ class PeerExchange:
 
     # ---- one MoE layer --------------------------------------------------------------------------------------
     def dispatch(self, hidden: torch.Tensor, routing: Routing, rows: int, slots_per_rank: int,
-                 local: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 local: bool = False, aligned: Alignment | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This rank's tokens to every rank, then the barrier (one kernel, which also routes them when `routing`
         holds the router's inputs); -> every rank's rows here: (hidden [W*rows, H], weights [W*rows, K] f32,
         ids [W*rows, K] int32: this rank's slot index, -1 for none), all contiguous. Global slot ids: rank d
         holds [d * slots_per_rank, (d + 1) * ...). `local`: a CUDA-graph warm-up (the same kernel, compiled
-        for these shapes, writes this rank's buffers only and waits for no one)."""
+        for these shapes, writes this rank's buffers only and waits for no one). `aligned`: empty buffers the
+        same kernel fills with the alignment of the ids it returns (FusedMoE.pairs_alignment)."""
         tables = self.local_tables if local else self.tables
+        n = self.world * rows
         ep_p2p.p2p_dispatch(hidden, routing.physical, routing.weights,
                             (tables["tokens"], tables["weights"], tables["ids"]), self.device_barrier, rows,
-                            self.rank, slots_per_rank, sync=not local, router=routing.router)
-        n = self.world * rows
+                            self.rank, slots_per_rank, sync=not local, router=routing.router,
+                            aligned=(self.views["ids"][:n], aligned) if aligned is not None else None)
         return self.views["tokens"][:n], self.views["weights"][:n], self.views["ids"][:n]
 
     def combine_into(self, partial: torch.Tensor, num_tokens: int, rows: int, local: bool = False,

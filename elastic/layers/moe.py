@@ -7,15 +7,19 @@ slot tensors; model code never changes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
 
 from elastic.forward_context import get_forward_context
 from elastic.kernels import fused_moe, fused_moe_pairs
+from elastic.kernels.fused_moe import pairs_alignment
 from elastic.kernels.routing import RouterInputs, ids_to_slots, slots_to_local
 from elastic.layers.unreduced import UnreducedRows
+
+if TYPE_CHECKING:
+    from elastic.kernels.moe_triton import Alignment
 
 # A model's own expert choice (e.g. DeepSeek's grouped top-k): router_logits [T, E] -> (weights [T, K] f32,
 # logical ids [T, K]); FusedMoE maps the ids to physical slots as for the built-in softmax top-k.
@@ -302,10 +306,18 @@ class FusedMoE(nn.Module):
         return self.backend(hidden, slots.w13, slots.w2, topk_weights, local_ids)
 
     def compute_local_pairs(self, slots: ExpertSlots, hidden: torch.Tensor, topk_weights: torch.Tensor,
-                            local_ids: torch.Tensor) -> torch.Tensor | None:
+                            local_ids: torch.Tensor, aligned: Alignment | None = None) -> torch.Tensor | None:
         """compute_local_ids before its sum over each row's K pairs: [N * K, H], row n*K+k the weighted output
         of slot local_ids[n, k] (unwritten where local_ids < 0), for an exchange that sums as it sends. None
-        where the backend has no such form (the torch reference; another backend): use compute_local_ids."""
+        where the backend has no such form (the torch reference; another backend): use compute_local_ids.
+        `aligned`: local_ids aligned already (pairs_alignment's buffers, filled by the exchange)."""
         if self.backend is not fused_moe:
             return None
-        return fused_moe_pairs(hidden, slots.w13, slots.w2, topk_weights, local_ids)
+        return fused_moe_pairs(hidden, slots.w13, slots.w2, topk_weights, local_ids, aligned)
+
+    def pairs_alignment(self, slots: ExpertSlots, num_rows: int) -> Alignment | None:
+        """Empty buffers for aligning num_rows rows' slot ids as compute_local_pairs would, for an exchange
+        whose dispatch kernel aligns them as it ends; None where it cannot (see kernels.pairs_alignment)."""
+        if self.backend is not fused_moe:
+            return None
+        return pairs_alignment(num_rows, self.top_k, slots.w13, slots.w2, slots.w13.dtype)
