@@ -64,6 +64,7 @@ _BLOCK_H = 1024
 _MAX_PROGRAMS = 512  # per destination rank: a program per row for every decode batch (graphs go up to 512)
 _MAX_ROUTED_EXPERTS = 4096  # as routing.route_to_slots: more logits than one program routes
 _ONE_WARP_PAIRS = 256  # a dispatch that aligns more (token, k) pairs than this runs 4 warps
+LL_MAX_ROWS = 2  # steps of at most this many rows per rank take the low-latency protocol (ep_ll_triton.py)
 
 
 @dataclass(frozen=True)
@@ -193,3 +194,69 @@ def p2p_combine_reduce(combine: torch.Tensor, num_tokens: int, rows: int, world:
         p2p_combine_reduce_kernel[(num_tokens, cdiv(hidden_size, block))](
             combine, out, rows, world, out.stride(0), H=hidden_size, BLOCK_H=block, num_warps=4, **pdl(out))
     return out
+
+
+# ---- the low-latency protocol (ep_ll_triton.py): steps of at most LL_MAX_ROWS rows per rank -------------------
+
+@dataclass(frozen=True)
+class LowLatencyTables:
+    """Every rank's receive regions of the low-latency protocol as address tables [W] int64, each region int64
+    words (4 bytes of data + the sequence number): tokens and combine [W * LL_MAX_ROWS, H * itemsize / 4],
+    ids and weights [W * LL_MAX_ROWS, K]."""
+
+    tokens: torch.Tensor
+    ids: torch.Tensor
+    weights: torch.Tensor
+    combine: torch.Tensor
+
+
+def _words(hidden_size: int, dtype: torch.dtype) -> int:
+    assert hidden_size * dtype.itemsize % 4 == 0, "rows must be whole 4-byte words"
+    return hidden_size * dtype.itemsize // 4
+
+
+def p2p_ll_dispatch(hidden: torch.Tensor, physical: torch.Tensor | None, weights: torch.Tensor | None,
+                    plain: tuple[torch.Tensor, torch.Tensor, torch.Tensor], tables: LowLatencyTables,
+                    barrier: Barrier, rows: int, rank: int, slots_per_rank: int, sync: bool = True,
+                    router: RouterInputs | None = None, aligned: Alignment | None = None) -> None:
+    """p2p_dispatch for rows <= LL_MAX_ROWS in one program and no barrier: every rank's rows end up in this
+    rank's plain buffers (tokens [W * cap, H], ids [.., K] int32, weights [.., K] f32); routed here with
+    `router`; `aligned`: then also aligned for the experts."""
+    from .ep_ll_triton import p2p_ll_dispatch_kernel
+
+    assert rows <= LL_MAX_ROWS and (router is None) == (physical is not None and weights is not None)
+    tokens, ids, weights_out = plain
+    hidden = _row_major(hidden)
+    if router is None:
+        physical, weights = _row_major(physical), _row_major(weights)  # type: ignore[arg-type]
+        top_k, route_args, route_meta = physical.shape[1], _unrouted_args(physical), _UNROUTED_META
+    else:
+        top_k, route_args, route_meta = router.top_k, _route_args(router), _route_meta(router)
+        physical = weights = router.logits  # unused
+    align_args, align_meta = _align_args((ids[:tables.tokens.shape[0] * rows], aligned) if aligned else None,
+                                         physical)
+    words = _words(hidden.shape[1], hidden.dtype)
+    p2p_ll_dispatch_kernel[(1,)](
+        hidden, physical, weights, tokens, ids, weights_out, tables.tokens, tables.ids, tables.weights,
+        barrier.sequence, barrier.abort, hidden.shape[0], rows, rank, tables.tokens.shape[0], slots_per_rank,
+        int(sync), hidden.stride(0) * hidden.dtype.itemsize // 4, physical.stride(0), weights.stride(0),
+        *route_args, *align_args[1:], H32=words, K=top_k, BLOCK_W=min(_BLOCK_H, next_pow2(words)),
+        BLOCK_K=next_pow2(top_k), **route_meta, **align_meta, num_warps=4, **pdl(hidden))
+
+
+def p2p_ll_push(partial: torch.Tensor, combine: torch.Tensor, tables: LowLatencyTables, barrier: Barrier,
+                num_tokens: int, rows: int, rank: int, sync: bool = True, pair_ids: torch.Tensor | None = None) -> None:
+    """p2p_combine_push for rows <= LL_MAX_ROWS in one program and no barrier: this rank's combine buffer
+    [W * cap, H] then holds every rank's results for its num_tokens rows (block s at rows [s * rows, ...))."""
+    from .ep_ll_triton import p2p_ll_push_kernel
+
+    assert rows <= LL_MAX_ROWS
+    pairs = 1 if pair_ids is None else pair_ids.shape[1]
+    if pair_ids is not None:
+        assert pair_ids.dtype == torch.int32 and partial.shape[0] == pair_ids.numel()
+    hidden_size = partial.shape[1]
+    p2p_ll_push_kernel[(1,)](
+        partial.contiguous(), pair_ids.contiguous() if pair_ids is not None else combine, combine, tables.combine,
+        barrier.sequence, barrier.abort, num_tokens, rows, rank, tables.combine.shape[0], int(sync), H=hidden_size,
+        H32=_words(hidden_size, combine.dtype), PAIRS=pairs, OUT=tl_dtype(combine.dtype),
+        BLOCK_H=min(_BLOCK_H, next_pow2(hidden_size)), BLOCK_P=next_pow2(pairs), num_warps=4, **pdl(partial))

@@ -23,7 +23,7 @@ from .routing_triton import physical_slots, softmax_topk
 
 
 @triton.jit
-def _peer(table, rank, dtype: tl.constexpr):
+def peer(table, rank, dtype: tl.constexpr):
     return tl.load(table + rank).to(tl.pointer_type(dtype))
 
 
@@ -36,21 +36,21 @@ def _barrier(pad_table, sequence, passed, abort, rank, world):
     tl.store(sequence, n)
     # Release: everything this CTA has observed (the kernel's stores, see _arrive) is visible to a rank that
     # sees n. Tell every other rank that this rank reached barrier n.
-    for peer in range(world):
-        if peer != rank:
-            tl.atomic_xchg(_peer(pad_table, peer, tl.int64) + rank, n, sem="release", scope="sys")
-    mine = _peer(pad_table, rank, tl.int64)
-    for peer in range(world):
-        if peer != rank:
+    for other in range(world):
+        if other != rank:
+            tl.atomic_xchg(peer(pad_table, other, tl.int64) + rank, n, sem="release", scope="sys")
+    mine = peer(pad_table, rank, tl.int64)
+    for other in range(world):
+        if other != rank:
             # Every thread polls with plain volatile loads: an acquire atomic per round would pass its value
             # between the threads through shared memory and a CTA barrier, each round (2 x H100: ~1.5 us per
             # barrier). One acquire load of the value seen then synchronizes with the peer's release.
-            seen = tl.load(mine + peer, volatile=True)
+            seen = tl.load(mine + other, volatile=True)
             stop = tl.load(abort, volatile=True)
             while (seen < n) & (stop == 0):
-                seen = tl.load(mine + peer, volatile=True)
+                seen = tl.load(mine + other, volatile=True)
                 stop = tl.load(abort, volatile=True)
-            tl.atomic_add(mine + peer, 0, sem="acquire", scope="sys")
+            tl.atomic_add(mine + other, 0, sem="acquire", scope="sys")
 
 
 @triton.jit
@@ -79,7 +79,7 @@ def _arrive(arrivals, pad_table, sequence, passed, abort, rank, world, sync):
 
 
 @triton.jit
-def _row_slots(row, count_load, physical, weights, stride_physical, stride_weights, logits, stride_logits, l2p, counts,
+def row_slots(row, count_load, physical, weights, stride_physical, stride_weights, logits, stride_logits, l2p, counts,
                load, valid, stride_l2p, E, K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
                ROUTE: tl.constexpr, RENORM: tl.constexpr, RECORD: tl.constexpr, HAS_VALID: tl.constexpr):
     # Row `row`'s global slots [BLOCK_K] int64 (-1: none) and routing weights [BLOCK_K] f32: routed here from the
@@ -92,7 +92,7 @@ def _row_slots(row, count_load, physical, weights, stride_physical, stride_weigh
         phys = physical_slots(ids, offs_t, mask, l2p, counts, valid, stride_l2p, HAS_VALID)
         if RECORD:
             if count_load:  # each destination column's program routes the row; the first counts it
-                tl.atomic_add(load + phys, tl.full((1, BLOCK_K), 1, tl.int64), mask=mask & (phys >= 0))
+                tl.atomic_add(load + phys, tl.full((1, BLOCK_K), 1, tl.int64), mask=mask & (phys >= 0), sem="relaxed")
         slots = tl.reshape(phys, (BLOCK_K,))
         weight = tl.reshape(w, (BLOCK_K,))
     else:
@@ -145,16 +145,16 @@ def p2p_dispatch_kernel(hidden, physical, weights, tokens_table, weights_table, 
     for row in range(tl.program_id(0), rows, tl.num_programs(0)):
         out_row = (rank * rows + row).to(tl.int64)
         if row < num_tokens:
-            slots, weight = _row_slots(row, tl.program_id(1) == 0, physical, weights, stride_physical,
+            slots, weight = row_slots(row, tl.program_id(1) == 0, physical, weights, stride_physical,
                                        stride_weights, logits, stride_logits, l2p, counts, load, valid, stride_l2p,
                                        E, K, BLOCK_K, BLOCK_E, ROUTE, RENORM, RECORD, HAS_VALID)
         else:  # padding up to the step's largest rank: no expert, so it contributes nothing anywhere
             slots = tl.full((BLOCK_K,), -1, tl.int64)
             weight = tl.zeros((BLOCK_K,), tl.float32)
         for dst in range(tl.program_id(1), world, tl.num_programs(1)):
-            tokens = _peer(tokens_table, dst, hidden.dtype.element_ty) + out_row * H
-            out_weights = _peer(weights_table, dst, tl.float32) + out_row * K
-            out_ids = _peer(ids_table, dst, tl.int32) + out_row * K
+            tokens = peer(tokens_table, dst, hidden.dtype.element_ty) + out_row * H
+            out_weights = peer(weights_table, dst, tl.float32) + out_row * K
+            out_ids = peer(ids_table, dst, tl.int32) + out_row * K
             _dispatch_row(hidden, slots, weight, tokens, out_weights, out_ids, row, dst, slots_per_rank,
                           stride_hidden, H, K, BLOCK_H, BLOCK_K)
     last = _arrive(arrivals, pad_table, sequence, passed, abort, rank, world, sync)
@@ -185,7 +185,7 @@ def p2p_combine_push_kernel(partial, pair_ids, combine_table, pad_table, sequenc
         dst = index // rows
         row = index % rows
         src = (dst * rows + row).to(tl.int64)
-        combine = _peer(combine_table, dst, OUT) + (rank * rows + row).to(tl.int64) * H
+        combine = peer(combine_table, dst, OUT) + (rank * rows + row).to(tl.int64) * H
         if PAIRS > 1:
             pair = src * PAIRS + offs_p
             here = tl.load(pair_ids + pair, mask=offs_p < PAIRS, other=-1) >= 0

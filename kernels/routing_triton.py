@@ -92,7 +92,7 @@ def _store_slots(ids, offs_t, out_mask, out_off, phys_ptr, local_ptr, l2p_ptr, c
     local = tl.where((phys >= 0) & (local >= 0) & (local < slots_per_rank), local, -1)
     if RECORD:
         ones = tl.full((BLOCK_T, BLOCK_K), 1, dtype=tl.int64)
-        tl.atomic_add(load_ptr + phys, ones, mask=out_mask & (phys >= 0))
+        tl.atomic_add(load_ptr + phys, ones, mask=out_mask & (phys >= 0), sem="relaxed")  # a count: no ordering
     tl.store(phys_ptr + out_off, phys, mask=out_mask)
     tl.store(local_ptr + out_off, local.to(tl.int32), mask=out_mask)
 

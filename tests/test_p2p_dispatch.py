@@ -203,15 +203,17 @@ def test_pairs_summed_as_sent_equal_the_experts_own_sums(triton_on_cpu: None, mo
         torch.testing.assert_close(results[rank, True].float(), single, rtol=2e-2, atol=2e-2)
 
 
-def test_unreduced_output_summed_in_the_next_norm(triton_on_cpu: None) -> None:
+@pytest.mark.parametrize("tokens", [(3, 1), (2, 1)])
+def test_unreduced_output_summed_in_the_next_norm(triton_on_cpu: None, tokens: tuple[int, int]) -> None:
     """A decode layer's output left as the combine buffer's per-rank blocks (UnreducedRows) and summed by the next
     RMSNorm's kernel: bit for bit the exchange's reduce kernel followed by the fused add + norm (fp16), with a
-    rank holding fewer rows than the step's largest (its blocks' tail is another rank's padding)."""
+    rank holding fewer rows than the step's largest (its blocks' tail is another rank's padding); (2, 1): the
+    low-latency protocol's combine."""
     from elastic.kernels.norm import fused_add_rms_norm
     from elastic.layers.norm import RMSNorm
     from elastic.layers.unreduced import UnreducedRows
 
-    world, tokens = 2, (3, 1)
+    world = 2
     g = torch.Generator().manual_seed(11)
     w13 = (torch.randn(EXPERTS, 2 * INTER, H, generator=g) / 4).half()
     w2 = (torch.randn(EXPERTS, H, INTER, generator=g) / 4).half()

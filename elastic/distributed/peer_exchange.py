@@ -64,9 +64,12 @@ class ExchangeShape:
 
     def regions(self) -> dict[str, tuple[int, tuple[int, ...], torch.dtype]]:
         """name -> (byte offset, shape, dtype) inside one rank's buffer."""
-        rows = self.world * self.capacity
+        rows, ll_rows = self.world * self.capacity, self.world * ep_p2p.LL_MAX_ROWS
+        words = self.hidden_size * self.dtype.itemsize // 4  # the low-latency regions: 4 data bytes a word
         shapes = {"tokens": ((rows, self.hidden_size), self.dtype), "weights": ((rows, self.top_k), torch.float32),
                   "ids": ((rows, self.top_k), torch.int32), "combine": ((rows, self.hidden_size), self.dtype),
+                  "ll_tokens": ((ll_rows, words), torch.int64), "ll_ids": ((ll_rows, self.top_k), torch.int64),
+                  "ll_weights": ((ll_rows, self.top_k), torch.int64), "ll_combine": ((ll_rows, words), torch.int64),
                   "pad": ((self.world,), torch.int64)}
         out, offset = {}, 0
         for name, (shape, dtype) in shapes.items():
@@ -101,6 +104,8 @@ class PeerExchange:
             views[name] = buffer[offset:offset + numel * dtype.itemsize].view(dtype).view(dims)
         self.tables, self.views = tables, views
         self.local_tables = {name: t[rank].repeat(self.world) for name, t in tables.items()}
+        self.ll_tables = ep_p2p.LowLatencyTables(tables["ll_tokens"], tables["ll_ids"], tables["ll_weights"],
+                                                 tables["ll_combine"])
         self.combine = views["combine"]
         self.sequence = torch.zeros(1, dtype=torch.int64, device=device)  # barriers passed (device counter)
         self.abort_flag = torch.zeros(1, dtype=torch.int32, device=device)
@@ -175,6 +180,12 @@ class PeerExchange:
         same kernel fills with the alignment of the ids it returns (FusedMoE.pairs_alignment)."""
         tables = self.local_tables if local else self.tables
         n = self.world * rows
+        if rows <= ep_p2p.LL_MAX_ROWS:  # a few rows: flagged words, no barrier (ep_ll_triton.py)
+            plain = (self.views["tokens"], self.views["ids"], self.views["weights"])
+            ep_p2p.p2p_ll_dispatch(hidden, routing.physical, routing.weights, plain, self.ll_tables,
+                                   self.device_barrier, rows, self.rank, slots_per_rank, sync=not local,
+                                   router=routing.router, aligned=aligned)
+            return self.views["tokens"][:n], self.views["weights"][:n], self.views["ids"][:n]
         ep_p2p.p2p_dispatch(hidden, routing.physical, routing.weights,
                             (tables["tokens"], tables["weights"], tables["ids"]), self.device_barrier, rows,
                             self.rank, slots_per_rank, sync=not local, router=routing.router,
@@ -188,8 +199,12 @@ class PeerExchange:
         summed as it is sent (the experts' own sum kernel left out). `unreduced`: -> the W blocks of this
         rank's combine buffer as they are, for the next norm to sum (no reduce kernel)."""
         tables = self.local_tables if local else self.tables
-        ep_p2p.p2p_combine_push(partial, tables["combine"], self.combine.dtype, self.device_barrier, rows, self.rank,
-                                sync=not local, pair_ids=pair_ids)
+        if rows <= ep_p2p.LL_MAX_ROWS:
+            ep_p2p.p2p_ll_push(partial, self.combine, self.ll_tables, self.device_barrier, num_tokens, rows, self.rank,
+                               sync=not local, pair_ids=pair_ids)
+        else:
+            ep_p2p.p2p_combine_push(partial, tables["combine"], self.combine.dtype, self.device_barrier, rows,
+                                    self.rank, sync=not local, pair_ids=pair_ids)
 
         def reduce() -> torch.Tensor:
             return ep_p2p.p2p_combine_reduce(self.combine, num_tokens, rows, self.world)
