@@ -50,8 +50,11 @@ class IdentityExperts:
                           ids: torch.Tensor) -> torch.Tensor:
         return hidden
 
+    def pairs_alignment(self, slots: object, num_rows: int) -> None:
+        return None  # no experts to align for
+
     def compute_local_pairs(self, slots: object, hidden: torch.Tensor, weights: torch.Tensor,
-                            ids: torch.Tensor) -> torch.Tensor:
+                            ids: torch.Tensor, aligned: object = None) -> torch.Tensor:
         # What the fused MoE hands the p2p push (one row per (row, k) pair, summed as it is sent): a buffer of
         # that shape, made once per size (the experts' own output, not timed).
         rows = ids.numel()

@@ -49,6 +49,7 @@ All launches are fixed-shape kernels with no host sync, so a decode step capture
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -64,7 +65,10 @@ _BLOCK_H = 1024
 _MAX_PROGRAMS = 512  # per destination rank: a program per row for every decode batch (graphs go up to 512)
 _MAX_ROUTED_EXPERTS = 4096  # as routing.route_to_slots: more logits than one program routes
 _ONE_WARP_PAIRS = 256  # a dispatch that aligns more (token, k) pairs than this runs 4 warps
-LL_MAX_ROWS = 2  # steps of at most this many rows per rank take the low-latency protocol (ep_ll_triton.py)
+# Steps of at most this many rows per rank take the low-latency protocol (ep_ll_triton.py): at 1 row per rank
+# (2 x H100, decode.py) a lone request's step went 4.20 -> 3.86 ms and one per rank 4.69 -> 4.43, but 2 rows
+# per rank went 5.98 -> 6.11 (one program then does twice the serial work and the words double the bytes).
+LL_MAX_ROWS = 1
 
 
 @dataclass(frozen=True)
@@ -241,7 +245,8 @@ def p2p_ll_dispatch(hidden: torch.Tensor, physical: torch.Tensor | None, weights
         barrier.sequence, barrier.abort, hidden.shape[0], rows, rank, tables.tokens.shape[0], slots_per_rank,
         int(sync), hidden.stride(0) * hidden.dtype.itemsize // 4, physical.stride(0), weights.stride(0),
         *route_args, *align_args[1:], H32=words, K=top_k, BLOCK_W=min(_BLOCK_H, next_pow2(words)),
-        BLOCK_K=next_pow2(top_k), **route_meta, **align_meta, num_warps=4, **pdl(hidden))
+        BLOCK_K=next_pow2(top_k), **route_meta, **align_meta,
+        num_warps=int(os.environ.get("ELASTIC_LL_WARPS", "4")) if router is not None else 4, **pdl(hidden))
 
 
 def p2p_ll_push(partial: torch.Tensor, combine: torch.Tensor, tables: LowLatencyTables, barrier: Barrier,
