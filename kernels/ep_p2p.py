@@ -49,7 +49,6 @@ All launches are fixed-shape kernels with no host sync, so a decode step capture
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -240,13 +239,15 @@ def p2p_ll_dispatch(hidden: torch.Tensor, physical: torch.Tensor | None, weights
     align_args, align_meta = _align_args((ids[:tables.tokens.shape[0] * rows], aligned) if aligned else None,
                                          physical)
     words = _words(hidden.shape[1], hidden.dtype)
+    # Routing here, one warp: its top-k rounds reduce within the warp (2 x H100, gpu_lone_serve.sh: a lone
+    # request's step 3.83 ms with 4 warps, 3.81 with 1; one per rank 4.43 / 4.40).
     p2p_ll_dispatch_kernel[(1,)](
         hidden, physical, weights, tokens, ids, weights_out, tables.tokens, tables.ids, tables.weights,
         barrier.sequence, barrier.abort, hidden.shape[0], rows, rank, tables.tokens.shape[0], slots_per_rank,
         int(sync), hidden.stride(0) * hidden.dtype.itemsize // 4, physical.stride(0), weights.stride(0),
         *route_args, *align_args[1:], H32=words, K=top_k, BLOCK_W=min(_BLOCK_H, next_pow2(words)),
         BLOCK_K=next_pow2(top_k), **route_meta, **align_meta,
-        num_warps=int(os.environ.get("ELASTIC_LL_WARPS", "4")) if router is not None else 4, **pdl(hidden))
+        num_warps=1 if router is not None else 4, **pdl(hidden))
 
 
 def p2p_ll_push(partial: torch.Tensor, combine: torch.Tensor, tables: LowLatencyTables, barrier: Barrier,
