@@ -20,6 +20,12 @@ from .pdl_triton import pdl_enter
 
 
 @triton.jit
+def _flag(n):
+    # Exchange n's 32-bit flag, never 0: a word the buffer was zeroed with never passes for a new one.
+    return (n % 4294967295 + 1).to(tl.int32)
+
+
+@triton.jit
 def _ll_words(data, flag):
     # data int32 [N] -> int64 words [N]: flag in the high half, the data's bits in the low half.
     return (flag.to(tl.int64) << 32) | data.to(tl.uint32).to(tl.int64)
@@ -89,7 +95,7 @@ def p2p_ll_dispatch_kernel(hidden, physical, weights, tokens, ids, weights_out, 
     # row rank * rows + row); then every peer's rows in, unpacked there; then (ALIGN) the experts' alignment.
     # sync == 0: a CUDA-graph warm-up, this rank's own rows only.
     n = tl.load(sequence) + 1
-    flag = n.to(tl.int32)
+    flag = _flag(n)
     hidden32 = hidden.to(tl.pointer_type(tl.int32))  # rows of H32 words, stride_hidden32 apart
     for row in range(0, rows):
         if row < num_tokens:
@@ -152,7 +158,7 @@ def p2p_ll_push_kernel(partial, pair_ids, combine, ll_combine_table, sequence, a
     # its plain combine buffer [W * rows, H] at row rank * rows + row; then every peer's results for this rank's
     # num_tokens real rows in, unpacked there (the norm after the layer sums the W blocks).
     n = tl.load(sequence) + 1
-    flag = n.to(tl.int32)
+    flag = _flag(n)
     offs_p = tl.arange(0, BLOCK_P)
     WORDS: tl.constexpr = BLOCK_H * OUT.primitive_bitwidth // 32
     for dst in range(0, world):

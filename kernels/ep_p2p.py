@@ -1,27 +1,32 @@
-"""Peer-to-peer expert-parallel exchange: launchers of the Triton kernels in ep_p2p_triton.py.
+"""Peer-to-peer expert-parallel exchange: launchers of the Triton kernels in ep_p2p_triton.py (and, for steps of
+one row per rank, ep_ll_triton.py's low-latency protocol).
 
-Each rank owns five regions that every rank of the group can read and write (symmetric memory mapped over
-NVLink; the callers pass each region as a table of W raw addresses, one per rank):
+Each rank owns regions that every rank of the group can read and write (symmetric memory mapped over NVLink;
+the callers pass each region as a table of W raw addresses, one per rank):
 
     tokens   [W * cap, H]    rows from every rank, rank s's at [s * rows, (s + 1) * rows)
     weights  [W * cap, K]    f32 routing weights of those rows (0 on padding rows)
     ids      [W * cap, K]    int32 slot index of each (row, k) among this rank's slots, -1 when the slot is on
                              another rank or the row is padding (what the fused-MoE backend takes as is)
     combine  [W * cap, H]    partial results for this rank's rows, rank s's at [s * rows, ...)
+    ll_*     [W * LL_MAX_ROWS, ...]  the low-latency protocol's receive words (LowLatencyTables)
     pad      [W]             int64 barrier signals, one per rank
-and, private to the rank (a Barrier): `sequence` (barriers passed), `arrivals` (CTAs of the kernel under way
+and, private to the rank (a Barrier): `sequence` (exchanges passed), `arrivals` (CTAs of the kernel under way
 that are done), `abort`.
 
-One MoE layer, `rows` = the step's largest per-rank token count (every rank knows it), three kernels:
-    dispatch   write my rows into every rank's tokens/weights/ids at my block; barrier
+One MoE layer, `rows` = the step's largest per-rank token count (every rank knows it):
+    dispatch   (route my rows: `router`, decode steps) write them into every rank's tokens/weights/ids at my
+               block; barrier; (align every rank's ids here for my experts: `aligned`, decode steps)
     compute    my experts over all W * rows rows of my own buffers (contiguous) -> each (row, k) pair's
                contribution (or, for the torch reference, each row's sum: partial)
     push       sum each row's pairs (fp32) and write block d into rank d's combine at my block; barrier
-    reduce     sum my W blocks in rank order (fp32)
+    reduce     sum my W blocks in rank order (fp32): the next RMSNorm's kernel (layers/unreduced.py), or
+               p2p_combine_reduce
 
 Two barriers per layer are enough. A rank writes a peer's tokens only after the last layer's second barrier,
 which the peer passed only after computing from them; it writes a peer's combine buffer only after this
-layer's first barrier, which the peer reached only after summing the last layer's.
+layer's first barrier, which the peer reached only after summing the last layer's (its norm, before its
+dispatch).
 
 The barrier is the end of the dispatch and push kernels, run by the last of their CTAs:
 1. Every CTA stores its rows, then bar.sync (the stores of all its threads now precede, at CTA scope, what
@@ -43,7 +48,20 @@ depends on a CTA the GPU has not scheduled (all CTAs waiting could deadlock acro
 CTAs than resident slots). The last CTA resets `arrivals` to 0: the grid's other CTAs are done with it, and
 the next kernel using it runs after this one on the same stream. Counters advance and reset on the device,
 so CUDA-graph replays need nothing from the host. A CUDA-graph warm-up (`sync` off) runs the same kernels on
-the rank's own buffers: the last CTA only resets the counter.
+the rank's own buffers: the last CTA only resets the counter. A step of one row per rank runs each kernel as
+one program, which counts no arrivals. Every CTA reads `sequence` when it starts: only the CTA running the
+barrier writes it, after all the others are done.
+
+The low-latency protocol (rows <= LL_MAX_ROWS): each 8-byte word written into a peer holds 4 bytes of data and
+the exchange's sequence number n (its low 32 bits), and the peer polls until every word it needs shows n; a
+word lands whole, so no fence, no signal and no barrier are needed (ep_ll_triton.py). Buffers stay safe to
+reuse by the same argument as the barriers': a rank sends a layer's dispatch words only after it received the
+peer's push of the layer before, which the peer sent after unpacking that layer's dispatch words; and it sends
+push words only after receiving the peer's dispatch words of the same layer, sent after the peer unpacked the
+last push. Both protocols advance `sequence` alike, so steps may alternate between them. The flag is n modulo
+2**32 - 1, plus 1 (never the 0 the buffers start with): a stale word passes for a new one only if a multiple of
+2**32 - 1 exchanges (50 days at 1 000 a second) went by since it was written and the receiver reads it before
+the new word lands.
 
 All launches are fixed-shape kernels with no host sync, so a decode step captures them in a CUDA graph.
 """

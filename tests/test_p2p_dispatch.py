@@ -126,10 +126,13 @@ def _allgather_sums(layers: list[FusedMoE], inputs: list[tuple[torch.Tensor, ...
 
 # Steps of different sizes, two MoE layers each: ranks with no tokens, and a step where no rank has any; with
 # max_programs 2, programs that loop over several rows each (what a prefill chunk of thousands of rows gets).
-@pytest.mark.parametrize("world,steps,max_programs", [(2, [(3, 5), (1, 0)], 512), (2, [(3, 5), (1, 0)], 2),
-                                                      (3, [(4, 0, 2), (0, 0, 0), (1, 2, 1)], 512)])
+# Steps of one row per rank take the low-latency protocol, the others the barriers, in turn; start_sequence
+# 2**32 - 3: the low-latency flags pass the 32-bit wrap (a flag is never 0, what the buffers start with).
+@pytest.mark.parametrize("world,steps,max_programs,start_sequence", [
+    (2, [(3, 5), (1, 0)], 512, 0), (2, [(3, 5), (1, 0)], 2, 0), (3, [(4, 0, 2), (0, 0, 0), (1, 2, 1)], 512, 0),
+    (2, [(1, 1), (1, 0), (2, 1), (0, 1)], 512, 2**32 - 3)])
 def test_exchange_equals_allgather_path(triton_on_cpu: None, monkeypatch: pytest.MonkeyPatch, world: int,
-                                        steps: list[tuple[int, ...]], max_programs: int) -> None:
+                                        steps: list[tuple[int, ...]], max_programs: int, start_sequence: int) -> None:
     monkeypatch.setattr(ep_p2p, "_MAX_PROGRAMS", max_programs)
     g = torch.Generator().manual_seed(world)
     w13 = torch.randn(EXPERTS, 2 * INTER, H, generator=g) / 4
@@ -137,6 +140,8 @@ def test_exchange_equals_allgather_path(triton_on_cpu: None, monkeypatch: pytest
     layers = _moe_layers(world, w13, w2)
     inputs = [[_step_inputs(g, tokens, layer) for layer in range(2)] for tokens in steps]
     ranks = _ranks(world, capacity=8)
+    for ex in ranks:
+        ex.sequence.fill_(start_sequence)
     results = [[[torch.zeros(tokens[r], H).share_memory_() for _ in range(2)] for tokens in steps]
                for r in range(world)]
 
@@ -160,7 +165,7 @@ def test_exchange_equals_allgather_path(triton_on_cpu: None, monkeypatch: pytest
                 single = fused_moe_reference(hidden, w13, w2, weights, slots.to(torch.int32))
                 torch.testing.assert_close(got, single, rtol=1e-5, atol=1e-5)
     for ex in ranks:
-        assert int(ex.sequence) == 4 * len(steps)  # two barriers per layer, counted on the device
+        assert int(ex.sequence) == start_sequence + 4 * len(steps)  # two exchanges a layer, counted on the device
         assert int(ex.arrivals) == 0  # reset by each kernel's last CTA
 
 
