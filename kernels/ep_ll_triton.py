@@ -79,6 +79,19 @@ def _keep_row(hidden32, slots, weight, tokens32, ids, weights_out, row, rank, sl
                      mask=offs < H32)
 
 
+@triton.jit
+def _receive_row(r, tokens, ids, weights_out, ll_tokens, ll_ids, ll_weights, flag, abort, H32: tl.constexpr,
+                 K: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr):
+    # A peer's row r (its ids and weights, then its token if one of them is among this rank's slots) from this
+    # rank's receive words into its plain buffers.
+    k = tl.arange(0, BLOCK_K)
+    _ll_receive(ll_ids + r * K, ids + r * K, K, flag, abort, BLOCK_K)
+    _ll_receive(ll_weights + r * K, (weights_out + r * K).to(tl.pointer_type(tl.int32)), K, flag, abort, BLOCK_K)
+    tl.debug_barrier()  # the ids just stored, read back by every thread
+    if tl.max(tl.load(ids + r * K + k, mask=k < K, other=-1), axis=0) >= 0:
+        _ll_receive(ll_tokens + r * H32, tokens.to(tl.pointer_type(tl.int32)) + r * H32, H32, flag, abort, BLOCK_W)
+
+
 @triton.jit(do_not_specialize=["num_tokens", "rows", "rank", "world", "slots_per_rank", "sync", "E",
                                "num_pairs", "num_slots", "num_blocks"])
 def p2p_ll_dispatch_kernel(hidden, physical, weights, tokens, ids, weights_out, ll_tokens_table, ll_ids_table,
@@ -116,21 +129,12 @@ def p2p_ll_dispatch_kernel(hidden, physical, weights, tokens, ids, weights_out, 
                               peer(ll_weights_table, dst, tl.int64) + out_row * K, row, dst, slots_per_rank, flag,
                               stride_hidden32, H32, K, BLOCK_W, BLOCK_K)
     if sync != 0:
-        mine_tokens = peer(ll_tokens_table, rank, tl.int64)
-        mine_ids = peer(ll_ids_table, rank, tl.int64)
-        mine_weights = peer(ll_weights_table, rank, tl.int64)
-        k = tl.arange(0, BLOCK_K)
         for src in range(0, world):
             if src != rank:
                 for row in range(0, rows):
-                    r = src * rows + row
-                    _ll_receive(mine_ids + r * K, ids + r * K, K, flag, abort, BLOCK_K)
-                    _ll_receive(mine_weights + r * K, (weights_out + r * K).to(tl.pointer_type(tl.int32)), K, flag,
-                                abort, BLOCK_K)
-                    tl.debug_barrier()  # the ids just stored, read back by every thread
-                    if tl.max(tl.load(ids + r * K + k, mask=k < K, other=-1), axis=0) >= 0:
-                        _ll_receive(mine_tokens + r * H32, tokens.to(tl.pointer_type(tl.int32)) + r * H32, H32,
-                                    flag, abort, BLOCK_W)
+                    _receive_row(src * rows + row, tokens, ids, weights_out, peer(ll_tokens_table, rank, tl.int64),
+                                 peer(ll_ids_table, rank, tl.int64), peer(ll_weights_table, rank, tl.int64), flag,
+                                 abort, H32, K, BLOCK_W, BLOCK_K)
     tl.store(sequence, n)
     if ALIGN:
         tl.debug_barrier()  # every rank's ids are in: every thread reads them
