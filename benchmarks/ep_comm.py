@@ -168,7 +168,8 @@ def time_paths(group: StatelessGroup, exchange: PeerExchange | None, token_count
             if mode == "p2p":  # the same kernels without their barriers: what the barriers cost
                 with set_forward_context(ForwardContext(attn=None, dp_num_tokens=[tokens] * world,
                                                         stand_in_collectives=True)):
-                    result["p2p_no_barrier_graph_us"] = time_graph(lambda: comm(moe, moe, hidden, Routing(weights, physical)))
+                    routing = Routing(weights, physical)
+                    result["p2p_no_barrier_graph_us"] = time_graph(lambda: comm(moe, moe, hidden, routing))
         # alltoall sends each remote (token, k) pair's hidden row out and its result back
         a2a_bytes = 2 * remote * HIDDEN * 2
         # allgather sends this rank's rows to every other rank, reduce-scatter sends the others' sums back

@@ -149,7 +149,8 @@ def _words_of(total, OUT: tl.constexpr, BLOCK_H: tl.constexpr):
         return total.to(tl.int32, bitcast=True)
     else:
         lo, hi = tl.split(tl.reshape(total, (BLOCK_H // 2, 2)))
-        return (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16) | (lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF)
+        low = lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        return (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16) | low
 
 
 @triton.jit(do_not_specialize=["num_tokens", "rows", "rank", "world", "sync"])

@@ -196,7 +196,8 @@ def test_pairs_summed_as_sent_equal_the_experts_own_sums(triton_on_cpu: None, mo
         for fused in (True, False):
             if not fused:
                 moe.compute_local_pairs = lambda *args: None
-            results[rank, fused].copy_(comm._p2p(moe, moe.live, hidden, Routing(weights, slots), max(tokens), local=False))
+            out = comm._p2p(moe, moe.live, hidden, Routing(weights, slots), max(tokens), local=False)
+            results[rank, fused].copy_(out)
 
     _run_ranks(world, run_shared)
     for rank in range(world):
@@ -340,8 +341,8 @@ def test_warm_up_waits_for_no_one(triton_on_cpu: None) -> None:
     ex = _ranks(2, capacity=4)[0]
     moe = _moe_layers(2, torch.randn(EXPERTS, 2 * INTER, H), torch.randn(EXPERTS, H, INTER))[0]
     comm = ExpertParallelComm(None, "p2p", ex)  # type: ignore[arg-type]
-    out = comm._p2p(moe, moe.live, torch.randn(3, H), Routing(torch.rand(3, TOP_K), torch.zeros(3, TOP_K, dtype=torch.long)),
-                    rows=3, local=True)
+    routing = Routing(torch.rand(3, TOP_K), torch.zeros(3, TOP_K, dtype=torch.long))
+    out = comm._p2p(moe, moe.live, torch.randn(3, H), routing, rows=3, local=True)
     assert out.shape == (3, H)
     assert int(ex.sequence) == 0 and int(ex.arrivals) == 0
 

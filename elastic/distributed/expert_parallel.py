@@ -50,8 +50,8 @@ class ExpertParallelComm:
         # hidden [T, H] -> every rank's rows [W * rows, H] here -> this rank's experts -> summed back [T, H].
         # `local`: a CUDA-graph warm-up runs the same kernels on this rank's own buffers only. The dispatch
         # writes each rank's own slot indices (int32, rank r's slots start at r * slots_per_rank), so the
-        # experts take them as they are; the push sums each row's (row, k) pairs as it sends them: dispatch,
-        # experts (align, up, down), push, reduce, and no glue kernel in between.
+        # experts take them as they are; the push sums each row's (row, k) pairs as it sends them. Decode steps:
+        # dispatch (routing and the experts' alignment inside), up, down, push, and the sum in the next norm.
         assert slots.first_slot == self.exchange.rank * slots.slots_per_rank, "EP rank != the exchange's rank"
         aligned = moe.pairs_alignment(slots, self.exchange.world * rows)  # filled by the dispatch kernel
         all_hidden, all_weights, all_ids = self.exchange.dispatch(hidden, routing, rows, slots.slots_per_rank, local,

@@ -1,7 +1,8 @@
 """The peer-to-peer expert-parallel exchange: one buffer per rank that every rank of the EP group maps (CUDA
 IPC, peer-to-peer over NVLink; nothing multicast), and the per-layer protocol of elastic.kernels.ep_p2p on
 it: dispatch (+ barrier, in the same kernel), local experts, combine push (+ barrier), sum (in the next
-RMSNorm's kernel where the model lets it: `UnreducedRows`).
+RMSNorm's kernel where the model lets it: `UnreducedRows`); a step of one row per rank takes the low-latency
+protocol instead (flagged words, no barrier: kernels/ep_ll_triton.py).
 
 Compared with NCCL all-gather + reduce-scatter it moves the same bytes but as a few fixed-shape kernels
 (no proxy thread, no protocol handshakes), so a decode step's MoE exchange costs a few microseconds more than
@@ -107,7 +108,7 @@ class PeerExchange:
         self.ll_tables = ep_p2p.LowLatencyTables(tables["ll_tokens"], tables["ll_ids"], tables["ll_weights"],
                                                  tables["ll_combine"])
         self.combine = views["combine"]
-        self.sequence = torch.zeros(1, dtype=torch.int64, device=device)  # barriers passed (device counter)
+        self.sequence = torch.zeros(1, dtype=torch.int64, device=device)  # exchanges passed (device counter)
         self.abort_flag = torch.zeros(1, dtype=torch.int32, device=device)
         self.arrivals = torch.zeros(1, dtype=torch.int32, device=device)  # CTAs done in the kernel under way
         self.device_barrier = ep_p2p.Barrier(tables["pad"], self.sequence, self.arrivals, self.abort_flag)
@@ -170,8 +171,8 @@ class PeerExchange:
         return group.device.type == "cuda" and on_one_host(group)
 
     # ---- one MoE layer --------------------------------------------------------------------------------------
-    def dispatch(self, hidden: torch.Tensor, routing: Routing, rows: int, slots_per_rank: int,
-                 local: bool = False, aligned: Alignment | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def dispatch(self, hidden: torch.Tensor, routing: Routing, rows: int, slots_per_rank: int, local: bool = False,
+                 aligned: Alignment | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This rank's tokens to every rank, then the barrier (one kernel, which also routes them when `routing`
         holds the router's inputs); -> every rank's rows here: (hidden [W*rows, H], weights [W*rows, K] f32,
         ids [W*rows, K] int32: this rank's slot index, -1 for none), all contiguous. Global slot ids: rank d

@@ -3,7 +3,8 @@
 The next RMSNorm sums the blocks as it adds the residual (one kernel, `sum_add_rms_norm`): a decode step of an
 expert-parallel model runs no separate reduce kernel and writes no [T, H] tensor between the two. Any other
 reader calls `reduce()`. The blocks stay valid until this rank's next MoE layer dispatches (a peer writes its
-results there only after that layer's first barrier, which this rank reaches after its next norm).
+results there only after this rank's next dispatch reached it, and this rank unpacks low-latency results there
+only in its own next push: both come after its next norm).
 """
 from __future__ import annotations
 

@@ -101,7 +101,8 @@ class DecoderLayer(nn.Module):
         """Pre-norm block in the fused-residual style: x [T, hidden] is the previous block's output
         not yet added to `residual` (None for the first layer, whose x is the embedding).
         Returns (this block's MLP output, residual stream before it); the caller's next norm adds
-        them (and sums an expert-parallel output's per-rank blocks: UnreducedRows). Same math as  h = r + attn(norm(r));  out = h + mlp(norm(h)),  with each add fused into
+        them (and sums an expert-parallel output's per-rank blocks: UnreducedRows). Same math as
+        h = r + attn(norm(r));  out = h + mlp(norm(h)),  with each add fused into
         the norm that follows it (one kernel on CUDA)."""
         if residual is None:
             residual, h = x, self.input_layernorm(x)
