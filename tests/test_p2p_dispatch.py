@@ -347,16 +347,18 @@ def test_warm_up_waits_for_no_one(triton_on_cpu: None) -> None:
     assert int(ex.sequence) == 0 and int(ex.arrivals) == 0
 
 
-def test_abort_releases_a_rank_waiting_in_the_fused_barrier(triton_on_cpu: None) -> None:
-    """Rank 1 never arrives (dead): rank 0's dispatch waits on the device (its last CTA, in the barrier) until
-    abort() is called (by fault recovery, from another thread; here from the test), then returns; the
-    combine's barrier then returns at once."""
+@pytest.mark.parametrize("rows", [2, 1])
+def test_abort_releases_a_rank_waiting_in_the_fused_barrier(triton_on_cpu: None, rows: int) -> None:
+    """Rank 1 never arrives (dead): rank 0's dispatch waits on the device (its last CTA, in the barrier; rows 1:
+    its one program, for rank 1's words) until abort() is called (by fault recovery, from another thread; here
+    from the test), then returns; the combine's wait then returns at once."""
     ranks = _ranks(2, capacity=2)
 
     def layer_alone() -> None:
         ex = ranks[0]
-        ex.dispatch(torch.ones(2, H), Routing(torch.ones(2, TOP_K), torch.zeros(2, TOP_K, dtype=torch.long)), 2, 4)
-        ex.combine_into(torch.ones(4, H), 2, 2)
+        routing = Routing(torch.ones(rows, TOP_K), torch.zeros(rows, TOP_K, dtype=torch.long))
+        ex.dispatch(torch.ones(rows, H), routing, rows, 4)
+        ex.combine_into(torch.ones(2 * rows, H), rows, rows)
 
     waiter = _start(layer_alone)
     try:
