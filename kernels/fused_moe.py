@@ -109,9 +109,10 @@ def pairs_alignment(num_rows: int, top_k: int, w13: torch.Tensor, w2: torch.Tens
         return None
     from .moe_triton import Alignment
 
+    if not Alignment.fits_one_program(num_rows * top_k):  # a prefill chunk: its align spreads over programs
+        return None
     config = get_moe_config(num_rows, top_k, w13.shape[0], w2.shape[2], dtype, w13.device)
-    aligned = Alignment.empty(num_rows * top_k, w13.shape[0], config["BLOCK_M"], w13.device)
-    return aligned if aligned.in_one_program else None
+    return Alignment.empty(num_rows * top_k, w13.shape[0], config["BLOCK_M"], w13.device)
 
 
 def fused_moe(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,

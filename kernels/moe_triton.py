@@ -162,9 +162,13 @@ class Alignment:
                          _alloc(nb, dtype=torch.int32, device=device),
                          _alloc(num_slots, dtype=torch.int32, device=device), num_pairs, num_slots, block_m)
 
+    @staticmethod
+    def fits_one_program(num_pairs: int) -> bool:
+        return num_pairs <= _ONE_CTA_MAX_PAIRS
+
     @property
     def in_one_program(self) -> bool:
-        return self.num_pairs <= _ONE_CTA_MAX_PAIRS
+        return self.fits_one_program(self.num_pairs)
 
     def args(self) -> tuple:
         """(cursor, sorted_ids, block_slot, P, S, num_blocks) of align_in_one_program."""
