@@ -129,7 +129,7 @@ def _allgather_sums(layers: list[FusedMoE], inputs: list[tuple[torch.Tensor, ...
 # Steps of one row per rank take the low-latency protocol, the others the barriers, in turn; start_sequence
 # 2**32 - 3: the low-latency flags pass the 32-bit wrap (a flag is never 0, what the buffers start with).
 @pytest.mark.parametrize("world,steps,max_programs,start_sequence", [
-    (2, [(3, 5), (1, 0)], 512, 0), (2, [(3, 5), (1, 0)], 2, 0), (3, [(4, 0, 2), (0, 0, 0), (1, 2, 1)], 512, 0),
+    (2, [(3, 5), (1, 0)], 512, 0), (2, [(3, 5), (1, 0)], 2, 0), (3, [(4, 0, 2), (0, 0, 0), (1, 2, 1), (1, 0, 1)], 512, 0),
     (2, [(1, 1), (1, 0), (2, 1), (0, 1)], 512, 2**32 - 3)])
 def test_exchange_equals_allgather_path(triton_on_cpu: None, monkeypatch: pytest.MonkeyPatch, world: int,
                                         steps: list[tuple[int, ...]], max_programs: int, start_sequence: int) -> None:
