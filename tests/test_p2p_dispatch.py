@@ -336,14 +336,16 @@ def test_dispatch_sends_a_token_only_where_one_of_its_experts_is(triton_on_cpu: 
         assert (ranks[rank].views["ids"][:2 * rows] == slots_to_local(slots, rank * spr, spr).repeat(2, 1)).all()
 
 
-def test_warm_up_waits_for_no_one(triton_on_cpu: None) -> None:
-    """`local` (CUDA-graph warm-up): the same kernels on this rank's buffers, no barrier, nothing counted."""
+@pytest.mark.parametrize("rows", [3, 1])
+def test_warm_up_waits_for_no_one(triton_on_cpu: None, rows: int) -> None:
+    """`local` (CUDA-graph warm-up): the same kernels on this rank's buffers, no barrier, nothing counted (rows 1:
+    the low-latency protocol, whose flags would no longer match the peers' had the warm-up counted)."""
     ex = _ranks(2, capacity=4)[0]
     moe = _moe_layers(2, torch.randn(EXPERTS, 2 * INTER, H), torch.randn(EXPERTS, H, INTER))[0]
     comm = ExpertParallelComm(None, "p2p", ex)  # type: ignore[arg-type]
-    routing = Routing(torch.rand(3, TOP_K), torch.zeros(3, TOP_K, dtype=torch.long))
-    out = comm._p2p(moe, moe.live, torch.randn(3, H), routing, rows=3, local=True)
-    assert out.shape == (3, H)
+    routing = Routing(torch.rand(rows, TOP_K), torch.zeros(rows, TOP_K, dtype=torch.long))
+    out = comm._p2p(moe, moe.live, torch.randn(rows, H), routing, rows=rows, local=True)
+    assert out.shape == (rows, H)
     assert int(ex.sequence) == 0 and int(ex.arrivals) == 0
 
 
