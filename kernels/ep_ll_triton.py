@@ -135,8 +135,7 @@ def p2p_ll_dispatch_kernel(hidden, physical, weights, tokens, ids, weights_out, 
                     _receive_row(src * rows + row, tokens, ids, weights_out, peer(ll_tokens_table, rank, tl.int64),
                                  peer(ll_ids_table, rank, tl.int64), peer(ll_weights_table, rank, tl.int64), flag,
                                  abort, H32, K, BLOCK_W, BLOCK_K)
-    if sync != 0:  # a warm-up exchanged nothing: the ranks' counts must stay equal
-        tl.store(sequence, n)
+        tl.store(sequence, n)  # (not in a warm-up, which exchanged nothing: the ranks' counts stay equal)
     if ALIGN:
         tl.debug_barrier()  # every rank's ids are in: every thread reads them
         align_in_one_program(ids, cursor, sorted_ids, block_slot, num_pairs, num_slots, num_blocks,
@@ -197,5 +196,4 @@ def p2p_ll_push_kernel(partial, pair_ids, combine, ll_combine_table, sequence, a
                 for row in range(0, num_tokens):
                     r = src * rows + row
                     _ll_receive(mine + r * H32, combine32 + r * H32, H32, flag, abort, BLOCK_H)
-    if sync != 0:  # a warm-up exchanged nothing: the ranks' counts must stay equal
-        tl.store(sequence, n)
+        tl.store(sequence, n)  # (not in a warm-up, which exchanged nothing: the ranks' counts stay equal)
