@@ -48,9 +48,8 @@ depends on a CTA the GPU has not scheduled (all CTAs waiting could deadlock acro
 CTAs than resident slots). The last CTA resets `arrivals` to 0: the grid's other CTAs are done with it, and
 the next kernel using it runs after this one on the same stream. Counters advance and reset on the device,
 so CUDA-graph replays need nothing from the host. A CUDA-graph warm-up (`sync` off) runs the same kernels on
-the rank's own buffers: the last CTA only resets the counter. A step of one row per rank runs each kernel as
-one program, which counts no arrivals. Every CTA reads `sequence` when it starts: only the CTA running the
-barrier writes it, after all the others are done.
+the rank's own buffers: the last CTA only resets the counter. Every CTA reads `sequence` when it starts: only the CTA
+running the barrier writes it, after all the others are done.
 
 The low-latency protocol (rows <= LL_MAX_ROWS): each 8-byte word written into a peer holds 4 bytes of data and
 the exchange's sequence number n (its low 32 bits), and the peer polls until every word it needs shows n; a
@@ -103,10 +102,8 @@ class Barrier:
 def _grid(rows: int, world: int) -> tuple[int, int]:
     """(programs, destination columns): a program per row up to _MAX_PROGRAMS (every decode batch), then each
     program loops over rows (every program ends in an arrival atomic, so a prefill chunk of thousands of rows
-    must not mean thousands of programs); a column per destination rank, except for one row per rank: then a
-    single program serves every destination and its barrier needs no arrival count (a lone request's step)."""
-    programs = max(1, min(rows, _MAX_PROGRAMS))
-    return programs, (world if programs > 1 else 1)
+    must not mean thousands of programs); a column per destination rank."""
+    return max(1, min(rows, _MAX_PROGRAMS)), world
 
 
 def _row_major(t: torch.Tensor) -> torch.Tensor:

@@ -60,19 +60,15 @@ def _arrive(arrivals, pad_table, sequence, passed, abort, rank, world, sync):
     # CTA precede (CTA scope) the one thread's release below. -> whether this CTA was the last.
     tl.debug_barrier()
     total = tl.num_programs(0) * tl.num_programs(1)
-    last = total == 1  # a grid of one program (one row per rank) counts nothing: no atomic on the way
-    if total > 1:
-        # acq_rel at GPU scope: releases this CTA's stores; the last CTA's acquire reads the end of the RMW
-        # chain, so it synchronizes with every earlier CTA's release, and its system-scope release in the
-        # barrier passes them all on (causality is transitive across scopes). System scope here cost ~1.5 us
-        # per kernel.
-        arrived = tl.atomic_add(arrivals, 1, sem="acq_rel", scope="gpu")
-        last = arrived == total - 1
-        if last:
-            # Every other CTA of this grid has counted itself: reset for the next kernel on this stream (it
-            # starts after this one ends; a reset on the device keeps CUDA-graph replays right).
-            tl.store(arrivals, 0)
+    # acq_rel at GPU scope: releases this CTA's stores; the last CTA's acquire reads the end of the RMW chain,
+    # so it synchronizes with every earlier CTA's release, and its system-scope release in the barrier passes
+    # them all on (causality is transitive across scopes). System scope here cost ~1.5 us per kernel.
+    arrived = tl.atomic_add(arrivals, 1, sem="acq_rel", scope="gpu")
+    last = arrived == total - 1
     if last:
+        # Every other CTA of this grid has counted itself: reset for the next kernel on this stream (it
+        # starts after this one ends; a reset on the device keeps CUDA-graph replays right).
+        tl.store(arrivals, 0)
         if sync != 0:
             _barrier(pad_table, sequence, passed, abort, rank, world)
     return last
@@ -134,9 +130,9 @@ def p2p_dispatch_kernel(hidden, physical, weights, tokens_table, weights_table, 
                         BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr, USE_PDL: tl.constexpr = False):
     pdl_enter(USE_PDL)  # first: see pdl_triton.py
     passed = tl.load(sequence)  # now, off the barrier's path
-    # grid (programs, world or 1): this rank's row `row` goes to rank `dst` at row rank * rows + row of its
-    # buffers, each program taking every programs-th row, and every destination (one column) or one each;
-    # then the barrier (the grid has a CTA even when rows == 0, so every step passes it). ROUTE: the rows'
+    # grid (programs, world): this rank's row `row` goes to rank `dst` at row rank * rows + row of its
+    # buffers, each program taking every programs-th row of its column's destination (the loop over
+    # destinations takes a grid of fewer columns too); then the barrier (the grid has a CTA even when rows == 0, so every step passes it). ROUTE: the rows'
     # slots and weights come from the router's logits here (physical and weights unused), else from the
     # route kernel's output (logits .. valid unused). ALIGN: the CTA that ran the barrier then aligns every
     # rank's slot ids now in this rank's buffer (ids_here, num_pairs of them) for the experts, as the
@@ -171,15 +167,15 @@ def p2p_combine_push_kernel(partial, pair_ids, combine_table, pad_table, sequenc
                             BLOCK_P: tl.constexpr, USE_PDL: tl.constexpr = False):
     pdl_enter(USE_PDL)  # first: see pdl_triton.py
     passed = tl.load(sequence)  # now, off the barrier's path
-    # grid (programs, world or 1): rows [dst * rows, (dst + 1) * rows) of this rank's results belong to rank
-    # `dst`; they land, as OUT (the buffer's dtype), at rows [rank * rows, ...) of its combine buffer, each
-    # program taking every programs-th row, of one destination (a column each) or of all. Then the barrier.
+    # grid (programs, world): rows [dst * rows, (dst + 1) * rows) of this rank's results belong to rank `dst`;
+    # they land, as OUT (the buffer's dtype), at rows [rank * rows, ...) of its combine buffer, each program
+    # taking every programs-th row of its column's destination. Then the barrier.
     # PAIRS > 1: `partial` holds each row's PAIRS (token, k) contributions, [rows * PAIRS, H], summed here in
     # fp32 over those whose pair_ids >= 0 (the others were never written); PAIRS == 1: `partial` [rows, H] holds
     # the sums already (pair_ids unused).
     offs_p = tl.arange(0, BLOCK_P)
-    # (dst, row) pairs flattened, dst-major, spread over the grid's programs flattened (a column of programs
-    # per destination: program (p, dst) starts at dst * rows + p).
+    # (dst, row) pairs flattened, dst-major, spread over the grid's programs flattened: program (p, c) takes
+    # c * programs + p, then every programs * columns-th; with a program per row, column c's destination's rows.
     for index in range(tl.program_id(1) * tl.num_programs(0) + tl.program_id(0), world * rows,
                        tl.num_programs(0) * tl.num_programs(1)):
         dst = index // rows
