@@ -153,15 +153,14 @@ def _words_of(total, OUT: tl.constexpr, BLOCK_H: tl.constexpr):
         return (hi.to(tl.int16, bitcast=True).to(tl.int32) << 16) | low
 
 
-@triton.jit(do_not_specialize=["num_tokens", "rows", "rank", "world", "sync"])
-def p2p_ll_push_kernel(partial, pair_ids, combine, ll_combine_table, sequence, abort, num_tokens, rows, rank, world,
-                       sync, H: tl.constexpr, H32: tl.constexpr, PAIRS: tl.constexpr, OUT: tl.constexpr,
+@triton.jit(do_not_specialize=["rows", "rank", "world", "sync"])
+def p2p_ll_push_kernel(partial, pair_ids, combine, ll_combine_table, sequence, abort, rows, rank, world, sync, H: tl.constexpr, H32: tl.constexpr, PAIRS: tl.constexpr, OUT: tl.constexpr,
                        BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, USE_PDL: tl.constexpr = False):
     pdl_enter(USE_PDL)  # first: see pdl_triton.py
     # One program: rows [dst * rows, (dst + 1) * rows) of this rank's results (summed over their PAIRS pair rows
     # whose pair_ids >= 0, fp32, as p2p_combine_push_kernel) go to rank dst as flagged words, or, its own, into
     # its plain combine buffer [W * rows, H] at row rank * rows + row; then every peer's results for this rank's
-    # num_tokens real rows in, unpacked there (the norm after the layer sums the W blocks).
+    # rows in, unpacked there (the norm after the layer sums the W blocks).
     n = tl.load(sequence) + 1
     flag = _flag(n)
     offs_p = tl.arange(0, BLOCK_P)
@@ -189,11 +188,13 @@ def p2p_ll_push_kernel(partial, pair_ids, combine, ll_combine_table, sequence, a
                         target = peer(ll_combine_table, dst, tl.int64) + out_row * H32
                         tl.store(target + words, _ll_words(_words_of(total, OUT, BLOCK_H), flag), mask=words < H32)
     if sync != 0:
+        # Every row, this rank's padding too: a rank without tokens must still hear from every peer before its
+        # next dispatch rewrites their receive words (a peer may not have read this layer's yet).
         mine = peer(ll_combine_table, rank, tl.int64)
         combine32 = combine.to(tl.pointer_type(tl.int32))
         for src in range(0, world):
             if src != rank:
-                for row in range(0, num_tokens):
+                for row in range(0, rows):
                     r = src * rows + row
                     _ll_receive(mine + r * H32, combine32 + r * H32, H32, flag, abort, BLOCK_H)
         tl.store(sequence, n)  # (not in a warm-up, which exchanged nothing: the ranks' counts stay equal)

@@ -57,7 +57,9 @@ word lands whole, so no fence, no signal and no barrier are needed (ep_ll_triton
 reuse by the same argument as the barriers': a rank sends a layer's dispatch words only after it received the
 peer's push of the layer before, which the peer sent after unpacking that layer's dispatch words; and it sends
 push words only after receiving the peer's dispatch words of the same layer, sent after the peer unpacked the
-last push. Both protocols advance `sequence` alike, so steps may alternate between them. The flag is n modulo
+last push. So every rank receives every row from every peer, its padding rows too: a rank without tokens that
+skipped its peers' results would run ahead into the next dispatch and rewrite words a slow peer has yet to
+read (seen on the CPU as a hang: three ranks, one without tokens). Both protocols advance `sequence` alike, so steps may alternate between them. The flag is n modulo
 2**32 - 1, plus 1 (never the 0 the buffers start with): a stale word passes for a new one only if a multiple of
 2**32 - 1 exchanges (50 days at 1 000 a second) went by since it was written and the receiver reads it before
 the new word lands.
@@ -265,10 +267,10 @@ def p2p_ll_dispatch(hidden: torch.Tensor, physical: torch.Tensor | None, weights
         num_warps=1 if router is not None else 4, **pdl(hidden))
 
 
-def p2p_ll_push(partial: torch.Tensor, combine: torch.Tensor, tables: LowLatencyTables, barrier: Barrier,
-                num_tokens: int, rows: int, rank: int, sync: bool = True, pair_ids: torch.Tensor | None = None) -> None:
+def p2p_ll_push(partial: torch.Tensor, combine: torch.Tensor, tables: LowLatencyTables, barrier: Barrier, rows: int,
+                rank: int, sync: bool = True, pair_ids: torch.Tensor | None = None) -> None:
     """p2p_combine_push for rows <= LL_MAX_ROWS in one program and no barrier: this rank's combine buffer
-    [W * cap, H] then holds every rank's results for its num_tokens rows (block s at rows [s * rows, ...))."""
+    [W * cap, H] then holds every rank's results for its rows (block s at rows [s * rows, ...))."""
     from .ep_ll_triton import p2p_ll_push_kernel
 
     assert rows <= LL_MAX_ROWS
@@ -278,6 +280,6 @@ def p2p_ll_push(partial: torch.Tensor, combine: torch.Tensor, tables: LowLatency
     hidden_size = partial.shape[1]
     p2p_ll_push_kernel[(1,)](
         partial.contiguous(), pair_ids.contiguous() if pair_ids is not None else combine, combine, tables.combine,
-        barrier.sequence, barrier.abort, num_tokens, rows, rank, tables.combine.shape[0], int(sync), H=hidden_size,
+        barrier.sequence, barrier.abort, rows, rank, tables.combine.shape[0], int(sync), H=hidden_size,
         H32=_words(hidden_size, combine.dtype), PAIRS=pairs, OUT=tl_dtype(combine.dtype),
         BLOCK_H=min(_BLOCK_H, next_pow2(hidden_size)), BLOCK_P=next_pow2(pairs), num_warps=4, **pdl(partial))

@@ -201,7 +201,7 @@ class PeerExchange:
         rank's combine buffer as they are, for the next norm to sum (no reduce kernel)."""
         tables = self.local_tables if local else self.tables
         if rows <= ep_p2p.LL_MAX_ROWS:
-            ep_p2p.p2p_ll_push(partial, self.combine, self.ll_tables, self.device_barrier, num_tokens, rows, self.rank,
+            ep_p2p.p2p_ll_push(partial, self.combine, self.ll_tables, self.device_barrier, rows, self.rank,
                                sync=not local, pair_ids=pair_ids)
         else:
             ep_p2p.p2p_combine_push(partial, tables["combine"], self.combine.dtype, self.device_barrier, rows,
