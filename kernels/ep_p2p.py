@@ -92,7 +92,7 @@ LL_MAX_ROWS = 1
 @dataclass(frozen=True)
 class Barrier:
     """One rank's device-side barrier. pad_table [W] int64: every rank's pad ([W] int64) as an address;
-    sequence [1] int64: barriers passed; arrivals [1] int32: CTAs of the kernel under way that are done (0
+    sequence [1] int64: exchanges passed; arrivals [1] int32: CTAs of the kernel under way that are done (0
     between kernels); abort [1] int32: raised by the host to release every wait."""
 
     pad_table: torch.Tensor
