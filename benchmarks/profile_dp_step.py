@@ -32,6 +32,7 @@ import torch.multiprocessing as mp
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
+from decode_dp import idle_along  # noqa: E402
 from shapes import dummy_model_dir  # noqa: E402
 
 from elastic.config import create_engine_config  # noqa: E402
@@ -53,17 +54,11 @@ def rank_main(rank: int, world: int, port: int, path: str, batches: list[int], m
         profile_prefill(engine, rank, world, prefill, others)
     for batch in batches:
         if lone and rank != 0:
-            idle_along(engine)
+            idle_along(engine, rank)  # (decode_dp.py's)
         else:
             profile_batch(engine, rank, world, batch, mode, steps, lone)
     engine.shutdown()
 
-
-def idle_along(engine) -> None:  # noqa: ANN001
-    """A rank without requests beside rank 0's lone batch: the dummy steps of an idle engine, until the wave ends."""
-    engine.start_wave()
-    while engine.global_unfinished:
-        engine.step()
 
 
 def profile_prefill(engine, rank: int, world: int, length: int, beside: int) -> None:  # noqa: ANN001

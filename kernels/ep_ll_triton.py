@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .ep_p2p_triton import peer, row_slots
+from .ep_p2p_triton import dispatch_row, local_slots, peer, row_slots, row_total
 from .moe_triton import align_in_one_program
 from .pdl_triton import pdl_enter
 
@@ -52,8 +52,7 @@ def _send_row(hidden32, slots, weight, ll_tokens, ll_ids, ll_weights, row, dst, 
     # One row's slot ids on rank dst (its own index, -1 elsewhere), weights and, where one of its experts is
     # there, the token: as flagged words into rank dst's receive buffers (rows of H32 / K words).
     k = tl.arange(0, BLOCK_K)
-    local = slots.to(tl.int32) - dst * slots_per_rank
-    local = tl.where((k < K) & (local >= 0) & (local < slots_per_rank), local, -1)
+    local = local_slots(slots, dst, slots_per_rank, K, BLOCK_K)
     tl.store(ll_ids + k, _ll_words(local, flag), mask=k < K)
     tl.store(ll_weights + k, _ll_words(weight.to(tl.int32, bitcast=True), flag), mask=k < K)
     if tl.max(local, axis=0) >= 0:
@@ -61,22 +60,6 @@ def _send_row(hidden32, slots, weight, ll_tokens, ll_ids, ll_weights, row, dst, 
             offs = w + tl.arange(0, BLOCK_W)
             data = tl.load(hidden32 + row * stride_hidden32 + offs, mask=offs < H32)
             tl.store(ll_tokens + offs, _ll_words(data, flag), mask=offs < H32)
-
-
-@triton.jit
-def _keep_row(hidden32, slots, weight, tokens32, ids, weights_out, row, rank, slots_per_rank, stride_hidden32,
-              H32: tl.constexpr, K: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr):
-    # A row's place in this rank's own plain buffers (what a peer's words are unpacked into).
-    k = tl.arange(0, BLOCK_K)
-    local = slots.to(tl.int32) - rank * slots_per_rank
-    local = tl.where((k < K) & (local >= 0) & (local < slots_per_rank), local, -1)
-    tl.store(ids + k, local, mask=k < K)
-    tl.store(weights_out + k, weight, mask=k < K)
-    if tl.max(local, axis=0) >= 0:
-        for w in range(0, H32, BLOCK_W):
-            offs = w + tl.arange(0, BLOCK_W)
-            tl.store(tokens32 + offs, tl.load(hidden32 + row * stride_hidden32 + offs, mask=offs < H32),
-                     mask=offs < H32)
 
 
 @triton.jit
@@ -96,12 +79,13 @@ def _receive_row(r, tokens, ids, weights_out, ll_tokens, ll_ids, ll_weights, fla
                                "num_pairs", "num_slots", "num_blocks"])
 def p2p_ll_dispatch_kernel(hidden, physical, weights, tokens, ids, weights_out, ll_tokens_table, ll_ids_table,
                            ll_weights_table, sequence, abort, num_tokens, rows, rank, world, slots_per_rank, sync,
-                           stride_hidden32, stride_physical, stride_weights, logits, stride_logits, l2p, counts, load,
-                           valid, stride_l2p, E, cursor, sorted_ids, block_slot, num_pairs, num_slots, num_blocks,
-                           H32: tl.constexpr, K: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr,
-                           BLOCK_E: tl.constexpr, ROUTE: tl.constexpr, RENORM: tl.constexpr, RECORD: tl.constexpr,
-                           HAS_VALID: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr,
-                           BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr, USE_PDL: tl.constexpr = False):
+                           stride_hidden, stride_hidden32, stride_physical, stride_weights, logits, stride_logits,
+                           l2p, counts, load, valid, stride_l2p, E, cursor, sorted_ids, block_slot, num_pairs,
+                           num_slots, num_blocks, H: tl.constexpr, H32: tl.constexpr, K: tl.constexpr,
+                           BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+                           ROUTE: tl.constexpr, RENORM: tl.constexpr, RECORD: tl.constexpr, HAS_VALID: tl.constexpr,
+                           ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
+                           BLOCK_B: tl.constexpr, USE_PDL: tl.constexpr = False):
     pdl_enter(USE_PDL)  # first: see pdl_triton.py
     # One program: this rank's rows (routed here with ROUTE, as p2p_dispatch_kernel does) to every peer as
     # flagged words and into its own plain buffers (tokens [W * rows, H], ids/weights_out [W * rows, K], at
@@ -118,9 +102,9 @@ def p2p_ll_dispatch_kernel(hidden, physical, weights, tokens, ids, weights_out, 
         else:  # padding up to the step's largest rank: no expert, so it contributes nothing anywhere
             slots = tl.full((BLOCK_K,), -1, tl.int64)
             weight = tl.zeros((BLOCK_K,), tl.float32)
-        out_row = rank * rows + row
-        _keep_row(hidden32, slots, weight, tokens.to(tl.pointer_type(tl.int32)) + out_row * H32, ids + out_row * K,
-                  weights_out + out_row * K, row, rank, slots_per_rank, stride_hidden32, H32, K, BLOCK_W, BLOCK_K)
+        out_row = rank * rows + row  # into this rank's own plain buffers as the barrier dispatch writes a peer's
+        dispatch_row(hidden, slots, weight, tokens + out_row * H, weights_out + out_row * K, ids + out_row * K, row,
+                     rank, slots_per_rank, stride_hidden, H, K, BLOCK_H, BLOCK_K)
         if sync != 0:
             for dst in range(0, world):
                 if dst != rank:
@@ -154,33 +138,25 @@ def _words_of(total, OUT: tl.constexpr, BLOCK_H: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["rows", "rank", "world", "sync"])
-def p2p_ll_push_kernel(partial, pair_ids, combine, ll_combine_table, sequence, abort, rows, rank, world, sync, H: tl.constexpr, H32: tl.constexpr, PAIRS: tl.constexpr, OUT: tl.constexpr,
+def p2p_ll_push_kernel(partial, pair_ids, combine, ll_combine_table, sequence, abort, rows, rank, world, sync,
+                       H: tl.constexpr, H32: tl.constexpr, PAIRS: tl.constexpr, OUT: tl.constexpr,
                        BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, USE_PDL: tl.constexpr = False):
     pdl_enter(USE_PDL)  # first: see pdl_triton.py
-    # One program: rows [dst * rows, (dst + 1) * rows) of this rank's results (summed over their PAIRS pair rows
-    # whose pair_ids >= 0, fp32, as p2p_combine_push_kernel) go to rank dst as flagged words, or, its own, into
+    # One program: rows [dst * rows, (dst + 1) * rows) of this rank's results (row_total, as
+    # p2p_combine_push_kernel sums them) go to rank dst as flagged words, or, its own, into
     # its plain combine buffer [W * rows, H] at row rank * rows + row; then every peer's results for this rank's
     # rows in, unpacked there (the norm after the layer sums the W blocks).
     n = tl.load(sequence) + 1
     flag = _flag(n)
-    offs_p = tl.arange(0, BLOCK_P)
     WORDS: tl.constexpr = BLOCK_H * OUT.primitive_bitwidth // 32
     for dst in range(0, world):
         if (dst == rank) | (sync != 0):
             for row in range(0, rows):
                 src = (dst * rows + row).to(tl.int64)
                 out_row = (rank * rows + row).to(tl.int64)
-                if PAIRS > 1:
-                    pair = src * PAIRS + offs_p
-                    here = tl.load(pair_ids + pair, mask=offs_p < PAIRS, other=-1) >= 0
                 for h in range(0, H, BLOCK_H):
                     offs = h + tl.arange(0, BLOCK_H)
-                    if PAIRS > 1:
-                        vals = tl.load(partial + pair[:, None] * H + offs[None, :],
-                                       mask=here[:, None] & (offs < H)[None, :], other=0.0)
-                        total = tl.sum(vals.to(tl.float32), axis=0).to(OUT)
-                    else:
-                        total = tl.load(partial + src * H + offs, mask=offs < H, other=0.0).to(OUT)
+                    total = row_total(partial, pair_ids, src, offs, H, PAIRS, BLOCK_P).to(OUT)
                     if dst == rank:
                         tl.store(combine + out_row * H + offs, total, mask=offs < H)
                     else:

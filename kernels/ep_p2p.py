@@ -51,18 +51,18 @@ so CUDA-graph replays need nothing from the host. A CUDA-graph warm-up (`sync` o
 the rank's own buffers: the last CTA only resets the counter. Every CTA reads `sequence` when it starts: only the CTA
 running the barrier writes it, after all the others are done.
 
-The low-latency protocol (rows <= LL_MAX_ROWS): each 8-byte word written into a peer holds 4 bytes of data and
-the exchange's sequence number n (its low 32 bits), and the peer polls until every word it needs shows n; a
-word lands whole, so no fence, no signal and no barrier are needed (ep_ll_triton.py). Buffers stay safe to
-reuse by the same argument as the barriers': a rank sends a layer's dispatch words only after it received the
-peer's push of the layer before, which the peer sent after unpacking that layer's dispatch words; and it sends
-push words only after receiving the peer's dispatch words of the same layer, sent after the peer unpacked the
-last push. So every rank receives every row from every peer, its padding rows too: a rank without tokens that
-skipped its peers' results would run ahead into the next dispatch and rewrite words a slow peer has yet to
-read (seen on the CPU as a hang: three ranks, one without tokens). Both protocols advance `sequence` alike, so steps may alternate between them. The flag is n modulo
-2**32 - 1, plus 1 (never the 0 the buffers start with): a stale word passes for a new one only if a multiple of
-2**32 - 1 exchanges (50 days at 1 000 a second) went by since it was written and the receiver reads it before
-the new word lands.
+The low-latency protocol (rows <= LL_MAX_ROWS): each 8-byte word written into a peer holds 4 bytes of data and the
+exchange's sequence number n (its low 32 bits), and the peer polls until every word it needs shows n; a word lands
+whole, so no fence, no signal and no barrier are needed (ep_ll_triton.py). Buffers stay safe to reuse by the same
+argument as the barriers': a rank sends a layer's dispatch words only after it received the peer's push of the
+layer before, which the peer sent after unpacking that layer's dispatch words; and it sends push words only after
+receiving the peer's dispatch words of the same layer, sent after the peer unpacked the last push. So every rank
+receives every row from every peer, its padding rows too: a rank without tokens that skipped its peers' results
+would run ahead into the next dispatch and rewrite words a slow peer has yet to read (seen on the CPU as a hang:
+three ranks, one without tokens). Both protocols advance `sequence` alike, so steps may alternate between them.
+The flag is n modulo 2**32 - 1, plus 1 (never the 0 the buffers start with): a stale word passes for a new one
+only if a multiple of 2**32 - 1 exchanges (50 days at 1 000 a second) went by since it was written and the
+receiver reads it before the new word lands.
 
 All launches are fixed-shape kernels with no host sync, so a decode step captures them in a CUDA graph.
 """
@@ -133,12 +133,7 @@ def p2p_dispatch(hidden: torch.Tensor, physical: torch.Tensor | None, weights: t
     tokens_table, weights_table, ids_table = tables
     world = tokens_table.shape[0]
     hidden = _row_major(hidden)
-    if router is None:
-        physical, weights = _row_major(physical), _row_major(weights)  # type: ignore[arg-type]
-        top_k, route_args, route_meta = physical.shape[1], _unrouted_args(physical), _UNROUTED_META
-    else:
-        top_k, route_args, route_meta = router.top_k, _route_args(router), _route_meta(router)
-        physical = weights = router.logits  # unused
+    physical, weights, top_k, route_args, route_meta = _routing(physical, weights, router)
     align_args, align_meta = _align_args(aligned, physical)
     # One warp where a row's top-k rounds then reduce within it (as the route kernel's) and the alignment is small.
     small = router is not None and (aligned is None or aligned[1].num_pairs <= _ONE_WARP_PAIRS)
@@ -159,6 +154,16 @@ def _align_args(aligned: tuple[torch.Tensor, Alignment] | None, dummy: torch.Ten
     assert ids_here.dtype == torch.int32 and ids_here.is_contiguous() and ids_here.numel() == alignment.num_pairs
     assert alignment.in_one_program
     return (ids_here,) + alignment.args(), dict(ALIGN=True, **alignment.meta())
+
+
+def _routing(physical: torch.Tensor | None, weights: torch.Tensor | None,
+             router: RouterInputs | None) -> tuple[torch.Tensor, torch.Tensor, int, tuple, dict]:
+    """The dispatch kernels' routing inputs: (physical, weights, top_k, routing arguments, routing constexprs),
+    from the route kernel's output or, with `router`, for routing in the kernel (physical and weights unused)."""
+    if router is None:
+        physical, weights = _row_major(physical), _row_major(weights)  # type: ignore[arg-type]
+        return physical, weights, physical.shape[1], _unrouted_args(physical), _UNROUTED_META
+    return router.logits, router.logits, router.top_k, _route_args(router), _route_meta(router)
 
 
 def _route_args(router: RouterInputs) -> tuple:
@@ -247,12 +252,7 @@ def p2p_ll_dispatch(hidden: torch.Tensor, physical: torch.Tensor | None, weights
     assert rows <= LL_MAX_ROWS and (router is None) == (physical is not None and weights is not None)
     tokens, ids, weights_out = plain
     hidden = _row_major(hidden)
-    if router is None:
-        physical, weights = _row_major(physical), _row_major(weights)  # type: ignore[arg-type]
-        top_k, route_args, route_meta = physical.shape[1], _unrouted_args(physical), _UNROUTED_META
-    else:
-        top_k, route_args, route_meta = router.top_k, _route_args(router), _route_meta(router)
-        physical = weights = router.logits  # unused
+    physical, weights, top_k, route_args, route_meta = _routing(physical, weights, router)
     align_args, align_meta = _align_args((ids[:tables.tokens.shape[0] * rows], aligned) if aligned else None,
                                          physical)
     words = _words(hidden.shape[1], hidden.dtype)
@@ -261,8 +261,9 @@ def p2p_ll_dispatch(hidden: torch.Tensor, physical: torch.Tensor | None, weights
     p2p_ll_dispatch_kernel[(1,)](
         hidden, physical, weights, tokens, ids, weights_out, tables.tokens, tables.ids, tables.weights,
         barrier.sequence, barrier.abort, hidden.shape[0], rows, rank, tables.tokens.shape[0], slots_per_rank,
-        int(sync), hidden.stride(0) * hidden.dtype.itemsize // 4, physical.stride(0), weights.stride(0),
-        *route_args, *align_args[1:], H32=words, K=top_k, BLOCK_W=min(_BLOCK_H, next_pow2(words)),
+        int(sync), hidden.stride(0), hidden.stride(0) * hidden.dtype.itemsize // 4, physical.stride(0),
+        weights.stride(0), *route_args, *align_args[1:], H=hidden.shape[1], H32=words, K=top_k,
+        BLOCK_H=min(_BLOCK_H, next_pow2(hidden.shape[1])), BLOCK_W=min(_BLOCK_H, next_pow2(words)),
         BLOCK_K=next_pow2(top_k), **route_meta, **align_meta,
         num_warps=1 if router is not None else 4, **pdl(hidden))
 

@@ -98,15 +98,22 @@ def row_slots(row, count_load, physical, weights, stride_physical, stride_weight
 
 
 @triton.jit
-def _dispatch_row(hidden, slots, weight, tokens, out_weights, out_ids, row, dst, slots_per_rank, stride_hidden,
-                  H: tl.constexpr, K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    # slots [BLOCK_K] global slot ids (-1: none), weight [BLOCK_K] f32 of a real row -> tokens [H], out_weights [K]
+def local_slots(slots, dst, slots_per_rank, K: tl.constexpr, BLOCK_K: tl.constexpr):
+    # slots [BLOCK_K] global slot ids (-1: none) -> int32 [BLOCK_K]: rank dst's own index of each, -1 where the
+    # slot is elsewhere. Rank dst holds slots [dst * slots_per_rank, (dst + 1) * slots_per_rank) (ExpertLayout);
+    # computed by the sender, so the receiver's experts take them as they are (slots_to_local).
+    k = tl.arange(0, BLOCK_K)
+    local = slots.to(tl.int32) - dst * slots_per_rank
+    return tl.where((k < K) & (local >= 0) & (local < slots_per_rank), local, -1)
+
+
+@triton.jit
+def dispatch_row(hidden, slots, weight, tokens, out_weights, out_ids, row, dst, slots_per_rank, stride_hidden,
+                 H: tl.constexpr, K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    # slots [BLOCK_K] global slot ids (-1: none), weight [BLOCK_K] f32 of a row -> tokens [H], out_weights [K]
     # f32, out_ids [K] int32: this row's place in rank `dst`'s buffers.
     k = tl.arange(0, BLOCK_K)
-    # Rank dst holds slots [dst * slots_per_rank, (dst + 1) * slots_per_rank) (ExpertLayout): it gets its own
-    # slot index, -1 for a slot elsewhere (slots_to_local, computed here instead of on the receiver).
-    local = slots.to(tl.int32) - dst * slots_per_rank
-    local = tl.where((k < K) & (local >= 0) & (local < slots_per_rank), local, -1)
+    local = local_slots(slots, dst, slots_per_rank, K, BLOCK_K)
     # The token itself only where one of its experts is: rank dst's experts read no other row (CUDA-graph
     # padding routes nowhere: a mixed step's bucket is mostly padding on a rank that only decodes).
     if tl.max(local, axis=0) >= 0:
@@ -116,6 +123,22 @@ def _dispatch_row(hidden, slots, weight, tokens, out_weights, out_ids, row, dst,
             tl.store(tokens + offs, x, mask=offs < H)
     tl.store(out_ids + k, local, mask=k < K)
     tl.store(out_weights + k, weight, mask=k < K)
+
+
+@triton.jit
+def row_total(partial, pair_ids, src, offs, H: tl.constexpr, PAIRS: tl.constexpr, BLOCK_P: tl.constexpr):
+    # Columns `offs` of this rank's result for row src (int64): PAIRS > 1: the sum (fp32) of its PAIRS pair rows
+    # of partial [rows * PAIRS, H] whose pair_ids >= 0 (the others were never written); PAIRS == 1: partial
+    # [rows, H] holds the sums already (pair_ids unused).
+    if PAIRS > 1:
+        offs_p = tl.arange(0, BLOCK_P)
+        pair = src * PAIRS + offs_p
+        here = tl.load(pair_ids + pair, mask=offs_p < PAIRS, other=-1) >= 0
+        vals = tl.load(partial + pair[:, None] * H + offs[None, :], mask=here[:, None] & (offs < H)[None, :],
+                       other=0.0)
+        return tl.sum(vals.to(tl.float32), axis=0)
+    else:
+        return tl.load(partial + src * H + offs, mask=offs < H, other=0.0)
 
 
 @triton.jit(do_not_specialize=["num_tokens", "rows", "rank", "world", "slots_per_rank", "sync", "E",
@@ -130,29 +153,25 @@ def p2p_dispatch_kernel(hidden, physical, weights, tokens_table, weights_table, 
                         BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr, USE_PDL: tl.constexpr = False):
     pdl_enter(USE_PDL)  # first: see pdl_triton.py
     passed = tl.load(sequence)  # now, off the barrier's path
-    # grid (programs, world): this rank's row `row` goes to rank `dst` at row rank * rows + row of its
-    # buffers, each program taking every programs-th row of its column's destination (the loop over
-    # destinations takes a grid of fewer columns too); then the barrier (the grid has a CTA even when rows == 0, so every step passes it). ROUTE: the rows'
-    # slots and weights come from the router's logits here (physical and weights unused), else from the
-    # route kernel's output (logits .. valid unused). ALIGN: the CTA that ran the barrier then aligns every
-    # rank's slot ids now in this rank's buffer (ids_here, num_pairs of them) for the experts, as the
-    # fused MoE's one-program align kernel would (cursor .. num_blocks, BLOCK_M .. BLOCK_B: its arguments).
-    k = tl.arange(0, BLOCK_K)
+    # grid (programs, world): this rank's row `row` goes to rank `dst` at row rank * rows + row of its buffers,
+    # each program taking every programs-th row; then the barrier (the grid has a CTA even when rows == 0, so
+    # every step passes it). ROUTE: the rows' slots and weights come from the router's logits here (each
+    # destination's program routes the row; the first counts its load; physical and weights unused), else from
+    # the route kernel's output (logits .. valid unused). ALIGN: the CTA that ran the barrier then aligns every
+    # rank's slot ids now in this rank's buffer (ids_here, num_pairs of them) for the experts, as the fused
+    # MoE's one-program align kernel would (cursor .. num_blocks, BLOCK_M .. BLOCK_B: its arguments).
+    dst = tl.program_id(1)
     for row in range(tl.program_id(0), rows, tl.num_programs(0)):
         out_row = (rank * rows + row).to(tl.int64)
+        slots = tl.full((BLOCK_K,), -1, tl.int64)  # padding up to the step's largest rank: no expert, no weight
+        weight = tl.zeros((BLOCK_K,), tl.float32)
         if row < num_tokens:
-            slots, weight = row_slots(row, tl.program_id(1) == 0, physical, weights, stride_physical,
-                                       stride_weights, logits, stride_logits, l2p, counts, load, valid, stride_l2p,
-                                       E, K, BLOCK_K, BLOCK_E, ROUTE, RENORM, RECORD, HAS_VALID)
-        else:  # padding up to the step's largest rank: no expert, so it contributes nothing anywhere
-            slots = tl.full((BLOCK_K,), -1, tl.int64)
-            weight = tl.zeros((BLOCK_K,), tl.float32)
-        for dst in range(tl.program_id(1), world, tl.num_programs(1)):
-            tokens = peer(tokens_table, dst, hidden.dtype.element_ty) + out_row * H
-            out_weights = peer(weights_table, dst, tl.float32) + out_row * K
-            out_ids = peer(ids_table, dst, tl.int32) + out_row * K
-            _dispatch_row(hidden, slots, weight, tokens, out_weights, out_ids, row, dst, slots_per_rank,
-                          stride_hidden, H, K, BLOCK_H, BLOCK_K)
+            slots, weight = row_slots(row, dst == 0, physical, weights, stride_physical, stride_weights, logits,
+                                      stride_logits, l2p, counts, load, valid, stride_l2p, E, K, BLOCK_K, BLOCK_E,
+                                      ROUTE, RENORM, RECORD, HAS_VALID)
+        dispatch_row(hidden, slots, weight, peer(tokens_table, dst, hidden.dtype.element_ty) + out_row * H,
+                     peer(weights_table, dst, tl.float32) + out_row * K, peer(ids_table, dst, tl.int32) + out_row * K,
+                     row, dst, slots_per_rank, stride_hidden, H, K, BLOCK_H, BLOCK_K)
     last = _arrive(arrivals, pad_table, sequence, passed, abort, rank, world, sync)
     if ALIGN:
         if last:
@@ -169,30 +188,14 @@ def p2p_combine_push_kernel(partial, pair_ids, combine_table, pad_table, sequenc
     passed = tl.load(sequence)  # now, off the barrier's path
     # grid (programs, world): rows [dst * rows, (dst + 1) * rows) of this rank's results belong to rank `dst`;
     # they land, as OUT (the buffer's dtype), at rows [rank * rows, ...) of its combine buffer, each program
-    # taking every programs-th row of its column's destination. Then the barrier.
-    # PAIRS > 1: `partial` holds each row's PAIRS (token, k) contributions, [rows * PAIRS, H], summed here in
-    # fp32 over those whose pair_ids >= 0 (the others were never written); PAIRS == 1: `partial` [rows, H] holds
-    # the sums already (pair_ids unused).
-    offs_p = tl.arange(0, BLOCK_P)
-    # (dst, row) pairs flattened, dst-major, spread over the grid's programs flattened: program (p, c) takes
-    # c * programs + p, then every programs * columns-th; with a program per row, column c's destination's rows.
-    for index in range(tl.program_id(1) * tl.num_programs(0) + tl.program_id(0), world * rows,
-                       tl.num_programs(0) * tl.num_programs(1)):
-        dst = index // rows
-        row = index % rows
+    # taking every programs-th row (summed over their pairs: row_total). Then the barrier.
+    dst = tl.program_id(1)
+    for row in range(tl.program_id(0), rows, tl.num_programs(0)):
         src = (dst * rows + row).to(tl.int64)
         combine = peer(combine_table, dst, OUT) + (rank * rows + row).to(tl.int64) * H
-        if PAIRS > 1:
-            pair = src * PAIRS + offs_p
-            here = tl.load(pair_ids + pair, mask=offs_p < PAIRS, other=-1) >= 0
         for h in range(0, H, BLOCK_H):
             offs = h + tl.arange(0, BLOCK_H)
-            if PAIRS > 1:
-                vals = tl.load(partial + pair[:, None] * H + offs[None, :], mask=here[:, None] & (offs < H)[None, :],
-                               other=0.0)
-                total = tl.sum(vals.to(tl.float32), axis=0)
-            else:
-                total = tl.load(partial + src * H + offs, mask=offs < H)
+            total = row_total(partial, pair_ids, src, offs, H, PAIRS, BLOCK_P)
             tl.store(combine + offs, total.to(OUT), mask=offs < H)
     _arrive(arrivals, pad_table, sequence, passed, abort, rank, world, sync)
 
